@@ -1,0 +1,291 @@
+"""The SSAM op contract (``shared/DESIGN.md``): one public function per op, one meaning, any backend.
+
+Each function validates its inputs (errors name the argument), picks a backend for the tensors'
+device and calls that backend's primitive. Backends: ``"reference"`` (pure PyTorch, the oracle),
+``"triton"`` and ``"native"`` (the compiled extension). ``backend=None`` reads the environment variable
+``SSAM_KERNELS_BACKEND`` and defaults to ``"auto"``: on CUDA native, else Triton, else reference; on CPU
+native, else reference.
+
+Masks are int32 bit-packed words with per-chunk offsets (:mod:`ssam_kernels.ops.bitmask`); a dense
+perturbation is ``mask=None``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from . import bitmask, reference
+from .bitmask import CHUNK
+from .select import Communicator, select
+
+__all__ = [
+    "BACKENDS", "CHUNK", "Communicator", "available_backends", "bitmask", "dynamic_update",
+    "fisher_accumulate_", "grad_sq_norm", "perturb_", "resolve_backend", "restore_", "select_topk",
+]
+
+BACKENDS = ("reference", "triton", "native")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ENV_VAR = "SSAM_KERNELS_BACKEND"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------------
+
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    """The backend module, or None and why it cannot be imported."""
+    if name == "reference":
+        return reference, ""
+    try:
+        return importlib.import_module(f"{__name__}.{name}"), ""
+    except ImportError as exc:
+        return None, f"it could not be imported ({exc})"
+
+
+def _unavailable(name: str, device_type: str) -> str | None:
+    """Why backend ``name`` cannot run on ``device_type`` tensors, or None if it can."""
+    module, why = _load(name)
+    if module is None:
+        return why
+    return None if module is reference else module.unavailable_reason(device_type)
+
+
+def _requested(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if not isinstance(name, str) or name not in (*BACKENDS, "auto"):
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{source}: expected one of {('auto', *BACKENDS)}, got {name!r}")
+    return name
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
+    """The backend module that runs ops on ``device`` tensors for the requested ``backend``."""
+    name = _requested(backend)
+    if name == "auto":
+        order = ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
+        for candidate in order:
+            if _unavailable(candidate, device.type) is None:
+                return _load(candidate)[0]
+        raise RuntimeError(f"no backend can run on {device.type} tensors")
+    why = _unavailable(name, device.type)
+    if why is not None:
+        hint = {
+            "native": "build the extension: pip install --no-build-isolation . (see README, "
+                      "'Build from source')",
+            "triton": "pip install triton (on CPU, also set TRITON_INTERPRET=1)",
+        }.get(name, "")
+        raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {why}. {hint}")
+    return _load(name)[0]
+
+
+def available_backends() -> dict[str, list[str]]:
+    """The backends usable here, each with the device types it can run on."""
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    usable = {name: [d for d in device_types if _unavailable(name, d) is None] for name in BACKENDS}
+    return {name: types for name, types in usable.items() if types}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: every error names the argument
+# ----------------------------------------------------------------------------------------------------
+
+def _check_vector(name: str, t: object, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {tuple(str(d) for d in dtypes)}, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor")
+    return t
+
+
+def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, numel: int | None = None,
+                dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {t.dtype}")
+    expected = ref.numel() if numel is None else numel
+    if t.numel() != expected:
+        raise ValueError(f"{name}: expected {expected} elements, got {t.numel()}")
+
+
+def _check_mask(mask: object, offsets: object, W: torch.Tensor, mask_name: str = "mask",
+                offsets_name: str = "offsets") -> None:
+    mask = _check_vector(mask_name, mask, (torch.int32,))
+    _check_like(mask_name, mask, "W", W, numel=bitmask.num_words(W.numel()), dtype=False)
+    if offsets is not None:
+        offsets = _check_vector(offsets_name, offsets, (torch.int32, torch.int64))
+        _check_like(offsets_name, offsets, "W", W, numel=bitmask.num_chunks(W.numel()) + 1, dtype=False)
+
+
+def _check_mask_and_backup(W: torch.Tensor, mask: object, offsets: object, backup: object) -> None:
+    backup = _check_vector("backup", backup)
+    if mask is None:
+        _check_like("backup", backup, "W", W)
+        return
+    if offsets is None:
+        raise ValueError("offsets: required when mask is given")
+    _check_mask(mask, offsets, W)
+    _check_like("backup", backup, "W", W, numel=backup.numel())
+    if backup.numel() > W.numel():
+        raise ValueError(f"backup: expected at most {W.numel()} elements (one per set bit), "
+                         f"got {backup.numel()}")
+
+
+def _check_count(name: str, value: object, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0 or (upper is not None and value > upper):
+        bound = f"[0, {upper}]" if upper is not None else ">= 0"
+        raise ValueError(f"{name}: expected a value in {bound}, got {value}")
+    return value
+
+
+def _check_scores(name: str, scores: object, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES
+                  ) -> list[torch.Tensor]:
+    if isinstance(scores, torch.Tensor) or not isinstance(scores, Sequence):
+        raise TypeError(f"{name}: expected a list of 1-D tensors, got {type(scores).__name__}")
+    if len(scores) == 0:
+        raise ValueError(f"{name}: expected at least one tensor")
+    return [_check_vector(f"{name}[{i}]", s, dtypes) for i, s in enumerate(scores)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------------------------------
+
+def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None, *, backend: str | None = None
+                 ) -> torch.Tensor:
+    """Squared gradient norm of one segment: ``Σ g_i²``, or ``Σ (g_i · |w_i|)²`` when ``W`` is given
+    (ASAM). Returns a float64 0-d tensor on ``G``'s device; the sum is accumulated in float64 and is
+    deterministic for the same input on the same device. Totals of several segments (and ranks) add
+    without another rounding, so the flat and per-tensor layouts give the same norm.
+    """
+    G = _check_vector("G", G)
+    if W is not None:
+        _check_like("W", _check_vector("W", W), "G", G)
+    return resolve_backend(backend, G.device).grad_sq_norm(G, W)
+
+
+def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False, *,
+             backend: str | None = None) -> None:
+    """Perturb the masked entries of ``W`` in place and keep their old values in ``backup``.
+
+    For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
+    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale · g_i`` (``adaptive``:
+    ``W[i] + scale · w_i² · g_i``), computed in fp32 and rounded once to ``W``'s dtype. ``backup`` is
+    always written, so :func:`restore_` is exact even for a skipped perturbation. ``scale`` is a
+    float32 0-d tensor on ``W``'s device (never read on the host). ``backup`` must hold exactly the
+    number of set bits ``K`` (not checked here: that would synchronise with the host).
+    """
+    W = _check_vector("W", W)
+    _check_like("G", _check_vector("G", G), "W", W)
+    _check_mask_and_backup(W, mask, offsets, backup)
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() != 0:
+        raise TypeError("scale: expected a float32 0-d tensor")
+    if scale.device != W.device:
+        raise ValueError(f"scale: expected device {W.device} (that of W), got {scale.device}")
+    resolve_backend(backend, W.device).perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
+
+
+def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
+             backup: torch.Tensor, *, backend: str | None = None) -> None:
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` (every ``i`` when ``mask`` is None): bit-exact."""
+    W = _check_vector("W", W)
+    _check_mask_and_backup(W, mask, offsets, backup)
+    resolve_backend(backend, W.device).restore_(W, mask, offsets, backup)
+
+
+def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *,
+                       backend: str | None = None) -> None:
+    """``F += alpha · G²`` (element-wise, fp32 arithmetic), with ``F`` a float32 accumulator."""
+    F = _check_vector("F", F, (torch.float32,))
+    _check_like("G", _check_vector("G", G), "F", F, dtype=False)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha: expected a float, got {type(alpha).__name__}")
+    resolve_backend(backend, F.device).fisher_accumulate_(F, G, float(alpha))
+
+
+def _with_offsets(words: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(w, bitmask.offsets(w, n)) for w, n in zip(words, sizes, strict=True)]
+
+
+def _global_total(value: int, device: torch.device, comm: Communicator | None) -> int:
+    if comm is None:
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    comm.all_reduce_(total)
+    return int(total.item())
+
+
+def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None = None,
+                comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly ``k`` of the entries of all ``scores`` together: ``(mask, offsets)`` per tensor.
+
+    Selected: every entry greater than the k-th largest value ``t``, then entries equal to ``t`` in
+    entry order (tensor order, then index; with ``comm``, rank order first) until ``k``. NaN counts as
+    smaller than every number and ``-0.0 == +0.0``. With ``comm`` the selection spans all ranks and
+    ``k`` is the global count. Radix selection: no sort, no index arrays, any size.
+    """
+    scores = _check_scores("scores", scores)
+    total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
+    k = _check_count("k", k, total)
+    backends = [resolve_backend(backend, s.device) for s in scores]
+    return _with_offsets(select(scores, k, True, backends, comm=comm), [s.numel() for s in scores])
+
+
+def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor], n_drop: int,
+                   grow: str | Sequence[torch.Tensor], seed: int, step: int, *, backend: str | None = None,
+                   comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One SSAM-D mask update over all segments together; ``(mask, offsets)`` per segment.
+
+    Drops the ``n_drop`` live entries with the smallest ``drop_scores`` (NaN first, ties earliest
+    first), then sets ``n_drop`` entries that were dead *before* this update: with ``grow="random"``
+    those with the largest hash ``h(seed, step, j)`` of their entry-order position ``j``
+    (``reference.hash_scores``), else those with the largest ``grow`` scores; ties earliest first.
+    The live count stays exactly what it was.
+    """
+    drop_scores = _check_scores("drop_scores", drop_scores)
+    if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence) or len(masks) != len(drop_scores):
+        raise TypeError(f"masks: expected a list of {len(drop_scores)} int32 tensors (one per score tensor)")
+    for i, (mask, s) in enumerate(zip(masks, drop_scores, strict=True)):
+        _check_mask(mask, None, s, mask_name=f"masks[{i}]")
+    seed = _check_count("seed", seed, 0xFFFFFFFF)
+    step = _check_count("step", step, 0xFFFFFFFF)
+    sizes = [s.numel() for s in drop_scores]
+    home = drop_scores[0].device
+    live_count = torch.stack([bitmask.count(m).to(home) for m in masks]).sum().view(1)
+    if comm is not None:
+        comm.all_reduce_(live_count)
+    live = int(live_count.item())
+    dead = _global_total(sum(sizes), home, comm) - live
+    n_drop = _check_count("n_drop", n_drop, min(live, dead))
+    backends = [resolve_backend(backend, s.device) for s in drop_scores]
+    if isinstance(grow, str):
+        if grow != "random":
+            raise ValueError(f"grow: expected 'random' or a list of score tensors, got {grow!r}")
+        base = comm.exclusive_prefix(torch.tensor([sum(sizes)], device=home)).item() if comm else 0
+        starts = [base + sum(sizes[:i]) for i in range(len(sizes))]
+        grow_scores = [b.hash_scores(n, seed, step, start, s.device)
+                       for b, n, start, s in zip(backends, sizes, starts, drop_scores, strict=True)]
+    else:
+        grow_scores = _check_scores("grow", grow)
+        if len(grow_scores) != len(drop_scores):
+            raise ValueError(f"grow: expected {len(drop_scores)} tensors, got {len(grow_scores)}")
+        for i, (g, s) in enumerate(zip(grow_scores, drop_scores, strict=True)):
+            _check_like(f"grow[{i}]", g, f"drop_scores[{i}]", s, dtype=False)
+    dropped = select(drop_scores, n_drop, False, backends, masks, True, comm)
+    grown = select(grow_scores, n_drop, True, backends, masks, False, comm)
+    new = [(m & ~d) | g for m, d, g in zip(masks, dropped, grown, strict=True)]
+    return _with_offsets(new, sizes)

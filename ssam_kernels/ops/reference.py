@@ -1,0 +1,188 @@
+"""The pure-PyTorch backend: the CPU fallback and the oracle every fast backend is tested against.
+
+Each function here is a *backend primitive*: inputs were validated by :mod:`ssam_kernels.ops`, and the
+selection ops (``select_topk``, ``dynamic_update``) are composed from :func:`radix_histogram` and
+:func:`threshold_mask` by the backend-independent driver in :mod:`ssam_kernels.ops.select`. A fast
+backend implements the same functions with the same meaning.
+
+Large inputs are processed in blocks of ``BLOCK`` entries so temporaries stay bounded and counts that
+cross 2^31 are carried in int64. The element-wise ops synchronise with the host on CUDA (boolean
+indexing); the reference is the oracle there, not the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import bitmask
+
+BLOCK = 1 << 24
+"""Entries per block of the blocked loops (a multiple of 32; tests shrink it to exercise the loop)."""
+
+_U32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------
+# Element-wise ops
+# ----------------------------------------------------------------------------------------------------
+
+def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ g_i²`` (or ``Σ (g_i · |w_i|)²`` with ``W``), accumulated in float64; a float64 0-d tensor."""
+    total = torch.zeros((), dtype=torch.float64, device=G.device)
+    for start in range(0, G.numel(), BLOCK):
+        g = G[start: start + BLOCK].to(torch.float64)
+        if W is not None:
+            g = g * W[start: start + BLOCK].to(torch.float64)
+        total += torch.dot(g, g)
+    return total
+
+
+def _perturbed(w: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> torch.Tensor:
+    """``w + scale·g`` (adaptive: ``w + scale·w²·g``) in fp32, rounded once to ``w``'s dtype."""
+    w32, g32 = w.float(), g.float()
+    step = scale * (w32 * w32 * g32) if adaptive else scale * g32
+    return (w32 + step).to(w.dtype)
+
+
+def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
+    """For every set bit ``i``: ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero,
+    ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) in fp32, rounded once."""
+    del offsets  # the reference finds ranks from the mask itself
+    active = torch.isfinite(scale) & (scale != 0)
+    if mask is None:
+        backup.copy_(W)
+        W.copy_(torch.where(active, _perturbed(W, G, scale, adaptive), W))
+        return
+    selected = bitmask.unpack(mask, W.numel())
+    w = W[selected]
+    backup.copy_(w)
+    W[selected] = torch.where(active, _perturbed(w, G[selected], scale, adaptive), w)
+
+
+def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
+             backup: torch.Tensor) -> None:
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` (bit-exact)."""
+    del offsets
+    if mask is None:
+        W.copy_(backup)
+    else:
+        W[bitmask.unpack(mask, W.numel())] = backup
+
+
+def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
+    """``F += alpha · G²`` with ``F`` float32."""
+    g = G.float()
+    F.add_(g * g, alpha=alpha)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selection primitives
+# ----------------------------------------------------------------------------------------------------
+
+def score_keys(scores: torch.Tensor, largest: bool = True) -> torch.Tensor:
+    """The order-preserving unsigned 32-bit image of ``scores``, as int64 values in ``[0, 2^32)``.
+
+    Floating scores (any of fp32/bf16/fp16, compared as their exact fp32 value): ``-0.0`` is first made
+    ``+0.0``; the fp32 bit pattern ``b`` of a non-negative value maps to ``b | 2^31``, of a negative
+    value to ``~b``; NaN maps to 0, below every number (``-inf`` maps to ``0x007FFFFF``).
+    ``int32`` scores (the random-growth hash) are taken as their unsigned value.
+    With ``largest=False`` the key is ``2^32 - 1 - key``, so selecting the largest keys selects the
+    smallest scores, NaN first.
+    """
+    if scores.dtype == torch.int32:
+        keys = bitmask.to_uint(scores)
+    else:
+        x = scores.float()
+        x = torch.where(x == 0, torch.zeros_like(x), x)
+        bits = bitmask.to_uint(x.view(torch.int32))
+        keys = torch.where(bits >= 1 << 31, _U32 - bits, bits | (1 << 31))
+        keys = torch.where(torch.isnan(x), torch.zeros_like(keys), keys)
+    return keys if largest else _U32 - keys
+
+
+def _eligible(filter_words: torch.Tensor | None, filter_value: bool, start: int,
+              stop: int) -> torch.Tensor | None:
+    if filter_words is None:
+        return None
+    bits = bitmask.unpack(filter_words[start // 32: (stop + 31) // 32], stop - start)
+    return bits if filter_value else ~bits
+
+
+def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
+                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+    """Counts of the eligible entries whose key agrees with ``prefix`` above bit ``shift + bits``,
+    by the key's digit ``(key >> shift) & (2^bits - 1)``; an int64 tensor of ``2^bits`` counts.
+
+    An entry is eligible when ``filter_words`` is None or its bit there equals ``filter_value``.
+    ``prefix`` is an int64 0-d device tensor (no host synchronisation).
+    """
+    hist = torch.zeros(1 << bits, dtype=torch.int64, device=scores.device)
+    high = shift + bits
+    for start in range(0, scores.numel(), BLOCK):
+        stop = min(start + BLOCK, scores.numel())
+        keys = score_keys(scores[start:stop], largest)
+        counted = (keys >> high) == (prefix >> high)
+        eligible = _eligible(filter_words, filter_value, start, stop)
+        if eligible is not None:
+            counted &= eligible
+        hist.scatter_add_(0, (keys >> shift) & ((1 << bits) - 1), counted.to(torch.int64))
+    return hist
+
+
+def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
+                   filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+    """Mask words selecting the eligible entries with key > ``threshold``, plus the first ``tie_quota``
+    eligible entries (in index order) with key == ``threshold``.
+
+    ``threshold`` and ``tie_quota`` are int64 0-d device tensors.
+    """
+    n = scores.numel()
+    words = torch.empty(bitmask.num_words(n), dtype=torch.int32, device=scores.device)
+    ties_before = torch.zeros((), dtype=torch.int64, device=scores.device)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        keys = score_keys(scores[start:stop], largest)
+        greater, equal = keys > threshold, keys == threshold
+        eligible = _eligible(filter_words, filter_value, start, stop)
+        if eligible is not None:
+            greater &= eligible
+            equal &= eligible
+        tie_rank = ties_before + torch.cumsum(equal, dim=0, dtype=torch.int32) - 1
+        selected = greater | (equal & (tie_rank < tie_quota))
+        ties_before = ties_before + equal.sum(dtype=torch.int64)
+        words[start // 32: (stop + 31) // 32] = bitmask.pack(selected)
+    return words
+
+
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """Chris Wellons' ``lowbias32`` finaliser: a bijection on 32-bit integers with strong avalanche."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+HASH_GOLDEN = 0x9E3779B9
+
+
+def hash_key(seed: int, step: int) -> int:
+    """The per-update key of the growth hash: ``mix32(seed ^ mix32(step ^ 0x9E3779B9))``."""
+    return _mix32((seed & _U32) ^ _mix32((step & _U32) ^ HASH_GOLDEN))
+
+
+def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
+    """The random-growth hash of entry positions ``j = base … base + n - 1``, as int32 bit patterns.
+
+    ``h(seed, step, j) = mix32(lo32(j) ^ mix32(hi32(j) ^ hash_key(seed, step)))``, with ``mix32`` the
+    ``lowbias32`` finaliser: all arithmetic is on unsigned 32-bit integers (multiplications modulo 2^32),
+    so every backend computes the same value. For a fixed ``hi32(j)`` it is a bijection of ``lo32(j)``.
+    """
+    key = hash_key(seed, step)
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        j = torch.arange(base + start, base + stop, dtype=torch.int64, device=device)
+        out[start:stop] = bitmask.to_int32(_mix32((j & _U32) ^ _mix32((j >> 32) ^ key)))
+    return out
