@@ -47,19 +47,24 @@ def _extensions() -> tuple[list, type[build_ext]]:
              "installing without the compiled extension")
         return [], build_ext
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch.utils.cpp_extension picks the C++ standard of the installed torch (C++17 or C++20).
+    # -ffp-contract=off: no FMA contraction, so the fp32 formulas round like the reference's.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     include_dirs = [os.path.join(HERE, "csrc")]
+    define_macros = [("SSAM_PYTHON_MODULE", "1")]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and cuda_sources
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension(
             "ssam_kernels._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-            define_macros=[("SSAM_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+            define_macros=[*define_macros, ("SSAM_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
+            # No --use_fast_math: flushing denormals would change results the contract fixes.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
         _log(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         ext = cpp_extension.CppExtension("ssam_kernels._C", cpp_sources, include_dirs=include_dirs,
-                                         extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+                                         define_macros=define_macros, extra_compile_args=cxx_flags,
+                                         extra_link_args=["-fopenmp"])
         _log("building the CPU C++ extension (no CUDA torch or toolkit found)")
 
     class OptionalBuildExt(cpp_extension.BuildExtension):

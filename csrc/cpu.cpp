@@ -1,0 +1,283 @@
+// CPU kernels of the ssam_kernels ops: plain loops the compiler vectorises, parallelised with
+// at::parallel_for (OpenMP in PyTorch's CPU builds, honouring torch.set_num_threads). The element-wise
+// mathematics comes from ssam_math.h, shared with the CUDA kernels.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ssam_ops.h"
+
+namespace ssam {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;              // entries per parallel task of the element-wise loops
+constexpr int64_t kChunkGrain = kGrain / kChunk;  // mask chunks per parallel task
+constexpr int64_t kNormBlock = 1 << 14;          // entries per partial sum of grad_sq_norm
+constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block of threshold_mask (32 | it)
+
+// Calls fn(i, r) for every set bit i of the mask in chunks [c0, c1), r = rank(i), in index order.
+template <typename Fn>
+void for_each_set_bit(const MaskView& mask, int64_t n, int64_t c0, int64_t c1, Fn&& fn) {
+  const int64_t words = num_words(n);
+  for (int64_t c = c0; c < c1; ++c) {
+    int64_t r = load_offset(mask.offsets, mask.offsets64, c);
+    const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
+    for (int64_t w = c * kWordsPerChunk; w < w_end; ++w) {
+      for (uint32_t bits = static_cast<uint32_t>(mask.words[w]); bits != 0; bits &= bits - 1) {
+        fn(w * 32 + __builtin_ctz(bits), r++);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// grad_sq_norm: Σ g_i² (or Σ (g_i·w_i)²) in double, as partial sums over fixed blocks of kNormBlock
+// entries (8 interleaved accumulators each) added in block order: the result depends on N only, never
+// on the thread count.
+// ---------------------------------------------------------------------------------------------------
+
+template <typename T>
+double block_sq_sum(const T* g, const T* w, int64_t begin, int64_t end) {
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      double v = static_cast<double>(static_cast<float>(g[i + l]));
+      if (w != nullptr) v *= static_cast<double>(static_cast<float>(w[i + l]));
+      acc[l] += v * v;
+    }
+  }
+  for (int l = 0; i < end; ++i, ++l) {
+    double v = static_cast<double>(static_cast<float>(g[i]));
+    if (w != nullptr) v *= static_cast<double>(static_cast<float>(w[i]));
+    acc[l] += v * v;
+  }
+  double total = 0.0;
+  for (double a : acc) total += a;
+  return total;
+}
+
+at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>& W) {
+  check_vector(G, "G", G);
+  if (W.has_value()) {
+    check_vector(*W, "W", G);
+    TORCH_CHECK(W->scalar_type() == G.scalar_type() && W->numel() == G.numel(), "W: expected the dtype and size of G");
+  }
+  const int64_t n = G.numel();
+  std::vector<double> partial((n + kNormBlock - 1) / kNormBlock);
+  dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* g = G.data_ptr<T>();
+    const T* w = W.has_value() ? W->data_ptr<T>() : nullptr;
+    at::parallel_for(0, static_cast<int64_t>(partial.size()), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        partial[b] = block_sq_sum(g, w, b * kNormBlock, std::min((b + 1) * kNormBlock, n));
+      }
+    });
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return at::scalar_tensor(total, G.options().dtype(at::kDouble));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// perturb_ / restore_
+// ---------------------------------------------------------------------------------------------------
+
+void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
+                 const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
+                 bool adaptive) {
+  check_vector(W, "W", W);
+  check_vector(G, "G", W);
+  TORCH_CHECK(G.scalar_type() == W.scalar_type() && G.numel() == W.numel(), "G: expected the dtype and size of W");
+  const MaskView view = mask_view(mask, offsets, W);
+  check_backup(backup, W, view);
+  check_scalar(scale, "scale", at::kFloat, W);
+  const float s = scale.item<float>();
+  const bool active = scale_active(s);
+  const int64_t n = W.numel();
+  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* w = W.data_ptr<T>();
+    const T* g = G.data_ptr<T>();
+    T* b = backup.data_ptr<T>();
+    if (view.words == nullptr) {
+      at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+        std::copy(w + i0, w + i1, b + i0);
+        if (active) {
+          for (int64_t i = i0; i < i1; ++i) w[i] = perturbed(w[i], g[i], s, adaptive);
+        }
+      });
+    } else {
+      at::parallel_for(0, num_chunks(n), kChunkGrain, [&](int64_t c0, int64_t c1) {
+        for_each_set_bit(view, n, c0, c1, [&](int64_t i, int64_t r) {
+          const T wi = w[i];
+          b[r] = wi;
+          w[i] = active ? perturbed(wi, g[i], s, adaptive) : wi;
+        });
+      });
+    }
+  });
+}
+
+void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
+                 const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
+  check_vector(W, "W", W);
+  const MaskView view = mask_view(mask, offsets, W);
+  check_backup(backup, W, view);
+  const int64_t n = W.numel();
+  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* w = W.data_ptr<T>();
+    const T* b = backup.data_ptr<T>();
+    if (view.words == nullptr) {
+      at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) { std::copy(b + i0, b + i1, w + i0); });
+    } else {
+      at::parallel_for(0, num_chunks(n), kChunkGrain, [&](int64_t c0, int64_t c1) {
+        for_each_set_bit(view, n, c0, c1, [&](int64_t i, int64_t r) { w[i] = b[r]; });
+      });
+    }
+  });
+}
+
+// F += alpha · g² in fp32: g² rounded, then F + alpha · g² fused (the reference's F.add_(g², alpha)).
+void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
+  check_vector(F, "F", F);
+  check_vector(G, "G", F);
+  TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
+  TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
+  const float a = static_cast<float>(alpha);
+  float* f = F.data_ptr<float>();
+  dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* g = G.data_ptr<T>();
+    at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float gi = static_cast<float>(g[i]);
+        f[i] = fma_rn(a, mul_rn(gi, gi), f[i]);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Selection primitives
+// ---------------------------------------------------------------------------------------------------
+
+// Counts of the eligible entries whose key agrees with prefix above bit shift + bits, by digit
+// (key >> shift) & (2^bits - 1). Each thread counts into its own histogram; integer sums are exact,
+// so the result does not depend on the thread count.
+at::Tensor radix_histogram_cpu(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
+                               bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
+  check_vector(scores, "scores", scores);
+  check_scalar(prefix, "prefix", at::kLong, scores);
+  check_digit(shift, bits);
+  const int32_t* filter = filter_view(filter_words, scores);
+  const uint64_t pre = static_cast<uint64_t>(prefix.item<int64_t>());
+  const int high = static_cast<int>(shift + bits);
+  const int64_t bins = int64_t{1} << bits;
+  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
+  std::vector<std::vector<int64_t>> local(at::get_num_threads());
+  dispatch_dtype(scores.scalar_type(), "scores", true, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* x = scores.data_ptr<T>();
+    at::parallel_for(0, scores.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      std::vector<int64_t>& hist = local[at::get_thread_num()];
+      if (hist.empty()) hist.assign(bins, 0);
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t key = score_key(x[i], largest);
+        if (prefix_matches(key, pre, high) && eligible(filter, filter_value, i)) {
+          ++hist[(key >> shift) & digit_mask];
+        }
+      }
+    });
+  });
+  at::Tensor out = at::zeros({bins}, scores.options().dtype(at::kLong));
+  int64_t* h = out.data_ptr<int64_t>();
+  for (const auto& hist : local) {
+    for (int64_t d = 0; d < static_cast<int64_t>(hist.size()); ++d) h[d] += hist[d];
+  }
+  return out;
+}
+
+// Mask words selecting the eligible entries with key > threshold and the first tie_quota eligible
+// entries (index order) with key == threshold. Two passes over blocks of kTieBlock entries: count the
+// ties of each block, then (after an exclusive scan) write each block's words knowing the ties before it.
+at::Tensor threshold_mask_cpu(const at::Tensor& scores, const at::Tensor& threshold, const at::Tensor& tie_quota,
+                              bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
+  check_vector(scores, "scores", scores);
+  check_scalar(threshold, "threshold", at::kLong, scores);
+  check_scalar(tie_quota, "tie_quota", at::kLong, scores);
+  const int32_t* filter = filter_view(filter_words, scores);
+  const uint32_t t = static_cast<uint32_t>(threshold.item<int64_t>());
+  const int64_t quota = tie_quota.item<int64_t>();
+  const int64_t n = scores.numel();
+  at::Tensor out = at::empty({num_words(n)}, scores.options().dtype(at::kInt));
+  int32_t* words = out.data_ptr<int32_t>();
+  const int64_t blocks = (n + kTieBlock - 1) / kTieBlock;
+  std::vector<int64_t> ties_before(blocks, 0);
+  dispatch_dtype(scores.scalar_type(), "scores", true, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* x = scores.data_ptr<T>();
+    auto is_tie = [&](int64_t i) { return score_key(x[i], largest) == t && eligible(filter, filter_value, i); };
+    if (quota > 0) {  // without a quota no tie is taken and the counts are not needed
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          int64_t count = 0;
+          for (int64_t i = b * kTieBlock, end = std::min(i + kTieBlock, n); i < end; ++i) count += is_tie(i);
+          ties_before[b] = count;
+        }
+      });
+      int64_t running = 0;
+      for (int64_t& c : ties_before) {
+        const int64_t count = c;
+        c = running;
+        running += count;
+      }
+    }
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t ties = ties_before[b];
+        for (int64_t w = b * (kTieBlock / 32), w_end = std::min((b + 1) * (kTieBlock / 32), num_words(n));
+             w < w_end; ++w) {
+          uint32_t word = 0;
+          for (int64_t bit = 0, i = w * 32; bit < 32 && i < n; ++bit, ++i) {
+            if (!eligible(filter, filter_value, i)) continue;
+            const uint32_t key = score_key(x[i], largest);
+            const bool take = key > t || (key == t && ties++ < quota);
+            word |= static_cast<uint32_t>(take) << bit;
+          }
+          words[w] = static_cast<int32_t>(word);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// out[j] = h(seed, step, base + j), the random-growth hash (ssam_math.h: hash_value).
+void hash_fill_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t base) {
+  check_vector(out, "out", out);
+  TORCH_CHECK(out.scalar_type() == at::kInt, "out: expected int32");
+  TORCH_CHECK(base >= 0, "base: expected a non-negative position");
+  const uint32_t key = hash_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(step));
+  int32_t* o = out.data_ptr<int32_t>();
+  at::parallel_for(0, out.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = hash_value(key, static_cast<uint64_t>(base + i));
+  });
+}
+
+}  // namespace
+}  // namespace ssam
+
+TORCH_LIBRARY_IMPL(ssam_kernels, CPU, m) {
+  m.impl("grad_sq_norm", &ssam::grad_sq_norm_cpu);
+  m.impl("perturb_", &ssam::perturb_cpu);
+  m.impl("restore_", &ssam::restore_cpu);
+  m.impl("fisher_accumulate_", &ssam::fisher_accumulate_cpu);
+  m.impl("radix_histogram", &ssam::radix_histogram_cpu);
+  m.impl("threshold_mask", &ssam::threshold_mask_cpu);
+  m.impl("hash_fill_", &ssam::hash_fill_cpu);
+}

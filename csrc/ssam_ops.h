@@ -1,0 +1,112 @@
+// Host-side helpers shared by the CPU (cpu.cpp) and CUDA (cuda.cu) implementations of the ops
+// registered in registration.cpp: argument checks and dtype dispatch.
+//
+// The public functions in ssam_kernels/ops/__init__.py validate their arguments with messages that name
+// them; these checks only keep a direct torch.ops.ssam_kernels.* call from reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <optional>
+
+#include "ssam_math.h"
+
+namespace ssam {
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls fn(Tag<T>{}) with T the C++ type of a storage dtype in {fp32, bf16, fp16}; int32 too when
+// with_int32 (hash scores). One instantiation per dtype, no double.
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, const char* name, bool with_int32, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(Tag<float>{});
+      return;
+    case at::kBFloat16:
+      fn(Tag<c10::BFloat16>{});
+      return;
+    case at::kHalf:
+      fn(Tag<c10::Half>{});
+      return;
+    case at::kInt:
+      if (with_int32) {
+        fn(Tag<int32_t>{});
+        return;
+      }
+      break;
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, name, ": unsupported dtype ", dtype);
+}
+
+inline void check_vector(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, ": expected a contiguous 1-D tensor");
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
+}
+
+inline void check_scalar(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Tensor& ref) {
+  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == dtype, name, ": expected a 0-d ", dtype, " tensor");
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", t.device());
+}
+
+// A bit-packed mask as kernels see it; words == nullptr means dense (every entry, rank(i) = i).
+struct MaskView {
+  const int32_t* words = nullptr;
+  const void* offsets = nullptr;
+  bool offsets64 = false;
+};
+
+inline int64_t num_words(int64_t n) { return (n + 31) / 32; }
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// Checks a mask (and its offsets, when present) over the entries of W.
+inline MaskView mask_view(const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& offsets,
+                          const at::Tensor& W) {
+  MaskView view;
+  if (!mask.has_value()) return view;
+  check_vector(*mask, "mask", W);
+  TORCH_CHECK(mask->scalar_type() == at::kInt && mask->numel() == num_words(W.numel()),
+              "mask: expected ", num_words(W.numel()), " int32 words");
+  TORCH_CHECK(offsets.has_value(), "offsets: required when mask is given");
+  check_vector(*offsets, "offsets", W);
+  TORCH_CHECK((offsets->scalar_type() == at::kInt || offsets->scalar_type() == at::kLong) &&
+                  offsets->numel() == num_chunks(W.numel()) + 1,
+              "offsets: expected ", num_chunks(W.numel()) + 1, " int32 or int64 entries");
+  view.words = mask->data_ptr<int32_t>();
+  view.offsets = offsets->data_ptr();
+  view.offsets64 = offsets->scalar_type() == at::kLong;
+  return view;
+}
+
+// Checks the backup of perturb_/restore_: W's dtype, N slots when dense, at most N when masked (its
+// exact length K is the mask's live count, which is not read here: on CUDA that would synchronise).
+inline void check_backup(const at::Tensor& backup, const at::Tensor& W, const MaskView& view) {
+  check_vector(backup, "backup", W);
+  TORCH_CHECK(backup.scalar_type() == W.scalar_type(), "backup: expected dtype ", W.scalar_type());
+  TORCH_CHECK(view.words != nullptr ? backup.numel() <= W.numel() : backup.numel() == W.numel(),
+              "backup: expected one slot per perturbed entry");
+}
+
+// Checks the optional eligibility filter of radix_histogram / threshold_mask.
+inline const int32_t* filter_view(const std::optional<at::Tensor>& filter_words, const at::Tensor& scores) {
+  if (!filter_words.has_value()) return nullptr;
+  check_vector(*filter_words, "filter_words", scores);
+  TORCH_CHECK(filter_words->scalar_type() == at::kInt && filter_words->numel() == num_words(scores.numel()),
+              "filter_words: expected ", num_words(scores.numel()), " int32 words");
+  return filter_words->data_ptr<int32_t>();
+}
+
+inline void check_digit(int64_t shift, int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= 16 && shift >= 0 && shift + bits <= 32,
+              "radix_histogram: expected 1 <= bits <= 16 and shift + bits <= 32, got shift=", shift,
+              ", bits=", bits);
+}
+
+}  // namespace ssam
