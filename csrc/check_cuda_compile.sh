@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Compiles (nvcc -c, no link, no GPU needed) every csrc/*.cu against the installed torch's headers, for
+# the architectures in SSAM_CHECK_ARCHS (default "80 90"; nvcc 13 dropped compute capabilities < 7.5).
+# Exits non-zero, naming the file, if any of them fails. Works with a CPU-only torch: its wheel ships the
+# c10/cuda and ATen headers, only the CMake-generated c10/cuda/impl/cuda_cmake_macros.h is missing, and
+# C10_CUDA_NO_CMAKE_CONFIGURE_FILE tells c10 to do without it.
+#
+# Usage: csrc/check_cuda_compile.sh            (NVCC=/path/to/nvcc to pick a compiler)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+nvcc="${NVCC:-nvcc}"
+command -v "$nvcc" >/dev/null || { echo "check_cuda_compile: nvcc not found (set NVCC or PATH)" >&2; exit 2; }
+archs="${SSAM_CHECK_ARCHS:-80 90}"
+
+torch_include="$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')"
+# The nvcc flags torch.utils.cpp_extension adds to every CUDA extension (what setup.py's build uses).
+read -r -a common_flags <<<"$(python -c 'from torch.utils import cpp_extension as c; print(*c.COMMON_NVCC_FLAGS)')"
+# The C++ standard torch's own extension builder uses (C++20 from torch 2.10 on, C++17 before).
+cxx_std="$(python - <<'PY'
+import re, inspect
+from torch.utils import cpp_extension
+print(max(re.findall(r"-std=(c\+\+\d\d)", inspect.getsource(cpp_extension)), key=lambda s: int(s[3:])))
+PY
+)"
+
+flags=(-c -O3 "-std=$cxx_std" "${common_flags[@]}" -DSSAM_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
+       -I "$here" -I "$torch_include" -I "$torch_include/torch/csrc/api/include"
+       -Xcompiler -fPIC -diag-suppress 3306)
+if [[ ! -f "$torch_include/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
+  flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+fi
+for arch in $archs; do
+  flags+=(-gencode "arch=compute_$arch,code=sm_$arch")
+done
+
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+failed=()
+shopt -s nullglob
+sources=("$here"/*.cu)
+[[ ${#sources[@]} -gt 0 ]] || { echo "check_cuda_compile: no .cu files in $here" >&2; exit 2; }
+echo "check_cuda_compile: $("$nvcc" --version | tail -1); -std=$cxx_std; sm_${archs// /, sm_}"
+for src in "${sources[@]}"; do
+  start=$SECONDS
+  if "$nvcc" "${flags[@]}" "$src" -o "$out/$(basename "$src").o"; then
+    echo "check_cuda_compile: OK     $(basename "$src") ($((SECONDS - start)) s)"
+  else
+    echo "check_cuda_compile: FAILED $(basename "$src")" >&2
+    failed+=("$src")
+  fi
+done
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "check_cuda_compile: ${#failed[@]} CUDA source(s) failed to compile: ${failed[*]}" >&2
+  exit 1
+fi

@@ -1,0 +1,475 @@
+// CUDA kernels of the ssam_kernels ops. Every launch runs on the current stream of the tensors' device
+// and reads the device-side scalars (scale, prefix, threshold, tie quota) from device memory, so no op
+// synchronises with the host. The element-wise mathematics comes from ssam_math.h, shared with cpu.cpp.
+//
+// Mask layout on the GPU: one warp owns one chunk of 1024 entries (32 words); lane l holds word l, a
+// warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank, and the warp then
+// walks the chunk word by word with lane l on bit l, so global accesses stay coalesced.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "ssam_ops.h"
+
+namespace ssam {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops cover the rest
+constexpr int kNormBlocks = 1024;        // partial sums of grad_sq_norm (a fixed count: deterministic)
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;
+
+// V elements of T in one 16-byte-aligned access (V * sizeof(T) is 16 or 32 bytes).
+template <typename T, int V>
+struct alignas(16) Pack {
+  T v[V];
+};
+
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+int64_t grid_for(int64_t work, int64_t per_block) {
+  return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxBlocks));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+__device__ int64_t global_thread() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+__device__ int lane_id() { return threadIdx.x & 31; }
+
+// ---------------------------------------------------------------------------------------------------
+// grad_sq_norm: stage 1, kNormBlocks blocks each add the squares of a fixed grid-stride share of the
+// entries in double and reduce them in shared memory in a fixed tree order; stage 2, one block adds the
+// partials the same way. No atomics: the result is the same on every run.
+// ---------------------------------------------------------------------------------------------------
+
+__device__ double block_sum(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+template <typename T>
+__device__ double square_term(T g, const T* w, int64_t i) {
+  double v = static_cast<float>(g);
+  if (w != nullptr) v *= static_cast<float>(w[i]);
+  return v * v;
+}
+
+template <typename T>
+__global__ void sq_norm_partial_kernel(const T* g, const T* w, int64_t n, int64_t nvec, double* partial) {
+  __shared__ double shared[kThreads];
+  constexpr int V = kVec<T>;
+  double acc = 0.0;
+  for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
+    const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
+    if (w != nullptr) {
+      const Pack<T, V> wp = reinterpret_cast<const Pack<T, V>*>(w)[p];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const double v = static_cast<double>(static_cast<float>(gp.v[k])) * static_cast<float>(wp.v[k]);
+        acc += v * v;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const double v = static_cast<float>(gp.v[k]);
+        acc += v * v;
+      }
+    }
+  }
+  for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) acc += square_term(g[i], w, i);
+  const double total = block_sum(acc, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+__global__ void sq_norm_final_kernel(const double* partial, int count, double* out) {
+  __shared__ double shared[kThreads];
+  double acc = 0.0;
+  for (int b = threadIdx.x; b < count; b += blockDim.x) acc += partial[b];
+  const double total = block_sum(acc, shared);
+  if (threadIdx.x == 0) *out = total;
+}
+
+at::Tensor grad_sq_norm_cuda(const at::Tensor& G, const std::optional<at::Tensor>& W) {
+  check_vector(G, "G", G);
+  if (W.has_value()) {
+    check_vector(*W, "W", G);
+    TORCH_CHECK(W->scalar_type() == G.scalar_type() && W->numel() == G.numel(), "W: expected the dtype and size of G");
+  }
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor out = at::zeros({}, G.options().dtype(at::kDouble));
+  const int64_t n = G.numel();
+  if (n == 0) return out;
+  at::Tensor partial = at::empty({kNormBlocks}, out.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* g = G.data_ptr<T>();
+    const T* w = W.has_value() ? W->data_ptr<T>() : nullptr;
+    const bool vec = aligned16(g) && (w == nullptr || aligned16(w));
+    const int64_t nvec = vec ? n / kVec<T> : 0;
+    sq_norm_partial_kernel<T><<<kNormBlocks, kThreads, 0, stream>>>(g, w, n, nvec, partial.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  sq_norm_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), kNormBlocks, out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// perturb_ / restore_
+// ---------------------------------------------------------------------------------------------------
+
+// Dense perturb: backup = W; W = perturbed(W, G) when the scale is active (G is not read otherwise).
+template <typename T>
+__global__ void perturb_dense_kernel(T* w, const T* g, T* backup, const float* scale, bool adaptive, int64_t n,
+                                     int64_t nvec) {
+  constexpr int V = kVec<T>;
+  const float s = *scale;
+  const bool active = scale_active(s);
+  for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
+    Pack<T, V> wp = reinterpret_cast<const Pack<T, V>*>(w)[p];
+    reinterpret_cast<Pack<T, V>*>(backup)[p] = wp;
+    if (active) {
+      const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
+#pragma unroll
+      for (int k = 0; k < V; ++k) wp.v[k] = perturbed(wp.v[k], gp.v[k], s, adaptive);
+      reinterpret_cast<Pack<T, V>*>(w)[p] = wp;
+    }
+  }
+  for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) {
+    const T wi = w[i];
+    backup[i] = wi;
+    if (active) w[i] = perturbed(wi, g[i], s, adaptive);
+  }
+}
+
+// Masked perturb_ (restore = false) or restore_ (restore = true): one warp per 1024-entry chunk.
+template <typename T>
+__global__ void masked_kernel(T* w, const T* g, T* backup, const float* scale, bool adaptive, bool restore,
+                              const int32_t* words, const void* offsets, bool offsets64, int64_t n) {
+  const int lane = lane_id();
+  const int64_t nwords = (n + 31) / 32;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  float s = 0.0f;
+  bool active = false;
+  if (!restore) {
+    s = *scale;
+    active = scale_active(s);
+  }
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < chunks; c += warps) {
+    const int64_t wi = c * kWordsPerChunk + lane;
+    const uint32_t word = wi < nwords ? static_cast<uint32_t>(words[wi]) : 0u;
+    // Inclusive warp scan of the popcounts: the rank of this word's first set bit within the chunk.
+    int below = popcount32(word);
+    for (int d = 1; d < 32; d *= 2) {
+      const int up = __shfl_up_sync(kFullWarp, below, d);
+      if (lane >= d) below += up;
+    }
+    below -= popcount32(word);
+    const int64_t base = load_offset(offsets, offsets64, c);
+    for (int k = 0; k < 32; ++k) {
+      const uint32_t wk = __shfl_sync(kFullWarp, word, k);
+      const int first = __shfl_sync(kFullWarp, below, k);
+      const int64_t i = (c * kWordsPerChunk + k) * 32 + lane;
+      if (((wk >> lane) & 1u) == 0 || i >= n) continue;
+      const int64_t r = base + first + popcount32(wk & lanes_below);
+      if (restore) {
+        w[i] = backup[r];
+      } else {
+        const T wv = w[i];
+        backup[r] = wv;
+        if (active) w[i] = perturbed(wv, g[i], s, adaptive);
+      }
+    }
+  }
+}
+
+template <typename T>
+void launch_masked(T* w, const T* g, T* backup, const float* scale, bool adaptive, bool restore,
+                   const MaskView& view, int64_t n, cudaStream_t stream) {
+  const int64_t blocks = grid_for(num_chunks(n), kWarpsPerBlock);
+  masked_kernel<T><<<blocks, kThreads, 0, stream>>>(w, g, backup, scale, adaptive, restore, view.words,
+                                                    view.offsets, view.offsets64, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void perturb_cuda(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
+                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
+                  bool adaptive) {
+  check_vector(W, "W", W);
+  check_vector(G, "G", W);
+  TORCH_CHECK(G.scalar_type() == W.scalar_type() && G.numel() == W.numel(), "G: expected the dtype and size of W");
+  const MaskView view = mask_view(mask, offsets, W);
+  check_backup(backup, W, view);
+  check_scalar(scale, "scale", at::kFloat, W);
+  const int64_t n = W.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(W.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* w = W.data_ptr<T>();
+    const T* g = G.data_ptr<T>();
+    T* b = backup.data_ptr<T>();
+    const float* s = scale.data_ptr<float>();
+    if (view.words != nullptr) {
+      launch_masked<T>(w, g, b, s, adaptive, false, view, n, stream);
+      return;
+    }
+    const int64_t nvec = aligned16(w) && aligned16(g) && aligned16(b) ? n / kVec<T> : 0;
+    const int64_t blocks = grid_for(std::max(nvec, n - nvec * kVec<T>), kThreads);
+    perturb_dense_kernel<T><<<blocks, kThreads, 0, stream>>>(w, g, b, s, adaptive, n, nvec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void restore_cuda(const at::Tensor& W, const std::optional<at::Tensor>& mask,
+                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
+  check_vector(W, "W", W);
+  const MaskView view = mask_view(mask, offsets, W);
+  check_backup(backup, W, view);
+  const int64_t n = W.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(W.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (view.words == nullptr) {  // dense: a device-to-device copy runs at copy bandwidth by definition
+    C10_CUDA_CHECK(cudaMemcpyAsync(W.data_ptr(), backup.data_ptr(), n * W.element_size(), cudaMemcpyDeviceToDevice,
+                                   stream));
+    return;
+  }
+  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_masked<T>(W.data_ptr<T>(), nullptr, backup.data_ptr<T>(), nullptr, false, true, view, n, stream);
+  });
+}
+
+// F += alpha · g² in fp32: g² rounded, then F + alpha · g² fused (the reference's F.add_(g², alpha)).
+template <typename T>
+__global__ void fisher_kernel(float* f, const T* g, float alpha, int64_t n, int64_t nvec) {
+  constexpr int V = kVec<T>;
+  for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
+    const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
+    Pack<float, V> fp = reinterpret_cast<const Pack<float, V>*>(f)[p];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float gk = static_cast<float>(gp.v[k]);
+      fp.v[k] = fma_rn(alpha, mul_rn(gk, gk), fp.v[k]);
+    }
+    reinterpret_cast<Pack<float, V>*>(f)[p] = fp;
+  }
+  for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) {
+    const float gi = static_cast<float>(g[i]);
+    f[i] = fma_rn(alpha, mul_rn(gi, gi), f[i]);
+  }
+}
+
+void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alpha) {
+  check_vector(F, "F", F);
+  check_vector(G, "G", F);
+  TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
+  TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
+  const int64_t n = F.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(F.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    float* f = F.data_ptr<float>();
+    const T* g = G.data_ptr<T>();
+    const int64_t nvec = aligned16(f) && aligned16(g) ? n / kVec<T> : 0;
+    const int64_t blocks = grid_for(std::max(nvec, n - nvec * kVec<T>), kThreads);
+    fisher_kernel<T><<<blocks, kThreads, 0, stream>>>(f, g, static_cast<float>(alpha), n, nvec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Selection primitives
+// ---------------------------------------------------------------------------------------------------
+
+// Each block counts into a shared-memory histogram, then adds it to the global one with integer
+// atomics (exact, so the result does not depend on the order).
+template <typename T>
+__global__ void radix_histogram_kernel(const T* x, int64_t n, const int64_t* prefix, int shift, int bits,
+                                       bool largest, const int32_t* filter, bool filter_value,
+                                       unsigned long long* out) {
+  extern __shared__ unsigned int hist[];
+  const int bins = 1 << bits;
+  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
+  for (int d = threadIdx.x; d < bins; d += blockDim.x) hist[d] = 0;
+  __syncthreads();
+  const uint64_t pre = static_cast<uint64_t>(*prefix);
+  const int high = shift + bits;
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const uint32_t key = score_key(x[i], largest);
+    if (prefix_matches(key, pre, high) && eligible(filter, filter_value, i)) {
+      atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
+    }
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < bins; d += blockDim.x) {
+    if (hist[d] != 0) atomicAdd(&out[d], static_cast<unsigned long long>(hist[d]));
+  }
+}
+
+at::Tensor radix_histogram_cuda(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
+                                bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
+  check_vector(scores, "scores", scores);
+  check_scalar(prefix, "prefix", at::kLong, scores);
+  check_digit(shift, bits);
+  const int32_t* filter = filter_view(filter_words, scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  at::Tensor out = at::zeros({int64_t{1} << bits}, scores.options().dtype(at::kLong));
+  const int64_t n = scores.numel();
+  if (n == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // At least 16 entries per thread, so the per-block flush stays small next to the counting.
+  const int64_t blocks = std::min<int64_t>(grid_for(n, kThreads * 16), 1024);
+  const size_t shared = sizeof(unsigned int) << bits;
+  dispatch_dtype(scores.scalar_type(), "scores", true, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    radix_histogram_kernel<T><<<blocks, kThreads, shared, stream>>>(
+        scores.data_ptr<T>(), n, prefix.data_ptr<int64_t>(), static_cast<int>(shift), static_cast<int>(bits),
+        largest, filter, filter_value, reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// Tie test of threshold_mask for entry i (false past the end).
+template <typename T>
+__device__ void classify(const T* x, int64_t i, int64_t n, uint32_t threshold, bool largest, const int32_t* filter,
+                         bool filter_value, bool& greater, bool& equal) {
+  greater = equal = false;
+  if (i < n && eligible(filter, filter_value, i)) {
+    const uint32_t key = score_key(x[i], largest);
+    greater = key > threshold;
+    equal = key == threshold;
+  }
+}
+
+// Pass 1 of threshold_mask: the number of ties in each 1024-entry tile (one warp per tile).
+template <typename T>
+__global__ void tie_count_kernel(const T* x, int64_t n, const int64_t* threshold, const int64_t* quota,
+                                 bool largest, const int32_t* filter, bool filter_value, int64_t* counts) {
+  const int64_t tiles = (n + kChunk - 1) / kChunk;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const uint32_t t = static_cast<uint32_t>(*threshold);
+  const bool needed = *quota > 0;  // without a quota no tie is taken: skip reading the scores
+  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; tile < tiles;
+       tile += warps) {
+    int64_t count = 0;
+    for (int k = 0; needed && k < 32; ++k) {
+      bool greater, equal;
+      classify(x, tile * kChunk + k * 32 + lane_id(), n, t, largest, filter, filter_value, greater, equal);
+      count += __popc(__ballot_sync(kFullWarp, equal));
+    }
+    if (lane_id() == 0) counts[tile] = count;
+  }
+}
+
+// Pass 2 of threshold_mask: each warp writes its tile's 32 words; ties_end[tile] is the inclusive scan of
+// the tie counts, so ties before the tile = ties_end[tile] - counts[tile]; within the tile a running
+// count plus a ballot prefix gives each tie its rank in index order.
+template <typename T>
+__global__ void threshold_write_kernel(const T* x, int64_t n, const int64_t* threshold, const int64_t* quota,
+                                       bool largest, const int32_t* filter, bool filter_value,
+                                       const int64_t* counts, const int64_t* ties_end, int32_t* words) {
+  const int lane = lane_id();
+  const int64_t tiles = (n + kChunk - 1) / kChunk;
+  const int64_t nwords = (n + 31) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const uint32_t t = static_cast<uint32_t>(*threshold);
+  const int64_t q = *quota;
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; tile < tiles;
+       tile += warps) {
+    int64_t ties = ties_end[tile] - counts[tile];
+    uint32_t mine = 0;
+    for (int k = 0; k < 32; ++k) {
+      bool greater, equal;
+      classify(x, tile * kChunk + k * 32 + lane, n, t, largest, filter, filter_value, greater, equal);
+      const uint32_t equal_lanes = __ballot_sync(kFullWarp, equal);
+      const bool take = greater || (equal && ties + __popc(equal_lanes & lanes_below) < q);
+      const uint32_t word = __ballot_sync(kFullWarp, take);
+      ties += __popc(equal_lanes);
+      if (lane == k) mine = word;
+    }
+    const int64_t wi = tile * kWordsPerChunk + lane;
+    if (wi < nwords) words[wi] = static_cast<int32_t>(mine);
+  }
+}
+
+at::Tensor threshold_mask_cuda(const at::Tensor& scores, const at::Tensor& threshold, const at::Tensor& tie_quota,
+                               bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
+  check_vector(scores, "scores", scores);
+  check_scalar(threshold, "threshold", at::kLong, scores);
+  check_scalar(tie_quota, "tie_quota", at::kLong, scores);
+  const int32_t* filter = filter_view(filter_words, scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const int64_t n = scores.numel();
+  at::Tensor out = at::empty({num_words(n)}, scores.options().dtype(at::kInt));
+  if (n == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t tiles = num_chunks(n);
+  at::Tensor counts = at::empty({tiles}, scores.options().dtype(at::kLong));
+  const int64_t blocks = grid_for(tiles, kWarpsPerBlock);
+  dispatch_dtype(scores.scalar_type(), "scores", true, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* x = scores.data_ptr<T>();
+    const int64_t* t = threshold.data_ptr<int64_t>();
+    const int64_t* q = tie_quota.data_ptr<int64_t>();
+    tie_count_kernel<T><<<blocks, kThreads, 0, stream>>>(x, n, t, q, largest, filter, filter_value,
+                                                         counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor ties_end = at::cumsum(counts, 0);  // integer scan on the same stream
+    threshold_write_kernel<T><<<blocks, kThreads, 0, stream>>>(x, n, t, q, largest, filter, filter_value,
+                                                               counts.data_ptr<int64_t>(),
+                                                               ties_end.data_ptr<int64_t>(), out.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+__global__ void hash_fill_kernel(int32_t* out, int64_t n, uint32_t key, uint64_t base) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = hash_value(key, base + i);
+}
+
+void hash_fill_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t base) {
+  check_vector(out, "out", out);
+  TORCH_CHECK(out.scalar_type() == at::kInt, "out: expected int32");
+  TORCH_CHECK(base >= 0, "base: expected a non-negative position");
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const uint32_t key = hash_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(step));
+  hash_fill_kernel<<<grid_for(n, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<int32_t>(), n, key, static_cast<uint64_t>(base));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace ssam
+
+TORCH_LIBRARY_IMPL(ssam_kernels, CUDA, m) {
+  m.impl("grad_sq_norm", &ssam::grad_sq_norm_cuda);
+  m.impl("perturb_", &ssam::perturb_cuda);
+  m.impl("restore_", &ssam::restore_cuda);
+  m.impl("fisher_accumulate_", &ssam::fisher_accumulate_cuda);
+  m.impl("radix_histogram", &ssam::radix_histogram_cuda);
+  m.impl("threshold_mask", &ssam::threshold_mask_cuda);
+  m.impl("hash_fill_", &ssam::hash_fill_cuda);
+}
