@@ -103,9 +103,11 @@ inline const int32_t* filter_view(const std::optional<at::Tensor>& filter_words,
   return filter_words->data_ptr<int32_t>();
 }
 
+// At most 12 bits per digit: the CUDA kernel keeps a block histogram of 2^bits counts in shared memory,
+// which must fit the default 48 KiB (the selection driver uses 11).
 inline void check_digit(int64_t shift, int64_t bits) {
-  TORCH_CHECK(bits >= 1 && bits <= 16 && shift >= 0 && shift + bits <= 32,
-              "radix_histogram: expected 1 <= bits <= 16 and shift + bits <= 32, got shift=", shift,
+  TORCH_CHECK(bits >= 1 && bits <= 12 && shift >= 0 && shift + bits <= 32,
+              "radix_histogram: expected 1 <= bits <= 12 and shift + bits <= 32, got shift=", shift,
               ", bits=", bits);
 }
 
