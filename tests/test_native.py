@@ -318,3 +318,20 @@ def test_cuda_hot_path_does_not_synchronise():
         native.threshold_mask(G, prefix, prefix, True, mask, True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_large_inputs_span_kernel_blocks(device):
+    """Sizes past the kernels' internal blocks (CPU: 2^14-entry norm partials, 2^16-entry tie blocks;
+    CUDA: many warps and grid-stride rounds), so ties and partial sums cross block boundaries."""
+    n = 3 * (1 << 16) + 77
+    scores = tied_scores(n, torch.float32, device)
+    keys = reference.score_keys(scores, True)
+    threshold = torch.tensor(int(keys[n // 3]), device=device)
+    tie_quota = (keys == threshold).sum() // 2
+    assert torch.equal(native.threshold_mask(scores, threshold, tie_quota, True, None, True),
+                       reference.threshold_mask(scores, threshold, tie_quota, True, None, True))
+    G = randn(n, torch.bfloat16, device)
+    torch.testing.assert_close(native.grad_sq_norm(G), reference.grad_sq_norm(G), rtol=1e-12, atol=0)
+    got = ops.select_topk([scores, G], n // 3, backend="native")
+    expected = ops.select_topk([scores, G], n // 3, backend="reference")
+    assert all(torch.equal(m, m_ref) for (m, _), (m_ref, _) in zip(got, expected, strict=True))
