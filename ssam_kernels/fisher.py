@@ -11,7 +11,11 @@ gradient. :func:`fisher_information` computes them two ways that agree wherever 
 - ``"func"``: ``torch.func.vmap(torch.func.grad(...))`` over micro-batches -- one vectorised backward
   per micro-batch instead of one per sample;
 - ``"loop"``: one forward and one ``torch.autograd.grad`` per sample -- slower, but it runs every model
-  that autograd runs (in-place buffer updates, data-dependent control flow, ``.item()`` in forward).
+  that autograd runs (in-place buffer updates, data-dependent control flow, ``.item()`` in forward);
+- ``"backward"``: the same loop with ``loss.backward()``, for FSDP2 models, whose sharded parameters
+  receive gradients only through backward's reduce-scatter. Every rank must then see the same samples:
+  the reduce-scatter averages the ranks' gradients, which is the per-sample gradient only when they
+  are equal. The result holds each rank's local shard.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import ops
+from .layout import is_dtensor, local_tensor
 from .ops import FLOAT_DTYPES
 
 __all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "fisher_information"]
 
-METHODS = ("auto", "func", "loop")
+METHODS = ("auto", "func", "loop", "backward")
 DEFAULT_BATCH_SIZE = 32
 """Samples per vmapped micro-batch when ``batch_size`` is None. Peak extra memory of the ``"func"``
 path is about ``batch_size`` copies of the parameters' gradients (plus one fp32 copy for squaring)."""
@@ -63,8 +68,9 @@ def fisher_information(model: nn.Module, loss_fn: LossFn, data: Iterable[tuple[T
         batch_size: samples per vmapped micro-batch of the ``"func"`` path (default
             ``DEFAULT_BATCH_SIZE``); bounds its memory. Ignored by the ``"loop"`` path.
         params: the parameters to score (each must belong to ``model`` and require grad).
-        method: ``"func"`` (vmapped per-sample gradients), ``"loop"`` (one autograd pass per sample) or
-            ``"auto"``: ``"func"``, except for models that need the loop (below).
+        method: ``"func"`` (vmapped per-sample gradients), ``"loop"`` (one autograd pass per sample),
+            ``"backward"`` (FSDP2, see above) or ``"auto"``: ``"backward"`` for DTensor parameters,
+            else ``"func"``, except for models that need the loop (below).
         backend: op backend for :func:`ssam_kernels.ops.fisher_accumulate_` (the loop path's
             accumulation); see :func:`ssam_kernels.ops.resolve_backend`.
 
@@ -81,8 +87,9 @@ def fisher_information(model: nn.Module, loss_fn: LossFn, data: Iterable[tuple[T
     each sample with that sample's own statistics (batch-norm layers that see one value per channel,
     e.g. ``BatchNorm1d`` on ``(N, C)`` inputs, then fail: put them in eval mode). Those forwards update
     running statistics; every buffer of the model is restored on return (on error too), so the model
-    is left as it was found. Parameters' ``.grad`` are not touched (gradients come from
-    ``torch.autograd.grad`` / ``torch.func.grad``, never ``backward``), nor is the train/eval mode.
+    is left as it was found. Parameters' ``.grad`` end as they were (gradients come from
+    ``torch.autograd.grad`` / ``torch.func.grad``; the ``"backward"`` path puts the originals back), and
+    the train/eval mode is not touched.
     Works under ``torch.no_grad()``.
 
     Raises:
@@ -105,10 +112,14 @@ def fisher_information(model: nn.Module, loss_fn: LossFn, data: Iterable[tuple[T
         ops.resolve_backend(backend, device)  # fail now on a bad or unavailable backend, not mid-pass
     input_device = next(iter(model.parameters())).device
 
-    fisher = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    fisher = [torch.zeros(local_tensor(p).shape, dtype=torch.float32, device=p.device) for p in params]
+    if method == "auto" and any(is_dtensor(p) for p in params):
+        method = "backward"
+    through_backward = method == "backward"
     use_func = method == "func" or (method == "auto" and not _needs_loop(model))
     func_step = _func_step(model, loss_fn, params, names, micro) if use_func else None
     saved = _save_buffers(model)
+    saved_grads = [p.grad for p in params]
     try:
         # enable_grad: the loop path needs a graph even when the caller runs under torch.no_grad().
         with torch.enable_grad():
@@ -116,7 +127,7 @@ def fisher_information(model: nn.Module, loss_fn: LossFn, data: Iterable[tuple[T
                 for start in range(0, x.shape[0], micro):
                     xs, ys = x[start: start + micro], y[start: start + micro]
                     if func_step is None:
-                        _loop_step(model, loss_fn, params, fisher, xs, ys, backend)
+                        _loop_step(model, loss_fn, params, fisher, xs, ys, backend, through_backward)
                         continue
                     try:
                         sums = func_step(xs, ys)
@@ -137,6 +148,8 @@ def fisher_information(model: nn.Module, loss_fn: LossFn, data: Iterable[tuple[T
                         f.add_(s)
     finally:
         _restore_buffers(saved)
+        for p, g in zip(params, saved_grads, strict=True):
+            p.grad = g
     return fisher
 
 
@@ -298,14 +311,19 @@ def _func_step(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], na
 
 
 def _loop_step(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], fisher: list[Tensor],
-               x: Tensor, y: Tensor, backend: str | None) -> None:
+               x: Tensor, y: Tensor, backend: str | None, through_backward: bool = False) -> None:
     """Accumulate the squared gradient of each sample of ``x, y``, one autograd pass per sample."""
     for i in range(x.shape[0]):
         loss = _scalar(loss_fn(model(x[i: i + 1]), y[i: i + 1]))
         if not loss.requires_grad:
             continue  # no parameter reaches the loss: every gradient is zero
-        # autograd.grad, not backward(): the parameters' .grad stay as the caller left them.
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if through_backward:  # FSDP2: the caller saved the .grad and puts them back
+            for p in params:
+                p.grad = None
+            loss.backward()
+            grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
+        else:  # autograd.grad, not backward(): the parameters' .grad stay as the caller left them.
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
         for f, g in zip(fisher, grads, strict=True):
             if g is None:
                 continue  # unused parameter: zero gradient

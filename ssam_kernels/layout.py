@@ -25,7 +25,8 @@ import torch
 LAYOUTS = ("auto", "flat", "tensors")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (e.g. an FSDP2 parameter shard)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed support
@@ -35,7 +36,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The rank-local part of ``t``: its local shard for a DTensor, ``t`` itself otherwise."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Segment:
 
     ``weight`` is the 1-D weight view; ``starts[i]`` is where ``params[i]`` begins in it. ``grad()``
     returns the matching 1-D gradient, repaired first if the parameters' ``.grad`` were replaced.
+    ``position`` is where the segment's first entry stands in the entry order of the *unsharded*
+    model (as one process would lay it out): the random-growth hash of entry ``i`` is taken at
+    ``position + i``, so sharded and single-process runs draw the same random masks.
     """
 
     group: int
@@ -52,6 +56,7 @@ class Segment:
     weight: torch.Tensor
     grad_buffer: torch.Tensor | None = None  # flat layout only
     grad_views: list[torch.Tensor] = field(default_factory=list)  # flat layout only
+    position: int = 0
 
     @property
     def numel(self) -> int:
@@ -78,10 +83,9 @@ class Segment:
         such parameters) and its span is zeroed.
         """
         if self.grad_buffer is None:
-            param = local_tensor(self.params[0])
-            grad = param.grad
+            grad = self.params[0].grad  # the DTensor's own .grad: its local tensor has none
             if grad is None:
-                return torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+                return torch.zeros_like(self.weight)
             return local_tensor(grad).reshape(-1)
         for param, view, (start, n) in zip(self.params, self.grad_views, self.spans(), strict=True):
             grad = param.grad
@@ -159,6 +163,19 @@ def _tensor_segment(group: int, param: torch.nn.Parameter) -> Segment:
     return Segment(group, [param], [0], local.view(-1))
 
 
+def _shard_offset(param: torch.Tensor) -> int:
+    """Row-major offset, in the full parameter, of the first entry of this rank's shard (0 unless a
+    DTensor). A ``Shard(0)`` shard (FSDP2's placement) is one contiguous run of the full tensor."""
+    if not is_dtensor(param):
+        return 0
+    # Private but stable since torch 2.4; the public DTensor API has no local-offset query.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    strides = torch.empty(param.shape, device="meta").stride()
+    return sum(o * s for o, s in zip(offset, strides, strict=True))
+
+
 class ParamLayout:
     """The segments of an optimizer's parameter groups, in entry order (groups, then segments)."""
 
@@ -166,7 +183,7 @@ class ParamLayout:
         if kind not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {kind!r}")
         trainable = [[_check_param(p) for p in params if p.requires_grad] for params in groups]
-        has_dtensor = any(_is_dtensor(p) for params in trainable for p in params)
+        has_dtensor = any(is_dtensor(p) for params in trainable for p in params)
         if kind == "auto":
             kind = "tensors" if has_dtensor else "flat"
         elif kind == "flat" and has_dtensor:
@@ -178,6 +195,10 @@ class ParamLayout:
                 self.segments += _flat_segments(index, params)
             else:
                 self.segments += [_tensor_segment(index, p) for p in params]
+        position = 0
+        for segment in self.segments:
+            segment.position = position + _shard_offset(segment.params[0])
+            position += sum(p.numel() for p in segment.params)  # full (unsharded) sizes
 
     def grads(self) -> list[torch.Tensor]:
         """Each segment's current 1-D gradient (repaired where ``.grad`` was replaced)."""

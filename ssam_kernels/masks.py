@@ -41,20 +41,32 @@ class MaskContext:
     segments: Sequence[Segment]
     masks: Sequence[Mask] | None
     backend: str | None = None
-    comm: Communicator | None = None
+    comm: Communicator | None = None  # sharded: selections span the ranks
+    replicas: Communicator | None = None  # replicated: scores that differ per rank are summed
+    grads_synced: bool = True  # False: the gradient at w is each rank's own (DDP no_sync)
 
     def grads(self) -> list[torch.Tensor]:
         return [segment.grad() for segment in self.segments]
 
+    def global_count(self, local: int) -> int:
+        """``local`` summed over the ranks that share the selection (itself when not sharded)."""
+        if self.comm is None:
+            return local
+        total = torch.tensor([local], dtype=torch.int64, device=self.segments[0].device)
+        self.comm.all_reduce_(total)
+        return int(total.item())
+
+    def sum_over_replicas(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum per-rank scores over the replicas so every rank selects the same mask."""
+        if self.replicas is not None:
+            for t in tensors:
+                self.replicas.all_reduce_(t)
+        return tensors
+
     def random_mask(self, k: int, seed: int, counter: int) -> list[Mask]:
-        """``k`` live entries at the largest hashes ``h(seed, counter, j)``."""
-        base = 0 if self.comm is None else int(self.comm.exclusive_prefix(
-            torch.tensor([sum(s.numel for s in self.segments)], device=self.segments[0].device)).item())
-        scores = []
-        for segment in self.segments:
-            scores.append(ops.hash_scores(segment.numel, seed, counter, base, segment.device,
-                                          backend=self.backend))
-            base += segment.numel
+        """``k`` live entries at the largest hashes ``h(seed, counter, j)`` of the entries' positions."""
+        scores = [ops.hash_scores(s.numel, seed, counter, s.position, s.device, backend=self.backend)
+                  for s in self.segments]
         return ops.select_topk(scores, k, backend=self.backend, comm=self.comm)
 
 
@@ -131,6 +143,7 @@ class FisherMask(MaskPolicy):
             self.model, self.loss_fn, self.data, self.num_samples, self.batch_size, params=params,
             method=self.method, backend=ctx.backend), strict=True))
         scores = [torch.cat([fisher[id(p)].reshape(-1) for p in segment.params]) for segment in ctx.segments]
+        ctx.sum_over_replicas(scores)  # DDP: the Fisher of every rank's samples together
         return ops.select_topk(scores, k, backend=ctx.backend, comm=ctx.comm)
 
     def initial(self, ctx: MaskContext, k: int) -> list[Mask]:
@@ -173,13 +186,18 @@ class DynamicMask(MaskPolicy):
 
     def refresh(self, ctx: MaskContext, k: int, step: int) -> list[Mask]:
         assert ctx.masks is not None, "a dynamic update needs the current mask"
-        grads = ctx.grads()
-        drop = [g.abs() for g in grads] if self.drop == "gradient" else [s.weight.abs() for s in ctx.segments]
-        grow = "random" if self.grow == "random" else [g.abs() for g in grads]
-        live = sum(int(offsets[-1]) for _, offsets in ctx.masks)
-        n_drop = min(math.floor(self.rate(step) * k), live, sum(s.numel for s in ctx.segments) - live)
+        uses_abs_grad = "gradient" in (self.drop, self.grow)
+        abs_grads = [g.abs() for g in ctx.grads()] if uses_abs_grad else []
+        if not ctx.grads_synced:  # per-rank gradients (m-sharpness): agree on one mask
+            ctx.sum_over_replicas(abs_grads)
+        drop = abs_grads if self.drop == "gradient" else [s.weight.abs() for s in ctx.segments]
+        grow = abs_grads if self.grow == "gradient" else "random"
+        live = ctx.global_count(sum(int(offsets[-1]) for _, offsets in ctx.masks))
+        numel = ctx.global_count(sum(s.numel for s in ctx.segments))
+        n_drop = min(math.floor(self.rate(step) * k), live, numel - live)
         return ops.dynamic_update([words for words, _ in ctx.masks], drop, n_drop, grow, self.seed, step,
-                                  backend=ctx.backend, comm=ctx.comm)
+                                  backend=ctx.backend, comm=ctx.comm,
+                                  positions=[s.position for s in ctx.segments])
 
 
 class RandomMask(MaskPolicy):

@@ -14,15 +14,17 @@ No host synchronisation happens on this path; a mask refresh may synchronise.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from . import ops
-from .layout import ParamLayout, local_tensor
+from .distributed import ProcessGroupComm, resolve_mode
+from .layout import ParamLayout, is_dtensor, local_tensor
 from .masks import Mask, MaskContext, MaskPolicy, make_policy
-from .ops import Communicator, bitmask
+from .ops import bitmask
 
 _IDLE, _PERTURBED, _RESTORED = "idle", "perturbed", "restored"
 BaseOptimizer = type[torch.optim.Optimizer] | torch.optim.Optimizer
@@ -45,13 +47,22 @@ class SSAM(torch.optim.Optimizer):
         eps: added to the norm before dividing.
         backend: ``"auto" | "reference" | "triton" | "native"`` (None: ``SSAM_KERNELS_BACKEND``).
         layout: ``"auto" | "flat" | "tensors"`` (see :mod:`ssam_kernels.layout`).
-        comm: how norms and selections compose across ranks (see :mod:`ssam_kernels.distributed`).
+        distributed: ``"auto" | "none" | "replicated" | "sharded"``: how the ranks hold the model
+            (DDP: replicated, FSDP2: sharded; see :mod:`ssam_kernels.distributed`).
+        process_group: the ranks that train together (default: the default group).
+        sync_perturbation: DDP only. False: each rank perturbs along its own gradient (m-sharpness);
+            the first backward must then run under ``ddp_model.no_sync()``, which ``step(closure)``
+            does for you when ``ddp_model`` is given.
+        ddp_model: the ``DistributedDataParallel`` module, for ``step(closure)`` with
+            ``sync_perturbation=False``.
     """
 
     def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer,
                  rho: float = 0.05, sparsity: float = 0.5, mask: MaskPolicy | str | None = "dynamic",
                  adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
-                 layout: str = "auto", comm: Communicator | None = None, **base_kwargs: Any) -> None:
+                 layout: str = "auto", distributed: str = "auto", process_group: Any = None,
+                 sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
+                 **base_kwargs: Any) -> None:
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
             raise ValueError(f"rho: expected a non-negative float, got {rho!r}")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
@@ -66,15 +77,21 @@ class SSAM(torch.optim.Optimizer):
         self.base_optimizer = self._build_base(base_optimizer, base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        self.sparsity, self.eps, self.backend, self.comm = float(sparsity), float(eps), backend, comm
+        self.sparsity, self.eps, self.backend = float(sparsity), float(eps), backend
         for group in self.param_groups:
             if not group["rho"] >= 0:
                 raise ValueError(f"rho: expected a non-negative float in every group, got {group['rho']!r}")
-        perturbed = [[p for p in g["params"]] if g["perturb"] else [] for g in self.param_groups]
-        self.layout = ParamLayout(perturbed, layout)
+        perturbed = [list(g["params"]) if g["perturb"] else [] for g in self.param_groups]
+        self.distributed = resolve_mode(distributed, any(is_dtensor(p) for ps in perturbed for p in ps))
+        ranks = ProcessGroupComm(process_group) if self.distributed != "none" else None
+        self.comm = ranks if self.distributed == "sharded" else None  # norm and selections span ranks
+        self.replicas = ranks if self.distributed == "replicated" else None
+        if not sync_perturbation and self.distributed != "replicated":
+            raise ValueError("sync_perturbation: False applies to replicated (DDP) training only")
+        self.sync_perturbation, self.ddp_model = bool(sync_perturbation), ddp_model
+        self.layout = ParamLayout(perturbed, "tensors" if self.distributed == "sharded" else layout)
         for segment in self.layout.segments:
             ops.resolve_backend(backend, segment.device)  # fail now, not mid-training
-        self._numel = sum(s.numel for s in self.layout.segments)
         self._masks: list[Mask] | None = None  # None: dense, or not built yet (see _started)
         self._pending: list[Mask] | None = None  # a refresh computed in first_step, applied after the step
         self._backups: list[torch.Tensor] = []
@@ -82,6 +99,7 @@ class SSAM(torch.optim.Optimizer):
         self._phase = _IDLE
         self._steps = 0
         self.grad_norm: torch.Tensor | None = None  # ||g|| of the last first_step (float64, on device)
+        self._numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
 
     # ------------------------------------------------------------------------------------------------
     # Construction helpers
@@ -116,7 +134,8 @@ class SSAM(torch.optim.Optimizer):
         return int(self._numel * (1 - self.sparsity))
 
     def _context(self) -> MaskContext:
-        return MaskContext(self.layout.segments, self._masks, self.backend, self.comm)
+        return MaskContext(self.layout.segments, self._masks, self.backend, self.comm,
+                           self.replicas, self.sync_perturbation)
 
     def _set_masks(self, masks: list[Mask] | None) -> None:
         """Install masks (None: dense) and size the compact backups to each segment's live count."""
@@ -201,12 +220,16 @@ class SSAM(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """With a closure (forward + backward, returning the loss): the whole two-pass step, returning
-        the loss at ``w``. Without one: :meth:`second_step` (for ``GradScaler.step``)."""
+        the loss at ``w``; the gradients are zeroed before each call of the closure. Without one:
+        :meth:`second_step` (for ``GradScaler.step``)."""
         if closure is None:
             self.second_step()
             return None
         closure = torch.enable_grad()(closure)
-        loss = closure()
+        self.zero_grad()
+        local_first_backward = not self.sync_perturbation and self.ddp_model is not None
+        with self.ddp_model.no_sync() if local_first_backward else contextlib.nullcontext():
+            loss = closure()
         self.first_step(zero_grad=True)
         closure()
         self.second_step()
@@ -237,19 +260,29 @@ class SSAM(torch.optim.Optimizer):
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _masks_per_param(self, masks: list[Mask] | None) -> list[torch.Tensor]:
+        """Segment masks (None: dense) as one bool tensor per parameter, in ``param_groups`` order."""
+        per_param = {}
+        for index, segment in enumerate(self.layout.segments):
+            live = (torch.ones(segment.numel, dtype=torch.bool, device=segment.device) if masks is None
+                    else bitmask.unpack(masks[index][0], segment.numel))
+            for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
+                per_param[id(p)] = live[start: start + n].view(local_tensor(p).shape)
+        return [per_param.get(id(p), torch.zeros(local_tensor(p).shape, dtype=torch.bool, device=p.device))
+                for p in self._params()]
+
+    def _masks_from_params(self, per_param: list[torch.Tensor]) -> list[Mask]:
+        """The inverse of :meth:`_masks_per_param`."""
+        by_param = dict(zip(map(id, self._params()), per_param, strict=True))
+        return [bitmask.from_bool(torch.cat([by_param[id(p)].reshape(-1).to(s.device) for p in s.params]))
+                for s in self.layout.segments]
+
     def get_mask(self) -> list[torch.Tensor]:
         """One bool tensor per parameter (in ``param_groups`` order, local shard shape): which entries
         are perturbed. Parameters outside the perturbation are all False."""
         if not self._started:
             self._start()
-        per_param = {}
-        for index, segment in enumerate(self.layout.segments):
-            live = (torch.ones(segment.numel, dtype=torch.bool, device=segment.device) if self._masks is None
-                    else bitmask.unpack(self._masks[index][0], segment.numel))
-            for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
-                per_param[id(p)] = live[start: start + n].view(local_tensor(p).shape)
-        return [per_param.get(id(p), torch.zeros(local_tensor(p).shape, dtype=torch.bool, device=p.device))
-                for p in self._params()]
+        return self._masks_per_param(self._masks)
 
     def set_mask(self, mask: list[torch.Tensor]) -> None:
         """Perturb exactly the entries set in ``mask`` (bool tensors aligned with :meth:`get_mask`). It
@@ -259,46 +292,77 @@ class SSAM(torch.optim.Optimizer):
         params = self._params()
         if not isinstance(mask, (list, tuple)) or len(mask) != len(params):
             raise ValueError(f"mask: expected a list of {len(params)} bool tensors (one per parameter)")
-        by_param = {}
+        in_layout = {id(p) for s in self.layout.segments for p in s.params}
         for i, (m, p) in enumerate(zip(mask, params, strict=True)):
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != local_tensor(p).shape:
                 raise ValueError(f"mask[{i}]: expected a bool tensor of shape {tuple(local_tensor(p).shape)}")
-            by_param[id(p)] = m
-        in_layout = {id(p) for s in self.layout.segments for p in s.params}
-        for i, p in enumerate(params):
-            if id(p) not in in_layout and bool(by_param[id(p)].any()):
+            if id(p) not in in_layout and bool(m.any()):
                 raise ValueError(f"mask[{i}]: this parameter is not perturbed (frozen or perturb=False)")
         self._started = True
         self._pending = None
-        self._set_masks([bitmask.from_bool(torch.cat([by_param[id(p)].reshape(-1).to(s.device)
-                                                      for p in s.params]))
-                         for s in self.layout.segments])
+        self._set_masks(self._masks_from_params(list(mask)))
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------
 
+    def _encode_masks(self, masks: list[Mask] | None) -> list[torch.Tensor]:
+        """Per-parameter masks for a checkpoint: packed bits, or (sharded) uint8 DTensors shaped and
+        placed like the parameters, which ``torch.distributed.checkpoint`` saves and reshards."""
+        per_param = self._masks_per_param(masks)
+        if self.distributed != "sharded":
+            return [bitmask.pack(m.reshape(-1)) for m in per_param]
+        from torch.distributed.tensor import DTensor
+
+        return [DTensor.from_local(m.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape,
+                                   stride=p.stride()) for m, p in zip(per_param, self._params(), strict=True)]
+
+    def _decode_masks(self, encoded: list[torch.Tensor]) -> list[Mask]:
+        params = self._params()
+        if self.distributed == "sharded":
+            per_param = [local_tensor(e).to(device=p.device, dtype=torch.bool) for e, p in
+                         zip(encoded, params, strict=True)]
+        else:
+            per_param = [bitmask.unpack(e.to(p.device), local_tensor(p).numel()).view(local_tensor(p).shape)
+                         for e, p in zip(encoded, params, strict=True)]
+        return self._masks_from_params(per_param)
+
+    def ssam_state_dict(self) -> dict[str, Any]:
+        """SSAM's own state: step count, phase, the mask (one entry per parameter), a pending refresh and
+        the backups while perturbed, the policy's state. With FSDP2 save it with
+        ``torch.distributed.checkpoint`` beside ``get_optimizer_state_dict(model, opt.base_optimizer)``
+        (see README, "Distributed training"); there it must be taken between steps."""
+        if self.distributed == "sharded" and self._phase != _IDLE:
+            raise RuntimeError("ssam_state_dict: a sharded checkpoint is taken between steps (after "
+                               "second_step), not while the weights are perturbed")
+        state = {"steps": self._steps, "phase": self._phase, "started": self._started,
+                 "policy": self.policy.state_dict() if self.policy is not None else {}}
+        if self._started and self.policy is not None:
+            state["mask"] = self._encode_masks(self._masks)
+        elif self.distributed == "sharded":  # a template for torch.distributed.checkpoint.load
+            state["mask"] = self._encode_masks([bitmask.from_bool(torch.zeros(
+                s.numel, dtype=torch.bool, device=s.device)) for s in self.layout.segments])
+        if self._pending is not None:
+            state["pending"] = self._encode_masks(self._pending)
+        if self._phase == _PERTURBED:
+            state["backups"] = [b.clone() for b in self._backups]
+        return state
+
+    def load_ssam_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`ssam_state_dict` saved."""
+        self._steps, self._phase, self._started = state["steps"], state["phase"], state["started"]
+        if self._started:
+            self._set_masks(self._decode_masks(state["mask"]) if self.policy is not None else None)
+        self._pending = self._decode_masks(state["pending"]) if "pending" in state else None
+        for backup, saved in zip(self._backups, state.get("backups", []), strict=False):
+            backup.copy_(saved)
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"])
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus an ``"ssam"`` entry: step count, phase, the mask (one
-        packed bit tensor per parameter), the backup while perturbed, a pending refresh, policy state."""
+        """The base optimizer's state dict plus ``"ssam"``: :meth:`ssam_state_dict`."""
         state = self.base_optimizer.state_dict()
-
-        def per_param(masks: list[Mask] | None) -> list[torch.Tensor] | None:
-            if masks is None:
-                return None
-            saved, self._masks = self._masks, masks
-            try:
-                return [bitmask.pack(m.reshape(-1)) for m in self.get_mask()]
-            finally:
-                self._masks = saved
-
-        state["ssam"] = {
-            "steps": self._steps, "phase": self._phase, "started": self._started,
-            "mask": per_param(self._masks) if self._started else None,
-            "pending": per_param(self._pending),
-            "backups": [b.clone() for b in self._backups] if self._phase == _PERTURBED else None,
-            "policy": self.policy.state_dict() if self.policy is not None else {},
-        }
+        state["ssam"] = self.ssam_state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -306,28 +370,8 @@ class SSAM(torch.optim.Optimizer):
         ours = state.pop("ssam", None)
         self.base_optimizer.load_state_dict(state)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebuilt the list
-        if ours is None:
-            return
-        params = self._params()
-
-        def unpacked(packed: list[torch.Tensor] | None) -> list[Mask] | None:
-            if packed is None:
-                return None
-            bools = [bitmask.unpack(w.to(p.device), local_tensor(p).numel()).view(local_tensor(p).shape)
-                     for w, p in zip(packed, params, strict=True)]
-            by_param = dict(zip(map(id, params), bools, strict=True))
-            return [bitmask.from_bool(torch.cat([by_param[id(p)].reshape(-1) for p in s.params]))
-                    for s in self.layout.segments]
-
-        self._steps, self._phase, self._started = ours["steps"], ours["phase"], ours["started"]
-        if self._started:
-            self._set_masks(unpacked(ours["mask"]) if self.policy is not None else None)
-        self._pending = unpacked(ours["pending"])
-        if ours["backups"] is not None:
-            for backup, saved in zip(self._backups, ours["backups"], strict=True):
-                backup.copy_(saved)
-        if self.policy is not None:
-            self.policy.load_state_dict(ours["policy"])
+        if ours is not None:
+            self.load_ssam_state_dict(ours)
 
 
 class SAM(SSAM):
@@ -336,6 +380,9 @@ class SAM(SSAM):
 
     def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer,
                  rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
-                 layout: str = "auto", comm: Communicator | None = None, **base_kwargs: Any) -> None:
+                 layout: str = "auto", distributed: str = "auto", process_group: Any = None,
+                 sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
+                 **base_kwargs: Any) -> None:
         super().__init__(params, base_optimizer, rho=rho, sparsity=0.0, mask=None, adaptive=adaptive, eps=eps,
-                         backend=backend, layout=layout, comm=comm, **base_kwargs)
+                         backend=backend, layout=layout, distributed=distributed, process_group=process_group,
+                         sync_perturbation=sync_perturbation, ddp_model=ddp_model, **base_kwargs)

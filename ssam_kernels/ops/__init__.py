@@ -260,14 +260,17 @@ def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.devic
 
 def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor], n_drop: int,
                    grow: str | Sequence[torch.Tensor], seed: int, step: int, *, backend: str | None = None,
-                   comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   comm: Communicator | None = None, positions: Sequence[int] | None = None
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One SSAM-D mask update over all segments together; ``(mask, offsets)`` per segment.
 
     Drops the ``n_drop`` live entries with the smallest ``drop_scores`` (NaN first, ties earliest
     first), then sets ``n_drop`` entries that were dead *before* this update: with ``grow="random"``
-    those with the largest hash ``h(seed, step, j)`` of their entry-order position ``j``
-    (``reference.hash_scores``), else those with the largest ``grow`` scores; ties earliest first.
-    The live count stays exactly what it was.
+    those with the largest hash ``h(seed, step, j)`` of their position ``j`` (``reference.hash_scores``),
+    else those with the largest ``grow`` scores; ties earliest first. The live count stays exactly
+    what it was. ``j`` is the entry-order position (segments in order, ranks in order), or
+    ``positions[s] + i`` for entry ``i`` of segment ``s`` when ``positions`` is given (the optimizer
+    passes the unsharded model's positions, so sharded runs grow where one process would).
     """
     drop_scores = _check_scores("drop_scores", drop_scores)
     if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence) or len(masks) != len(drop_scores):
@@ -288,10 +291,13 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     if isinstance(grow, str):
         if grow != "random":
             raise ValueError(f"grow: expected 'random' or a list of score tensors, got {grow!r}")
-        base = comm.exclusive_prefix(torch.tensor([sum(sizes)], device=home)).item() if comm else 0
-        starts = [base + sum(sizes[:i]) for i in range(len(sizes))]
+        if positions is None:
+            base = comm.exclusive_prefix(torch.tensor([sum(sizes)], device=home)).item() if comm else 0
+            positions = [base + sum(sizes[:i]) for i in range(len(sizes))]
+        elif len(positions) != len(sizes):
+            raise ValueError(f"positions: expected {len(sizes)} ints, got {len(positions)}")
         grow_scores = [b.hash_scores(n, seed, step, start, s.device)
-                       for b, n, start, s in zip(backends, sizes, starts, drop_scores, strict=True)]
+                       for b, n, start, s in zip(backends, sizes, positions, drop_scores, strict=True)]
     else:
         grow_scores = _check_scores("grow", grow)
         if len(grow_scores) != len(drop_scores):
