@@ -4,7 +4,13 @@ See README.md for usage and ``shared/DESIGN.md`` for the op contract.
 """
 
 from . import ops
+from .fisher import fisher_information
+from .masks import DynamicMask, FisherMask, MaskPolicy, RandomMask, topk_mask
 from .ops import available_backends
+from .optim import SAM, SSAM
 
-__all__ = ["available_backends", "ops"]
+__all__ = [
+    "SAM", "SSAM", "DynamicMask", "FisherMask", "MaskPolicy", "RandomMask", "available_backends",
+    "fisher_information", "ops", "topk_mask",
+]
 __version__ = "0.1.0"

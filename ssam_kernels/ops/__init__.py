@@ -25,7 +25,8 @@ from .select import Communicator, select
 
 __all__ = [
     "BACKENDS", "CHUNK", "Communicator", "available_backends", "bitmask", "dynamic_update",
-    "fisher_accumulate_", "grad_sq_norm", "perturb_", "resolve_backend", "restore_", "select_topk",
+    "fisher_accumulate_", "grad_sq_norm", "hash_scores", "perturb_", "resolve_backend", "restore_",
+    "select_topk",
 ]
 
 BACKENDS = ("reference", "triton", "native")
@@ -235,26 +236,41 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
 
     Selected: every entry greater than the k-th largest value ``t``, then entries equal to ``t`` in
     entry order (tensor order, then index; with ``comm``, rank order first) until ``k``. NaN counts as
-    smaller than every number and ``-0.0 == +0.0``. With ``comm`` the selection spans all ranks and
-    ``k`` is the global count. Radix selection: no sort, no index arrays, any size.
+    smaller than every number and ``-0.0 == +0.0``. ``int32`` scores (from :func:`hash_scores`) are
+    compared as unsigned 32-bit integers. With ``comm`` the selection spans all ranks and ``k`` is the
+    global count. Radix selection: no sort, no index arrays, any size.
     """
-    scores = _check_scores("scores", scores)
+    scores = _check_scores("scores", scores, (*FLOAT_DTYPES, torch.int32))
     total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
     k = _check_count("k", k, total)
     backends = [resolve_backend(backend, s.device) for s in scores]
     return _with_offsets(select(scores, k, True, backends, comm=comm), [s.numel() for s in scores])
 
 
+def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.device | str = "cpu", *,
+                backend: str | None = None) -> torch.Tensor:
+    """The counter-based hash ``h(seed, step, j)`` of positions ``j = base … base + n - 1``, as int32
+    bit patterns of unsigned 32-bit values (formula in ``reference.hash_scores``); identical in every
+    backend, so random masks built from it match across backends, layouts and resumes."""
+    n = _check_count("n", n)
+    seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
+    device = torch.device(device)
+    return resolve_backend(backend, device).hash_scores(n, seed, step, _check_count("base", base), device)
+
+
 def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor], n_drop: int,
                    grow: str | Sequence[torch.Tensor], seed: int, step: int, *, backend: str | None = None,
-                   comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   comm: Communicator | None = None, positions: Sequence[int] | None = None
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One SSAM-D mask update over all segments together; ``(mask, offsets)`` per segment.
 
     Drops the ``n_drop`` live entries with the smallest ``drop_scores`` (NaN first, ties earliest
     first), then sets ``n_drop`` entries that were dead *before* this update: with ``grow="random"``
-    those with the largest hash ``h(seed, step, j)`` of their entry-order position ``j``
-    (``reference.hash_scores``), else those with the largest ``grow`` scores; ties earliest first.
-    The live count stays exactly what it was.
+    those with the largest hash ``h(seed, step, j)`` of their position ``j`` (``reference.hash_scores``),
+    else those with the largest ``grow`` scores; ties earliest first. The live count stays exactly
+    what it was. ``j`` is the entry-order position (segments in order, ranks in order), or
+    ``positions[s] + i`` for entry ``i`` of segment ``s`` when ``positions`` is given (the optimizer
+    passes the unsharded model's positions, so sharded runs grow where one process would).
     """
     drop_scores = _check_scores("drop_scores", drop_scores)
     if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence) or len(masks) != len(drop_scores):
@@ -275,10 +291,13 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     if isinstance(grow, str):
         if grow != "random":
             raise ValueError(f"grow: expected 'random' or a list of score tensors, got {grow!r}")
-        base = comm.exclusive_prefix(torch.tensor([sum(sizes)], device=home)).item() if comm else 0
-        starts = [base + sum(sizes[:i]) for i in range(len(sizes))]
+        if positions is None:
+            base = comm.exclusive_prefix(torch.tensor([sum(sizes)], device=home)).item() if comm else 0
+            positions = [base + sum(sizes[:i]) for i in range(len(sizes))]
+        elif len(positions) != len(sizes):
+            raise ValueError(f"positions: expected {len(sizes)} ints, got {len(positions)}")
         grow_scores = [b.hash_scores(n, seed, step, start, s.device)
-                       for b, n, start, s in zip(backends, sizes, starts, drop_scores, strict=True)]
+                       for b, n, start, s in zip(backends, sizes, positions, drop_scores, strict=True)]
     else:
         grow_scores = _check_scores("grow", grow)
         if len(grow_scores) != len(drop_scores):

@@ -1,0 +1,333 @@
+"""Empirical Fisher diagonal from per-sample gradients (the scores of the SSAM-F mask).
+
+SSAM-F (Mi et al., 2022) perturbs the top-k entries of the empirical Fisher diagonal
+
+    F = Σ_{i < N} (∂L(x_i, y_i) / ∂w)²
+
+a sum of *squared per-sample* gradients over ``N`` training samples at their true labels. Squaring a
+batch gradient instead would give ``(Σ_i g_i)²``, a different quantity, so every sample needs its own
+gradient. :func:`fisher_information` computes them two ways that agree wherever both run:
+
+- ``"func"``: ``torch.func.vmap(torch.func.grad(...))`` over micro-batches -- one vectorised backward
+  per micro-batch instead of one per sample;
+- ``"loop"``: one forward and one ``torch.autograd.grad`` per sample -- slower, but it runs every model
+  that autograd runs (in-place buffer updates, data-dependent control flow, ``.item()`` in forward);
+- ``"backward"``: the same loop with ``loss.backward()``, for FSDP2 models, whose sharded parameters
+  receive gradients only through backward's reduce-scatter. Every rank must then see the same samples:
+  the reduce-scatter averages the ranks' gradients, which is the per-sample gradient only when they
+  are equal. The result holds each rank's local shard.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _NormBase
+
+from . import ops
+from .layout import is_dtensor, local_tensor
+from .ops import FLOAT_DTYPES
+
+__all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "fisher_information"]
+
+METHODS = ("auto", "func", "loop", "backward")
+DEFAULT_BATCH_SIZE = 32
+"""Samples per vmapped micro-batch when ``batch_size`` is None. Peak extra memory of the ``"func"``
+path is about ``batch_size`` copies of the parameters' gradients (plus one fp32 copy for squaring)."""
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def fisher_information(model: nn.Module, loss_fn: LossFn, data: Iterable[tuple[Tensor, Tensor]],
+                       num_samples: int, batch_size: int | None = None, *,
+                       params: Sequence[nn.Parameter] | None = None, method: str = "auto",
+                       backend: str | None = None) -> list[Tensor]:
+    """Diagonal empirical Fisher information of ``model``: one fp32 tensor per parameter.
+
+    For each parameter ``w`` (default: ``[p for p in model.parameters() if p.requires_grad]``, else
+    ``params`` in the given order) returns a float32 tensor of ``w``'s shape on ``w``'s device::
+
+        F_w = Σ_{i < num_samples} (∂L_i / ∂w)²,    L_i = loss_fn(model(x_i[None]), y_i[None])
+
+    the sum of the squared per-sample gradients, where ``(x_i, y_i)`` are the first ``num_samples``
+    samples of ``data`` in order (a last batch is cut). The loss of sample ``i`` is ``loss_fn`` on a
+    batch of one, exactly as given: with ``reduction="mean"`` or ``"sum"`` it is the same number.
+    Squares are taken in fp32 (in float64 for float64 parameters) and accumulated into the fp32 result.
+
+    Args:
+        model: the network; run in its current train/eval mode (never changed here).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a one-element tensor.
+        data: any iterable of ``(inputs, targets)`` batches (a ``DataLoader``, a list); tensors whose
+            first dimension is the batch. They are moved to the device of the model's first parameter.
+        num_samples: number of samples ``N`` (a positive int); ``data`` must hold at least that many.
+        batch_size: samples per vmapped micro-batch of the ``"func"`` path (default
+            ``DEFAULT_BATCH_SIZE``); bounds its memory. Ignored by the ``"loop"`` path.
+        params: the parameters to score (each must belong to ``model`` and require grad).
+        method: ``"func"`` (vmapped per-sample gradients), ``"loop"`` (one autograd pass per sample),
+            ``"backward"`` (FSDP2, see above) or ``"auto"``: ``"backward"`` for DTensor parameters,
+            else ``"func"``, except for models that need the loop (below).
+        backend: op backend for :func:`ssam_kernels.ops.fisher_accumulate_` (the loop path's
+            accumulation); see :func:`ssam_kernels.ops.resolve_backend`.
+
+    Which path: both compute the same per-sample gradients and agree to rounding where both run
+    (dropout in train mode draws different masks, as any two forwards do). ``"func"`` cannot run a
+    model whose forward updates a buffer in place from its input -- a batch-norm (or instance-norm
+    with ``track_running_stats``) layer in train mode, whose running statistics would have to absorb a
+    whole vmapped batch -- nor forwards that call ``.item()`` or branch on tensor values. ``"auto"``
+    takes the loop for models with such a norm layer in train mode, and if the ``"func"`` path raises
+    for any other reason it reruns that micro-batch with the loop, warns once saying why, and uses the
+    loop from then on (an error that the loop raises too is raised). ``method="func"`` never falls back.
+
+    Model state: forwards run in the model's current mode: a batch-norm layer in train mode normalises
+    each sample with that sample's own statistics (batch-norm layers that see one value per channel,
+    e.g. ``BatchNorm1d`` on ``(N, C)`` inputs, then fail: put them in eval mode). Those forwards update
+    running statistics; every buffer of the model is restored on return (on error too), so the model
+    is left as it was found. Parameters' ``.grad`` end as they were (gradients come from
+    ``torch.autograd.grad`` / ``torch.func.grad``; the ``"backward"`` path puts the originals back), and
+    the train/eval mode is not touched.
+    Works under ``torch.no_grad()``.
+
+    Raises:
+        TypeError / ValueError naming the argument: ``num_samples`` or ``batch_size`` not a positive
+        int, unknown ``method``, ``params`` not parameters of ``model`` (or not requiring grad),
+        malformed ``data`` batches, ``data`` holding fewer than ``num_samples`` samples.
+    """
+    num_samples = _positive_int("num_samples", num_samples)
+    micro = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+    if isinstance(data, Tensor) or not isinstance(data, Iterable):
+        raise TypeError(f"data: expected an iterable of (inputs, targets) batches, got {type(data).__name__}")
+    params, names = _resolve_params(model, params)
+    for device in dict.fromkeys(p.device for p in params):
+        ops.resolve_backend(backend, device)  # fail now on a bad or unavailable backend, not mid-pass
+    input_device = next(iter(model.parameters())).device
+
+    fisher = [torch.zeros(local_tensor(p).shape, dtype=torch.float32, device=p.device) for p in params]
+    if method == "auto" and any(is_dtensor(p) for p in params):
+        method = "backward"
+    through_backward = method == "backward"
+    use_func = method == "func" or (method == "auto" and not _needs_loop(model))
+    func_step = _func_step(model, loss_fn, params, names, micro) if use_func else None
+    saved = _save_buffers(model)
+    saved_grads = [p.grad for p in params]
+    try:
+        # enable_grad: the loop path needs a graph even when the caller runs under torch.no_grad().
+        with torch.enable_grad():
+            for x, y in _take(data, num_samples, input_device):
+                for start in range(0, x.shape[0], micro):
+                    xs, ys = x[start: start + micro], y[start: start + micro]
+                    if func_step is None:
+                        _loop_step(model, loss_fn, params, fisher, xs, ys, backend, through_backward)
+                        continue
+                    try:
+                        sums = func_step(xs, ys)
+                    except Exception as exc:
+                        if method == "func":
+                            raise
+                        # Rerun this micro-batch with the loop: if the loop raises too, the error is the
+                        # model's or the data's (raised, chained to this one), not torch.func's.
+                        _loop_step(model, loss_fn, params, fisher, xs, ys, backend)
+                        warnings.warn(f"fisher_information: the torch.func path failed "
+                                      f"({type(exc).__name__}: {exc}); using the per-sample loop "
+                                      f"(method='loop') instead",
+                                      RuntimeWarning, stacklevel=2)
+                        func_step = None
+                        continue
+                    # Added only after the whole micro-batch succeeded, so a fallback never double-counts.
+                    for f, s in zip(fisher, sums, strict=True):
+                        f.add_(s)
+    finally:
+        _restore_buffers(saved)
+        for p, g in zip(params, saved_grads, strict=True):
+            p.grad = g
+    return fisher
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and set-up
+# ----------------------------------------------------------------------------------------------------
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def _resolve_params(model: nn.Module, params: Sequence[nn.Parameter] | None
+                    ) -> tuple[list[nn.Parameter], list[str]]:
+    """The parameters to score and their names in ``model`` (the names ``functional_call`` takes)."""
+    # named_parameters() lists each tensor once, so tied weights have one name (functional_call ties
+    # the aliases to it).
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("params: the model has no parameter that requires grad")
+    elif isinstance(params, Tensor) or not isinstance(params, Sequence):
+        raise TypeError(f"params: expected a sequence of parameters, got {type(params).__name__}")
+    params = list(params)
+    if not params:
+        raise ValueError("params: expected at least one parameter")
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or id(p) not in name_of:
+            raise ValueError(f"params[{i}]: not a parameter of model")
+        if id(p) in seen:
+            raise ValueError(f"params[{i}]: listed twice")
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] ({name_of[id(p)]}): does not require grad")
+        if not p.is_floating_point():
+            raise TypeError(f"params[{i}] ({name_of[id(p)]}): expected a floating dtype, got {p.dtype}")
+        seen.add(id(p))
+    return params, [name_of[id(p)] for p in params]
+
+
+def _square_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Squares are taken in fp32, or in float64 for float64 gradients (no rounding before the sum)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _needs_loop(model: nn.Module) -> bool:
+    """Whether a norm layer will update running statistics in place from its input (train mode).
+
+    Under vmap that update would mix the samples of a micro-batch into one unbatched buffer, which
+    torch.func refuses; the loop runs it as autograd does.
+    """
+    return any(isinstance(m, _NormBase) and m.training and m.track_running_stats for m in model.modules())
+
+
+def _take(data: Iterable[tuple[Tensor, Tensor]], num_samples: int, device: torch.device
+          ) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches of ``data`` cut to the first ``num_samples`` samples, on ``device``."""
+    remaining = num_samples
+    iterator = iter(data)
+    index = 0
+    while remaining > 0:  # checked before next(): never pull a batch that is not needed
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise ValueError(f"num_samples: asked for {num_samples} samples, but data held only "
+                             f"{num_samples - remaining}") from None
+        x, y = _unpack(batch, index)
+        n = min(x.shape[0], remaining)
+        if n > 0:
+            yield x[:n].to(device), y[:n].to(device)
+        remaining -= n
+        index += 1
+
+
+def _unpack(batch: object, index: int) -> tuple[Tensor, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"data: batch {index}: expected an (inputs, targets) pair, "
+                        f"got {type(batch).__name__}")
+    x, y = batch
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"data: batch {index}: expected inputs and targets to be tensors, got "
+                        f"{type(x).__name__} and {type(y).__name__}")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"data: batch {index}: inputs and targets need the same batch dimension, got "
+                         f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    return x, y
+
+
+def _scalar(loss: object) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn: expected a one-element tensor for a batch of one, got {shape}")
+    return loss.reshape(())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Buffers: forwards in train mode update running statistics; the estimate must not
+# ----------------------------------------------------------------------------------------------------
+
+_Saved = list[tuple[nn.Module, str, Tensor, Tensor]]
+
+
+def _save_buffers(model: nn.Module) -> _Saved:
+    saved: _Saved = []
+    with torch.no_grad():
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    saved.append((module, name, buf, buf.clone()))
+    return saved
+
+
+def _restore_buffers(saved: _Saved) -> None:
+    with torch.no_grad():
+        for module, name, buf, copy in saved:
+            # A module may also rebind a buffer (``self.b = self.b + 1``): put the original object back.
+            if module._buffers.get(name) is not buf:
+                module._buffers[name] = buf
+            buf.copy_(copy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two paths
+# ----------------------------------------------------------------------------------------------------
+
+def _func_step(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], names: list[str],
+               micro: int) -> Callable[[Tensor, Tensor], list[Tensor]]:
+    """A function of one micro-batch returning ``Σ_b g_b²`` per parameter (not yet accumulated)."""
+    # Detached: the per-sample grads must not hang on the caller's autograd graph. The tensors share
+    # storage with the model, so later calls see the current values.
+    wanted = {n: p.detach() for n, p in zip(names, params, strict=True)}
+    rest: dict[str, Tensor] = {n: p.detach() for n, p in model.named_parameters() if n not in wanted}
+    rest.update(model.named_buffers())  # not detached: in-place updates must reach (or be refused on) them
+
+    def sample_loss(diff: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        # x, y are one sample (vmap strips the batch dim): a batch of one, as in the loop path.
+        out = functional_call(model, (diff, rest), (x.unsqueeze(0),))
+        return _scalar(loss_fn(out, y.unsqueeze(0)))
+
+    # randomness="different": dropout draws a fresh mask per sample, as separate forwards would.
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+
+    def step(x: Tensor, y: Tensor) -> list[Tensor]:
+        grads = per_sample(wanted, x, y)
+        sums = []
+        for n in names:
+            g = grads[n]  # (B, *shape)
+            sq = g.to(_square_dtype(g.dtype))
+            # Square in place only when .to made a copy: g itself may alias autograd-internal memory.
+            sq = sq.square() if sq is g else sq.square_()
+            sums.append(sq.sum(0))
+        return sums
+
+    return step
+
+
+def _loop_step(model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], fisher: list[Tensor],
+               x: Tensor, y: Tensor, backend: str | None, through_backward: bool = False) -> None:
+    """Accumulate the squared gradient of each sample of ``x, y``, one autograd pass per sample."""
+    for i in range(x.shape[0]):
+        loss = _scalar(loss_fn(model(x[i: i + 1]), y[i: i + 1]))
+        if not loss.requires_grad:
+            continue  # no parameter reaches the loss: every gradient is zero
+        if through_backward:  # FSDP2: the caller saved the .grad and puts them back
+            for p in params:
+                p.grad = None
+            loss.backward()
+            grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
+        else:  # autograd.grad, not backward(): the parameters' .grad stay as the caller left them.
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for f, g in zip(fisher, grads, strict=True):
+            if g is None:
+                continue  # unused parameter: zero gradient
+            if g.dtype in FLOAT_DTYPES:
+                ops.fisher_accumulate_(f.view(-1), g.reshape(-1), backend=backend)
+            else:  # float64: outside the op contract's dtypes; square in float64, round once into F
+                f.add_(g.square())

@@ -1,0 +1,210 @@
+"""Segments: what one kernel launch covers (DESIGN.md, "Segments").
+
+A segment is a 1-D weight view ``W`` and its gradient ``G`` of the same dtype over some parameters of
+one parameter group. Two layouts produce them:
+
+- ``"flat"``: one segment per (param group, device, dtype), in order of first appearance. The
+  parameters' data and ``.grad`` become views into two contiguous buffers, packed back to back with no
+  padding (so no padding entry exists that a mask could select). One launch covers many tensors.
+- ``"tensors"``: one segment per parameter (its ``view(-1)``); for DTensor/FSDP2 local shards and for
+  users who need each parameter to own its storage (safetensors refuses shared storage).
+- ``"auto"``: flat, unless a parameter is a DTensor.
+
+Segments are split by parameter group because ``rho`` and ``adaptive`` are per group. Frozen
+parameters (``requires_grad=False``) belong to no segment. Both layouts give the same entry order
+when a group has one (device, dtype), hence the same masks and results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+LAYOUTS = ("auto", "flat", "tensors")
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (e.g. an FSDP2 parameter shard)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of ``t``: its local shard for a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass
+class Segment:
+    """Parameters of one group covered by one kernel launch.
+
+    ``weight`` is the 1-D weight view; ``starts[i]`` is where ``params[i]`` begins in it. ``grad()``
+    returns the matching 1-D gradient, repaired first if the parameters' ``.grad`` were replaced.
+    ``position`` is where the segment's first entry stands in the entry order of the *unsharded*
+    model (as one process would lay it out): the random-growth hash of entry ``i`` is taken at
+    ``position + i``, so sharded and single-process runs draw the same random masks.
+    """
+
+    group: int
+    params: list[torch.nn.Parameter]
+    starts: list[int]
+    weight: torch.Tensor
+    grad_buffer: torch.Tensor | None = None  # flat layout only
+    grad_views: list[torch.Tensor] = field(default_factory=list)  # flat layout only
+    position: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, numel)`` of each parameter inside the segment."""
+        return [(s, local_tensor(p).numel()) for s, p in zip(self.starts, self.params, strict=True)]
+
+    def grad(self) -> torch.Tensor:
+        """The segment's 1-D gradient; a missing ``.grad`` counts as zeros.
+
+        Flat layout: a ``.grad`` that is not our view (``zero_grad(set_to_none=True)`` then backward,
+        DDP's bucket views, user assignment) is copied into the buffer and re-pointed at it, so the
+        kernels never read stale data. ``.grad`` that is None stays None (the base optimizer skips
+        such parameters) and its span is zeroed.
+        """
+        if self.grad_buffer is None:
+            grad = self.params[0].grad  # the DTensor's own .grad: its local tensor has none
+            if grad is None:
+                return torch.zeros_like(self.weight)
+            return local_tensor(grad).reshape(-1)
+        for param, view, (start, n) in zip(self.params, self.grad_views, self.spans(), strict=True):
+            grad = param.grad
+            if grad is view:
+                continue
+            span = self.grad_buffer[start: start + n]
+            if grad is None:
+                span.zero_()
+                continue
+            _check_grad(grad, param)
+            span.copy_(grad.reshape(-1))
+            param.grad = view
+        return self.grad_buffer
+
+    def zero_grad(self) -> None:
+        """Zero the gradient in place (flat: one fill of the buffer, views kept)."""
+        if self.grad_buffer is None:
+            grad = self.params[0].grad
+            if grad is not None:
+                grad.zero_()
+            return
+        self.grad_buffer.zero_()
+        for param, view in zip(self.params, self.grad_views, strict=True):
+            param.grad = view
+
+
+def _check_grad(grad: torch.Tensor, param: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise TypeError("params: sparse gradients are not supported (SSAM needs dense gradients)")
+    if grad.shape != param.shape or grad.dtype != param.dtype:
+        raise ValueError(f"params: a gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} does "
+                         f"not match its parameter ({tuple(param.shape)}, {param.dtype})")
+
+
+def _check_param(param: object) -> torch.nn.Parameter:
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"params: expected tensors, got {type(param).__name__}")
+    if param.is_complex():
+        raise TypeError("params: complex parameters are not supported")
+    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"params: expected float32, bfloat16 or float16 parameters, got {param.dtype}")
+    return param
+
+
+def _flat_segments(group: int, params: list[torch.nn.Parameter]) -> list[Segment]:
+    by_key: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_key.setdefault((p.device, p.dtype), []).append(p)
+    segments = []
+    for (device, dtype), members in by_key.items():
+        sizes = [p.numel() for p in members]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        weight = torch.empty(sum(sizes), dtype=dtype, device=device)
+        grads = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        views = []
+        with torch.no_grad():
+            for p, start, n in zip(members, starts, sizes, strict=True):
+                weight[start: start + n].copy_(p.reshape(-1))
+                p.data = weight[start: start + n].view_as(p)
+                if p.grad is not None:
+                    _check_grad(p.grad, p)
+                    grads[start: start + n].copy_(p.grad.reshape(-1))
+                views.append(grads[start: start + n].view_as(p))
+                p.grad = views[-1]
+        segments.append(Segment(group, members, starts, weight, grads, views))
+    return segments
+
+
+def _tensor_segment(group: int, param: torch.nn.Parameter) -> Segment:
+    local = local_tensor(param)
+    if not local.is_contiguous():
+        with torch.no_grad():
+            param.data = param.data.contiguous()
+        local = local_tensor(param)
+    return Segment(group, [param], [0], local.view(-1))
+
+
+def _shard_offset(param: torch.Tensor) -> int:
+    """Row-major offset, in the full parameter, of the first entry of this rank's shard (0 unless a
+    DTensor). A ``Shard(0)`` shard (FSDP2's placement) is one contiguous run of the full tensor."""
+    if not is_dtensor(param):
+        return 0
+    # Private but stable since torch 2.4; the public DTensor API has no local-offset query.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    strides = torch.empty(param.shape, device="meta").stride()
+    return sum(o * s for o, s in zip(offset, strides, strict=True))
+
+
+class ParamLayout:
+    """The segments of an optimizer's parameter groups, in entry order (groups, then segments)."""
+
+    def __init__(self, groups: Sequence[Sequence[torch.nn.Parameter]], kind: str = "auto") -> None:
+        if kind not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {kind!r}")
+        trainable = [[_check_param(p) for p in params if p.requires_grad] for params in groups]
+        has_dtensor = any(is_dtensor(p) for params in trainable for p in params)
+        if kind == "auto":
+            kind = "tensors" if has_dtensor else "flat"
+        elif kind == "flat" and has_dtensor:
+            raise ValueError("layout: 'flat' cannot hold DTensor (FSDP2) parameters; use 'tensors'")
+        self.kind = kind
+        self.segments: list[Segment] = []
+        for index, params in enumerate(trainable):
+            if kind == "flat":
+                self.segments += _flat_segments(index, params)
+            else:
+                self.segments += [_tensor_segment(index, p) for p in params]
+        position = 0
+        for segment in self.segments:
+            segment.position = position + _shard_offset(segment.params[0])
+            position += sum(p.numel() for p in segment.params)  # full (unsharded) sizes
+
+    def grads(self) -> list[torch.Tensor]:
+        """Each segment's current 1-D gradient (repaired where ``.grad`` was replaced)."""
+        return [segment.grad() for segment in self.segments]
+
+    def zero_grad(self) -> None:
+        """Zero every segment's gradient in place."""
+        for segment in self.segments:
+            segment.zero_grad()

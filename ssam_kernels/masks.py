@@ -1,0 +1,243 @@
+"""Mask policies: which entries SSAM perturbs, and when that choice is refreshed.
+
+A policy sees the optimizer's segments through a :class:`MaskContext` and returns one mask per segment
+(int32 words + offsets, see :mod:`ssam_kernels.ops.bitmask`) with exactly ``k`` live entries in total,
+where ``k = int(N · (1 − sparsity))`` over all perturbed entries. ``interval`` is in optimizer steps:
+
+- :class:`FisherMask` (SSAM-F): top-k of the empirical Fisher diagonal, recomputed after every
+  ``interval``-th step (as the reference code does); the initial mask is computed before the first
+  perturbation, or is all-zeros with ``initial="zeros"`` (the reference code's unperturbed first steps).
+- :class:`DynamicMask` (SSAM-D): starts random; at every ``interval``-th step drops the
+  ``floor(dr(t) · k)`` live entries with the smallest ``|g|`` (or ``|w|``) at ``w`` and grows as many
+  among the dead ones, at random (or by ``|g|``); ``dr(t) = drop_rate · (1 + cos(π t / T)) / 2`` with
+  ``T = total_steps`` (constant ``drop_rate`` when ``total_steps`` is None). The new mask takes effect
+  at the next step.
+- :class:`RandomMask`: ``k`` entries at random, redrawn every ``interval`` steps (never if None).
+
+Randomness comes from the counter-based hash ``h(seed, counter, j)`` of each entry's position, so masks
+are the same on every backend and a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .layout import Segment
+from .ops import Communicator, bitmask
+
+Mask = tuple[torch.Tensor, torch.Tensor]
+"""``(words, offsets)`` of one segment."""
+
+
+@dataclass
+class MaskContext:
+    """What a policy may look at: the segments, their gradients at ``w`` and the current masks."""
+
+    segments: Sequence[Segment]
+    masks: Sequence[Mask] | None
+    backend: str | None = None
+    comm: Communicator | None = None  # sharded: selections span the ranks
+    replicas: Communicator | None = None  # replicated: scores that differ per rank are summed
+    grads_synced: bool = True  # False: the gradient at w is each rank's own (DDP no_sync)
+
+    def grads(self) -> list[torch.Tensor]:
+        return [segment.grad() for segment in self.segments]
+
+    def global_count(self, local: int) -> int:
+        """``local`` summed over the ranks that share the selection (itself when not sharded)."""
+        if self.comm is None:
+            return local
+        total = torch.tensor([local], dtype=torch.int64, device=self.segments[0].device)
+        self.comm.all_reduce_(total)
+        return int(total.item())
+
+    def sum_over_replicas(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum per-rank scores over the replicas so every rank selects the same mask."""
+        if self.replicas is not None:
+            for t in tensors:
+                self.replicas.all_reduce_(t)
+        return tensors
+
+    def random_mask(self, k: int, seed: int, counter: int) -> list[Mask]:
+        """``k`` live entries at the largest hashes ``h(seed, counter, j)`` of the entries' positions."""
+        scores = [ops.hash_scores(s.numel, seed, counter, s.position, s.device, backend=self.backend)
+                  for s in self.segments]
+        return ops.select_topk(scores, k, backend=self.backend, comm=self.comm)
+
+
+def _check_interval(interval: object, allow_none: bool) -> int | None:
+    if interval is None and allow_none:
+        return None
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        expected = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"interval: expected {expected}, got {interval!r}")
+    return interval
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an int in [0, 2^32), got {seed!r}")
+    return seed
+
+
+class MaskPolicy:
+    """Base class of the mask policies.
+
+    ``uses_gradient``: the refresh reads the gradient at ``w``, so it is computed in ``first_step``
+    (before the perturbation) and applied after the step; otherwise it runs after the step.
+    """
+
+    interval: int | None = None
+    uses_gradient = False
+
+    def initial(self, ctx: MaskContext, k: int) -> list[Mask]:
+        """The mask used from the first step on."""
+        raise NotImplementedError
+
+    def refresh(self, ctx: MaskContext, k: int, step: int) -> list[Mask]:
+        """The mask after ``step`` completed steps (called when ``step % interval == 0``)."""
+        raise NotImplementedError
+
+    def due(self, step: int) -> bool:
+        """Whether the mask is refreshed once ``step`` steps have completed."""
+        return self.interval is not None and step > 0 and step % self.interval == 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+class FisherMask(MaskPolicy):
+    """SSAM-F: the ``k`` entries with the largest empirical Fisher information
+    ``F = Σ_{i<num_samples} (∂ℓ(x_i, y_i)/∂w)²`` (see :func:`ssam_kernels.fisher_information`)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 data: Iterable[tuple[torch.Tensor, torch.Tensor]], num_samples: int = 128,
+                 interval: int | None = None, batch_size: int | None = None, initial: str = "fisher",
+                 method: str = "auto") -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn: expected a callable (outputs, targets) -> loss")
+        if initial not in ("fisher", "zeros"):
+            raise ValueError(f"initial: expected 'fisher' or 'zeros', got {initial!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.num_samples, self.batch_size, self.method = num_samples, batch_size, method
+        self.interval = _check_interval(interval, allow_none=True)
+        self.initial_kind = initial
+
+    def _fisher_mask(self, ctx: MaskContext, k: int) -> list[Mask]:
+        from .fisher import fisher_information
+
+        params = [p for segment in ctx.segments for p in segment.params]
+        fisher = dict(zip(map(id, params), fisher_information(
+            self.model, self.loss_fn, self.data, self.num_samples, self.batch_size, params=params,
+            method=self.method, backend=ctx.backend), strict=True))
+        scores = [torch.cat([fisher[id(p)].reshape(-1) for p in segment.params]) for segment in ctx.segments]
+        ctx.sum_over_replicas(scores)  # DDP: the Fisher of every rank's samples together
+        return ops.select_topk(scores, k, backend=ctx.backend, comm=ctx.comm)
+
+    def initial(self, ctx: MaskContext, k: int) -> list[Mask]:
+        if self.initial_kind == "zeros":
+            return [bitmask.from_bool(torch.zeros(s.numel, dtype=torch.bool, device=s.device))
+                    for s in ctx.segments]
+        return self._fisher_mask(ctx, k)
+
+    def refresh(self, ctx: MaskContext, k: int, step: int) -> list[Mask]:
+        return self._fisher_mask(ctx, k)
+
+
+class DynamicMask(MaskPolicy):
+    """SSAM-D: drop the weakest live entries and grow as many dead ones, every ``interval`` steps."""
+
+    uses_gradient = True
+
+    def __init__(self, interval: int = 100, drop_rate: float = 0.5, total_steps: int | None = None,
+                 drop: str = "gradient", grow: str = "random", seed: int = 0) -> None:
+        self.interval = _check_interval(interval, allow_none=False)
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"drop_rate: expected a value in [0, 1], got {drop_rate!r}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps: expected a positive int or None, got {total_steps!r}")
+        if drop not in ("gradient", "weight"):
+            raise ValueError(f"drop: expected 'gradient' or 'weight', got {drop!r}")
+        if grow not in ("random", "gradient"):
+            raise ValueError(f"grow: expected 'random' or 'gradient', got {grow!r}")
+        self.drop_rate, self.total_steps, self.drop, self.grow = drop_rate, total_steps, drop, grow
+        self.seed = _check_seed(seed)
+
+    def rate(self, step: int) -> float:
+        """``dr(t) = drop_rate · (1 + cos(π · min(t, T) / T)) / 2`` (constant without ``total_steps``)."""
+        if self.total_steps is None:
+            return self.drop_rate
+        return self.drop_rate * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps)) / 2
+
+    def initial(self, ctx: MaskContext, k: int) -> list[Mask]:
+        return ctx.random_mask(k, self.seed, 0)
+
+    def refresh(self, ctx: MaskContext, k: int, step: int) -> list[Mask]:
+        assert ctx.masks is not None, "a dynamic update needs the current mask"
+        uses_abs_grad = "gradient" in (self.drop, self.grow)
+        abs_grads = [g.abs() for g in ctx.grads()] if uses_abs_grad else []
+        if not ctx.grads_synced:  # per-rank gradients (m-sharpness): agree on one mask
+            ctx.sum_over_replicas(abs_grads)
+        drop = abs_grads if self.drop == "gradient" else [s.weight.abs() for s in ctx.segments]
+        grow = abs_grads if self.grow == "gradient" else "random"
+        live = ctx.global_count(sum(int(offsets[-1]) for _, offsets in ctx.masks))
+        numel = ctx.global_count(sum(s.numel for s in ctx.segments))
+        n_drop = min(math.floor(self.rate(step) * k), live, numel - live)
+        return ops.dynamic_update([words for words, _ in ctx.masks], drop, n_drop, grow, self.seed, step,
+                                  backend=ctx.backend, comm=ctx.comm,
+                                  positions=[s.position for s in ctx.segments])
+
+
+class RandomMask(MaskPolicy):
+    """``k`` entries chosen at random; redrawn every ``interval`` steps (never when None)."""
+
+    def __init__(self, interval: int | None = None, seed: int = 0) -> None:
+        self.interval = _check_interval(interval, allow_none=True)
+        self.seed = _check_seed(seed)
+
+    def initial(self, ctx: MaskContext, k: int) -> list[Mask]:
+        return ctx.random_mask(k, self.seed, 0)
+
+    def refresh(self, ctx: MaskContext, k: int, step: int) -> list[Mask]:
+        return ctx.random_mask(k, self.seed, step)
+
+
+def make_policy(mask: MaskPolicy | str | None) -> MaskPolicy | None:
+    """The policy for the optimizer's ``mask`` argument; None means dense (SAM)."""
+    if mask is None or isinstance(mask, MaskPolicy):
+        return mask
+    if mask == "dense":
+        return None
+    if mask == "dynamic":
+        return DynamicMask()
+    if mask == "random":
+        return RandomMask()
+    hint = " ('fisher' needs a model and data: use sk.FisherMask(...))" if mask == "fisher" else ""
+    raise ValueError(f"mask: expected a MaskPolicy, None, 'dense', 'dynamic' or 'random', got {mask!r}{hint}")
+
+
+def topk_mask(scores: Sequence[torch.Tensor], sparsity: float, *, backend: str | None = None
+              ) -> list[torch.Tensor]:
+    """Bool masks (shaped like ``scores``) selecting exactly ``k = int(N · (1 − sparsity))`` entries of
+    all tensors together: the largest scores, ties taken in tensor then index order, NaN lowest."""
+    if isinstance(scores, torch.Tensor) or not isinstance(scores, Sequence):
+        raise TypeError(f"scores: expected a list of tensors, got {type(scores).__name__}")
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity!r}")
+    flat = [s.detach().reshape(-1).contiguous() for s in scores]
+    k = int(sum(s.numel() for s in flat) * (1 - sparsity))
+    selected = ops.select_topk(flat, k, backend=backend)
+    return [bitmask.unpack(words, s.numel()).view(s.shape)
+            for (words, _), s in zip(selected, scores, strict=True)]

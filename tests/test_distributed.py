@@ -1,0 +1,86 @@
+"""DDP and FSDP2 on CPU with gloo: two spawned ranks against one process on the same global batches."""
+
+from __future__ import annotations
+
+import socket
+
+import distributed_worker as worker
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+WORLD = 2
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Run every scenario once on two ranks (bounded in time) and load what each rank saved."""
+    out = tmp_path_factory.mktemp("distributed")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker.run_rank, args=(r, WORLD, port, str(out))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"distributed ranks did not finish within {TIMEOUT_S} s"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    return {scenario: worker.single_process(scenario) for scenario in worker.SCENARIOS}
+
+
+def live(mask: list[torch.Tensor]) -> int:
+    return sum(int(m.sum()) for m in mask)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ddp-bucket-view", "fsdp"])
+@pytest.mark.parametrize("scenario", worker.SCENARIOS)
+def test_same_training_as_one_process(ranks, single, mode, scenario):
+    reference = single[scenario]
+    numel = sum(w.numel() for w in reference["weights"])
+    for result in ranks:
+        got = result[(mode, scenario)]
+        for a, b in zip(got["weights"], reference["weights"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        expected_live = numel if scenario == "sam" else int(numel * 0.5)
+        assert live(got["mask"]) == expected_live  # exact K over all ranks' shards
+        if scenario != "ssam-d":  # random growth may place entries differently; Fisher and dense may not
+            assert all(torch.equal(a, b) for a, b in zip(got["mask"], reference["mask"], strict=True))
+    first, second = (r[(mode, scenario)]["mask"] for r in ranks)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # identical on every rank
+
+
+def test_fsdp_shards_hold_part_of_the_mask(ranks):
+    local = [r[("fsdp", "ssam-f")]["local_live"] for r in ranks]
+    assert sum(local) == live(ranks[0][("fsdp", "ssam-f")]["mask"]) and all(n > 0 for n in local)
+
+
+def test_ddp_per_rank_perturbation_keeps_ranks_in_step(ranks, single):
+    first, second = (r[("ddp-no-sync", "ssam-d")] for r in ranks)
+    for a, b in zip(first["weights"], second["weights"], strict=True):
+        assert torch.equal(a, b)  # the second backward is synchronised
+    assert all(torch.equal(a, b) for a, b in zip(first["mask"], second["mask"], strict=True))
+    synced = ranks[0][("ddp", "ssam-d")]["weights"]
+    assert any(not torch.allclose(a, b) for a, b in zip(first["weights"], synced, strict=True))
+
+
+def test_fsdp_checkpoint_resumes_bit_identically(ranks):
+    for result in ranks:
+        assert result["checkpoint"] == {"same_weights": True, "same_masks": True}
