@@ -142,22 +142,18 @@ void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
   });
 }
 
-// F += alpha · g² in fp32: g² rounded, then F + alpha · g² fused (the reference's F.add_(g², alpha)).
+// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update).
 void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
   check_vector(F, "F", F);
   check_vector(G, "G", F);
   TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
   TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
-  const float a = static_cast<float>(alpha);
   float* f = F.data_ptr<float>();
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* g = G.data_ptr<T>();
     at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const float gi = static_cast<float>(g[i]);
-        f[i] = fma_rn(a, mul_rn(gi, gi), f[i]);
-      }
+      for (int64_t i = i0; i < i1; ++i) f[i] = fisher_update(f[i], static_cast<float>(g[i]), alpha);
     });
   });
 }

@@ -256,23 +256,19 @@ void restore_cuda(const at::Tensor& W, const std::optional<at::Tensor>& mask,
   });
 }
 
-// F += alpha · g² in fp32: g² rounded, then F + alpha · g² fused (the reference's F.add_(g², alpha)).
+// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update).
 template <typename T>
-__global__ void fisher_kernel(float* f, const T* g, float alpha, int64_t n, int64_t nvec) {
+__global__ void fisher_kernel(float* f, const T* g, double alpha, int64_t n, int64_t nvec) {
   constexpr int V = kVec<T>;
   for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
     const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
     Pack<float, V> fp = reinterpret_cast<const Pack<float, V>*>(f)[p];
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float gk = static_cast<float>(gp.v[k]);
-      fp.v[k] = fma_rn(alpha, mul_rn(gk, gk), fp.v[k]);
-    }
+    for (int k = 0; k < V; ++k) fp.v[k] = fisher_update(fp.v[k], static_cast<float>(gp.v[k]), alpha);
     reinterpret_cast<Pack<float, V>*>(f)[p] = fp;
   }
   for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) {
-    const float gi = static_cast<float>(g[i]);
-    f[i] = fma_rn(alpha, mul_rn(gi, gi), f[i]);
+    f[i] = fisher_update(f[i], static_cast<float>(g[i]), alpha);
   }
 }
 
@@ -291,7 +287,7 @@ void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alp
     const T* g = G.data_ptr<T>();
     const int64_t nvec = aligned16(f) && aligned16(g) ? n / kVec<T> : 0;
     const int64_t blocks = grid_for(std::max(nvec, n - nvec * kVec<T>), kThreads);
-    fisher_kernel<T><<<blocks, kThreads, 0, stream>>>(f, g, static_cast<float>(alpha), n, nvec);
+    fisher_kernel<T><<<blocks, kThreads, 0, stream>>>(f, g, alpha, n, nvec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

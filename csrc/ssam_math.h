@@ -6,7 +6,6 @@
 // cannot drift apart; the Python reference (ssam_kernels/ops/reference.py) states the same meanings.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -22,33 +21,30 @@ namespace ssam {
 constexpr int64_t kChunk = 1024;
 constexpr int64_t kWordsPerChunk = kChunk / 32;
 
-// fp32 multiply and add, each rounded once. On the device the _rn intrinsics are never contracted
-// into an FMA, so the result equals the reference's separately rounded PyTorch ops bit for bit; the
-// host build compiles with -ffp-contract=off for the same reason.
-SSAM_HD float mul_rn(float a, float b) {
+// float64 multiply and add, each rounded once. On the device the _rn intrinsics are never contracted
+// into an FMA, so the result equals the reference's separately rounded float64 PyTorch ops bit for bit;
+// the host build compiles with -ffp-contract=off for the same reason.
+SSAM_HD double mul_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  return __dmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 
-SSAM_HD float add_rn(float a, float b) {
+SSAM_HD double add_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
+  return __dadd_rn(a, b);
 #else
   return a + b;
 #endif
 }
 
-// a * b + c rounded once (a fused multiply-add), as PyTorch's add_(x, alpha=a) computes on AVX2 CPUs and
-// on CUDA.
-SSAM_HD float fma_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
+// A float64 result stored as T the way PyTorch's .to(dtype) does it: through float (a float64 -> fp32
+// rounding, then fp32 -> bf16/fp16 round-to-nearest-even).
+template <typename T>
+SSAM_HD T store_as(double x) {
+  return static_cast<T>(static_cast<float>(x));
 }
 
 SSAM_HD uint32_t float_bits(float x) {
@@ -74,14 +70,21 @@ SSAM_HD bool scale_active(float scale) {
   return scale == scale && scale - scale == 0.0f && scale != 0.0f;
 }
 
-// w + scale * g (adaptive: w + scale * ((w * w) * g)), in fp32 with the reference's evaluation order,
-// rounded once to the storage type T.
+// w + scale * g (adaptive: w + scale * ((w * w) * g)) in float64 with the reference's evaluation order,
+// then stored as T. float64 holds the products of the fp32 inputs (almost) exactly, so even when w and
+// the step nearly cancel the result is the correctly rounded one, not fp32 rounding noise.
 template <typename T>
 SSAM_HD T perturbed(T w, T g, float scale, bool adaptive) {
-  const float w32 = static_cast<float>(w);
-  const float g32 = static_cast<float>(g);
-  const float step = adaptive ? mul_rn(scale, mul_rn(mul_rn(w32, w32), g32)) : mul_rn(scale, g32);
-  return static_cast<T>(add_rn(w32, step));
+  const double w64 = static_cast<float>(w);
+  const double g64 = static_cast<float>(g);
+  const double step = adaptive ? mul_rn(scale, mul_rn(mul_rn(w64, w64), g64)) : mul_rn(scale, g64);
+  return store_as<T>(add_rn(w64, step));
+}
+
+// F + alpha * (g * g) in float64, stored as fp32 (the Fisher accumulator).
+SSAM_HD float fisher_update(float f, float g, double alpha) {
+  const double g64 = g;
+  return static_cast<float>(add_rn(f, mul_rn(alpha, mul_rn(g64, g64))));
 }
 
 // Order-preserving unsigned image of a floating score (compared as its exact fp32 value):

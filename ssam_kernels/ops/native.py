@@ -43,7 +43,7 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i``: ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero,
-    ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) in fp32, rounded once."""
+    ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) in float64, rounded once."""
     torch.ops.ssam_kernels.perturb_(W, G, mask, _offsets(mask, offsets, W), backup, scale, adaptive)
 
 
@@ -54,7 +54,7 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` with ``F`` float32 (fp32 arithmetic)."""
+    """``F += alpha · G²`` with ``F`` float32, computed in float64 and rounded once."""
     torch.ops.ssam_kernels.fisher_accumulate_(F, G, alpha)
 
 
