@@ -82,7 +82,9 @@ class Segment:
             grad = param.grad
             if grad is None:
                 return torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
-            return local_tensor(grad).reshape(-1)
+            grad = local_tensor(grad)
+            _check_grad(grad, param)
+            return grad.reshape(-1)
         for param, view, (start, n) in zip(self.params, self.grad_views, self.spans(), strict=True):
             grad = param.grad
             if grad is view:
