@@ -818,3 +818,85 @@ def test_topk_mask_exact_k_and_tie_order(sizes, sparsity, levels, nan_frac, seed
     assert [o.shape for o in out] == [s.shape for s in scores]
     assert all(o.dtype == torch.bool for o in out)
     assert torch.equal(flat(out), ref_topk(flat([s.float() for s in scores]), k))
+
+
+# ----------------------------------------------------------------------------------------------------
+# More policies and parameter kinds
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("drop", "grow"), [("weight", "random"), ("gradient", "gradient"),
+                                          ("weight", "gradient")])
+def test_dynamic_drop_and_grow_criteria(drop, grow):
+    model = make_model(23)
+    policy = DynamicMask(interval=1, drop_rate=0.4, drop=drop, grow=grow, seed=2)
+    opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, mask=policy, lr=0.1)
+    k = opt.live_count
+    for t in range(1, 4):
+        mask = flat(opt.get_mask())
+        x, y = batch(t)
+        backward(model, x, y)
+        g_abs = flat([p.grad.abs() for p in model.parameters()]).double()
+        w_abs = flat([p.detach().abs() for p in model.parameters()]).double()
+        opt.first_step(zero_grad=True)
+        backward(model, x, y)
+        opt.second_step(zero_grad=True)
+        new = flat(opt.get_mask())
+        n_drop = math.floor(0.4 * k)
+        drop_score = w_abs if drop == "weight" else g_abs
+        live, dead = mask.nonzero().flatten().tolist(), (~mask).nonzero().flatten().tolist()
+        expect_drop = sorted(live, key=lambda i: (drop_score[i].item(), i))[:n_drop]
+        dropped, grown = mask & ~new, new & ~mask
+        assert sorted(dropped.nonzero().flatten().tolist()) == sorted(expect_drop)
+        assert int(grown.sum()) == n_drop and not (grown & mask).any()
+        if grow == "gradient":
+            expect_grow = sorted(dead, key=lambda i: (-g_abs[i].item(), i))[:n_drop]
+            assert sorted(grown.nonzero().flatten().tolist()) == sorted(expect_grow)
+
+
+@pytest.mark.parametrize("layout", ["flat", "tensors"])
+def test_mixed_dtypes_and_frozen(layout):
+    """Parameters of several dtypes in one group (flat: several segments) and a frozen one: exact K over
+    the trainable entries, the frozen parameter never touched, the perturbation per the formula."""
+    a = nn.Parameter(torch.randn(7, 3))
+    b = nn.Parameter(torch.randn(11).to(torch.bfloat16))
+    c = nn.Parameter(torch.randn(5))
+    frozen = nn.Parameter(torch.randn(4), requires_grad=False)
+    ps = [a, b, frozen, c]
+    opt = SSAM(ps, torch.optim.SGD, rho=0.2, sparsity=0.4, mask=RandomMask(seed=9), layout=layout, lr=0.1)
+    assert opt.live_count == int(37 * 0.6)
+    masks = opt.get_mask()
+    assert sum(int(m.sum()) for m in masks) == opt.live_count and not masks[2].any()
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in ps]
+    w = [p.detach().double() for p in ps]
+    g = [p.grad.double() if p.grad is not None else torch.zeros_like(w[i]) for i, p in enumerate(ps)]
+    e = perturbation64(w, g, [([0, 1, 3], 0.2, False, True)], masks)
+    opt.first_step()
+    for p, b0, wi, ei, m in zip(ps, before, w, e, masks, strict=True):
+        assert torch.equal(p.detach()[~m], b0[~m])
+        if p.dtype == torch.float32:
+            torch.testing.assert_close(p.detach().double()[m], (wi + ei)[m], rtol=2e-7, atol=1e-9)
+        else:  # one rounding of the fp32 result to bf16: within one bf16 ulp
+            torch.testing.assert_close(p.detach().double()[m], (wi + ei)[m], rtol=2**-8, atol=1e-6)
+    opt.second_step()
+    assert torch.equal(frozen.detach(), before[2])
+
+
+def test_unused_parameter_same_in_both_layouts():
+    """A parameter that never gets a gradient (an unused head) must be treated alike by both layouts
+    (DESIGN.md: both layouts give the same results); with weight decay, a zero gradient and no
+    gradient differ."""
+    runs = []
+    for layout in ("flat", "tensors"):
+        model = make_model(24)
+        unused = nn.Linear(3, 2)
+        with torch.no_grad():
+            unused.weight.fill_(1.0)
+            unused.bias.fill_(1.0)
+        params = [*model.parameters(), *unused.parameters()]
+        opt = SSAM(params, torch.optim.SGD, sparsity=0.5, mask="random", layout=layout, lr=0.1,
+                   momentum=0.9, weight_decay=0.1)
+        train(model, opt, 3)
+        runs.append([p.detach().clone() for p in params])
+    assert_same(runs[0], runs[1])
