@@ -900,3 +900,25 @@ def test_unused_parameter_same_in_both_layouts():
         train(model, opt, 3)
         runs.append([p.detach().clone() for p in params])
     assert_same(runs[0], runs[1])
+
+
+def test_base_instance_keeps_per_group_options():
+    """Per-group rho / perturb=False given to SSAM survive a base optimizer passed as an instance."""
+    model = make_model(25)
+    ps = list(model.parameters())
+    base = torch.optim.SGD([{"params": ps[:3]}, {"params": ps[3:], "lr": 0.0}], lr=0.0)
+    opt = SSAM([{"params": ps[:3], "rho": 0.3}, {"params": ps[3:], "perturb": False}], base,
+               sparsity=0.0, mask=None)
+    x, y = batch(0)
+    backward(model, x, y)
+    w = params64(model)
+    g = [p.grad.double().clone() for p in ps]
+    e = perturbation64(w, g, [([0, 1, 2], 0.3, False, True), ([3], 0.05, False, False)])
+    opt.first_step()
+    for p, wi, ei in zip(ps, w, e, strict=True):
+        torch.testing.assert_close(p.detach().double(), wi + ei, rtol=2e-7, atol=5e-8)
+    assert torch.equal(ps[3].detach().double(), w[3])
+    opt.second_step()
+    mixed = torch.optim.SGD(ps, lr=0.1)
+    with pytest.raises(ValueError, match=r"^base_optimizer"):
+        SSAM([{"params": ps[:3], "rho": 0.3}, {"params": ps[3:]}], mixed, sparsity=0.0, mask=None)
