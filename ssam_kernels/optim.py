@@ -96,9 +96,19 @@ class SSAM(torch.optim.Optimizer):
             theirs = {id(p) for g in base.param_groups for p in g["params"]}
             if ours != theirs:
                 raise ValueError("base_optimizer: the instance must own exactly the parameters given to SSAM")
-            for group in base.param_groups:
-                for key, value in self.defaults.items():
-                    group.setdefault(key, value)
+            # SSAM's per-group options (rho, adaptive, perturb) carry over to the instance's groups
+            owner = {id(p): g for g in self.param_groups for p in g["params"]}
+            for index, group in enumerate(base.param_groups):
+                for key, default in self.defaults.items():
+                    values = {owner[id(p)][key] for p in group["params"]}
+                    if len(values) > 1:
+                        raise ValueError(f"base_optimizer: its param group {index} mixes parameters with "
+                                         f"different {key!r} in SSAM's groups; build both with the same "
+                                         "groups")
+                    if values and (value := values.pop()) != default:
+                        group[key] = value
+                    else:
+                        group.setdefault(key, default)
             return base
         if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
             return base(self.param_groups, **kwargs)
