@@ -922,3 +922,52 @@ def test_base_instance_keeps_per_group_options():
     mixed = torch.optim.SGD(ps, lr=0.1)
     with pytest.raises(ValueError, match=r"^base_optimizer"):
         SSAM([{"params": ps[:3], "rho": 0.3}, {"params": ps[3:]}], mixed, sparsity=0.0, mask=None)
+
+
+@pytest.mark.parametrize("mid_step", [False, True])
+@pytest.mark.parametrize("kind", ["sam", "dynamic"])
+def test_resume_across_layouts(kind, mid_step):
+    """A checkpoint of a flat-layout run continues in the tensors layout exactly (one dtype: same
+    entry order, DESIGN.md), also when saved between first_step and second_step."""
+    steps = 3
+    ref_model = make_model(26)
+    ref_opt = build(kind, ref_model, "flat")
+    train(ref_model, ref_opt, 2 * steps)
+
+    model = make_model(26)
+    opt = build(kind, model, "flat")
+    train(model, opt, steps)
+    x, y = batch(steps)
+    if mid_step:
+        backward(model, x, y)
+        opt.first_step(zero_grad=True)
+    blob = save(model, opt)
+    model, opt = restore(kind, blob, "tensors")
+    assert opt.layout.kind == "tensors"
+    if mid_step:
+        backward(model, x, y)
+        opt.second_step(zero_grad=True)
+        train(model, opt, steps - 1, start=steps + 1)
+    else:
+        train(model, opt, steps, start=steps)
+    assert_same(weights(model), weights(ref_model))
+    assert_same(opt.get_mask(), ref_opt.get_mask())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+@pytest.mark.parametrize("policy", ["dynamic", "random"])
+def test_sparsity_extremes(sparsity, policy):
+    model = make_model(27)
+    opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=sparsity, lr=0.1,
+               mask=DynamicMask(interval=1, seed=4) if policy == "dynamic" else RandomMask(interval=1))
+    n = sum(p.numel() for p in model.parameters())
+    for t in range(3):
+        x, y = batch(t)
+        backward(model, x, y)
+        before = weights(model)
+        opt.first_step(zero_grad=True)
+        moved = [not torch.equal(a, b) for a, b in zip(weights(model), before, strict=True)]
+        assert all(moved) if sparsity == 0.0 else not any(moved)
+        backward(model, x, y)
+        opt.second_step(zero_grad=True)
+        assert mask_count(opt) == int(n * (1 - sparsity))
