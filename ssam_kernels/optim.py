@@ -306,10 +306,23 @@ class SSAM(torch.optim.Optimizer):
             "steps": self._steps, "phase": self._phase, "started": self._started,
             "mask": per_param(self._masks) if self._started else None,
             "pending": per_param(self._pending),
-            "backups": [b.clone() for b in self._backups] if self._phase == _PERTURBED else None,
+            "backups": self._param_backups() if self._phase == _PERTURBED else None,
             "policy": self.policy.state_dict() if self.policy is not None else {},
         }
         return state
+
+    def _param_backups(self) -> list[torch.Tensor]:
+        """The compact backups split per parameter (its live entries in index order), so that a
+        checkpoint taken mid-step loads into either layout."""
+        by_param = {}
+        for index, (segment, backup) in enumerate(zip(self.layout.segments, self._backups, strict=True)):
+            live = None if self._masks is None else bitmask.unpack(self._masks[index][0], segment.numel)
+            position = 0
+            for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
+                count = n if live is None else int(live[start: start + n].sum())
+                by_param[id(p)] = backup[position: position + count].clone()
+                position += count
+        return [by_param.get(id(p), local_tensor(p).new_empty(0)) for p in self._params()]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
@@ -334,8 +347,9 @@ class SSAM(torch.optim.Optimizer):
             self._set_masks(unpacked(ours["mask"]) if self.policy is not None else None)
         self._pending = unpacked(ours["pending"])
         if ours["backups"] is not None:
-            for backup, saved in zip(self._backups, ours["backups"], strict=True):
-                backup.copy_(saved)
+            by_param = dict(zip(map(id, params), ours["backups"], strict=True))
+            for segment, backup in zip(self.layout.segments, self._backups, strict=True):
+                backup.copy_(torch.cat([by_param[id(p)].to(backup.device) for p in segment.params]))
         if self.policy is not None:
             self.policy.load_state_dict(ours["policy"])
 
