@@ -271,9 +271,14 @@ def test_ssam_exact_k_random_shapes(sizes, sparsity, frozen, seed):
     before = [p.detach().clone() for p in params] + [extra.detach().clone()]
     for p in [*params, extra]:
         p.grad = torch.randn_like(p)
+    w = [p.detach().double() for p in [*params, extra]]
+    g = [p.grad.double() for p in [*params, extra]]
+    spec = [(list(range(len(params))), 0.05, False, True), ([len(params)], 0.05, False, False)]
+    e = perturbation64(w, g, spec, masks)
     opt.first_step()
-    for p, b, m in zip([*params, extra], before, masks, strict=True):
+    for p, b, m, wi, ei in zip([*params, extra], before, masks, w, e, strict=True):
         assert torch.equal(p.detach()[~m], b[~m])
+        torch.testing.assert_close(p.detach().double()[m], (wi + ei)[m], rtol=2e-7, atol=1e-8)
     opt.unperturb()
     assert_same([p.detach() for p in [*params, extra]], before)
 
