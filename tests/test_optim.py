@@ -452,6 +452,12 @@ def build(kind: str, model: nn.Module, layout: str = "flat", dtype: torch.dtype 
         policy = DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3)
     elif kind == "sam":
         return SAM(model.parameters(), torch.optim.SGD, rho=0.1, layout=layout, lr=0.1, momentum=0.9)
+    elif kind == "dynamic_groups":  # per-group rho / adaptive, a perturb=False group
+        ps = list(model.parameters())
+        groups = [{"params": [ps[0], ps[3]], "rho": 0.2}, {"params": [ps[1]], "perturb": False},
+                  {"params": [ps[2]], "adaptive": True, "rho": 0.5}]
+        return SSAM(groups, torch.optim.SGD, rho=0.1, sparsity=0.6, layout=layout, lr=0.1, momentum=0.9,
+                    mask=DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3))
     else:
         raise AssertionError(kind)
     return SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, mask=policy, layout=layout,
@@ -482,7 +488,7 @@ def restore(kind, blob, layout="flat"):
     return model, opt
 
 
-@pytest.mark.parametrize("kind", ["fisher", "dynamic"])
+@pytest.mark.parametrize("kind", ["fisher", "dynamic", "dynamic_groups"])
 def test_exact_resume(kind):
     steps = 5
     ref_model = make_model(9)
@@ -615,7 +621,7 @@ def test_gradscaler_step_matches_unscaled():
 # Layouts, dtypes, closure
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["sam", "dynamic", "fisher"])
+@pytest.mark.parametrize("kind", ["sam", "dynamic", "fisher", "dynamic_groups"])
 def test_layouts_give_identical_trajectories(kind):
     runs = []
     for layout in ("flat", "tensors"):
