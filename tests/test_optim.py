@@ -988,3 +988,24 @@ def test_sparsity_extremes(sparsity, policy):
         backward(model, x, y)
         opt.second_step(zero_grad=True)
         assert mask_count(opt) == int(n * (1 - sparsity))
+
+
+@pytest.mark.parametrize("poison_first", [True, False])
+def test_gradscaler_skipped_cycle_leaves_no_trace(poison_first):
+    """An inf cycle (skipped by the scaler) on a dynamic-update step leaves no trace: the run equals
+    one without it (the scale after the skip equals the other run's constant scale)."""
+    runs = []
+    for skip in (False, True):
+        model = make_model(28)
+        opt = build("dynamic", model)  # interval 2: step 2 and 4 update the mask
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10 if skip else 2.0**9, growth_interval=10**6)
+        for t in range(5):
+            x, y = batch(t)
+            if skip and t == 1:
+                scaled_cycle(model, opt, scaler, *batch(50), poison_second=float("inf"),
+                             poison_first=float("inf") if poison_first else None)
+            scaled_cycle(model, opt, scaler, x, y)
+        assert opt.steps == 5 and scaler.get_scale() == 2.0**9
+        runs.append((weights(model), opt.get_mask()))
+    assert_same(runs[0][0], runs[1][0])
+    assert_same(runs[0][1], runs[1][1])
