@@ -821,13 +821,14 @@ def test_set_mask_rejects_bad_input():
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(0, 70), min_size=1, max_size=4), sparsity=st.floats(0.0, 1.0),
        levels=st.integers(1, 6), nan_frac=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**31),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int32]))
 def test_topk_mask_exact_k_and_tie_order(sizes, sparsity, levels, nan_frac, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     scores = []
     for s in sizes:  # few distinct values: many ties; some NaN; 2-D shapes where possible
         t = torch.randint(0, levels, (s,), generator=gen).to(torch.float32) - 2.0
-        t[torch.rand(s, generator=gen) < nan_frac] = float("nan")
+        if dtype != torch.int32:  # int32 scores: signed integers, the largest first
+            t[torch.rand(s, generator=gen) < nan_frac] = float("nan")
         scores.append(t.to(dtype).view(2, s // 2) if s % 2 == 0 and s else t.to(dtype))
     n = sum(sizes)
     k = int(n * (1 - sparsity))
@@ -1009,3 +1010,11 @@ def test_gradscaler_skipped_cycle_leaves_no_trace(poison_first):
         runs.append((weights(model), opt.get_mask()))
     assert_same(runs[0][0], runs[1][0])
     assert_same(runs[0][1], runs[1][1])
+
+
+def test_topk_mask_signed_int32_and_rejected_dtypes():
+    scores = torch.tensor([-1, 0, 2**31 - 1, -(2**31), 1, -2], dtype=torch.int32)
+    (out,) = topk_mask([scores], 0.5)
+    assert out.tolist() == [False, True, True, False, True, False]
+    _expect(TypeError, "scores", lambda: topk_mask([torch.zeros(3, dtype=torch.int64)], 0.5))
+    _expect(TypeError, "scores", lambda: topk_mask(torch.zeros(3), 0.5))
