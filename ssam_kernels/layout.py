@@ -86,7 +86,9 @@ class Segment:
             grad = self.params[0].grad  # the DTensor's own .grad: its local tensor has none
             if grad is None:
                 return torch.zeros_like(self.weight)
-            return local_tensor(grad).reshape(-1)
+            grad = local_tensor(grad)
+            _check_grad(grad, local_tensor(self.params[0]))
+            return grad.reshape(-1)
         for param, view, (start, n) in zip(self.params, self.grad_views, self.spans(), strict=True):
             grad = param.grad
             if grad is view:
@@ -109,7 +111,8 @@ class Segment:
             return
         self.grad_buffer.zero_()
         for param, view in zip(self.params, self.grad_views, strict=True):
-            param.grad = view
+            if param.grad is not None:  # None stays None, as in the tensors layout
+                param.grad = view
 
 
 def _check_grad(grad: torch.Tensor, param: torch.Tensor) -> None:
@@ -145,11 +148,11 @@ def _flat_segments(group: int, params: list[torch.nn.Parameter]) -> list[Segment
             for p, start, n in zip(members, starts, sizes, strict=True):
                 weight[start: start + n].copy_(p.reshape(-1))
                 p.data = weight[start: start + n].view_as(p)
-                if p.grad is not None:
-                    _check_grad(p.grad, p)
-                    grads[start: start + n].copy_(p.grad.reshape(-1))
                 views.append(grads[start: start + n].view_as(p))
-                p.grad = views[-1]
+                if p.grad is not None:  # a missing .grad stays missing (the base optimizer skips it)
+                    _check_grad(p.grad, p)
+                    views[-1].copy_(p.grad)
+                    p.grad = views[-1]
         segments.append(Segment(group, members, starts, weight, grads, views))
     return segments
 

@@ -237,6 +237,9 @@ def topk_mask(scores: Sequence[torch.Tensor], sparsity: float, *, backend: str |
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity!r}")
     flat = [s.detach().reshape(-1).contiguous() for s in scores]
+    # select_topk compares int32 as unsigned (hash scores); a user's int32 scores are signed: flipping
+    # the sign bit maps signed order onto unsigned order exactly
+    flat = [s ^ torch.iinfo(torch.int32).min if s.dtype == torch.int32 else s for s in flat]
     k = int(sum(s.numel() for s in flat) * (1 - sparsity))
     selected = ops.select_topk(flat, k, backend=backend)
     return [bitmask.unpack(words, s.numel()).view(s.shape)

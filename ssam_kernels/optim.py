@@ -114,9 +114,19 @@ class SSAM(torch.optim.Optimizer):
             theirs = {id(p) for g in base.param_groups for p in g["params"]}
             if ours != theirs:
                 raise ValueError("base_optimizer: the instance must own exactly the parameters given to SSAM")
-            for group in base.param_groups:
-                for key, value in self.defaults.items():
-                    group.setdefault(key, value)
+            # SSAM's per-group options (rho, adaptive, perturb) carry over to the instance's groups
+            owner = {id(p): g for g in self.param_groups for p in g["params"]}
+            for index, group in enumerate(base.param_groups):
+                for key, default in self.defaults.items():
+                    values = {owner[id(p)][key] for p in group["params"]}
+                    if len(values) > 1:
+                        raise ValueError(f"base_optimizer: its param group {index} mixes parameters with "
+                                         f"different {key!r} in SSAM's groups; build both with the same "
+                                         "groups")
+                    if values and (value := values.pop()) != default:
+                        group[key] = value
+                    else:
+                        group.setdefault(key, default)
             return base
         if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
             return base(self.param_groups, **kwargs)
@@ -345,7 +355,7 @@ class SSAM(torch.optim.Optimizer):
         if self._pending is not None:
             state["pending"] = self._encode_masks(self._pending)
         if self._phase == _PERTURBED:
-            state["backups"] = [b.clone() for b in self._backups]
+            state["backups"] = self._param_backups()
         return state
 
     def load_ssam_state_dict(self, state: dict[str, Any]) -> None:
@@ -354,8 +364,10 @@ class SSAM(torch.optim.Optimizer):
         if self._started:
             self._set_masks(self._decode_masks(state["mask"]) if self.policy is not None else None)
         self._pending = self._decode_masks(state["pending"]) if "pending" in state else None
-        for backup, saved in zip(self._backups, state.get("backups", []), strict=False):
-            backup.copy_(saved)
+        if "backups" in state:  # per parameter, so a mid-step checkpoint loads into either layout
+            by_param = dict(zip(map(id, self._params()), state["backups"], strict=True))
+            for segment, backup in zip(self.layout.segments, self._backups, strict=True):
+                backup.copy_(torch.cat([by_param[id(p)].to(backup.device) for p in segment.params]))
         if self.policy is not None:
             self.policy.load_state_dict(state["policy"])
 
@@ -364,6 +376,19 @@ class SSAM(torch.optim.Optimizer):
         state = self.base_optimizer.state_dict()
         state["ssam"] = self.ssam_state_dict()
         return state
+
+    def _param_backups(self) -> list[torch.Tensor]:
+        """The compact backups split per parameter (its live entries in index order), so that a
+        checkpoint taken mid-step loads into either layout."""
+        by_param = {}
+        for index, (segment, backup) in enumerate(zip(self.layout.segments, self._backups, strict=True)):
+            live = None if self._masks is None else bitmask.unpack(self._masks[index][0], segment.numel)
+            position = 0
+            for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
+                count = n if live is None else int(live[start: start + n].sum())
+                by_param[id(p)] = backup[position: position + count].clone()
+                position += count
+        return [by_param.get(id(p), local_tensor(p).new_empty(0)) for p in self._params()]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)

@@ -30,10 +30,16 @@ def test_flat_params_and_grads_are_views_into_one_buffer():
     for p, old, (start, _) in zip(model.parameters(), before, segment.spans(), strict=True):
         assert torch.equal(p, old)  # values kept
         assert p.data_ptr() == segment.weight[start:].data_ptr()
-        assert p.grad.data_ptr() == segment.grad_buffer[start:].data_ptr()
+        assert p.grad is None  # no gradient yet: stays None, as in the tensors layout
     backward(model)
     expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert torch.equal(layout.grads()[0], expected)
+    for p, (start, _) in zip(model.parameters(), segment.spans(), strict=True):
+        assert p.grad.data_ptr() == segment.grad_buffer[start:].data_ptr()  # re-pointed at the buffer
+    layout.zero_grad()
+    backward(model, seed=1)  # accumulates into the views: no repair needed
+    assert all(p.grad.data_ptr() == segment.grad_buffer[start:].data_ptr()
+               for p, (start, _) in zip(model.parameters(), segment.spans(), strict=True))
 
 
 def test_flat_and_tensors_layouts_agree():
