@@ -137,6 +137,27 @@ def test_torch_compile_keeps_semantics() -> None:
     assert_bits(compiled_out, eager_out)
 
 
+def test_public_ops_dispatch_to_triton() -> None:
+    """The public ops with ``backend="triton"`` reach these kernels (validation, then the primitive)."""
+    gen = _gen("public")
+    W0, G = _randn(2000, torch.bfloat16, gen), _randn(2000, torch.bfloat16, gen)
+    mask, offsets, k = _mask(2000, 0.5, gen)
+    assert_bits(ops.grad_sq_norm(G, W0, backend="triton"), tb.grad_sq_norm(G, W0))
+    W, backup = W0.clone(), torch.full((k,), float("nan"), dtype=W0.dtype, device=DEVICE)
+    W_ref, backup_ref = W0.clone(), torch.empty_like(backup)
+    scale = torch.tensor(0.125, device=DEVICE)
+    ops.perturb_(W, G, mask, offsets, backup, scale, backend="triton")
+    ops.perturb_(W_ref, G, mask, offsets, backup_ref, scale, backend="reference")
+    assert_bits(backup, backup_ref)
+    assert_ulp(W, W_ref)
+    ops.restore_(W, mask, offsets, backup, backend="triton")
+    assert_bits(W, W0)
+    F, F_ref = torch.ones(2000, device=DEVICE), torch.ones(2000, device=DEVICE)
+    ops.fisher_accumulate_(F, G, 0.5, backend="triton")
+    ops.fisher_accumulate_(F_ref, G, 0.5, backend="reference")
+    assert_ulp(F, F_ref)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Element-wise ops
 # ----------------------------------------------------------------------------------------------------
@@ -361,10 +382,20 @@ def test_gpu_select_topk_past_int32() -> None:
     assert int(offsets[-1]) == k and int(bitmask.count(mask)) == k
     selected = bitmask.unpack(mask, n)
     assert bool(selected[-3:].all())
-    keys = reference.score_keys(scores)
-    low, high = keys[selected].min(), keys[~selected].max()
-    assert bool(low >= high)
-    ties = keys == low
-    if bool(low == high):  # ties are taken in index order: no unselected tie before a selected one
-        first_skipped = int((ties & ~selected).nonzero()[0])
-        assert not bool((ties & selected)[first_skipped:].any())
+    # Every selected key >= every unselected key, and ties taken in index order; in blocks, because
+    # int64 keys of all 2^31 entries would need 16 GiB.
+    low, high, last_taken_tie, first_skipped_tie = 1 << 32, -1, -1, n
+    block = 1 << 27
+    for start in range(0, n, block):
+        keys, taken = reference.score_keys(scores[start: start + block]), selected[start: start + block]
+        low = min(low, int(keys[taken].min())) if bool(taken.any()) else low
+        high = max(high, int(keys[~taken].max())) if bool((~taken).any()) else high
+    assert low >= high
+    for start in range(0, n, block):
+        keys, taken = reference.score_keys(scores[start: start + block]), selected[start: start + block]
+        ties = keys == low
+        if bool((ties & taken).any()):
+            last_taken_tie = start + int((ties & taken).nonzero()[-1])
+        if bool((ties & ~taken).any()):
+            first_skipped_tie = min(first_skipped_tie, start + int((ties & ~taken).nonzero()[0]))
+    assert last_taken_tie < first_skipped_tie
