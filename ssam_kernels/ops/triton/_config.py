@@ -54,6 +54,13 @@ def persistent_programs(device: torch.device) -> int:
     return CONFIG.interpret_programs
 
 
+def launch_options() -> dict[str, int | bool]:
+    """Compile options of every launch. ``enable_fp_fusion=False``: each fp operation is rounded as
+    written, as the reference rounds it (``w + scale·g`` as an FMA could differ by more than 1 ulp where
+    ``w`` and ``scale·g`` nearly cancel); stating it also silences Triton 3.9's default-change warning."""
+    return {"num_warps": CONFIG.num_warps, "enable_fp_fusion": False}
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for non-negative ints."""
     return -(-a // b)

@@ -6,14 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import CONFIG, cdiv
+from ._config import CONFIG, cdiv, launch_options
 from ._convert import to_float32
 
 
 @triton.jit
 def _fisher_kernel(f_ptr, g_ptr, N, alpha, BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """``F[i] = F[i] + alpha · (g_i · g_i)`` in fp32, each operation rounded (no contraction into an FMA,
-    see the launch) so the result is the reference's arithmetic."""
+    """``F[i] = F[i] + alpha · (g_i · g_i)`` in fp32, each operation rounded (no FMA contraction)."""
     first = tl.program_id(0).to(tl.int64) * (TILES * BLOCK)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
@@ -30,7 +29,7 @@ def _fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float) -> None:
         return
     tile = CONFIG.block * CONFIG.tiles
     _fisher_kernel[(cdiv(n, tile),)](F, G, n, alpha, BLOCK=CONFIG.block, TILES=CONFIG.tiles,
-                                     num_warps=CONFIG.num_warps, enable_fp_fusion=False)
+                                     **launch_options())
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..reference import hash_key
-from ._config import CONFIG, cdiv
+from ._config import CONFIG, cdiv, launch_options
 
 
 @triton.jit
@@ -44,5 +44,5 @@ def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -
         return out
     key = hash_key(seed, step)
     key = key - (1 << 32) if key >= 1 << 31 else key  # the same 32 bits as a signed int32 argument
-    _hash_kernel[(cdiv(n, CONFIG.block),)](out, n, base, key, BLOCK=CONFIG.block, num_warps=CONFIG.num_warps)
+    _hash_kernel[(cdiv(n, CONFIG.block),)](out, n, base, key, BLOCK=CONFIG.block, **launch_options())
     return out

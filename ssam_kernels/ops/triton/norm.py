@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import CONFIG, cdiv
+from ._config import CONFIG, cdiv, launch_options
 from ._convert import to_float32
 
 
@@ -40,7 +40,7 @@ def _grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
     tile = CONFIG.block * CONFIG.tiles
     partials = torch.empty(cdiv(n, tile), dtype=torch.float64, device=G.device)
     _sq_norm_kernel[(partials.numel(),)](G, W if W is not None else G, partials, n, ADAPTIVE=W is not None,
-                                         BLOCK=CONFIG.block, TILES=CONFIG.tiles, num_warps=CONFIG.num_warps)
+                                         BLOCK=CONFIG.block, TILES=CONFIG.tiles, **launch_options())
     return partials.sum()
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..bitmask import num_chunks
-from ._config import CONFIG, cdiv
+from ._config import CONFIG, cdiv, launch_options
 from ._convert import round_to, to_float32
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
@@ -83,11 +83,8 @@ def _perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offse
     n = W.numel()
     if n == 0:
         return
-    # enable_fp_fusion=False: `w + scale·g` must round the product before the sum, as the reference does;
-    # an FMA could differ by more than 1 ulp where w and scale·g nearly cancel.
     _perturb_kernel[_grid(n)](W, G, mask, offsets, backup, scale, n, HAS_MASK=mask is not None,
-                              ADAPTIVE=adaptive, CHUNKS=CONFIG.chunks, num_warps=CONFIG.num_warps,
-                              enable_fp_fusion=False)
+                              ADAPTIVE=adaptive, CHUNKS=CONFIG.chunks, **launch_options())
 
 
 @torch.library.custom_op("ssam_triton::restore_", mutates_args=("W",))
@@ -97,7 +94,7 @@ def _restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor 
     if n == 0:
         return
     _restore_kernel[_grid(n)](W, mask, offsets, backup, n, HAS_MASK=mask is not None, CHUNKS=CONFIG.chunks,
-                              num_warps=CONFIG.num_warps)
+                              **launch_options())
 
 
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,

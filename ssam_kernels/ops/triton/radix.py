@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..bitmask import num_words
-from ._config import CONFIG, cdiv, persistent_programs
+from ._config import CONFIG, cdiv, launch_options, persistent_programs
 from ._convert import to_float32
 
 
@@ -133,7 +133,7 @@ def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits
     programs = min(tiles, persistent_programs(scores.device))
     partial = torch.empty(programs, 1 << bits, dtype=torch.int32, device=scores.device)
     _histogram_kernel[(programs,)](scores, filter_words, prefix, partial, n, cdiv(tiles, programs), programs,
-                                   SHIFT=shift, BITS=bits, BLOCK=CONFIG.block, num_warps=CONFIG.num_warps,
+                                   SHIFT=shift, BITS=bits, BLOCK=CONFIG.block, **launch_options(),
                                    **_key_flags(scores, largest, filter_words, filter_value))
     return partial.sum(dim=0, dtype=torch.int64)
 
@@ -153,8 +153,8 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
     tiles = cdiv(n, CONFIG.block)
     counts = torch.empty(tiles, dtype=torch.int32, device=scores.device)
     _tie_count_kernel[(tiles,)](scores, filter_words, threshold, counts, n, BLOCK=CONFIG.block,
-                                num_warps=CONFIG.num_warps, **flags)
+                                **launch_options(), **flags)
     ties_before = torch.cumsum(counts, dim=0, dtype=torch.int64) - counts
     _threshold_mask_kernel[(tiles,)](scores, filter_words, threshold, tie_quota, ties_before, words, n,
-                                     BLOCK=CONFIG.block, num_warps=CONFIG.num_warps, **flags)
+                                     BLOCK=CONFIG.block, **launch_options(), **flags)
     return words
