@@ -1,0 +1,48 @@
+"""The Triton backend: the primitives of :mod:`ssam_kernels.ops.reference`, with the same meanings.
+
+One file per op family: :mod:`.norm` (``grad_sq_norm``), :mod:`.perturb` (``perturb_``, ``restore_``),
+:mod:`.fisher` (``fisher_accumulate_``), :mod:`.radix` (``radix_histogram``, ``threshold_mask``) and
+:mod:`.hashing` (``hash_scores``). Runs on CUDA tensors, and on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1`` set before this package is imported; slow, for tests).
+
+The hot-path ops (norm, perturb, restore, Fisher) are registered with :func:`torch.library.custom_op`
+under the ``ssam_triton`` namespace with their mutated arguments declared, so a ``torch.compile``\\ d
+caller sees one opaque op per call instead of breaking its graph. ``custom_op`` rather than
+``triton_op``: the launch options (``enable_fp_fusion=False`` for the reference's rounding) are not
+carried through Inductor's traced user-kernel path, and the opaque op also works with interpreted
+kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton  # noqa: F401  (probe only: the submodules import it for real)
+except ImportError as exc:
+    _IMPORT_ERROR: str | None = f"triton could not be imported ({exc}); pip install triton"
+else:
+    _IMPORT_ERROR = None
+    from ._config import INTERPRET
+    from .fisher import fisher_accumulate_
+    from .hashing import hash_scores
+    from .norm import grad_sq_norm
+    from .perturb import perturb_, restore_
+    from .radix import radix_histogram, threshold_mask
+
+__all__ = ["fisher_accumulate_", "grad_sq_norm", "hash_scores", "perturb_", "radix_histogram", "restore_",
+           "threshold_mask", "unavailable_reason"]
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    """None when the Triton backend can run on ``device_type`` tensors, else why not."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "torch.cuda is not available"
+    if device_type == "cpu":
+        if INTERPRET:
+            return None
+        return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
+                "ssam_kernels.ops.triton is imported")
+    return f"Triton kernels do not run on {device_type} tensors"

@@ -1,0 +1,66 @@
+"""Launch configuration shared by the Triton kernels: one fixed configuration per mode, no autotuning.
+
+Triton decides at decoration time whether ``@triton.jit`` compiles for a GPU or runs in its NumPy
+interpreter (``TRITON_INTERPRET=1``), so the mode is read once, when this package is imported. The
+interpreter pays per operation rather than per element, so its tiles are large; on a GPU the tiles
+are sized for bandwidth-bound streaming. Tests may shrink the fields of :data:`CONFIG` to exercise
+multi-program paths on small inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+"""Whether the kernels were decorated in interpreter mode (they then run on CPU tensors)."""
+
+
+@dataclass
+class Config:
+    """Tile sizes of the kernels (all powers of two)."""
+
+    chunks: int
+    """1024-entry mask chunks per program of ``perturb_`` / ``restore_``."""
+    block: int
+    """Entries per tile of the streaming kernels (norm, Fisher, radix passes, hash); a multiple of 32."""
+    tiles: int
+    """Tiles per program of ``grad_sq_norm`` and ``fisher_accumulate_`` (fewer, longer programs)."""
+    programs_per_sm: int
+    """Programs per streaming multiprocessor of the persistent radix-histogram kernel."""
+    interpret_programs: int
+    """Programs of the persistent radix-histogram kernel in interpreter mode."""
+    num_warps: int
+
+
+CONFIG = (Config(chunks=16, block=1 << 14, tiles=1, programs_per_sm=1, interpret_programs=2, num_warps=4)
+          if INTERPRET else
+          Config(chunks=4, block=2048, tiles=8, programs_per_sm=4, interpret_programs=1, num_warps=8))
+
+
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device) -> int:
+    """How many programs a grid-stride (persistent) kernel launches on ``device``."""
+    if device.type == "cuda" and not INTERPRET:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return CONFIG.programs_per_sm * _sm_count(index)
+    return CONFIG.interpret_programs
+
+
+def launch_options() -> dict[str, int | bool]:
+    """Compile options of every launch. ``enable_fp_fusion=False``: each fp operation is rounded as
+    written, as the reference rounds it (``w + scale·g`` as an FMA could differ by more than 1 ulp where
+    ``w`` and ``scale·g`` nearly cancel); stating it also silences Triton 3.9's default-change warning."""
+    return {"num_warps": CONFIG.num_warps, "enable_fp_fusion": False}
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints."""
+    return -(-a // b)

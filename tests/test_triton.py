@@ -1,0 +1,464 @@
+"""The Triton backend against the reference oracle (``ssam_kernels.ops.reference``).
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors: ``TRITON_INTERPRET=1`` must be
+set before triton is first imported, so this module sets it at import time (pytest imports test
+modules before running any test). If triton was already imported without it, or is missing, every
+test here is skipped with the reason. With CUDA the same tests run on the GPU, plus large-size tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+from ssam_kernels import ops
+from ssam_kernels.ops import bitmask, reference
+from ssam_kernels.ops.select import PASSES
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_WHY = ops._unavailable("triton", DEVICE.type)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"Triton backend unavailable: {_WHY}")
+
+if _WHY is None:
+    import ssam_kernels.ops.triton as tb
+    from ssam_kernels.ops.triton import _config
+
+SIZES = [0, 1, 31, 33, 1023, 1025, 5003]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
+SIZE_CONFIGS = [*((n, "default") for n in SIZES), (33, "small"), (1025, "small")]
+by_size = pytest.mark.parametrize(("n", "config"), SIZE_CONFIGS, indirect=["config"])
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _gen(*params: object) -> torch.Generator:
+    """A generator seeded from the test's parameters: fresh draws per case, reproducible per case."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
+
+
+def _randn(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    # Never zero (a zero hides unwritten outputs and makes adaptive steps vanish).
+    x = torch.randn(n, generator=gen)
+    x = torch.where(x.abs() < 1e-3, torch.full_like(x, 0.5), x)
+    return x.to(dtype).to(DEVICE)
+
+
+def _mask(n: int, sparsity: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    bits = torch.rand(n, generator=gen) >= sparsity
+    words, offsets = bitmask.from_bool(bits)
+    return words.to(DEVICE), offsets.to(DEVICE), int(bits.sum())
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Float bit patterns mapped to integers in value order (±0 both 0): adjacent floats differ by 1."""
+    i = x.view(_INT_VIEW[x.dtype]).to(torch.int64)
+    magnitude = i & ((1 << (x.element_size() * 8 - 1)) - 1)
+    return torch.where(i < 0, -magnitude, magnitude)
+
+
+def assert_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1) -> None:
+    """Same dtype, NaN where expected is NaN, otherwise at most ``ulps`` representable values apart."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), "NaN positions differ"
+    gap = (_ordered(actual[~nan]) - _ordered(expected[~nan])).abs()
+    assert gap.numel() == 0 or int(gap.max()) <= ulps, f"{int(gap.max())} ulps apart"
+
+
+def assert_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    view = _INT_VIEW.get(actual.dtype, actual.dtype)
+    assert torch.equal(actual.view(view).cpu(), expected.view(view).cpu())
+
+
+@pytest.fixture
+def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The fixed launch configuration ("default"), or a tiny one ("small") that makes small inputs span
+    many programs (several tiles per program, persistent-loop iterations, one chunk per program).
+    Parametrised indirectly; the interpreter pays per program, so "small" gets only a few sizes."""
+    name = getattr(request, "param", "default")
+    if name == "small":
+        for field, value in {"chunks": 1, "block": 64, "tiles": 2, "interpret_programs": 3,
+                             "programs_per_sm": 1}.items():
+            monkeypatch.setattr(_config.CONFIG, field, value)
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Availability and registration
+# ----------------------------------------------------------------------------------------------------
+
+def test_unavailable_reason() -> None:
+    assert tb.unavailable_reason(DEVICE.type) is None
+    assert "meta" in tb.unavailable_reason("meta")
+    assert "triton" in ops.available_backends()
+
+
+def test_custom_ops_registered() -> None:
+    gen = _gen("opcheck")
+    W, G = _randn(100, torch.float32, gen), _randn(100, torch.float32, gen)
+    mask, offsets, k = _mask(100, 0.5, gen)
+    backup = torch.empty(k, device=DEVICE)
+    scale = torch.tensor(0.25, device=DEVICE)
+    F = _randn(100, torch.float32, gen).abs()
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.ssam_triton.grad_sq_norm, (G, W), test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_triton.perturb_, (W, G, mask, offsets, backup, scale, True),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_triton.restore_, (W, mask, offsets, backup), test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_triton.fisher_accumulate_, (F, G, 0.5), test_utils=checks)
+
+
+def test_torch_compile_keeps_semantics() -> None:
+    """The registered ops inside a compiled function: one graph, the same results as eager."""
+    gen = _gen("compile")
+    W0, G = _randn(3000, torch.float32, gen), _randn(3000, torch.float32, gen)
+    mask, offsets, k = _mask(3000, 0.9, gen)
+
+    def step(W: torch.Tensor, backup: torch.Tensor) -> torch.Tensor:
+        total = torch.ops.ssam_triton.grad_sq_norm(G, None)
+        scale = (0.05 / (total.sqrt() + 1e-12)).float()
+        torch.ops.ssam_triton.perturb_(W, G, mask, offsets, backup, scale, False)
+        return W * 2
+
+    eager_W, eager_backup = W0.clone(), torch.full((k,), float("nan"), device=DEVICE)
+    eager_out = step(eager_W, eager_backup)
+    compiled_W, compiled_backup = W0.clone(), torch.full((k,), float("nan"), device=DEVICE)
+    compiled_out = torch.compile(step, backend="aot_eager", fullgraph=True)(compiled_W, compiled_backup)
+    assert_bits(compiled_W, eager_W)
+    assert_bits(compiled_backup, eager_backup)
+    assert_bits(compiled_out, eager_out)
+
+
+def test_public_ops_dispatch_to_triton() -> None:
+    """The public ops with ``backend="triton"`` reach these kernels (validation, then the primitive)."""
+    gen = _gen("public")
+    W0, G = _randn(2000, torch.bfloat16, gen), _randn(2000, torch.bfloat16, gen)
+    mask, offsets, k = _mask(2000, 0.5, gen)
+    assert_bits(ops.grad_sq_norm(G, W0, backend="triton"), tb.grad_sq_norm(G, W0))
+    W, backup = W0.clone(), torch.full((k,), float("nan"), dtype=W0.dtype, device=DEVICE)
+    W_ref, backup_ref = W0.clone(), torch.empty_like(backup)
+    scale = torch.tensor(0.125, device=DEVICE)
+    ops.perturb_(W, G, mask, offsets, backup, scale, backend="triton")
+    ops.perturb_(W_ref, G, mask, offsets, backup_ref, scale, backend="reference")
+    assert_bits(backup, backup_ref)
+    assert_ulp(W, W_ref)
+    ops.restore_(W, mask, offsets, backup, backend="triton")
+    assert_bits(W, W0)
+    F, F_ref = torch.ones(2000, device=DEVICE), torch.ones(2000, device=DEVICE)
+    ops.fisher_accumulate_(F, G, 0.5, backend="triton")
+    ops.fisher_accumulate_(F_ref, G, 0.5, backend="reference")
+    assert_ulp(F, F_ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Element-wise ops
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@by_size
+def test_grad_sq_norm(n: int, dtype: torch.dtype, config: str) -> None:
+    gen = _gen("norm", n, dtype, config)
+    G, W = _randn(n, dtype, gen), _randn(n, dtype, gen)
+    for w in (None, W):
+        got = tb.grad_sq_norm(G, w)
+        want = reference.grad_sq_norm(G, w)
+        assert got.dtype == torch.float64 and got.dim() == 0 and got.device == G.device
+        # Both sum exact (or nearly exact) float64 squares; only the summation order differs.
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+        assert_bits(tb.grad_sq_norm(G, w), got)  # deterministic
+
+
+@pytest.mark.parametrize("sparsity", [*SPARSITIES, None])  # None: dense (mask=None)
+@pytest.mark.parametrize("dtype", DTYPES)
+@by_size
+def test_perturb_restore(n: int, dtype: torch.dtype, sparsity: float | None, config: str) -> None:
+    gen = _gen("perturb", n, dtype, sparsity, config)
+    W0, G = _randn(n, dtype, gen), _randn(n, dtype, gen)
+    if sparsity is None:
+        mask = offsets = None
+        k, selected = n, torch.ones(n, dtype=torch.bool, device=DEVICE)
+    else:
+        mask, offsets, k = _mask(n, sparsity, gen)
+        selected = bitmask.unpack(mask, n)
+    scales = [float(torch.rand((), generator=gen)) * 0.1 + 0.01, -0.5, 0.0, float("inf"), float("nan")]
+    for case, (value, adaptive) in enumerate([(s, a) for s in scales for a in (False, True)]):
+        scale = torch.tensor(value, dtype=torch.float32, device=DEVICE)
+        offs = offsets.to(torch.int32) if offsets is not None and case % 2 else offsets
+        W, W_ref = W0.clone(), W0.clone()
+        backup = torch.full((k,), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+        backup_ref = torch.empty_like(backup)
+        tb.perturb_(W, G, mask, offs, backup, scale, adaptive)
+        reference.perturb_(W_ref, G, mask, offsets, backup_ref, scale, adaptive)
+        assert_bits(backup, W0[selected])  # every slot written, with the value before perturbation
+        assert_bits(W[~selected], W0[~selected])  # unmasked entries untouched
+        assert_ulp(W, W_ref)
+        if not (abs(value) < float("inf") and value != 0):
+            assert_bits(W, W0)  # a skipped step changes nothing
+        W_poisoned = torch.where(selected, torch.full_like(W, float("nan")), W)
+        tb.restore_(W_poisoned, mask, offs, backup)
+        assert_bits(W_poisoned, W0)  # every masked entry restored, bit-exact
+        tb.restore_(W, mask, offs, backup)
+        assert_bits(W, W0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@by_size
+def test_fisher_accumulate(n: int, dtype: torch.dtype, config: str) -> None:
+    gen = _gen("fisher", n, dtype, config)
+    G = _randn(n, dtype, gen)
+    F0 = _randn(n, torch.float32, gen).abs()
+    for alpha in (1.0, 0.37, 1 / 3000):
+        F, F_ref = F0.clone(), F0.clone()
+        tb.fisher_accumulate_(F, G, alpha)
+        reference.fisher_accumulate_(F_ref, G, alpha)
+        assert_ulp(F, F_ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selection primitives
+# ----------------------------------------------------------------------------------------------------
+
+def _tricky(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Scores with many ties, both zeros, infinities and NaN."""
+    x = torch.randn(n, generator=gen)
+    x = torch.where(torch.rand(n, generator=gen) < 0.4, (x * 2).round() / 2, x)  # ties
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    pick = torch.rand(n, generator=gen) < 0.1
+    x[pick] = specials[torch.randint(0, 5, (int(pick.sum()),), generator=gen)]
+    return x.to(dtype).to(DEVICE)
+
+
+def _scores(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "int32":
+        return torch.randint(-(1 << 31), 1 << 31, (n,), dtype=torch.int32, generator=gen).to(DEVICE)
+    return _tricky(n, getattr(torch, kind), gen)
+
+
+def _device_int(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16", "int32"])
+@by_size
+def test_radix_histogram(n: int, kind: str, config: str) -> None:
+    gen = _gen("hist", n, kind, config)
+    scores = _scores(n, kind, gen)
+    filter_words = _mask(n, 0.5, gen)[0]
+    for largest in (True, False):
+        keys = reference.score_keys(scores, largest)
+        for shift, bits in PASSES:
+            # A prefix taken from a real key, so the counted set is neither empty nor everything.
+            prefix = _device_int(int(keys[n // 2]) if n else 0)
+            for filt, value in ((None, True), (filter_words, True), (filter_words, False)):
+                got = tb.radix_histogram(scores, prefix, shift, bits, largest, filt, value)
+                want = reference.radix_histogram(scores, prefix, shift, bits, largest, filt, value)
+                assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16", "int32"])
+@by_size
+def test_threshold_mask(n: int, kind: str, config: str) -> None:
+    gen = _gen("threshold", n, kind, config)
+    scores = _scores(n, kind, gen)
+    filter_words = _mask(n, 0.3, gen)[0]
+    for largest in (True, False):
+        keys = reference.score_keys(scores, largest)
+        threshold = int(keys[(2 * n) // 3]) if n else 0
+        ties = int((keys == threshold).sum())
+        for i, quota in enumerate(sorted({0, 1, ties // 2, ties})):
+            # The filter cases rotate over the (largest, quota) cases rather than multiplying them.
+            filt, value = ((None, True), (filter_words, True), (filter_words, False))[(i + largest) % 3]
+            args = (scores, _device_int(threshold), _device_int(quota), largest, filt, value)
+            assert_bits(tb.threshold_mask(*args), reference.threshold_mask(*args))
+
+
+@pytest.mark.parametrize("base", [0, 12345, (1 << 32) - 100, (5 << 32) + 7])
+def test_hash_scores(base: int, config: str) -> None:
+    for n, seed, step in ((0, 1, 1), (1, 0, 0), (5003, 42, 7), (300, 0xFFFFFFFF, 0xFFFFFFFF)):
+        got = tb.hash_scores(n, seed, step, base, DEVICE)
+        assert_bits(got, reference.hash_scores(n, seed, step, base, DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public selection ops, Triton vs reference: masks bit-for-bit
+# ----------------------------------------------------------------------------------------------------
+
+SEGMENTS = [[0], [1], [1025], [5003], [33, 0, 1023, 1], [700, 31, 2048]]
+SEGMENT_CONFIGS = [*((sizes, "default") for sizes in SEGMENTS), ([33, 0, 1023, 1], "small")]
+by_segments = pytest.mark.parametrize(("sizes", "config"), SEGMENT_CONFIGS, indirect=["config"], ids=str)
+
+
+@by_segments
+def test_select_topk(sizes: list[int], config: str) -> None:
+    gen = _gen("topk", sizes, config)
+    scores = [_tricky(n, DTYPES[i % 3], gen) for i, n in enumerate(sizes)]
+    total = sum(sizes)
+    for k in sorted({0, 1, total // 3, total // 2, total - 1, total} & set(range(total + 1))):
+        got = ops.select_topk(scores, k, backend="triton")
+        want = ops.select_topk(scores, k, backend="reference")
+        for (mask, offsets), (mask_ref, offsets_ref) in zip(got, want, strict=True):
+            assert_bits(mask, mask_ref)
+            assert_bits(offsets, offsets_ref)
+        assert sum(int(bitmask.count(m)) for m, _ in got) == k
+
+
+@by_segments
+def test_dynamic_update(sizes: list[int], config: str) -> None:
+    gen = _gen("dynamic", sizes, config)
+    masks = [_mask(n, 0.7, gen)[0] for n in sizes]
+    drop = [_tricky(n, DTYPES[i % 3], gen).abs() for i, n in enumerate(sizes)]
+    grow_scores = [_tricky(n, DTYPES[(i + 1) % 3], gen) for i, n in enumerate(sizes)]
+    live = sum(int(bitmask.count(m)) for m in masks)
+    limit = min(live, sum(sizes) - live)
+    for n_drop in sorted({0, min(1, limit), limit // 2, limit}):
+        for grow in ("random", grow_scores):
+            args = (masks, drop, n_drop, grow, 1234, 56)
+            got = ops.dynamic_update(*args, backend="triton")
+            want = ops.dynamic_update(*args, backend="reference")
+            for (mask, offsets), (mask_ref, offsets_ref) in zip(got, want, strict=True):
+                assert_bits(mask, mask_ref)
+                assert_bits(offsets, offsets_ref)
+            assert sum(int(bitmask.count(m)) for m, _ in got) == live
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: large sizes (skipped without CUDA)
+# ----------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [(1 << 27) - 5, 1 << 27])
+def test_gpu_large_elementwise(n: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    W0 = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    G = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    bits = torch.rand(n, device="cuda", generator=gen) >= 0.9
+    mask, offsets = bitmask.from_bool(bits)
+    k = int(bits.sum())
+    torch.testing.assert_close(tb.grad_sq_norm(G, W0), reference.grad_sq_norm(G, W0), rtol=1e-12, atol=0)
+    assert_bits(tb.grad_sq_norm(G), tb.grad_sq_norm(G))
+    scale = torch.tensor(0.01, device="cuda")
+    W, W_ref = W0.clone(), W0.clone()
+    backup = torch.full((k,), float("nan"), dtype=dtype, device="cuda")
+    tb.perturb_(W, G, mask, offsets, backup, scale, True)
+    reference.perturb_(W_ref, G, mask, offsets, torch.empty_like(backup), scale, True)
+    assert_bits(backup, W0[bits])
+    assert_ulp(W, W_ref)
+    tb.restore_(W, mask, offsets, backup)
+    assert_bits(W, W0)
+    scores = [G.float().abs()]
+    for (m, o), (m_ref, o_ref) in zip(ops.select_topk(scores, n // 2, backend="triton"),
+                                      ops.select_topk(scores, n // 2, backend="reference"), strict=True):
+        assert_bits(m, m_ref)
+        assert_bits(o, o_ref)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_select_topk_past_int32() -> None:
+    n = (1 << 31) + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * (1 << 30):
+        pytest.skip(f"needs ~24 GiB of free GPU memory, {free / (1 << 30):.1f} GiB free")
+    # fp16 scores with heavy ties (2^16 distinct values): the threshold is shared by ~32K entries.
+    scores = torch.randint(-(1 << 15), 1 << 15, (n,), dtype=torch.int16, device="cuda").view(torch.float16)
+    scores[-3:] = 70000.0  # rounds to inf in fp16: the very last entries are among the largest
+    k = n // 3
+    (mask, offsets), = ops.select_topk([scores], k, backend="triton")
+    assert int(offsets[-1]) == k and int(bitmask.count(mask)) == k
+    selected = bitmask.unpack(mask, n)
+    assert bool(selected[-3:].all())
+    # Every selected key >= every unselected key, and ties taken in index order; in blocks, because
+    # int64 keys of all 2^31 entries would need 16 GiB.
+    low, high, last_taken_tie, first_skipped_tie = 1 << 32, -1, -1, n
+    block = 1 << 27
+    for start in range(0, n, block):
+        keys, taken = reference.score_keys(scores[start: start + block]), selected[start: start + block]
+        low = min(low, int(keys[taken].min())) if bool(taken.any()) else low
+        high = max(high, int(keys[~taken].max())) if bool((~taken).any()) else high
+    assert low >= high
+    for start in range(0, n, block):
+        keys, taken = reference.score_keys(scores[start: start + block]), selected[start: start + block]
+        ties = keys == low
+        if bool((ties & taken).any()):
+            last_taken_tie = start + int((ties & taken).nonzero()[-1])
+        if bool((ties & ~taken).any()):
+            first_skipped_tie = min(first_skipped_tie, start + int((ties & ~taken).nonzero()[0]))
+    assert last_taken_tie < first_skipped_tie
+
+
+# ----------------------------------------------------------------------------------------------------
+# Without a GPU: every kernel compiles for sm_90 (catches GPU-only lowering errors on CPU CI)
+# ----------------------------------------------------------------------------------------------------
+
+def _compile_for_sm90() -> None:
+    """Compile each kernel ahead of time for ``cuda:90`` (PTX and cubin via the bundled ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ssam_kernels.ops.triton import fisher, hashing, norm, perturb, radix
+
+    def build(fn: object, pointers: dict[str, str], scalars: dict[str, str], constexprs: dict) -> None:
+        signature = {**pointers, **scalars, **dict.fromkeys(constexprs, "constexpr")}
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
+
+    n = {"N": "i64"}
+    for dt in ("fp32", "bf16", "fp16"):
+        build(norm._sq_norm_kernel, {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "partial_ptr": "*fp64"}, n,
+              {"ADAPTIVE": True, "BLOCK": 2048, "TILES": 8})
+        build(fisher._fisher_kernel, {"f_ptr": "*fp32", "g_ptr": f"*{dt}"}, {**n, "alpha": "fp32"},
+              {"BLOCK": 2048, "TILES": 8})
+        for has_mask in (True, False):
+            mask = {"mask_ptr": "*i32", "offsets_ptr": "*i32"} if has_mask else {}
+            dense = {} if has_mask else {"mask_ptr": None, "offsets_ptr": None}
+            build(perturb._perturb_kernel, {"w_ptr": f"*{dt}", "g_ptr": f"*{dt}", **mask,
+                                            "backup_ptr": f"*{dt}", "scale_ptr": "*fp32"}, n,
+                  {**dense, "HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
+            build(perturb._restore_kernel, {"w_ptr": f"*{dt}", **mask, "backup_ptr": f"*{dt}"}, n,
+                  {**dense, "HAS_MASK": has_mask, "CHUNKS": 4})
+    for st in ("fp32", "bf16", "i32"):
+        flags = {"LARGEST": False, "INT_SCORES": st == "i32", "HAS_FILTER": True, "FILTER_VALUE": False,
+                 "BLOCK": 2048}
+        scores = {"scores_ptr": f"*{st}", "filter_ptr": "*i32"}
+        build(radix._histogram_kernel, {**scores, "prefix_ptr": "*i64", "partial_ptr": "*i32"},
+              {**n, "ITERS": "i32", "PROGRAMS": "i32"}, {"SHIFT": 21, "BITS": 11, **flags})
+        build(radix._tie_count_kernel, {**scores, "threshold_ptr": "*i64", "count_ptr": "*i32"}, n, flags)
+        build(radix._threshold_mask_kernel, {**scores, "threshold_ptr": "*i64", "quota_ptr": "*i64",
+                                             "ties_before_ptr": "*i64", "words_ptr": "*i32"}, n, flags)
+    build(hashing._hash_kernel, {"out_ptr": "*i32"}, {**n, "base": "i64", "key": "i32"}, {"BLOCK": 2048})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_kernels_compile_for_sm90(tmp_path: object) -> None:
+    # A fresh process: these kernels were decorated for the interpreter here.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__))))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    if "ptxas" in done.stderr and done.returncode != 0 and "not found" in done.stderr:
+        pytest.skip("triton's ptxas is not available")
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    _compile_for_sm90()
