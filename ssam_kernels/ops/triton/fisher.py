@@ -12,14 +12,15 @@ from ._convert import to_float32
 
 @triton.jit
 def _fisher_kernel(f_ptr, g_ptr, N, alpha, BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """``F[i] = F[i] + alpha · (g_i · g_i)`` in fp32, each operation rounded (no FMA contraction)."""
+    """``F[i] = F[i] + alpha · (g_i · g_i)`` in float64, rounded once to fp32 (as the reference)."""
     first = tl.program_id(0).to(tl.int64) * (TILES * BLOCK)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
         inside = idx < N
         g = to_float32(tl.load(g_ptr + idx, mask=inside))
         f = tl.load(f_ptr + idx, mask=inside)
-        tl.store(f_ptr + idx, f + alpha * (g * g), mask=inside)
+        g64 = g.to(tl.float64)
+        tl.store(f_ptr + idx, (f.to(tl.float64) + alpha * (g64 * g64)).to(tl.float32), mask=inside)
 
 
 @torch.library.custom_op("ssam_triton::fisher_accumulate_", mutates_args=("F",))
@@ -33,5 +34,5 @@ def _fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float) -> None:
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` element-wise with fp32 arithmetic; ``F`` is a float32 accumulator."""
+    """``F += alpha · G²`` element-wise in float64, rounded once; ``F`` is a float32 accumulator."""
     _fisher_accumulate_(F, G, float(alpha))

@@ -50,19 +50,22 @@ def _tile_ranks(mask_ptr, offsets_ptr, N, HAS_MASK: tl.constexpr, CHUNKS: tl.con
 def _perturb_kernel(w_ptr, g_ptr, mask_ptr, offsets_ptr, backup_ptr, scale_ptr, N,
                     HAS_MASK: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNKS: tl.constexpr):
     """``backup[rank(i)] = w_i``; if ``scale`` is finite and non-zero, ``w_i = w_i + scale·g_i``
-    (adaptive: ``w_i + scale·((w_i·w_i)·g_i)``) in fp32, each operation rounded, one final rounding to
-    W's dtype."""
+    (adaptive: ``w_i + scale·((w_i·w_i)·g_i)``) in float64, rounded to fp32 and then to W's dtype, as
+    the reference's ``.to(dtype)`` does: the products are exact in float64, so the result is the
+    reference's bit for bit (fp32 arithmetic is off by several ulps where ``w`` and the step cancel).
+    The op is memory-bound: the float64 arithmetic costs no bandwidth."""
     index, selected, rank = _tile_ranks(mask_ptr, offsets_ptr, N, HAS_MASK, CHUNKS)
     w = tl.load(w_ptr + index, mask=selected)
     tl.store(backup_ptr + rank, w, mask=selected)
     scale = tl.load(scale_ptr)
     # NaN fails every comparison and ±inf exceeds FLT_MAX: only finite non-zero scales perturb.
     if (tl.abs(scale) <= _FLT_MAX) & (scale != 0.0):
-        g = to_float32(tl.load(g_ptr + index, mask=selected))
-        w32 = to_float32(w)
+        g64 = to_float32(tl.load(g_ptr + index, mask=selected)).to(tl.float64)
+        w64 = to_float32(w).to(tl.float64)
         if ADAPTIVE:
-            g = w32 * w32 * g
-        tl.store(w_ptr + index, round_to(w32 + scale * g, w_ptr.dtype.element_ty), mask=selected)
+            g64 = w64 * w64 * g64
+        result = (w64 + scale.to(tl.float64) * g64).to(tl.float32)
+        tl.store(w_ptr + index, round_to(result, w_ptr.dtype.element_ty), mask=selected)
 
 
 @triton.jit
@@ -101,7 +104,7 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
     the float32 0-d device tensor ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
-    (``adaptive``: ``+ scale·w_i²·g_i``) in fp32, rounded once to W's dtype. ``scale`` is read in the
+    (``adaptive``: ``+ scale·w_i²·g_i``) in float64, rounded once to W's dtype. ``scale`` is read in the
     kernel (no host synchronisation)."""
     _perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
 
