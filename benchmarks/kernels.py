@@ -388,7 +388,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--tensors", type=int, default=200, help="per-parameter tensors of foreach/refcode")
     p.add_argument("--budget", type=float, default=None, help="seconds per (op, impl, size); slower cases "
-                   "are skipped, with their first-call time (default 10 on CPU, 60 on GPU)")
+                   "are skipped, with their first-call time (default 30 on CPU, 60 on GPU)")
     return p
 
 
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     on_cpu = torch.device(args.device).type == "cpu"
     args.sizes = args.sizes or ("16:24:2" if on_cpu else "16:30:2")
-    args.budget = args.budget if args.budget is not None else (10.0 if on_cpu else 60.0)
+    args.budget = args.budget if args.budget is not None else (30.0 if on_cpu else 60.0)
     return run(args)
 
 
