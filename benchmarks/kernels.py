@@ -357,16 +357,18 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(ops_present) / cols), cols, figsize=(4.2 * cols, 3.4 * 2),
                              squeeze=False)
+    impls = list(dict.fromkeys(r["impl"] for r in payload["results"]))
+    colors = {impl: f"C{i}" for i, impl in enumerate(impls)}
     for ax, op in zip(axes.flat, ops_present, strict=False):
         rows = [r for r in payload["results"] if r["op"] == op]
         for impl in dict.fromkeys(r["impl"] for r in rows):
             mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["n"])
-            ax.plot([r["n"] for r in mine], [r["gbps"] for r in mine], marker="o", ms=3, label=impl)
+            ax.plot([r["n"] for r in mine], [r["gbps"] for r in mine], marker="o", ms=3, label=impl,
+                    color=colors[impl])
         copy = sorted({(r["n"], r["copy_gbps"]) for r in rows})
-        ax.plot([c[0] for c in copy], [c[1] for c in copy], "k--", lw=1, label="copy_")
-        ax.set(xscale="log", yscale="log", title=op, xlabel="N (entries)", ylabel="GB/s")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.LogFormatterExponent(base=2))
-        ax.set_xlabel("log2 N")
+        ax.plot([c[0] for c in copy], [c[1] for c in copy], "k--", lw=1, label="copy_ (same bytes)")
+        ax.set_xscale("log", base=2)
+        ax.set(yscale="log", title=op, xlabel="N (entries)", ylabel="GB/s (bytes of the op's meaning)")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(ops_present):]:
         ax.axis("off")

@@ -164,6 +164,9 @@ def bench_method(method: Method, model: torch.nn.Module, batch: tuple[torch.Tens
             return loss
 
         closure()  # gradients for the steps timed without forward/backward
+        if method.family != "plain":  # the initial mask is built at the first first_step: not a step cost
+            opt.first_step()
+            opt.unperturb()
         steps = _timed_steps(method, opt, closure)
         names = ["overhead"] if update else list(steps)
         for name in names:
