@@ -1,0 +1,58 @@
+"""Smoke test of the benchmark scripts (benchmarks/kernels.py, benchmarks/step.py): tiny sizes, one or
+two runs, outputs into a temporary directory; checks the JSON and Markdown structure so the scripts
+cannot rot. Timings are not checked."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
+
+pytest.importorskip("tqdm", reason="the benchmarks need the 'bench' extra")
+from benchmarks import kernels, step
+
+COMMON = ["--device", "cpu", "--runs", "2", "--warmup", "1", "--quiet", "--no-plots", "--threads", "1"]
+
+
+def test_kernels_script(tmp_path: Path) -> None:
+    kernels.main([*COMMON, "--sizes", "8:10:2", "--tensors", "7", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "kernels.json").read_text())
+    meta = payload["meta"]
+    for key in ("device_name", "torch", "triton", "cuda", "commit", "sizes", "dtype", "runs", "date_utc"):
+        assert key in meta
+    assert meta["sizes"] == [256, 1024] and meta["runs"] == 2
+    results = payload["results"]
+    assert {r["op"] for r in results} == set(kernels.IMPLS)
+    assert {"reference", "foreach", "refcode", "torch.topk", "torch.kthvalue"} <= {r["impl"] for r in results}
+    for r in results:
+        assert r["runs"] == 2 and r["bytes"] == kernels.op_bytes(r["op"], r["n"], r["k"], 4)
+        assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
+        assert r["gbps"] > 0 and r["copy_gbps"] > 0 and r["copy_fraction"] > 0
+    assert all(r["x_vs_refcode"] for r in results if r["op"] == "perturb_")
+    md = (tmp_path / "kernels.md").read_text()
+    assert "## perturb_" in md and "## Byte model" in md and "| N | impl |" in md
+    assert (tmp_path / "kernels.log").read_text().count("median") == len(results)
+
+
+def test_step_script(tmp_path: Path) -> None:
+    step.main([*COMMON, "--models", "resnet18", "--scale", "0.02", "--batch", "2", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "step.json").read_text())
+    shape = payload["meta"]["model_shapes"]["resnet18"]
+    assert shape["tensors"] == 62
+    rows = {r["method"]: r for r in payload["results"]}
+    assert {"SGD", "AdamW", "loop SAM", "refcode SSAM-F s=0.5", "sk.SAM[reference]",
+            "sk.SSAM-D[reference] s=0.9"} <= set(rows)
+    for r in rows.values():
+        assert r["overhead"]["runs"] == 2 and r["full"]["median_s"] > 0
+    assert rows["SGD"]["state_bytes_per_param"] == pytest.approx(4, rel=0.01)  # momentum
+    assert rows["refcode SSAM-F s=0.5"]["extra_bytes_per_param"] == pytest.approx(8, rel=0.01)  # mask + e_w
+    # ours at s = 0.5: a compact fp32 backup of half the entries + the bit mask + chunk offsets
+    assert rows["sk.SSAM-F[reference] s=0.5"]["extra_bytes_per_param"] < 0.5 * 4 + 1 / 8 + 0.1
+    assert rows["sk.SSAM-D[reference] s=0.5"]["update_s"] is not None
+    assert rows["sk.SSAM-F[reference] s=0.5"]["x_vs_loop"]["overhead"] > 0
+    md = (tmp_path / "step.md").read_text()
+    assert "## resnet18" in md and "| method |" in md and "sk.SSAM-F[reference] s=0.9" in md
