@@ -5,8 +5,9 @@ accuracy, the training time per epoch, and the sharpness (``sharpness.py``) on a
 training data: the top Hessian eigenvalue, and the loss increase under a random and under an adversarial
 (SAM-style, gradient-direction) perturbation of radius ``rho``. Reports mean ± sample std over seeds.
 
-    python python/study.py                  # the full study (5 seeds x 6 methods), ~15 min on 2 CPU cores
+    python python/study.py                  # the full study (5 seeds x 6 methods), ~6 min on 2 CPU cores
     python python/study.py --quick          # CI smoke run: 2 seeds, 3 epochs, small sharpness budget
+    python python/study.py --from-json python/results/study.json   # re-render table and plot only
 
 Writes to ``--out`` (default ``python/results/``): ``study.json`` (every run and the summary),
 ``study.md`` (the table) and ``study.png`` (accuracy and sharpness per method, error bars = std).
@@ -51,11 +52,12 @@ METRICS = (
     ("test_accuracy", "test accuracy (%)", "{:.2f}"),
     ("train_loss", "train loss", "{:.4f}"),
     ("hessian_top_eigenvalue", "λ_max(H)", "{:.2f}"),
-    ("random_loss_increase", "ΔL random (r=rho)", "{:.5f}"),
+    ("random_loss_increase", "ΔL random (r=rho)", "{:.1e}"),
     ("random_loss_increase_large", "ΔL random (r=R)", "{:.4f}"),
     ("adversarial_loss_increase", "ΔL adversarial", "{:.4f}"),
     ("seconds_per_epoch", "s / epoch", "{:.2f}"),
 )
+PAIRED = ("test_accuracy", "hessian_top_eigenvalue", "adversarial_loss_increase")
 QUICK = {"seeds": 2, "epochs": 3, "sharpness_samples": 256}
 
 
@@ -79,28 +81,57 @@ def run_one(method: Method, seed: int, args: argparse.Namespace, dataset: Datase
             "history": result["history"]}
 
 
+def _stats(values: list[float]) -> dict:
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
 def summarise(runs: list[dict]) -> dict:
     """Per method and metric: mean, sample standard deviation (n − 1) and n over seeds."""
-    summary = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        mine = [r for r in runs if r["method"] == method]
-        summary[method] = {}
-        for key, _, _ in METRICS:
-            values = [r[key] for r in mine]
-            std = statistics.stdev(values) if len(values) > 1 else math.nan
-            summary[method][key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
-    return summary
+    methods = dict.fromkeys(r["method"] for r in runs)
+    return {m: {key: _stats([r[key] for r in runs if r["method"] == m]) for key, _, _ in METRICS}
+            for m in methods}
 
 
-def markdown_table(summary: dict) -> str:
+def paired(runs: list[dict], reference: str, keys: tuple[str, ...] = PAIRED) -> dict:
+    """Per method: mean ± std over seeds of ``metric(method, seed) − metric(reference, seed)``. A seed fixes
+    the initial weights and the batch order for every method, so the pairing removes their share of the
+    seed-to-seed spread."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if r["method"] == reference})
+    if not seeds:
+        return {}
+    return {m: {key: _stats([by[m, s][key] - by[reference, s][key] for s in seeds if (m, s) in by])
+                for key in keys}
+            for m in dict.fromkeys(r["method"] for r in runs) if m != reference}
+
+
+def markdown_table(summary: dict, metrics: tuple[tuple[str, str, str], ...] = METRICS) -> str:
     """One row per method, ``mean ± std`` per metric."""
-    header = "| method | " + " | ".join(title for _, title, _ in METRICS) + " |"
-    lines = [header, "|---|" + "---:|" * len(METRICS)]
-    for method, metrics in summary.items():
-        cells = [f"{fmt.format(metrics[key]['mean'])} ± {fmt.format(metrics[key]['std'])}"
-                 for key, _, fmt in METRICS]
+    header = "| method | " + " | ".join(title for _, title, _ in metrics) + " |"
+    lines = [header, "|---|" + "---:|" * len(metrics)]
+    for method, values in summary.items():
+        cells = [f"{fmt.format(values[key]['mean'])} ± {fmt.format(values[key]['std'])}"
+                 for key, _, fmt in metrics]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: dict, out: Path) -> str:
+    """``study.json``, ``study.md`` (the summary table, then the paired differences to SAM) and
+    ``study.png`` in ``out``; returns the Markdown."""
+    config, runs = report["config"], report["runs"]
+    markdown = markdown_table(report["summary"])
+    if report["paired_vs_SAM"]:
+        markdown += ("\nPaired by seed, minus SAM (same initial weights and batch order):\n\n"
+                     + markdown_table(report["paired_vs_SAM"], tuple(m for m in METRICS if m[0] in PAIRED)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(report, indent=2))
+    (out / "study.md").write_text(markdown)
+    title = (f"{config['dataset']} / {config['model']}, {config['epochs']} epochs, rho={config['rho']}, "
+             f"R={config['random_radius']}, {config['seeds']} seeds (bars: mean ± std, dots: seeds)")
+    plot(runs, report["summary"], out / "study.png", title)
+    return markdown
 
 
 def plot(runs: list[dict], summary: dict, path: Path, title: str) -> None:
@@ -142,6 +173,8 @@ def cpu_model() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="no training: re-render the table and plot of an existing study.json into --out")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke run ({QUICK}); explicit flags below still override it")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 (default 5)")
@@ -171,6 +204,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        report["summary"] = summarise(report["runs"])
+        report["paired_vs_SAM"] = paired(report["runs"], "SAM")
+        print(write_outputs(report, args.out))
+        return report
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, torch.device(args.device))
@@ -187,21 +226,15 @@ def main(argv: list[str] | None = None) -> dict:
                        f"ΔL_adv {r['adversarial_loss_increase']:.4f}  "
                        f"ΔL_rand(R) {r['random_loss_increase_large']:.4f}  "
                        f"{r['seconds_per_epoch']:.2f} s/epoch")
-    summary = summarise(runs)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     report = {
-        "config": config, "summary": summary, "runs": runs, "wall_seconds": time.perf_counter() - started,
+        "config": config, "summary": summarise(runs), "paired_vs_SAM": paired(runs, "SAM"), "runs": runs,
+        "wall_seconds": time.perf_counter() - started,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
                         "load_average_at_end": os.getloadavg(), "backends": sk.available_backends()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps(report, indent=2))
-    (args.out / "study.md").write_text(markdown_table(summary))
-    title = (f"{args.dataset} / {args.model}, {args.epochs} epochs, rho={args.rho}, R={args.random_radius}, "
-             f"{args.seeds} seeds (bars: mean ± std, dots: seeds)")
-    plot(runs, summary, args.out / "study.png", title)
-    print(markdown_table(summary))
+    print(write_outputs(report, args.out))
     print(f"wall time {report['wall_seconds']:.0f} s -> {args.out}")
     return report
 

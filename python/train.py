@@ -121,7 +121,8 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Run:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dataset = dataset or load_dataset(args.dataset, device, args.data_dir)
+    if dataset is None:
+        dataset = load_dataset(args.dataset, device, args.data_dir)
     model = build_model(args.model, dataset.input_shape, dataset.classes, args.width).to(device)
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = -(-len(dataset.x_train) // args.batch_size)

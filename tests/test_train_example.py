@@ -35,7 +35,7 @@ def test_train_script_runs_and_learns(optimizer, tmp_path):
 def test_mnist1d_is_generated_locally_and_learns(tmp_path):
     pytest.importorskip("mnist1d")
     result = train.main(["--optimizer", "ssam-d", "--sparsity", "0.9", "--epochs", "3", "--lr", "0.1",
-                         "--quiet", "--device", "cpu", "--out", str(tmp_path / "r.json")])
+                         "--quiet", "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "r.json")])
     assert result["config"]["dataset"] == "mnist1d" and result["config"]["model"] == "cnn1d"
     assert result["final_test_accuracy"] > 0.25  # chance is 0.1; 3 epochs are far from converged
 
@@ -64,7 +64,8 @@ def test_cifar_from_pickle_files(dataset, model, optimizer, tmp_path):
     out = tmp_path / "r.json"
     result = train.main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--model", model,
                          "--width", "0.125", "--optimizer", optimizer, "--epochs", "1", "--batch-size", "16",
-                         "--fisher-samples", "8", "--quiet", "--device", "cpu", "--out", str(out)])
+                         "--fisher-samples", "8", "--quiet", "--threads", "1", "--device", "cpu",
+                         "--out", str(out)])
     saved = json.loads(out.read_text())
     assert len(saved["history"]) == 1 and 0.0 <= result["final_test_accuracy"] <= 1.0
     assert torch.isfinite(torch.tensor(result["final_train_loss"]))
