@@ -1,132 +1,209 @@
-"""Train a small model with SGD, SAM, ASAM, SSAM-F or SSAM-D on an embedded dataset (no network).
+"""Train a model with SGD, SAM, ASAM, SSAM-F or SSAM-D and write a results JSON.
 
-The default is SSAM-F at sparsity 0.5 on scikit-learn's bundled 8x8 digits, a few seconds on a CPU:
+Datasets: ``mnist1d`` (default: generated locally, no network), ``digits`` (scikit-learn's bundled 8x8
+digits), ``cifar10`` / ``cifar100`` (read from ``--data-dir`` in the python-pickle format, trained with the
+paper's recipe: random crop 32 pad 4 + horizontal flip + cutout 16, batch 128, SGD momentum 0.9, weight
+decay 5e-4, cosine learning rate). Every optimizer uses SGD (momentum 0.9, weight decay 5e-4) as its base.
 
-    python python/train.py
-    python python/train.py --optimizer ssam-d --sparsity 0.9 --epochs 30 --out results.json
+    python python/train.py                                          # SSAM-F, s=0.5, MNIST-1D, 1-D CNN
+    python python/train.py --optimizer ssam-d --sparsity 0.9 --epochs 30 --seed 1
+    python python/train.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py --model resnet18 \\
+        --epochs 200 --rho 0.1 --lr 0.05
+
+The run's JSON (config, per-epoch history, final accuracies, seconds per epoch) goes to ``--out``
+(default ``runs/<dataset>-<model>-<optimizer>[-s<sparsity>]-seed<seed>.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from data import DATASETS, Dataset, FreshBatches, load_dataset
+from models import MODELS, build_model
 from torch import nn
 from tqdm import tqdm
 
 import ssam_kernels as sk
 
 OPTIMIZERS = ("sgd", "sam", "asam", "ssam-f", "ssam-d")
+DEFAULT_MODEL = {"mnist1d": "cnn1d", "digits": "mlp", "cifar10": "resnet18", "cifar100": "resnet18"}
+loss_fn = nn.functional.cross_entropy
 
 
-def digits(seed: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's 1797 8x8 digit images, standardised, split 80/20 with a seeded permutation."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(x))
-    train, test = order[:split], order[split:]
-    return x[train].to(device), y[train].to(device), x[test].to(device), y[test].to(device)
-
-
-def mlp(in_features: int, classes: int, hidden: int = 128) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, classes))
-
-
-def build_optimizer(args: argparse.Namespace, model: nn.Module, batches: list[tuple[torch.Tensor, ...]],
+def build_optimizer(args: argparse.Namespace, model: nn.Module, dataset: Dataset, total_steps: int,
                     steps_per_epoch: int) -> torch.optim.Optimizer:
-    base = {"lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4}
+    """The optimizer named by ``args.optimizer``, over SGD(momentum 0.9, weight decay ``args.wd``).
+
+    SSAM masks are refreshed once per epoch: SSAM-F from the Fisher of ``args.fisher_samples`` fresh
+    training samples, SSAM-D by dropping/growing ``floor(dr(t) · K)`` entries with the cosine-decayed
+    drop rate ``dr(t) = 0.5 · (1 + cos(π t / T)) / 2`` over the whole run.
+    """
+    base = {"lr": args.lr, "momentum": 0.9, "weight_decay": args.wd}
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), **base)
     if args.optimizer in ("sam", "asam"):
         return sk.SAM(model.parameters(), torch.optim.SGD, rho=args.rho, adaptive=args.optimizer == "asam",
                       backend=args.backend, **base)
     if args.optimizer == "ssam-f":
-        mask = sk.FisherMask(model, nn.functional.cross_entropy, batches, num_samples=args.fisher_samples,
-                             interval=steps_per_epoch)
+        fisher_data = FreshBatches(dataset, args.batch_size, seed=args.seed + 1)
+        mask: sk.MaskPolicy = sk.FisherMask(model, loss_fn, fisher_data, num_samples=args.fisher_samples,
+                                            interval=steps_per_epoch)
     else:
-        mask = sk.DynamicMask(interval=steps_per_epoch, drop_rate=0.5,
-                              total_steps=args.epochs * steps_per_epoch, seed=args.seed)
+        mask = sk.DynamicMask(interval=steps_per_epoch, drop_rate=0.5, total_steps=total_steps,
+                              seed=args.seed)
     return sk.SSAM(model.parameters(), torch.optim.SGD, rho=args.rho, sparsity=args.sparsity, mask=mask,
                    backend=args.backend, **base)
 
 
-def train(args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Batch-norm layers normalise with the batch but leave their running statistics alone (momentum 0),
+    so SAM's second forward pass, at the perturbed weights, does not count the batch twice."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+               ) -> torch.Tensor:
+    """One step; returns the (detached) loss at ``w``. SAM-type optimizers take their two passes."""
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    if isinstance(optimizer, sk.SSAM):
+        optimizer.first_step(zero_grad=True)
+        with frozen_batchnorm(model):
+            loss_fn(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+    else:
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode) over ``batches``."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        total_loss += loss_fn(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += len(y)
+    return total_loss / count, correct / count
+
+
+@dataclass
+class Run:
+    """A finished run: the trained model, its data and the JSON-ready result."""
+
+    model: nn.Module
+    dataset: Dataset
+    result: dict
+
+
+def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Run:
+    """Train as ``args`` says (``dataset``: an already loaded one, to skip loading it again)."""
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    x_train, y_train, x_test, y_test = digits(args.seed, device)
-    model = mlp(x_train.shape[1], 10).to(device)
-    loss_fn = nn.functional.cross_entropy
+    if dataset is None:
+        dataset = load_dataset(args.dataset, device, args.data_dir)
+    model = build_model(args.model, dataset.input_shape, dataset.classes, args.width).to(device)
     generator = torch.Generator().manual_seed(args.seed)
-
-    def epoch_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(x_train), generator=generator).to(device)
-        return [(x_train[i], y_train[i]) for i in order.split(args.batch_size)]
-
-    batches = epoch_batches()
-    optimizer = build_optimizer(args, model, batches, len(batches))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    steps_per_epoch = -(-len(dataset.x_train) // args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    optimizer = build_optimizer(args, model, dataset, total_steps, steps_per_epoch)
+    # Cosine decay per step (not per epoch), so short runs anneal smoothly too. SSAM's second_step calls
+    # the base optimizer's step, so the scheduler watches that one (they share param_groups).
+    base = optimizer.base_optimizer if isinstance(optimizer, sk.SSAM) else optimizer
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=total_steps)
     history = []
-    for epoch in (bar := tqdm(range(args.epochs), desc=args.optimizer, disable=args.quiet)):
-        model.train()
-        started, total_loss = time.perf_counter(), 0.0
-        for x, y in batches:
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                return loss
-            if args.optimizer == "sgd":
-                optimizer.zero_grad()
-                loss = closure()
-                optimizer.step()
-            else:
-                loss = optimizer.step(closure)
-            total_loss += loss.item()
-        scheduler.step()
-        model.eval()
-        with torch.no_grad():
-            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-        history.append({"epoch": epoch + 1, "train_loss": total_loss / len(batches),
-                        "test_accuracy": accuracy, "seconds": time.perf_counter() - started})
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", test_acc=f"{accuracy:.4f}")
-        batches = epoch_batches()
-    return {"config": vars(args), "final_test_accuracy": history[-1]["test_accuracy"], "history": history,
-            "backends": sk.available_backends()}
+    with tqdm(total=total_steps, desc=run_name(args), disable=args.quiet, unit="step") as bar:
+        for epoch in range(args.epochs):
+            model.train()
+            started, losses = time.perf_counter(), []
+            for x, y in dataset.train_batches(args.batch_size, generator):
+                losses.append(train_step(model, optimizer, x, y))
+                scheduler.step()
+                bar.update()
+            train_loss = torch.stack(losses).mean().item()  # one host sync per epoch
+            seconds = time.perf_counter() - started
+            test_loss, test_accuracy = evaluate(model, dataset.eval_batches(args.eval_batch_size))
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss,
+                            "test_accuracy": test_accuracy, "seconds": seconds})
+            bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.4f}", test_acc=f"{test_accuracy:.4f}")
+    train_loss, train_accuracy = evaluate(model, dataset.eval_batches(args.eval_batch_size, "train"))
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "final_test_accuracy": history[-1]["test_accuracy"], "final_test_loss": history[-1]["test_loss"],
+        "final_train_accuracy": train_accuracy, "final_train_loss": train_loss,
+        "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
+        "parameters": sum(p.numel() for p in model.parameters()), "history": history,
+        "environment": {"torch": torch.__version__, "device": str(device),
+                        "backends": sk.available_backends(), "threads": torch.get_num_threads()},
+    }
+    return Run(model, dataset, result)
+
+
+def run_name(args: argparse.Namespace) -> str:
+    sparse = f"-s{args.sparsity:g}" if args.optimizer.startswith("ssam") else ""
+    return f"{args.dataset}-{args.model}-{args.optimizer}{sparse}-seed{args.seed}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="ssam-f")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of entries not perturbed")
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="SSAM: fraction of entries not perturbed")
+    parser.add_argument("--rho", type=float, default=0.05, help="perturbation radius")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist1d")
+    parser.add_argument("--data-dir", type=Path, default=None, help="CIFAR: the folder of the pickle files")
+    parser.add_argument("--model", choices=MODELS, default=None,
+                        help="default: cnn1d (mnist1d), mlp (digits), resnet18 (cifar)")
+    parser.add_argument("--width", type=float, default=1.0, help="multiplies every channel count")
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--fisher-samples", type=int, default=128)
+    parser.add_argument("--eval-batch-size", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=0.05, help="initial learning rate (cosine decay to 0)")
+    parser.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    parser.add_argument("--fisher-samples", type=int, default=128, help="SSAM-F: samples per Fisher estimate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (small models on a busy CPU: 1 is fastest)")
     parser.add_argument("--backend", default=None, help="auto | reference | triton | native")
-    parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default runs/<run name>.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.model = args.model or DEFAULT_MODEL[args.dataset]
+    if args.epochs < 1:
+        parser.error("--epochs: expected at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = train(args)
-    print(f"{args.optimizer}: final test accuracy {result['final_test_accuracy']:.4f}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
+    result = train(args).result
+    out = args.out or Path("runs") / f"{run_name(args)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{run_name(args)}: test accuracy {result['final_test_accuracy']:.4f} "
+          f"({result['seconds_per_epoch']:.2f} s/epoch) -> {out}")
     return result
 
 
