@@ -210,9 +210,33 @@ class SSAM(torch.optim.Optimizer):
             ops.restore_(segment.weight, words, offsets, backup, backend=self.backend)
         self._phase = _RESTORED
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w``, take the base optimizer's step with the gradient at ``w + e``, refresh the mask."""
+        """Restore ``w``, take the base optimizer's step with the gradient at ``w + e``, refresh the mask.
+
+        Runs through :meth:`step`, so LR schedulers and optimizer step hooks see every step."""
+        self.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """With a closure (forward + backward, returning the loss): the whole two-pass step, returning
+        the loss at ``w``; the gradients are zeroed before each call of the closure. Without one: the
+        second half of the step, as :meth:`second_step` (this is what ``GradScaler.step`` calls)."""
+        if closure is None:
+            self._finish_step()
+            return None
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        local_first_backward = not self.sync_perturbation and self.ddp_model is not None
+        with self.ddp_model.no_sync() if local_first_backward else contextlib.nullcontext():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self._finish_step()
+        return loss
+
+    @torch.no_grad()
+    def _finish_step(self) -> None:
         if self._phase == _IDLE:
             raise RuntimeError("second_step: no first_step() was taken in this step; the weights were "
                                "never perturbed")
@@ -225,25 +249,6 @@ class SSAM(torch.optim.Optimizer):
             self._pending = None
         elif self.policy is not None and not self.policy.uses_gradient and self.policy.due(self._steps):
             self._set_masks(self.policy.refresh(self._context(), self.live_count, self._steps))
-        if zero_grad:
-            self.zero_grad()
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """With a closure (forward + backward, returning the loss): the whole two-pass step, returning
-        the loss at ``w``; the gradients are zeroed before each call of the closure. Without one:
-        :meth:`second_step` (for ``GradScaler.step``)."""
-        if closure is None:
-            self.second_step()
-            return None
-        closure = torch.enable_grad()(closure)
-        self.zero_grad()
-        local_first_backward = not self.sync_perturbation and self.ddp_model is not None
-        with self.ddp_model.no_sync() if local_first_backward else contextlib.nullcontext():
-            loss = closure()
-        self.first_step(zero_grad=True)
-        closure()
-        self.second_step()
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. Perturbed parameters keep their ``.grad`` views and are zeroed in place

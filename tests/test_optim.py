@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -1018,3 +1019,23 @@ def test_topk_mask_signed_int32_and_rejected_dtypes():
     assert out.tolist() == [False, True, True, False, True, False]
     _expect(TypeError, "scores", lambda: topk_mask([torch.zeros(3, dtype=torch.int64)], 0.5))
     _expect(TypeError, "scores", lambda: topk_mask(torch.zeros(3), 0.5))
+
+
+def test_two_step_form_is_seen_by_lr_schedulers_and_step_hooks():
+    """second_step runs through step(): a scheduler on SSAM sees the step (no 'scheduler before
+    optimizer' warning), the base optimizer gets the new lr, and step hooks fire once per step."""
+    model = torch.nn.Linear(3, 2)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    hook_calls = []
+    opt.register_step_post_hook(lambda *args: hook_calls.append(args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            model(torch.randn(4, 3)).sum().backward()
+            opt.first_step(zero_grad=True)
+            model(torch.randn(4, 3)).sum().backward()
+            opt.second_step(zero_grad=True)
+            scheduler.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert len(hook_calls) == 2
