@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import distributed_worker as worker
 import pytest
@@ -84,3 +88,16 @@ def test_ddp_per_rank_perturbation_keeps_ranks_in_step(ranks, single):
 def test_fsdp_checkpoint_resumes_bit_identically(ranks):
     for result in ranks:
         assert result["checkpoint"] == {"same_weights": True, "same_masks": True}
+
+
+def test_torchrun_example_runs(tmp_path):
+    """The README's torchrun command (python/train_distributed.py) trains under FSDP2 on two ranks."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), str(root / "python" / "train_distributed.py"), "--mode", "fsdp",
+               "--optimizer", "ssam-d", "--dataset", "digits", "--model", "mlp", "--epochs", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "live entries" in done.stdout and "(sharded, 2 ranks)" in done.stdout
