@@ -16,45 +16,23 @@ so the tensor count and the shape mix stay those of the real model; use it to sh
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18, CIFAR variant, with stage widths ``width · (1, 2, 4, 8)``."""
-
-    def __init__(self, width: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        blocks, cin = [], width
-        for stage, stride in enumerate((1, 2, 2, 2)):
-            cout = width << stage
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+def _example_models() -> ModuleType:
+    """``python/models.py``, the training examples' model definitions (a script folder, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "python" / "models.py"
+    spec = importlib.util.spec_from_file_location("ssam_example_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Transformer(nn.Module):
@@ -133,7 +111,7 @@ def _gpt(d: int, layers: int, heads: int, context: int) -> Callable[[float], nn.
 
 
 MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(lambda s: ResNet18(_width(64, s, 1)), torch.float32, _images(32, 10), 128),
+    "resnet18": ModelSpec(lambda s: _example_models().resnet18(10, s), torch.float32, _images(32, 10), 128),
     "vit_b16": ModelSpec(lambda s: Transformer(_width(768, s, 12), 12, 12, patch=16, image=224, classes=1000),
                          torch.float32, _images(224, 1000), 64),
     "gpt2_medium": ModelSpec(_gpt(1024, 24, 16, 1024), torch.float32, _tokens, 8, 1024),
