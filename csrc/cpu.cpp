@@ -60,11 +60,7 @@ double block_sq_sum(const T* g, const T* w, int64_t begin, int64_t end) {
 }
 
 at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>& W) {
-  check_vector(G, "G", G);
-  if (W.has_value()) {
-    check_vector(*W, "W", G);
-    TORCH_CHECK(W->scalar_type() == G.scalar_type() && W->numel() == G.numel(), "W: expected the dtype and size of G");
-  }
+  check_grad_sq_norm_args(G, W);
   const int64_t n = G.numel();
   std::vector<double> partial((n + kNormBlock - 1) / kNormBlock);
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
@@ -89,12 +85,7 @@ at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>
 void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
                  bool adaptive) {
-  check_vector(W, "W", W);
-  check_vector(G, "G", W);
-  TORCH_CHECK(G.scalar_type() == W.scalar_type() && G.numel() == W.numel(), "G: expected the dtype and size of W");
-  const MaskView view = mask_view(mask, offsets, W);
-  check_backup(backup, W, view);
-  check_scalar(scale, "scale", at::kFloat, W);
+  const MaskView view = check_perturb_args(W, G, mask, offsets, backup, scale);
   const float s = scale.item<float>();
   const bool active = scale_active(s);
   const int64_t n = W.numel();
@@ -124,9 +115,7 @@ void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<a
 
 void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
-  check_vector(W, "W", W);
-  const MaskView view = mask_view(mask, offsets, W);
-  check_backup(backup, W, view);
+  const MaskView view = check_restore_args(W, mask, offsets, backup);
   const int64_t n = W.numel();
   dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -144,10 +133,7 @@ void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
 
 // F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update).
 void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
-  check_vector(F, "F", F);
-  check_vector(G, "G", F);
-  TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
-  TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
+  check_fisher_args(F, G);
   float* f = F.data_ptr<float>();
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -167,9 +153,7 @@ void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alph
 // so the result does not depend on the thread count.
 at::Tensor radix_histogram_cpu(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
                                bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_vector(scores, "scores", scores);
-  check_scalar(prefix, "prefix", at::kLong, scores);
-  check_digit(shift, bits);
+  check_radix_histogram_args(scores, prefix, shift, bits);
   const int32_t* filter = filter_view(filter_words, scores);
   const uint64_t pre = static_cast<uint64_t>(prefix.item<int64_t>());
   const int high = static_cast<int>(shift + bits);
@@ -203,9 +187,7 @@ at::Tensor radix_histogram_cpu(const at::Tensor& scores, const at::Tensor& prefi
 // ties of each block, then (after an exclusive scan) write each block's words knowing the ties before it.
 at::Tensor threshold_mask_cpu(const at::Tensor& scores, const at::Tensor& threshold, const at::Tensor& tie_quota,
                               bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_vector(scores, "scores", scores);
-  check_scalar(threshold, "threshold", at::kLong, scores);
-  check_scalar(tie_quota, "tie_quota", at::kLong, scores);
+  check_threshold_mask_args(scores, threshold, tie_quota);
   const int32_t* filter = filter_view(filter_words, scores);
   const uint32_t t = static_cast<uint32_t>(threshold.item<int64_t>());
   const int64_t quota = tie_quota.item<int64_t>();
@@ -255,9 +237,7 @@ at::Tensor threshold_mask_cpu(const at::Tensor& scores, const at::Tensor& thresh
 
 // out[j] = h(seed, step, base + j), the random-growth hash (ssam_math.h: hash_value).
 void hash_fill_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t base) {
-  check_vector(out, "out", out);
-  TORCH_CHECK(out.scalar_type() == at::kInt, "out: expected int32");
-  TORCH_CHECK(base >= 0, "base: expected a non-negative position");
+  check_hash_fill_args(out, base);
   const uint32_t key = hash_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(step));
   int32_t* o = out.data_ptr<int32_t>();
   at::parallel_for(0, out.numel(), kGrain, [&](int64_t i0, int64_t i1) {

@@ -101,11 +101,7 @@ __global__ void sq_norm_final_kernel(const double* partial, int count, double* o
 }
 
 at::Tensor grad_sq_norm_cuda(const at::Tensor& G, const std::optional<at::Tensor>& W) {
-  check_vector(G, "G", G);
-  if (W.has_value()) {
-    check_vector(*W, "W", G);
-    TORCH_CHECK(W->scalar_type() == G.scalar_type() && W->numel() == G.numel(), "W: expected the dtype and size of G");
-  }
+  check_grad_sq_norm_args(G, W);
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor out = at::zeros({}, G.options().dtype(at::kDouble));
   const int64_t n = G.numel();
@@ -209,12 +205,7 @@ void launch_masked(T* w, const T* g, T* backup, const float* scale, bool adaptiv
 void perturb_cuda(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
                   bool adaptive) {
-  check_vector(W, "W", W);
-  check_vector(G, "G", W);
-  TORCH_CHECK(G.scalar_type() == W.scalar_type() && G.numel() == W.numel(), "G: expected the dtype and size of W");
-  const MaskView view = mask_view(mask, offsets, W);
-  check_backup(backup, W, view);
-  check_scalar(scale, "scale", at::kFloat, W);
+  const MaskView view = check_perturb_args(W, G, mask, offsets, backup, scale);
   const int64_t n = W.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(W.device());
@@ -238,9 +229,7 @@ void perturb_cuda(const at::Tensor& W, const at::Tensor& G, const std::optional<
 
 void restore_cuda(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
-  check_vector(W, "W", W);
-  const MaskView view = mask_view(mask, offsets, W);
-  check_backup(backup, W, view);
+  const MaskView view = check_restore_args(W, mask, offsets, backup);
   const int64_t n = W.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(W.device());
@@ -273,10 +262,7 @@ __global__ void fisher_kernel(float* f, const T* g, double alpha, int64_t n, int
 }
 
 void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alpha) {
-  check_vector(F, "F", F);
-  check_vector(G, "G", F);
-  TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
-  TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
+  check_fisher_args(F, G);
   const int64_t n = F.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(F.device());
@@ -323,9 +309,7 @@ __global__ void radix_histogram_kernel(const T* x, int64_t n, const int64_t* pre
 
 at::Tensor radix_histogram_cuda(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
                                 bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_vector(scores, "scores", scores);
-  check_scalar(prefix, "prefix", at::kLong, scores);
-  check_digit(shift, bits);
+  check_radix_histogram_args(scores, prefix, shift, bits);
   const int32_t* filter = filter_view(filter_words, scores);
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor out = at::zeros({int64_t{1} << bits}, scores.options().dtype(at::kLong));
@@ -411,9 +395,7 @@ __global__ void threshold_write_kernel(const T* x, int64_t n, const int64_t* thr
 
 at::Tensor threshold_mask_cuda(const at::Tensor& scores, const at::Tensor& threshold, const at::Tensor& tie_quota,
                                bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_vector(scores, "scores", scores);
-  check_scalar(threshold, "threshold", at::kLong, scores);
-  check_scalar(tie_quota, "tie_quota", at::kLong, scores);
+  check_threshold_mask_args(scores, threshold, tie_quota);
   const int32_t* filter = filter_view(filter_words, scores);
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t n = scores.numel();
@@ -445,9 +427,7 @@ __global__ void hash_fill_kernel(int32_t* out, int64_t n, uint32_t key, uint64_t
 }
 
 void hash_fill_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t base) {
-  check_vector(out, "out", out);
-  TORCH_CHECK(out.scalar_type() == at::kInt, "out: expected int32");
-  TORCH_CHECK(base >= 0, "base: expected a non-negative position");
+  check_hash_fill_args(out, base);
   const int64_t n = out.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());

@@ -111,4 +111,62 @@ inline void check_digit(int64_t shift, int64_t bits) {
               ", bits=", bits);
 }
 
+
+// The argument checks of each op, shared by its CPU and CUDA implementations.
+
+inline void check_grad_sq_norm_args(const at::Tensor& G, const std::optional<at::Tensor>& W) {
+  check_vector(G, "G", G);
+  if (W.has_value()) {
+    check_vector(*W, "W", G);
+    TORCH_CHECK(W->scalar_type() == G.scalar_type() && W->numel() == G.numel(), "W: expected the dtype and size of G");
+  }
+}
+
+inline MaskView check_perturb_args(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup,
+                                   const at::Tensor& scale) {
+  check_vector(W, "W", W);
+  check_vector(G, "G", W);
+  TORCH_CHECK(G.scalar_type() == W.scalar_type() && G.numel() == W.numel(), "G: expected the dtype and size of W");
+  const MaskView view = mask_view(mask, offsets, W);
+  check_backup(backup, W, view);
+  check_scalar(scale, "scale", at::kFloat, W);
+  return view;
+}
+
+inline MaskView check_restore_args(const at::Tensor& W, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
+  check_vector(W, "W", W);
+  const MaskView view = mask_view(mask, offsets, W);
+  check_backup(backup, W, view);
+  return view;
+}
+
+inline void check_fisher_args(const at::Tensor& F, const at::Tensor& G) {
+  check_vector(F, "F", F);
+  check_vector(G, "G", F);
+  TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
+  TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
+}
+
+inline void check_radix_histogram_args(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift,
+                                       int64_t bits) {
+  check_vector(scores, "scores", scores);
+  check_scalar(prefix, "prefix", at::kLong, scores);
+  check_digit(shift, bits);
+}
+
+inline void check_threshold_mask_args(const at::Tensor& scores, const at::Tensor& threshold,
+                                      const at::Tensor& tie_quota) {
+  check_vector(scores, "scores", scores);
+  check_scalar(threshold, "threshold", at::kLong, scores);
+  check_scalar(tie_quota, "tie_quota", at::kLong, scores);
+}
+
+inline void check_hash_fill_args(const at::Tensor& out, int64_t base) {
+  check_vector(out, "out", out);
+  TORCH_CHECK(out.scalar_type() == at::kInt, "out: expected int32");
+  TORCH_CHECK(base >= 0, "base: expected a non-negative position");
+}
+
 }  // namespace ssam
