@@ -155,6 +155,10 @@ class SSAM(torch.optim.Optimizer):
         self._backups = [torch.empty(n, dtype=s.dtype, device=s.device)
                          for n, s in zip(sizes, self.layout.segments, strict=True)]
 
+    def _segment_masks(self) -> list[Mask] | list[tuple[None, None]]:
+        """``(words, offsets)`` per segment; ``(None, None)`` everywhere when dense."""
+        return self._masks or [(None, None)] * len(self.layout.segments)
+
     def _start(self) -> None:
         """Build the initial mask, before the first perturbation."""
         self._started = True
@@ -189,12 +193,16 @@ class SSAM(torch.optim.Optimizer):
             if self.comm is not None:
                 self.comm.all_reduce_(total)
             self.grad_norm = total.sqrt()
-            masks = self._masks or [(None, None)] * len(segments)
+            # One scale per (rho, device). A non-finite norm gives a non-finite scale, which perturb_
+            # treats as "leave W as it is" (the step is skipped, the backup still written).
+            scales: dict[tuple[float, torch.device], torch.Tensor] = {}
             for segment, G, group, (words, offsets), backup in zip(
-                    segments, grads, groups, masks, self._backups, strict=True):
-                scale = (group["rho"] / (self.grad_norm + self.eps)).to(torch.float32)
-                scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale)).to(segment.device)
-                ops.perturb_(segment.weight, G, words, offsets, backup, scale, group["adaptive"],
+                    segments, grads, groups, self._segment_masks(), self._backups, strict=True):
+                key = (group["rho"], segment.device)
+                if key not in scales:
+                    scale = group["rho"] / (self.grad_norm + self.eps)
+                    scales[key] = scale.to(segment.device, torch.float32)
+                ops.perturb_(segment.weight, G, words, offsets, backup, scales[key], group["adaptive"],
                              backend=self.backend)
         self._phase = _PERTURBED
         if zero_grad:
@@ -205,8 +213,8 @@ class SSAM(torch.optim.Optimizer):
         """Restore the weights if they are perturbed (bit-exact); a no-op otherwise."""
         if self._phase != _PERTURBED:
             return
-        masks = self._masks or [(None, None)] * len(self.layout.segments)
-        for segment, (words, offsets), backup in zip(self.layout.segments, masks, self._backups, strict=True):
+        segments = zip(self.layout.segments, self._segment_masks(), self._backups, strict=True)
+        for segment, (words, offsets), backup in segments:
             ops.restore_(segment.weight, words, offsets, backup, backend=self.backend)
         self._phase = _RESTORED
 
