@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
 import torch
 import train
 from data import Dataset, load_dataset
@@ -171,29 +172,31 @@ def cpu_model() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--from-json", type=Path, default=None,
                         help="no training: re-render the table and plot of an existing study.json into --out")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke run ({QUICK}); explicit flags below still override it")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 (default 5)")
-    parser.add_argument("--epochs", type=int, default=None, help="default 50")
-    parser.add_argument("--sharpness-samples", type=int, default=None,
-                        help="training samples the sharpness is measured on (default 1000)")
+    parser.add_argument("--seeds", type=cli.positive_int, default=None,
+                        help="seeds 0..n-1; None: 5, or 2 with --quick")
+    parser.add_argument("--epochs", type=cli.positive_int, default=None, help="None: 50, or 3 with --quick")
+    parser.add_argument("--sharpness-samples", type=cli.positive_int, default=None,
+                        help="training samples the sharpness is measured on; None: 1000, or 256 with --quick")
     parser.add_argument("--methods", nargs="+", default=[m.label for m in METHODS],
                         choices=[m.label for m in METHODS], metavar="METHOD",
-                        help=f"subset of {[m.label for m in METHODS]}")
-    parser.add_argument("--dataset", default="mnist1d", choices=("mnist1d", "digits"))
-    parser.add_argument("--model", default="cnn1d", choices=("cnn1d", "mlp"))
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--rho", type=float, default=0.05, help="training and sharpness radius")
-    parser.add_argument("--random-radius", type=float, default=1.0,
+                        help="subset of the methods")
+    parser.add_argument("--dataset", default="mnist1d", choices=("mnist1d", "digits"), help="embedded")
+    parser.add_argument("--model", default="cnn1d", choices=("cnn1d", "mlp"), help="python/models.py")
+    parser.add_argument("--width", type=cli.positive, default=1.0, help="multiplies every channel count")
+    parser.add_argument("--lr", type=cli.non_negative, default=0.1, help="initial learning rate")
+    parser.add_argument("--rho", type=cli.non_negative, default=0.05, help="training and sharpness radius")
+    parser.add_argument("--random-radius", type=cli.positive, default=1.0,
                         help="R: the second radius of the random perturbation")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="small models: one thread is fastest")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--threads", type=cli.positive_int, default=1,
+                        help="small models: one thread is fastest")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="where study.json, study.md and study.png go")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"seeds": 5, "epochs": 50, "sharpness_samples": 1000}
     for key, value in defaults.items():

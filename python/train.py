@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
 import torch
 from data import DATASETS, Dataset, FreshBatches, load_dataset
 from models import MODELS, build_model
@@ -33,6 +34,7 @@ from tqdm import tqdm
 import ssam_kernels as sk
 
 OPTIMIZERS = ("sgd", "sam", "asam", "ssam-f", "ssam-d")
+SMALL_MODELS = ("mlp", "cnn1d")
 DEFAULT_MODEL = {"mnist1d": "cnn1d", "digits": "mlp", "cifar10": "resnet18", "cifar100": "resnet18"}
 loss_fn = nn.functional.cross_entropy
 
@@ -166,33 +168,46 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="ssam-f")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="SSAM: fraction of entries not perturbed")
-    parser.add_argument("--rho", type=float, default=0.05, help="perturbation radius")
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist1d")
+    parser = cli.parser(__doc__)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="ssam-f", help="base: SGD for all")
+    parser.add_argument("--sparsity", type=cli.fraction, default=0.5,
+                        help="SSAM: fraction of entries not perturbed")
+    parser.add_argument("--rho", type=cli.non_negative, default=0.05, help="perturbation radius")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist1d",
+                        help="mnist1d and digits need no files")
     parser.add_argument("--data-dir", type=Path, default=None, help="CIFAR: the folder of the pickle files")
     parser.add_argument("--model", choices=MODELS, default=None,
-                        help="default: cnn1d (mnist1d), mlp (digits), resnet18 (cifar)")
-    parser.add_argument("--width", type=float, default=1.0, help="multiplies every channel count")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--eval-batch-size", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=0.05, help="initial learning rate (cosine decay to 0)")
-    parser.add_argument("--wd", type=float, default=5e-4, help="weight decay")
-    parser.add_argument("--fisher-samples", type=int, default=128, help="SSAM-F: samples per Fisher estimate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (small models on a busy CPU: 1 is fastest)")
-    parser.add_argument("--backend", default=None, help="auto | reference | triton | native")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default runs/<run name>.json)")
+                        help="None: cnn1d (mnist1d), mlp (digits), resnet18 (cifar)")
+    parser.add_argument("--width", type=cli.positive, default=1.0, help="multiplies every channel count")
+    parser.add_argument("--epochs", type=cli.positive_int, default=30, help="passes over the training set")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128, help="training batch")
+    parser.add_argument("--eval-batch-size", type=cli.positive_int, default=1000, help="evaluation batch")
+    parser.add_argument("--lr", type=cli.non_negative, default=0.05,
+                        help="initial learning rate (cosine decay to 0)")
+    parser.add_argument("--wd", type=cli.non_negative, default=5e-4, help="weight decay")
+    parser.add_argument("--fisher-samples", type=cli.positive_int, default=128,
+                        help="SSAM-F: samples per Fisher estimate")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0,
+                        help="initial weights, batch order and random masks")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
+    parser.add_argument("--threads", type=cli.positive_int, default=None,
+                        help=f"CPU threads; None: 1 for the small models ({', '.join(SMALL_MODELS)}), "
+                             "whose ops are too small to gain from more, else torch's default")
+    parser.add_argument("--backend", default=None, choices=("auto", *sk.ops.BACKENDS),
+                        help=f"None: ${sk.ops.ENV_VAR} or auto")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (None: runs/<run name>.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     args.model = args.model or DEFAULT_MODEL[args.dataset]
-    if args.epochs < 1:
-        parser.error("--epochs: expected at least 1")
+    if args.dataset.startswith("cifar") and args.data_dir is None:
+        parser.error(f"--data-dir: required for {args.dataset} (the folder of the python-pickle files)")
+    try:
+        torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if args.threads is None and args.model in SMALL_MODELS and torch.device(args.device).type == "cpu":
+        args.threads = 1
     return args
 
 

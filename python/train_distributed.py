@@ -12,12 +12,12 @@ rank), sharded for FSDP2 (norm and mask selection across the shards). See README
 
 from __future__ import annotations
 
-import argparse
 import os
 
+import cli
 import torch
 import torch.distributed as dist
-from data import DATASETS, load_dataset
+from data import load_dataset
 from models import MODELS, build_model
 from torch import nn
 from train import evaluate
@@ -40,18 +40,19 @@ def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
-    parser.add_argument("--optimizer", choices=("sam", "ssam-f", "ssam-d"), default="ssam-f")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist1d")
-    parser.add_argument("--model", choices=MODELS, default="cnn1d")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch (split over the ranks)")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli.parser(__doc__)
+    parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp", help="DDP or FSDP2")
+    parser.add_argument("--optimizer", choices=("sam", "ssam-f", "ssam-d"), default="ssam-f",
+                        help="base: SGD")
+    parser.add_argument("--sparsity", type=cli.fraction, default=0.5, help="SSAM: fraction not perturbed")
+    parser.add_argument("--rho", type=cli.non_negative, default=0.05, help="perturbation radius")
+    parser.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d", help="embedded data")
+    parser.add_argument("--model", choices=MODELS, default="cnn1d", help="python/models.py")
+    parser.add_argument("--epochs", type=cli.positive_int, default=5, help="passes over the data")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128,
+                        help="global batch (split over the ranks)")
+    parser.add_argument("--lr", type=cli.non_negative, default=0.05, help="initial learning rate")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0, help="weights, batches, masks")
     parser.add_argument("--no-sync-perturbation", action="store_true",
                         help="DDP: perturb each rank along its own gradient (m-sharpness)")
     args = parser.parse_args(argv)
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                   ddp_model=model if args.mode == "ddp" else None, lr=args.lr, momentum=0.9,
                   weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)  # N (DTensor: the full size)
 
     for epoch in range(args.epochs):
         model.train()
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_reduce(live)  # the mask's shards add up to exactly K live entries
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {loss.item():.4f}, test accuracy {accuracy:.4f}, "
-                  f"live entries {int(live)} of {opt.live_count} ({opt.distributed}, {world} ranks)",
-                  flush=True)
+                  f"live entries {int(live)} of {numel} (K = {opt.live_count} at sparsity {sparsity:g}; "
+                  f"{opt.distributed}, {world} ranks)", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

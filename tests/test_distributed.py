@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -100,4 +101,8 @@ def test_torchrun_example_runs(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1",
                                "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "live entries" in done.stdout and "(sharded, 2 ranks)" in done.stdout
+    found = re.search(r"live entries (\d+) of (\d+) \(K = (\d+) at sparsity 0.5; sharded, 2 ranks\)",
+                      done.stdout)
+    assert found, done.stdout[-2000:]
+    live, numel, k = map(int, found.groups())
+    assert live == k == int(numel * 0.5) and numel > k  # K of N, not K of K

@@ -84,3 +84,31 @@ def test_augmentation_crops_flips_and_cuts_out():
     plain = data.augment(x, torch.Generator().manual_seed(1), pad=0, cutout=0)
     for b in range(2):
         assert torch.equal(plain[b], x[b]) or torch.equal(plain[b], x[b].flip(2))
+
+
+@pytest.mark.parametrize("script", ["train", "study"])
+def test_help_shows_defaults_and_plain_text(script, capsys):
+    module = {"train": train, "study": pytest.importorskip("study")}[script]
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(["--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    assert "``" not in shown and "(default: 0.05)" in shown  # --rho's default, as the user sees it
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--sparsity", "2"], "--sparsity"), (["--sparsity", "half"], "--sparsity"),
+    (["--rho", "-1"], "--rho"), (["--rho", "nan"], "--rho"), (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "1.5"], "--batch-size"), (["--threads", "0"], "--threads"),
+    (["--dataset", "cifar10"], "--data-dir"), (["--backend", "cuda"], "--backend"),
+])
+def test_bad_arguments_are_argparse_errors(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(argv)
+    assert exit_.value.code == 2  # argparse's usage error, not a traceback from deep inside training
+    assert named in capsys.readouterr().err
+
+
+def test_small_models_default_to_one_thread():
+    assert train.parse_args(["--device", "cpu"]).threads == 1  # cnn1d: more threads only add overhead
+    assert train.parse_args(["--device", "cpu", "--threads", "2"]).threads == 2
