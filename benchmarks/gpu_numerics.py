@@ -243,10 +243,13 @@ class Recorder:
                        f"{entry['backend']:<9} {entry['status'].upper():<5} {entry['seconds']:7.2f} s  "
                        f"{extra}")
 
-    def guard(self, check: str, n: int) -> str | None:
-        """Why ``check`` at ``n`` cannot start now, or None."""
+    def guard(self, check: str, n: int, memory: bool = True) -> str | None:
+        """Why ``check`` at ``n`` cannot start now (``memory``: also whether its inputs and temporaries
+        fit), or None."""
         if harness.out_of_time(self.started, self.time_limit):
             return f"not started: past --time-limit {self.time_limit} s"
+        if not memory:
+            return None
         need, free = estimated_bytes(check, n), harness.free_bytes(self.device)
         if need > 0.9 * free:
             return f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
@@ -256,7 +259,7 @@ class Recorder:
         for backend in self.backends:
             entry: dict[str, Any] = {"check": check, "variant": variant, "n": n, "backend": backend}
             started = time.perf_counter()
-            why = self.guard(check, n)
+            why = self.guard(check, n, memory=False)  # the inputs are allocated: memory was checked before
             if why is not None:
                 entry |= {"status": "skip", "reason": why}
             else:

@@ -142,9 +142,14 @@ def device_name(device: torch.device) -> str:
 
 def device_tag(device: torch.device) -> str:
     """A directory name for the device: ``cpu-<model>-<n>c`` or ``cuda-<model>``, lower case."""
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", " ", device_name(device), flags=re.I)
+    return device_tag_for(device_name(device), device.type)
+
+
+def device_tag_for(name: str, device_type: str) -> str:
+    """:func:`device_tag` of a device called ``name`` (e.g. ``"NVIDIA H100 80GB HBM3"``)."""
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", " ", name, flags=re.I)
     slug = "-".join(re.findall(r"[a-z0-9]+", name.lower())) or "unknown"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return f"cuda-{slug.removeprefix('nvidia-')}"
     return f"cpu-{slug}-{os.cpu_count()}c"
 

@@ -165,6 +165,9 @@ def test_targets() -> None:
     assert floors["gpt slow"]["met"] is False and "gpt oracle" not in floors  # only the fused backends
     refcode = {t["subject"]: t["met"] for t in targets if t["target"].startswith(">= 10x")}
     assert refcode == {"gpt fast": True, "gpt slow": False}
+    step["meta"]["model_shapes"]["gpt"]["params"] = gpu_check.MIN_STEP_PARAMS - 1  # a small model: not judged
+    small = [t for t in gpu_check.evaluate_targets({}, step) if t["subject"] == "gpt fast"]
+    assert [t["met"] for t in small] == [None, None] and "100 M parameters" in small[0]["reason"]
 
 
 def test_step_floor_bytes() -> None:
