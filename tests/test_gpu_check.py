@@ -4,6 +4,7 @@ answers are known. The GPU run itself needs a GPU; everything it does besides th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tarfile
@@ -131,6 +132,26 @@ def test_merge_junit_counts_every_outcome(tmp_path: Path) -> None:
     problems = gpu_check.junit_problems(merged)
     assert problems == ["tests.test_a::test_bad: assert 1 == 2",
                         "tests/test_b.py::(whole file): stopped at the limit"]
+
+
+@pytest.mark.slow
+def test_tests_stage_cut_short(tmp_path: Path) -> None:
+    # A file stopped at its wall-clock limit keeps the cases it finished and adds one error case; a file
+    # the stage has no time left for is one skipped case.
+    for stem in ("test_sleepy", "test_late"):
+        (tmp_path / f"{stem}.py").write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                                              "def test_slow():\n    time.sleep(120)\n")
+    plan = dataclasses.replace(gpu_check.make_plan("cpu", True, None, None), pytest_args=(),
+                               test_files=(str(tmp_path / "test_sleepy.py"), str(tmp_path / "test_late.py")))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    record = gpu_check.stage_tests(gpu_check.Run(plan, raw, raw, {"meta": {}}, print, 0.0), 8)
+    assert record["status"] == "failed"
+    assert record["counts"] == {"passed": 1, "failed": 0, "errors": 1, "skipped": 1, "total": 3}
+    sleepy, late = record["files"]
+    assert sleepy["rc"] is None and "wall-clock limit" in sleepy["problem"] and sleepy["seconds"] < 30
+    assert late["status"] == "not run"
+    assert "KeyboardInterrupt" in (raw / "pytest-test_sleepy.log").read_text()
 
 
 def test_targets() -> None:
