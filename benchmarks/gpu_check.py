@@ -56,7 +56,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ FUSED = ("triton", "native")
 """The backends the speed targets are for (the reference backend is the oracle, not a fast path)."""
 CUDA_TEST_FILES = ("tests/test_native.py", "tests/test_triton.py", "tests/test_ops.py")
 """The test files that run CUDA tensors (or check backend choice), in the order they run."""
+CPU_TEST_FILES_FIRST = ("tests/test_optim.py", "tests/test_layout.py", "tests/test_fisher.py")
+"""In the full run, the CPU-only test files of the optimizer itself, before the examples and studies."""
 SELF_TEST = "tests/test_gpu_check.py"
 """Never run by the harness: it runs the harness."""
 
@@ -106,13 +108,15 @@ class Plan:
     kernel_args: tuple[str, ...]
     step_args: tuple[str, ...]
     suffix: str = ""
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
 
 
 def all_test_files() -> tuple[str, ...]:
-    """Every test file but this harness's own, the CUDA ones first."""
+    """Every test file but this harness's own: the CUDA ones first, then the optimizer's, then the rest
+    (examples, studies, distributed runs), so a run cut short loses the least GPU evidence."""
+    first = (*CUDA_TEST_FILES, *CPU_TEST_FILES_FIRST)
     rest = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py"))
-    return (*CUDA_TEST_FILES, *(f for f in rest if f not in CUDA_TEST_FILES and f != SELF_TEST))
+    return (*first, *(f for f in rest if f not in first and f != SELF_TEST))
 
 
 def make_plan(device: str, quick: bool, part: int | None, budget_s: float | None) -> Plan:
@@ -135,7 +139,7 @@ def make_plan(device: str, quick: bool, part: int | None, budget_s: float | None
                      "--threads", "1"),
                     ("--models", "resnet18", "--scale", "0.02", "--batch", "2", "--runs", "2",
                      "--warmup", "1", "--threads", "1"), suffix,
-                    ["--device cpu: a smoke test at CPU-sized scales; no build, one test file"])
+                    ("--device cpu: a smoke test at CPU-sized scales; no build, one test file",))
     # The reference backend is the oracle, not a fast path: on the 355 M-parameter step it would take most
     # of the budget, and the quick kernel run keeps its time for the fused backends and the baselines.
     if quick:

@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
 
 pytest.importorskip("numpy", reason="the benchmarks need numpy")
-from benchmarks import gpu_check, kernels
+from benchmarks import gpu_check, harness, kernels, step
 
 
 @pytest.mark.slow
@@ -73,7 +73,9 @@ def test_plans() -> None:
     part1, part2 = gpu_check.make_plan("cuda", False, 1, None), gpu_check.make_plan("cuda", False, 2, 400)
     assert part1.stages == ("build", "tests", "numerics") and part2.stages == ("build", "kernels", "step")
     assert part1.pytest_args == () and part1.test_files[:3] == gpu_check.CUDA_TEST_FILES
-    assert "tests/test_optim.py" in part1.test_files and gpu_check.SELF_TEST not in part1.test_files
+    assert part1.test_files[3:6] == gpu_check.CPU_TEST_FILES_FIRST
+    every = {f"tests/{p.name}" for p in Path(__file__).parent.glob("test_*.py")}
+    assert gpu_check.SELF_TEST in every and set(part1.test_files) == every - {gpu_check.SELF_TEST}
     assert part2.kernel_dtypes == ("float32", "bfloat16") and part2.budget_s == 400
     assert (part1.suffix, part2.suffix) == ("-part1", "-part2")
     assert gpu_check.make_plan("cuda", False, None, None).budget_s == 1080
@@ -199,3 +201,32 @@ def test_step_floor_bytes() -> None:
     assert gpu_check.step_floor_bytes(n, k, e, True) == n * e + (2 * n * e + 2 * k * e) + 2 * k * e \
         + 2 * (mask + offsets)
     assert gpu_check.step_floor_bytes(n, n, e, False) == 7 * n * e
+
+
+def test_benchmarks_stop_at_the_time_limit(tmp_path: Path) -> None:
+    # --time-limit: cases not started by then are listed as skipped, and the outputs are still written.
+    common = ["--device", "cpu", "--runs", "1", "--warmup", "1", "--quiet", "--no-plots", "--threads", "1",
+              "--time-limit", "0"]
+    payload = kernels.main([*common, "--sizes", "256,1024", "--out", str(tmp_path / "k")])
+    assert payload["results"] == [] and payload["meta"]["time_limit_s"] == 0
+    assert [s["n"] for s in payload["skipped"]] == [256, 1024]
+    assert all("past --time-limit" in s["reason"] for s in payload["skipped"])
+    assert json.loads((tmp_path / "k" / "kernels.json").read_text())["skipped"] == payload["skipped"]
+    payload = step.main([*common, "--models", "resnet18", "--scale", "0.02", "--batch", "2",
+                         "--out", str(tmp_path / "s")])
+    rows = payload["results"]
+    assert rows and all("past --time-limit" in r["skipped"]["all"] for r in rows)
+    assert (tmp_path / "s" / "step.md").exists()
+
+
+def test_log_without_tqdm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(harness, "tqdm", None)
+    log = harness.Log(tmp_path / "x.log")
+    bar = log.progress(3, "work")
+    bar.update()
+    bar.set_postfix_str("case")
+    bar.close()
+    log.write("a line")
+    log.close()
+    assert capsys.readouterr().out == "a line\n" and (tmp_path / "x.log").read_text() == "a line\n"
