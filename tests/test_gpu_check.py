@@ -12,11 +12,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
+
+from ssam_kernels import ops
+from ssam_kernels.ops import bitmask, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
-
-pytest.importorskip("numpy", reason="the benchmarks need numpy")
-from benchmarks import gpu_check, harness, kernels, step
+from benchmarks import gpu_check, gpu_numerics, harness, kernels, step
 
 
 @pytest.mark.slow
@@ -230,3 +232,59 @@ def test_log_without_tqdm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     log.write("a line")
     log.close()
     assert capsys.readouterr().out == "a line\n" and (tmp_path / "x.log").read_text() == "a line\n"
+
+
+def _recorder(tmp_path: Path, backends: list[str]) -> gpu_numerics.Recorder:
+    return gpu_numerics.Recorder(torch.device("cpu"), backends, tmp_path, harness.Log(None, quiet=True), None,
+                                 {})
+
+
+def test_numerics_across_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small blocks and an odd size: the blocked verification (mask words, backup slices per block, the
+    # last partial word) is exercised as at 2^30 on a GPU.
+    monkeypatch.setattr(gpu_numerics, "BLOCK", 4 * 1024)
+    n = 3 * 4 * 1024 + 77
+    backends = [b for b in ("reference", "native") if "cpu" in ops.available_backends().get(b, [])]
+    recorder = _recorder(tmp_path, backends)
+    gen = torch.Generator().manual_seed(1)
+    gpu_numerics.check_select(n, torch.device("cpu"), gen, recorder)
+    gpu_numerics.check_norm(n, torch.device("cpu"), gen, recorder)
+    gpu_numerics.check_perturb_restore(n, [torch.float32, torch.bfloat16], torch.device("cpu"), gen, recorder)
+    records = recorder.payload["records"]
+    assert len(records) == len(backends) * 5 and all(r["n"] == n for r in records)
+    assert all(r["status"] == "pass" for r in records), [r for r in records if r["status"] != "pass"]
+    assert json.loads((tmp_path / "numerics.json").read_text())["records"] == records
+
+
+def test_verify_selection_catches_wrong_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_numerics, "BLOCK", 1024)
+    n = 5000
+    scores = torch.randint(0, 8, (n,)).to(torch.float16)  # 8 values: heavy ties
+    scores[-3:] = float("inf")
+    k = n // 3
+    (mask, offsets), = ops.select_topk([scores], k, backend="reference")
+    good = gpu_numerics.verify_selection(scores, mask, offsets, k)
+    assert good["passed"] and good["min_selected_key"] == good["max_unselected_key"]  # the threshold ties
+    taken = bitmask.unpack(mask, n)
+    keys = reference.score_keys(scores)
+    ties = keys == good["min_selected_key"]
+
+    def check(bits: torch.Tensor) -> dict:
+        words, offs = bitmask.from_bool(bits)
+        return gpu_numerics.verify_selection(scores, words, offs, k)
+
+    fewer = taken.clone()
+    fewer[int(taken.nonzero()[0])] = False
+    assert not check(fewer)["passed"]  # one entry short of K
+    swapped = taken.clone()
+    swapped[int((taken & (keys > good["min_selected_key"])).nonzero()[0])] = False
+    swapped[int((~taken & (keys < good["min_selected_key"])).nonzero()[0])] = True
+    assert not check(swapped)["passed"]  # K entries, but a smaller score taken over a larger one
+    reordered = taken.clone()
+    reordered[int((taken & ties).nonzero()[0])] = False
+    reordered[int((~taken & ties).nonzero()[-1])] = True
+    assert not check(reordered)["passed"]  # K entries, right values, ties not in index order
+    late = taken.clone()
+    late[-1] = False
+    late[int((~taken & ties).nonzero()[0])] = True
+    assert not check(late)["passed"]  # an +inf at the end left out
