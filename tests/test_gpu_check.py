@@ -50,6 +50,9 @@ def test_cpu_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert {r["n"] for r in records} == {(1 << 20) + 4099, 1 << 20}  # CPU-sized scales
     assert "reference" in {r["backend"] for r in records}
     assert all(r["status"] == "pass" for r in records)
+    selections = [r for r in records if r["check"] == "select_topk"]
+    assert selections[-1]["backend"] == "reference"  # the oracle last, in its own pass
+    assert all(r["details"]["identical"] for r in selections[1:])  # same mask as the first backend's
 
     rows = saved["kernels"]["payloads"]["float32"]["results"]
     assert {r["op"] for r in rows} == set(kernels.IMPLS) and all(r["copy_fraction"] > 0 for r in rows)
