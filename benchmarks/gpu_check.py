@@ -655,8 +655,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
              f"wall {results.get('wall_s')} s of "
              f"a {plan['budget_s']:.0f} s budget",
              *(f"- **note**: {n}" for n in plan["notes"]), ""]
-    tests = results.get("tests")
-    if tests:
+    tests = results.get("tests") or {}
+    if "counts" in tests:  # the stage ran (it may also have been skipped or have raised)
         lines += [f"**Tests: {_counts_line(tests['counts'])} (of {tests['counts']['total']})**; "
                   f"{tests['bounded_by']}", ""]
     lines += ["## Stages", "", harness.markdown_table(
@@ -676,7 +676,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
                          + (f", {len(unknown)} not measured" if unknown else "")
                          + ("" if not missed else ": " + "; ".join(missed)))
         lines.append("")
-    if tests:
+    if "counts" in tests:
         lines += ["## Tests", "", harness.markdown_table(
             ["file", "passed", "failed", "errors", "skipped", "seconds", "problem"],
             [(f["file"], *(f.get("counts", {}).get(k, "-") for k in OUTCOMES), f.get("seconds", "-"),
@@ -684,12 +684,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
              for f in tests["files"]]), ""]
         if tests["problems"]:
             lines += ["Failed or errored (first 60):", "", *(f"- `{p}`" for p in tests["problems"]), ""]
-    numerics = results.get("numerics")
-    if numerics:
+    numerics = results.get("numerics") or {}
+    if numerics.get("records"):
         lines += ["## Numerics at scale", "", harness.markdown_table(
             ["check", "variant", "N", "backend", "status", "s", "figures"],
-            [(r["check"], r["variant"], _pow2(r["n"]) if r["n"] & (r["n"] - 1) == 0 else r["n"], r["backend"],
-              r["status"], r["seconds"], _numerics_figures(r)) for r in numerics["records"]]), ""]
+            [(r["check"], r["variant"], _pow2(r["n"]), r["backend"], r["status"], r["seconds"],
+              _numerics_figures(r)) for r in numerics["records"]]), ""]
     for dtype, payload in results.get("kernels", {}).get("payloads", {}).items():
         lines += [f"## Kernel bandwidth ({dtype}, sparsity {payload['meta']['sparsity']})", "",
                   "Median per call and percentage of a same-byte `copy_` measured in the same run.", "",
@@ -807,7 +807,7 @@ def summary_digest(results: dict[str, Any]) -> str:
     lines = ["", "== gpu_check summary =="]
     lines += [f"{s['name']:<9} {s['status']:<8} {s['seconds']:>7} s  {s.get('reason', '')[:100]}"
               for s in results["stages"]]
-    if results.get("tests"):
+    if "counts" in (results.get("tests") or {}):
         lines.append(f"tests: {_counts_line(results['tests']['counts'])}")
     missed = [t for t in results.get("targets", []) if t["met"] is False]
     lines.append(f"targets: {sum(t['met'] is True for t in results.get('targets', []))} met, {len(missed)} "

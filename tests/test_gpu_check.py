@@ -70,6 +70,15 @@ def test_cpu_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert f"gpu_check/{name}" in names
 
 
+def test_out_of_budget_run_still_writes_its_outputs(tmp_path: Path) -> None:
+    # With no time for any stage, every stage is skipped with the reason, and the four files are written.
+    results = gpu_check.main(["--device", "cpu", "--quick", "--budget", "1", "--out", str(tmp_path)])
+    assert [s["status"] for s in results["stages"]] == ["skipped"] * 5
+    assert all(s["reason"].startswith("budget:") for s in results["stages"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
+    assert "| tests | skipped |" in (tmp_path / "summary.md").read_text()
+
+
 def test_plans() -> None:
     quick = gpu_check.make_plan("cuda", True, None, None)
     assert quick.stages == ("build", "tests", "numerics", "kernels", "step") and quick.budget_s == 540
