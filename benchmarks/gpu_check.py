@@ -173,13 +173,17 @@ def run_logged(cmd: Sequence[str], log_path: Path, limit_s: float, env: dict[str
                ) -> tuple[int | None, float]:
     """Run ``cmd`` in the repository root with stdout and stderr appended to ``log_path``; after
     ``limit_s`` seconds interrupt its process group (SIGINT: pytest still writes its JUnit XML), and kill
-    it 15 s later. Returns the exit status (None when it was stopped) and the seconds it ran."""
+    it 15 s later. Returns the exit status (None when it was stopped) and the seconds it ran.
+
+    The command gets its own process group (to stop it with whatever it started) but stays in this
+    session, so whatever ends this session's processes ends it too; if this process is interrupted,
+    the group is killed before the interruption goes on."""
     started = time.perf_counter()
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                preexec_fn=os.setpgrp)  # process_group=0 needs Python 3.11
         try:
             rc: int | None = proc.wait(timeout=max(1.0, limit_s))
         except subprocess.TimeoutExpired:
@@ -191,6 +195,10 @@ def run_logged(cmd: Sequence[str], log_path: Path, limit_s: float, env: dict[str
                 proc.wait()
             rc = None
             log.write(f"\n[gpu_check] stopped at its wall-clock limit of {limit_s:.0f} s\n".encode())
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     return rc, time.perf_counter() - started
 
 
