@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -252,6 +253,16 @@ def _command_output(cmd: Sequence[str]) -> str | None:
     return done.stdout.strip()
 
 
+def _proc_driver_version() -> str | None:
+    """The NVIDIA kernel module's version from ``/proc/driver/nvidia/version`` (when nvidia-smi is absent)."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", text)
+    return match.group(1) if match else None
+
+
 def source_digest() -> str:
     """SHA-256 over the paths and contents of the package, the C++/CUDA sources, benchmarks, tests and
     setup.py: identifies the code measured where the copy sent to the GPU machine has no ``.git``."""
@@ -275,7 +286,7 @@ def environment(info: dict[str, Any], plan: Plan, argv: list[str]) -> dict[str, 
         **info,
         "device": plan.device,
         "device_tag": harness.device_tag_for(name or "unknown", plan.device),
-        "driver": smi.splitlines()[0].split(",")[1].strip() if smi else None,
+        "driver": smi.splitlines()[0].split(",")[1].strip() if smi else _proc_driver_version(),
         "nvidia_smi": smi,
         "nvcc": nvcc.splitlines()[-1] if nvcc else None,
         "commit": harness._git("rev-parse", "HEAD") or None,
