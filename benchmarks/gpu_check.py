@@ -421,8 +421,8 @@ def junit_problems(path: Path, limit: int = 60) -> list[str]:
     for case in ET.parse(path).getroot().iter("testcase"):
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if bad is not None and len(out) < limit:
-            message = (bad.get("message") or "").splitlines()[0][:160] if bad.get("message") else ""
-            out.append(f"{case.get('classname')}::{case.get('name')}: {message}")
+            first_line = ((bad.get("message") or "").strip().splitlines() or [""])[0]
+            out.append(f"{case.get('classname')}::{case.get('name')}: {first_line[:160]}")
     return out
 
 
