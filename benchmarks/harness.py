@@ -27,9 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import ssam_kernels as sk
+
+try:  # progress bars are optional: the GPU machine may lack tqdm (benchmarks.gpu_check runs there)
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -138,9 +142,14 @@ def device_name(device: torch.device) -> str:
 
 def device_tag(device: torch.device) -> str:
     """A directory name for the device: ``cpu-<model>-<n>c`` or ``cuda-<model>``, lower case."""
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", " ", device_name(device), flags=re.I)
+    return device_tag_for(device_name(device), device.type)
+
+
+def device_tag_for(name: str, device_type: str) -> str:
+    """:func:`device_tag` of a device called ``name`` (e.g. ``"NVIDIA H100 80GB HBM3"``)."""
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b", " ", name, flags=re.I)
     slug = "-".join(re.findall(r"[a-z0-9]+", name.lower())) or "unknown"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return f"cuda-{slug.removeprefix('nvidia-')}"
     return f"cpu-{slug}-{os.cpu_count()}c"
 
@@ -252,8 +261,22 @@ def owned_bytes(root: object, exclude: Iterable[torch.Tensor] = ()) -> int:
 # Output
 # ----------------------------------------------------------------------------------------------------
 
+class _NoBar:
+    """What :meth:`Log.progress` returns without tqdm: a bar that shows nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Log:
-    """Progress lines on the console (through tqdm, so bars stay intact) and in the raw log file."""
+    """Progress lines on the console (through tqdm when installed, so bars stay intact) and in the raw
+    log file."""
 
     def __init__(self, path: Path | None, quiet: bool = False) -> None:
         self.quiet = quiet
@@ -261,13 +284,18 @@ class Log:
 
     def write(self, line: str) -> None:
         if not self.quiet:
-            tqdm.write(line)
+            if tqdm is not None:
+                tqdm.write(line)
+            else:
+                print(line, flush=True)
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()
 
-    def progress(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=self.quiet, dynamic_ncols=True, leave=False)
+    def progress(self, total: int, desc: str) -> Any:
+        if tqdm is None or self.quiet:
+            return _NoBar()
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
 
     def close(self) -> None:
         if self.file is not None:
@@ -296,6 +324,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<device>)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run: cases not "
+                   "started by then are skipped and listed (outputs are still written)")
 
 
 def parse_device(name: str, threads: int | None = None) -> torch.device:
@@ -342,6 +372,11 @@ def fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
     if value is None or math.isnan(value):
         return "-"
     return f"{value * scale:.{digits}g}"
+
+
+def out_of_time(started: float, limit: float | None) -> bool:
+    """Whether a run that began at ``started`` (``time.perf_counter()``) is past ``limit`` seconds."""
+    return limit is not None and time.perf_counter() - started > limit
 
 
 def finish_meta(meta: dict[str, Any], started: float) -> None:

@@ -46,10 +46,11 @@ the dense fp32 masks and ``e_w`` of refcode, the foreach backups, topk's values 
 whose estimate exceeds 80 % of the free memory are skipped."""
 
 
-def op_bytes(op: str, n: int, k: int, elem: int) -> int:
+def op_bytes(op: str, n: int, k: int, elem: int, masked: bool = True) -> int:
     """Bytes op ``op`` must move over ``n`` entries with ``k`` live, ``elem`` bytes per W/G element.
 
-    With ``M = 4·⌈N/32⌉`` (mask words), ``O = 8·(⌈N/1024⌉ + 1)`` (offsets), ``e = elem``, and
+    With ``M = 4·⌈N/32⌉`` (mask words), ``O = 8·(⌈N/1024⌉ + 1)`` (offsets; ``M = O = 0`` when not
+    ``masked``: the dense ``mask=None`` form of perturb_/restore_, with ``k = n``), ``e = elem``, and
     ``P = SELECT_PASSES`` (4: three radix-histogram passes and the mask-writing pass):
 
     ======================  ==============================================  ===================
@@ -70,8 +71,8 @@ def op_bytes(op: str, n: int, k: int, elem: int) -> int:
     implementation moves: a dense baseline that reads more is charged the same, so every
     implementation of an op is compared at equal work.
     """
-    mask = 4 * bitmask.num_words(n)
-    offs = 8 * (bitmask.num_chunks(n) + 1)
+    mask = 4 * bitmask.num_words(n) if masked else 0
+    offs = 8 * (bitmask.num_chunks(n) + 1) if masked else 0
     table = {
         "grad_sq_norm": n * elem,
         "perturb_": 2 * n * elem + mask + offs + 2 * k * elem,
@@ -239,6 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = harness.environment(device, args.note) | {
         "dtype": args.dtype, "sizes": sizes, "runs": args.runs, "warmup": args.warmup,
         "sparsity": args.sparsity, "tensors": args.tensors, "budget_s": args.budget,
+        "time_limit_s": args.time_limit,
         "benchmarked_backends": backends, "timer": "cuda events" if device.type == "cuda" else "perf_counter",
     }
     log.write(f"kernels: {meta['device_name']} ({device}), torch {meta['torch']}, "
@@ -249,8 +251,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     skipped: list[dict[str, Any]] = []
     too_slow: set[tuple[str, str]] = set()
     bar = log.progress(len(sizes) * len(cases), "kernels")
+    late = f"not started: past --time-limit {args.time_limit} s"
     for n in sizes:
         k = int(n * (1 - args.sparsity))
+        if harness.out_of_time(started, args.time_limit):
+            skipped.append({"n": n, "reason": late})
+            log.write(f"N={n}: skipped, {late}")
+            bar.update(len(cases))
+            continue
         need = BYTES_PER_ENTRY_ESTIMATE * n * elem // 4
         if need > 0.8 * harness.free_bytes(device):
             reason = f"needs ~{need / 2**30:.1f} GiB, more than 80 % of the free memory"
@@ -265,6 +273,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.update()
             if (op, label) in too_slow:
                 skipped.append({"op": op, "impl": label, "n": n, "reason": "too slow at a smaller size"})
+                continue
+            if harness.out_of_time(started, args.time_limit):
+                skipped.append({"op": op, "impl": label, "n": n, "reason": late})
                 continue
             count = 1 if backend is not None or label.startswith("torch.") else len(inputs.sizes)
             try:

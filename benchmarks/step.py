@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--models: unknown model {name!r}; expected some of {sorted(MODELS)}")
     meta = harness.environment(device, args.note) | {
         "models": names, "scale": args.scale, "runs": args.runs, "warmup": args.warmup,
-        "budget_s": args.budget,
+        "budget_s": args.budget, "time_limit_s": args.time_limit,
         "benchmarked_backends": backends, "lr": LR, "rho": RHO, "momentum": MOMENTUM,
         "timer": "cuda events" if device.type == "cuda" else "perf_counter",
     }
@@ -240,7 +240,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for p, p0 in zip(model.parameters(), initial, strict=True):
                     p.copy_(p0)  # every method starts from the same weights
             try:
-                row = bench_method(method, model, batch, fisher, args, device)
+                if harness.out_of_time(started, args.time_limit):
+                    row = {"method": method.label, **vars(method),
+                           "skipped": {"all": f"not started: past --time-limit {args.time_limit} s"}}
+                else:
+                    row = bench_method(method, model, batch, fisher, args, device)
             except Exception as exc:
                 if not harness.is_oom(exc):
                     raise
