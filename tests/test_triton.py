@@ -421,20 +421,22 @@ def _compile_for_sm90() -> None:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
 
     n = {"N": "i64"}
-    for dt in ("fp32", "bf16", "fp16"):
+    for dt in ("fp32", "fp64", "bf16", "fp16"):
         build(norm._sq_norm_kernel, {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "partial_ptr": "*fp64"}, n,
               {"ADAPTIVE": True, "BLOCK": 2048, "TILES": 8})
-        build(fisher._fisher_kernel, {"f_ptr": "*fp32", "g_ptr": f"*{dt}"}, {**n, "alpha": "fp32"},
+        build(fisher._fisher_kernel, {"f_ptr": "*fp32", "g_ptr": f"*{dt}", "alpha_ptr": "*fp64"}, n,
               {"BLOCK": 2048, "TILES": 8})
         for has_mask in (True, False):
             mask = {"mask_ptr": "*i32", "offsets_ptr": "*i32"} if has_mask else {}
             dense = {} if has_mask else {"mask_ptr": None, "offsets_ptr": None}
-            build(perturb._perturb_kernel, {"w_ptr": f"*{dt}", "g_ptr": f"*{dt}", **mask,
-                                            "backup_ptr": f"*{dt}", "scale_ptr": "*fp32"}, n,
-                  {**dense, "HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
-            build(perturb._restore_kernel, {"w_ptr": f"*{dt}", **mask, "backup_ptr": f"*{dt}"}, n,
-                  {**dense, "HAS_MASK": has_mask, "CHUNKS": 4})
-    for st in ("fp32", "bf16", "i32"):
+            for scale in ("fp32", "fp64"):
+                build(perturb._perturb_kernel, {"w_ptr": f"*{dt}", "g_ptr": f"*{dt}", **mask,
+                                                "backup_ptr": f"*{dt}", "scale_ptr": f"*{scale}"},
+                      {**n, "CAPACITY": "i64"},
+                      {**dense, "HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
+            build(perturb._restore_kernel, {"w_ptr": f"*{dt}", **mask, "backup_ptr": f"*{dt}"},
+                  {**n, "CAPACITY": "i64"}, {**dense, "HAS_MASK": has_mask, "CHUNKS": 4})
+    for st in ("fp32", "fp64", "bf16", "i32"):
         flags = {"LARGEST": False, "INT_SCORES": st == "i32", "HAS_FILTER": True, "FILTER_VALUE": False,
                  "BLOCK": 2048}
         scores = {"scores_ptr": f"*{st}", "filter_ptr": "*i32"}
