@@ -291,6 +291,61 @@ def test_opcheck(device, case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("8.0;9.0", (7, 5), False),  # T4: the old default had no image for it
+    ("8.0;9.0", (8, 6), True),  # sm_80 machine code runs on 8.x, x >= 0
+    ("8.0;9.0", (10, 0), False),  # B200 without PTX
+    ("8.0;9.0", (12, 0), False),  # RTX 50xx without PTX
+    ("8.0;9.0+PTX", (10, 0), True),  # the driver compiles sm_90 PTX for newer GPUs
+    ("8.0;9.0+PTX", (12, 0), True),
+    ("8.6 8.9", (8, 0), False),  # machine code never runs on an older minor
+    ("9.0a", (9, 0), True),
+    ("9.0a+PTX", (10, 0), False),  # arch-specific code runs on exactly that GPU
+    ("7.5;8.0;8.6;8.9;9.0+PTX", (7, 5), True),  # setup.py's default without a visible GPU
+    ("7.5;8.0;8.6;8.9;9.0+PTX", (12, 0), True),
+    ("Ampere", (8, 0), None),  # architecture names: cannot tell
+])
+def test_runs_on(archs, capability, runs):
+    assert native.runs_on(archs, capability) is runs
+
+
+class _FakeExtension:
+    def __init__(self, archs: str) -> None:
+        self.archs = archs
+
+    def built_with_cuda(self) -> bool:
+        return True
+
+    def compiled_archs(self) -> str:
+        return self.archs
+
+
+@pytest.mark.parametrize("capability, fallback", [((9, 0), False), ((7, 5), True), ((12, 0), True)])
+def test_auto_falls_back_to_triton_on_a_gpu_without_a_kernel_image(monkeypatch, capability, fallback):
+    """A GPU the extension has no image for: native is unavailable (saying why and how to rebuild), and
+    ``auto`` picks Triton instead of failing at every launch (issue 14, item 1). No GPU needed: the
+    extension's compiled list and the device's capability are simulated."""
+    monkeypatch.setattr(native, "_C", _FakeExtension("8.0;9.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    why = native.unavailable_reason("cuda")
+    if not fallback:
+        assert why is None
+        assert ops.resolve_backend("auto", torch.device("cuda")) is native
+        return
+    assert why is not None and f"{capability[0]}.{capability[1]}" in why and "8.0;9.0" in why
+    assert ops.resolve_backend("auto", torch.device("cuda")).__name__ == "ssam_kernels.ops.triton"
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        ops.resolve_backend("native", torch.device("cuda"))
+
+
+def test_extension_reports_what_it_compiled():
+    archs = native._C.compiled_archs()
+    assert isinstance(archs, str)
+    assert (archs != "") == native._C.built_with_cuda()
+
+
 def test_available_backends_lists_native():
     backends = ops.available_backends()
     assert "cpu" in backends["native"]
