@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "ssam_ops.h"
@@ -18,19 +19,40 @@ constexpr int64_t kNormBlock = 1 << 14;          // entries per partial sum of g
 constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block of threshold_mask (32 | it)
 
 // Calls fn(i, r) for every set bit i < n of the mask in chunks [c0, c1) whose rank r lies in
-// [0, capacity), in index order. Bits past n are ignored; ranks outside the backup are skipped.
+// [0, capacity), in index order. Bits past n are ignored; ranks outside the backup are skipped. The
+// offsets were checked against the mask (check_offsets_match_mask), so a chunk's ranks are
+// [offsets[c], offsets[c + 1]) and only a chunk reaching past the backup needs the per-bit test.
 template <typename Fn>
 void for_each_set_bit(const MaskView& mask, int64_t n, int64_t capacity, int64_t c0, int64_t c1, Fn&& fn) {
   const int64_t words = num_words(n);
   for (int64_t c = c0; c < c1; ++c) {
-    int64_t r = load_offset(mask.offsets, mask.offsets64, c);
+    const int64_t first = load_offset(mask.offsets, mask.offsets64, c);
+    const int64_t w_begin = c * kWordsPerChunk;
     const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
-    for (int64_t w = c * kWordsPerChunk; w < w_end; ++w) {
-      for (uint32_t bits = mask_word(mask.words, w, n); bits != 0; bits &= bits - 1, ++r) {
-        if (rank_in_range(r, capacity)) fn(w * 32 + __builtin_ctz(bits), r);
+    auto walk = [&](auto checked) {
+      int64_t r = first;
+      for (int64_t w = w_begin; w < w_end; ++w) {
+        for (uint32_t bits = mask_word(mask.words, w, n); bits != 0; bits &= bits - 1, ++r) {
+          if (!decltype(checked)::value || rank_in_range(r, capacity)) fn(w * 32 + __builtin_ctz(bits), r);
+        }
       }
+    };
+    if (first >= 0 && load_offset(mask.offsets, mask.offsets64, c + 1) <= capacity) {
+      walk(std::false_type{});
+    } else {
+      walk(std::true_type{});
     }
   }
+}
+
+// Set bits of a word by SWAR arithmetic: the build does not assume the popcnt instruction (no -march),
+// and unlike __builtin_popcount (a libgcc call there) this loop vectorises with plain SSE2.
+inline uint32_t swar_popcount(uint32_t v) {
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  v = (v + (v >> 4)) & 0x0F0F0F0Fu;
+  v = v + (v >> 8);
+  return (v + (v >> 16)) & 0x3Fu;
 }
 
 // On CPU the offsets' contents are checked before any write: offsets[0] = 0 and offsets[c + 1] -
@@ -44,11 +66,13 @@ void check_offsets_match_mask(const MaskView& mask, int64_t n) {
                     load_offset(mask.offsets, mask.offsets64, 0));
   at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      int64_t count = 0;
-      for (int64_t w = c * kWordsPerChunk, w_end = std::min((c + 1) * kWordsPerChunk, words); w < w_end; ++w) {
-        count += popcount32(mask_word(mask.words, w, n));
-      }
-      if (load_offset(mask.offsets, mask.offsets64, c + 1) - load_offset(mask.offsets, mask.offsets64, c) != count) {
+      const int64_t w_begin = c * kWordsPerChunk;
+      const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
+      uint32_t count = 0;
+      for (int64_t w = w_begin; w < w_end - 1; ++w) count += swar_popcount(static_cast<uint32_t>(mask.words[w]));
+      count += swar_popcount(mask_word(mask.words, w_end - 1, n));  // the only word that can reach past n
+      if (load_offset(mask.offsets, mask.offsets64, c + 1) - load_offset(mask.offsets, mask.offsets64, c) !=
+          static_cast<int64_t>(count)) {
         int64_t seen = first_bad.load();
         while (c < seen && !first_bad.compare_exchange_weak(seen, c)) {
         }
