@@ -20,6 +20,7 @@ from oracles import (
     sq_norm64,
     top_k_positions,
 )
+from torch.nn import functional as nnf
 
 import ssam_kernels as sk
 from ssam_kernels import ops
@@ -142,3 +143,38 @@ def test_topk_mask(backend: str) -> None:
     k = int(sum(s.numel() for s in scores) * 0.25)
     got = torch.cat([m.reshape(-1) for m in masks]).nonzero().flatten().tolist()
     assert set(got) == top_k_positions(values, k)
+
+
+@backends
+@pytest.mark.parametrize("layout", ["flat", "tensors"])
+def test_sam_on_a_float64_model(backend: str, layout: str) -> None:
+    """End to end: dense SAM on a float64 model against a float64 transcription of the step
+    (``w_adv = w + rho·g/(‖g‖ + eps)``, ``w ← w − lr·∇L(w_adv)``). The optimizer's scale is a float32
+    value (relative error ≤ 2^-24), hence the tolerance."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)).double()
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, layout=layout, backend=backend)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+
+    def loss_at(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        ws = [w.clone().requires_grad_(True) for w in ws]
+        hidden = torch.tanh(nnf.linear(x, ws[0], ws[1]))
+        return list(torch.autograd.grad(nnf.mse_loss(nnf.linear(hidden, ws[2], ws[3]), y), ws))
+
+    for _ in range(3):
+        g = loss_at(weights)
+        norm = torch.sqrt(sum((gi * gi).sum() for gi in g))
+        g_adv = loss_at([w + 0.05 / (norm + 1e-12) * gi for w, gi in zip(weights, g, strict=True)])
+        weights = [w - 0.1 * gi for w, gi in zip(weights, g_adv, strict=True)]
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nnf.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        for p, w in zip(model.parameters(), weights, strict=True):
+            assert p.dtype == torch.float64
+            torch.testing.assert_close(p.detach(), w, rtol=1e-7, atol=1e-9)
