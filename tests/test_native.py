@@ -8,6 +8,8 @@ restores bit-exact. Skipped, with the reason, when the extension is not built.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -338,6 +340,33 @@ def test_auto_falls_back_to_triton_on_a_gpu_without_a_kernel_image(monkeypatch, 
     assert ops.resolve_backend("auto", torch.device("cuda")).__name__ == "ssam_kernels.ops.triton"
     with pytest.raises(RuntimeError, match="no kernel image"):
         ops.resolve_backend("native", torch.device("cuda"))
+
+
+def test_setup_chooses_cuda_archs_with_ptx(monkeypatch):
+    """setup.py's default architectures: the visible GPUs' with PTX, else a list that runs (as machine
+    code or PTX) on every GPU from T4 to RTX 50xx; TORCH_CUDA_ARCH_LIST wins when set."""
+    import runpy
+    import types
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)  # load setup.py's functions only
+    monkeypatch.setenv("SSAM_KERNELS_NO_EXT", "1")  # and build (or write) nothing
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    choose = runpy.run_path(os.path.join(root, "setup.py"))["_cuda_arch_list"]
+
+    def fake_torch(*capabilities):
+        return types.SimpleNamespace(cuda=types.SimpleNamespace(
+            is_available=lambda: bool(capabilities), device_count=lambda: len(capabilities),
+            get_device_capability=lambda i: capabilities[i]))
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    default = choose(fake_torch())
+    for capability in [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]:
+        assert native.runs_on(default, capability), capability
+    assert choose(fake_torch((8, 9), (7, 5), (8, 9))) == "7.5;8.9+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert choose(fake_torch((8, 9))) == "8.0;9.0"
 
 
 def test_extension_reports_what_it_compiled():
