@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "ssam_ops.h"
@@ -16,19 +18,71 @@ constexpr int64_t kChunkGrain = kGrain / kChunk;  // mask chunks per parallel ta
 constexpr int64_t kNormBlock = 1 << 14;          // entries per partial sum of grad_sq_norm
 constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block of threshold_mask (32 | it)
 
-// Calls fn(i, r) for every set bit i of the mask in chunks [c0, c1), r = rank(i), in index order.
+// Calls fn(i, r) for every set bit i < n of the mask in chunks [c0, c1) whose rank r lies in
+// [0, capacity), in index order. Bits past n are ignored; ranks outside the backup are skipped. The
+// offsets were checked against the mask (check_offsets_match_mask), so a chunk's ranks are
+// [offsets[c], offsets[c + 1]) and only a chunk reaching past the backup needs the per-bit test.
 template <typename Fn>
-void for_each_set_bit(const MaskView& mask, int64_t n, int64_t c0, int64_t c1, Fn&& fn) {
+void for_each_set_bit(const MaskView& mask, int64_t n, int64_t capacity, int64_t c0, int64_t c1, Fn&& fn) {
   const int64_t words = num_words(n);
   for (int64_t c = c0; c < c1; ++c) {
-    int64_t r = load_offset(mask.offsets, mask.offsets64, c);
+    const int64_t first = load_offset(mask.offsets, mask.offsets64, c);
+    const int64_t w_begin = c * kWordsPerChunk;
     const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
-    for (int64_t w = c * kWordsPerChunk; w < w_end; ++w) {
-      for (uint32_t bits = static_cast<uint32_t>(mask.words[w]); bits != 0; bits &= bits - 1) {
-        fn(w * 32 + __builtin_ctz(bits), r++);
+    auto walk = [&](auto checked) {
+      int64_t r = first;
+      for (int64_t w = w_begin; w < w_end; ++w) {
+        for (uint32_t bits = mask_word(mask.words, w, n); bits != 0; bits &= bits - 1, ++r) {
+          if (!decltype(checked)::value || rank_in_range(r, capacity)) fn(w * 32 + __builtin_ctz(bits), r);
+        }
       }
+    };
+    if (first >= 0 && load_offset(mask.offsets, mask.offsets64, c + 1) <= capacity) {
+      walk(std::false_type{});
+    } else {
+      walk(std::true_type{});
     }
   }
+}
+
+// Set bits of a word by SWAR arithmetic: the build does not assume the popcnt instruction (no -march),
+// and unlike __builtin_popcount (a libgcc call there) this loop vectorises with plain SSE2.
+inline uint32_t swar_popcount(uint32_t v) {
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  v = (v + (v >> 4)) & 0x0F0F0F0Fu;
+  v = v + (v >> 8);
+  return (v + (v >> 16)) & 0x3Fu;
+}
+
+// On CPU the offsets' contents are checked before any write: offsets[0] = 0 and offsets[c + 1] -
+// offsets[c] = the set bits (below n) of chunk c, i.e. offsets = bitmask.offsets(mask, n). One parallel
+// popcount pass over the words, ~1/32 of the entries.
+void check_offsets_match_mask(const MaskView& mask, int64_t n) {
+  const int64_t chunks = num_chunks(n);
+  const int64_t words = num_words(n);
+  std::atomic<int64_t> first_bad{chunks};
+  TORCH_CHECK_VALUE(load_offset(mask.offsets, mask.offsets64, 0) == 0, "offsets: expected offsets[0] = 0, got ",
+                    load_offset(mask.offsets, mask.offsets64, 0));
+  at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t w_begin = c * kWordsPerChunk;
+      const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
+      uint32_t count = 0;
+      for (int64_t w = w_begin; w < w_end - 1; ++w) count += swar_popcount(static_cast<uint32_t>(mask.words[w]));
+      count += swar_popcount(mask_word(mask.words, w_end - 1, n));  // the only word that can reach past n
+      if (load_offset(mask.offsets, mask.offsets64, c + 1) - load_offset(mask.offsets, mask.offsets64, c) !=
+          static_cast<int64_t>(count)) {
+        int64_t seen = first_bad.load();
+        while (c < seen && !first_bad.compare_exchange_weak(seen, c)) {
+        }
+        return;
+      }
+    }
+  });
+  TORCH_CHECK_VALUE(first_bad.load() == chunks, "offsets: do not match the mask (expected the exclusive prefix "
+                    "counts of its set bits below N, bitmask.offsets(mask, N)); first wrong at chunk ",
+                    first_bad.load());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -44,14 +98,14 @@ double block_sq_sum(const T* g, const T* w, int64_t begin, int64_t end) {
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      double v = static_cast<double>(static_cast<float>(g[i + l]));
-      if (w != nullptr) v *= static_cast<double>(static_cast<float>(w[i + l]));
+      double v = widen(g[i + l]);
+      if (w != nullptr) v *= widen(w[i + l]);
       acc[l] += v * v;
     }
   }
   for (int l = 0; i < end; ++i, ++l) {
-    double v = static_cast<double>(static_cast<float>(g[i]));
-    if (w != nullptr) v *= static_cast<double>(static_cast<float>(w[i]));
+    double v = widen(g[i]);
+    if (w != nullptr) v *= widen(w[i]);
     acc[l] += v * v;
   }
   double total = 0.0;
@@ -85,10 +139,13 @@ at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>
 void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
                  bool adaptive) {
-  const MaskView view = check_perturb_args(W, G, mask, offsets, backup, scale);
-  const float s = scale.item<float>();
-  const bool active = scale_active(s);
+  const MaskView view = check_perturb_args(W, G, mask, offsets, backup);
+  const ScaleView scale_ptr = scale_view(scale, W);
   const int64_t n = W.numel();
+  if (view.words != nullptr) check_offsets_match_mask(view, n);
+  const double s = load_scale(scale_ptr.data, scale_ptr.is64);
+  const bool active = scale_active(s);
+  const int64_t capacity = backup.numel();
   dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* w = W.data_ptr<T>();
@@ -103,7 +160,7 @@ void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<a
       });
     } else {
       at::parallel_for(0, num_chunks(n), kChunkGrain, [&](int64_t c0, int64_t c1) {
-        for_each_set_bit(view, n, c0, c1, [&](int64_t i, int64_t r) {
+        for_each_set_bit(view, n, capacity, c0, c1, [&](int64_t i, int64_t r) {
           const T wi = w[i];
           b[r] = wi;
           w[i] = active ? perturbed(wi, g[i], s, adaptive) : wi;
@@ -117,6 +174,8 @@ void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
   const MaskView view = check_restore_args(W, mask, offsets, backup);
   const int64_t n = W.numel();
+  if (view.words != nullptr) check_offsets_match_mask(view, n);
+  const int64_t capacity = backup.numel();
   dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* w = W.data_ptr<T>();
@@ -125,13 +184,13 @@ void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
       at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) { std::copy(b + i0, b + i1, w + i0); });
     } else {
       at::parallel_for(0, num_chunks(n), kChunkGrain, [&](int64_t c0, int64_t c1) {
-        for_each_set_bit(view, n, c0, c1, [&](int64_t i, int64_t r) { w[i] = b[r]; });
+        for_each_set_bit(view, n, capacity, c0, c1, [&](int64_t i, int64_t r) { w[i] = b[r]; });
       });
     }
   });
 }
 
-// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update).
+// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update); G of any float dtype.
 void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
   check_fisher_args(F, G);
   float* f = F.data_ptr<float>();
@@ -139,7 +198,7 @@ void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alph
     using T = typename decltype(tag)::type;
     const T* g = G.data_ptr<T>();
     at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) f[i] = fisher_update(f[i], static_cast<float>(g[i]), alpha);
+      for (int64_t i = i0; i < i1; ++i) f[i] = fisher_update(f[i], widen(g[i]), alpha);
     });
   });
 }

@@ -60,8 +60,8 @@ __device__ double block_sum(double v, double* shared) {
 
 template <typename T>
 __device__ double square_term(T g, const T* w, int64_t i) {
-  double v = static_cast<float>(g);
-  if (w != nullptr) v *= static_cast<float>(w[i]);
+  double v = widen(g);
+  if (w != nullptr) v *= widen(w[i]);
   return v * v;
 }
 
@@ -76,13 +76,13 @@ __global__ void sq_norm_partial_kernel(const T* g, const T* w, int64_t n, int64_
       const Pack<T, V> wp = reinterpret_cast<const Pack<T, V>*>(w)[p];
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const double v = static_cast<double>(static_cast<float>(gp.v[k])) * static_cast<float>(wp.v[k]);
+        const double v = widen(gp.v[k]) * widen(wp.v[k]);
         acc += v * v;
       }
     } else {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const double v = static_cast<float>(gp.v[k]);
+        const double v = widen(gp.v[k]);
         acc += v * v;
       }
     }
@@ -128,10 +128,10 @@ at::Tensor grad_sq_norm_cuda(const at::Tensor& G, const std::optional<at::Tensor
 
 // Dense perturb: backup = W; W = perturbed(W, G) when the scale is active (G is not read otherwise).
 template <typename T>
-__global__ void perturb_dense_kernel(T* w, const T* g, T* backup, const float* scale, bool adaptive, int64_t n,
+__global__ void perturb_dense_kernel(T* w, const T* g, T* backup, ScaleView scale, bool adaptive, int64_t n,
                                      int64_t nvec) {
   constexpr int V = kVec<T>;
-  const float s = *scale;
+  const double s = load_scale(scale.data, scale.is64);
   const bool active = scale_active(s);
   for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
     Pack<T, V> wp = reinterpret_cast<const Pack<T, V>*>(w)[p];
@@ -150,24 +150,27 @@ __global__ void perturb_dense_kernel(T* w, const T* g, T* backup, const float* s
   }
 }
 
-// Masked perturb_ (restore = false) or restore_ (restore = true): one warp per 1024-entry chunk.
+// Masked perturb_ (restore = false) or restore_ (restore = true): one warp per 1024-entry chunk. Bits
+// past n are dropped when the words are loaded; a rank outside [0, capacity) (a short backup, offsets
+// that do not match the mask: not checked on the host, that would synchronise) is skipped, so no access
+// leaves W or the backup.
 template <typename T>
-__global__ void masked_kernel(T* w, const T* g, T* backup, const float* scale, bool adaptive, bool restore,
-                              const int32_t* words, const void* offsets, bool offsets64, int64_t n) {
+__global__ void masked_kernel(T* w, const T* g, T* backup, int64_t capacity, ScaleView scale, bool adaptive,
+                              bool restore, const int32_t* words, const void* offsets, bool offsets64, int64_t n) {
   const int lane = lane_id();
   const int64_t nwords = (n + 31) / 32;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  float s = 0.0f;
+  double s = 0.0;
   bool active = false;
   if (!restore) {
-    s = *scale;
+    s = load_scale(scale.data, scale.is64);
     active = scale_active(s);
   }
   const uint32_t lanes_below = (1u << lane) - 1u;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < chunks; c += warps) {
     const int64_t wi = c * kWordsPerChunk + lane;
-    const uint32_t word = wi < nwords ? static_cast<uint32_t>(words[wi]) : 0u;
+    const uint32_t word = wi < nwords ? mask_word(words, wi, n) : 0u;
     // Inclusive warp scan of the popcounts: the rank of this word's first set bit within the chunk.
     int below = popcount32(word);
     for (int d = 1; d < 32; d *= 2) {
@@ -180,8 +183,8 @@ __global__ void masked_kernel(T* w, const T* g, T* backup, const float* scale, b
       const uint32_t wk = __shfl_sync(kFullWarp, word, k);
       const int first = __shfl_sync(kFullWarp, below, k);
       const int64_t i = (c * kWordsPerChunk + k) * 32 + lane;
-      if (((wk >> lane) & 1u) == 0 || i >= n) continue;
       const int64_t r = base + first + popcount32(wk & lanes_below);
+      if (((wk >> lane) & 1u) == 0 || !rank_in_range(r, capacity)) continue;  // wk has no bit past n
       if (restore) {
         w[i] = backup[r];
       } else {
@@ -194,10 +197,10 @@ __global__ void masked_kernel(T* w, const T* g, T* backup, const float* scale, b
 }
 
 template <typename T>
-void launch_masked(T* w, const T* g, T* backup, const float* scale, bool adaptive, bool restore,
+void launch_masked(T* w, const T* g, T* backup, int64_t capacity, ScaleView scale, bool adaptive, bool restore,
                    const MaskView& view, int64_t n, cudaStream_t stream) {
   const int64_t blocks = grid_for(num_chunks(n), kWarpsPerBlock);
-  masked_kernel<T><<<blocks, kThreads, 0, stream>>>(w, g, backup, scale, adaptive, restore, view.words,
+  masked_kernel<T><<<blocks, kThreads, 0, stream>>>(w, g, backup, capacity, scale, adaptive, restore, view.words,
                                                     view.offsets, view.offsets64, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -205,7 +208,8 @@ void launch_masked(T* w, const T* g, T* backup, const float* scale, bool adaptiv
 void perturb_cuda(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
                   bool adaptive) {
-  const MaskView view = check_perturb_args(W, G, mask, offsets, backup, scale);
+  const MaskView view = check_perturb_args(W, G, mask, offsets, backup);
+  const ScaleView s = scale_view(scale, W);
   const int64_t n = W.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(W.device());
@@ -215,9 +219,8 @@ void perturb_cuda(const at::Tensor& W, const at::Tensor& G, const std::optional<
     T* w = W.data_ptr<T>();
     const T* g = G.data_ptr<T>();
     T* b = backup.data_ptr<T>();
-    const float* s = scale.data_ptr<float>();
     if (view.words != nullptr) {
-      launch_masked<T>(w, g, b, s, adaptive, false, view, n, stream);
+      launch_masked<T>(w, g, b, backup.numel(), s, adaptive, false, view, n, stream);
       return;
     }
     const int64_t nvec = aligned16(w) && aligned16(g) && aligned16(b) ? n / kVec<T> : 0;
@@ -241,23 +244,28 @@ void restore_cuda(const at::Tensor& W, const std::optional<at::Tensor>& mask,
   }
   dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_masked<T>(W.data_ptr<T>(), nullptr, backup.data_ptr<T>(), nullptr, false, true, view, n, stream);
+    launch_masked<T>(W.data_ptr<T>(), nullptr, backup.data_ptr<T>(), backup.numel(), ScaleView{}, false, true, view,
+                     n, stream);
   });
 }
+
+// Entries per vector step of fisher_kernel: a whole 16-byte pack of G and of the fp32 F (4 for float64 G).
+template <typename T>
+constexpr int kFisherVec = kVec<T> > kVec<float> ? kVec<T> : kVec<float>;
 
 // F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update).
 template <typename T>
 __global__ void fisher_kernel(float* f, const T* g, double alpha, int64_t n, int64_t nvec) {
-  constexpr int V = kVec<T>;
+  constexpr int V = kFisherVec<T>;
   for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
     const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
     Pack<float, V> fp = reinterpret_cast<const Pack<float, V>*>(f)[p];
 #pragma unroll
-    for (int k = 0; k < V; ++k) fp.v[k] = fisher_update(fp.v[k], static_cast<float>(gp.v[k]), alpha);
+    for (int k = 0; k < V; ++k) fp.v[k] = fisher_update(fp.v[k], widen(gp.v[k]), alpha);
     reinterpret_cast<Pack<float, V>*>(f)[p] = fp;
   }
   for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) {
-    f[i] = fisher_update(f[i], static_cast<float>(g[i]), alpha);
+    f[i] = fisher_update(f[i], widen(g[i]), alpha);
   }
 }
 
@@ -271,8 +279,8 @@ void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alp
     using T = typename decltype(tag)::type;
     float* f = F.data_ptr<float>();
     const T* g = G.data_ptr<T>();
-    const int64_t nvec = aligned16(f) && aligned16(g) ? n / kVec<T> : 0;
-    const int64_t blocks = grid_for(std::max(nvec, n - nvec * kVec<T>), kThreads);
+    const int64_t nvec = aligned16(f) && aligned16(g) ? n / kFisherVec<T> : 0;
+    const int64_t blocks = grid_for(std::max(nvec, n - nvec * kFisherVec<T>), kThreads);
     fisher_kernel<T><<<blocks, kThreads, 0, stream>>>(f, g, alpha, n, nvec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

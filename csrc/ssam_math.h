@@ -41,10 +41,27 @@ SSAM_HD double add_rn(double a, double b) {
 }
 
 // A float64 result stored as T the way PyTorch's .to(dtype) does it: through float (a float64 -> fp32
-// rounding, then fp32 -> bf16/fp16 round-to-nearest-even).
+// rounding, then fp32 -> bf16/fp16 round-to-nearest-even); a float64 T keeps it as is.
 template <typename T>
 SSAM_HD T store_as(double x) {
   return static_cast<T>(static_cast<float>(x));
+}
+
+template <>
+SSAM_HD double store_as<double>(double x) {
+  return x;
+}
+
+// A stored value as float64, exactly: fp32/bf16/fp16 through float (every one is an fp32 value), float64
+// as is (never through float, which would round it).
+template <typename T>
+SSAM_HD double widen(T x) {
+  return static_cast<double>(static_cast<float>(x));
+}
+
+template <>
+SSAM_HD double widen<double>(double x) {
+  return x;
 }
 
 SSAM_HD uint32_t float_bits(float x) {
@@ -65,29 +82,37 @@ SSAM_HD int popcount32(uint32_t x) {
 #endif
 }
 
-// True when the perturbation applies: scale finite and non-zero (else W is left unchanged).
-SSAM_HD bool scale_active(float scale) {
-  return scale == scale && scale - scale == 0.0f && scale != 0.0f;
+// True when the perturbation applies: scale finite and non-zero (else W is left unchanged). The scale
+// is a float32 or float64 value, widened exactly to double.
+SSAM_HD bool scale_active(double scale) {
+  return scale == scale && scale - scale == 0.0 && scale != 0.0;
+}
+
+// The scale of perturb_, read from device memory: a float32 or a float64 0-d tensor.
+SSAM_HD double load_scale(const void* scale, bool scale64) {
+  return scale64 ? *static_cast<const double*>(scale) : static_cast<double>(*static_cast<const float*>(scale));
 }
 
 // w + scale * g (adaptive: w + scale * ((w * w) * g)) in float64 with the reference's evaluation order,
-// then stored as T. float64 holds the products of the fp32 inputs (almost) exactly, so even when w and
-// the step nearly cancel the result is the correctly rounded one, not fp32 rounding noise.
+// each operation rounded once, then stored as T. float64 holds the products of fp32 inputs (almost)
+// exactly, so even when w and the step nearly cancel the result is the correctly rounded one, not fp32
+// rounding noise; a float64 W gets the plain float64 evaluation (no FMA: bit-identical across backends).
 template <typename T>
-SSAM_HD T perturbed(T w, T g, float scale, bool adaptive) {
-  const double w64 = static_cast<float>(w);
-  const double g64 = static_cast<float>(g);
+SSAM_HD T perturbed(T w, T g, double scale, bool adaptive) {
+  const double w64 = widen(w);
+  const double g64 = widen(g);
   const double step = adaptive ? mul_rn(scale, mul_rn(mul_rn(w64, w64), g64)) : mul_rn(scale, g64);
   return store_as<T>(add_rn(w64, step));
 }
 
-// F + alpha * (g * g) in float64, stored as fp32 (the Fisher accumulator).
-SSAM_HD float fisher_update(float f, float g, double alpha) {
-  const double g64 = g;
+// F + alpha * (g * g) in float64 (g exactly as stored, float64 included), stored as fp32 (the Fisher
+// accumulator).
+SSAM_HD float fisher_update(float f, double g64, double alpha) {
   return static_cast<float>(add_rn(f, mul_rn(alpha, mul_rn(g64, g64))));
 }
 
-// Order-preserving unsigned image of a floating score (compared as its exact fp32 value):
+// Order-preserving unsigned image of a floating score, compared as its fp32 value (a float64 score is
+// first rounded to nearest fp32, so float64 scores equal in fp32 are ties):
 // -0 -> +0; NaN -> 0 (below every number); negative -> ~bits; non-negative -> bits | 2^31.
 // largest=false complements the key (2^32 - 1 - key), so the largest keys are the smallest scores.
 SSAM_HD uint32_t float_key(float x, bool largest) {
@@ -148,6 +173,20 @@ SSAM_HD int32_t hash_value(uint32_t key, uint64_t j) {
 SSAM_HD int64_t load_offset(const void* offsets, bool offsets64, int64_t c) {
   return offsets64 ? static_cast<const int64_t*>(offsets)[c]
                    : static_cast<int64_t>(static_cast<const int32_t*>(offsets)[c]);
+}
+
+// Mask word w of a mask over n entries with the bits of entries >= n cleared: bits past N are ignored
+// (never addressed, never counted in a rank).
+SSAM_HD uint32_t mask_word(const int32_t* words, int64_t w, int64_t n) {
+  const uint32_t word = static_cast<uint32_t>(words[w]);
+  const int64_t valid = n - w * 32;
+  return valid >= 32 ? word : word & ((1u << valid) - 1u);
+}
+
+// A rank from the offsets addresses the backup only when 0 <= r < capacity (the backup's length): a
+// short backup or offsets that do not match the mask never read or write outside it.
+SSAM_HD bool rank_in_range(int64_t r, int64_t capacity) {
+  return r >= 0 && r < capacity;
 }
 
 // Number of set bits of `word` below bit `bit` (0 <= bit < 32).

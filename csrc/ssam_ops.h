@@ -20,13 +20,16 @@ struct Tag {
   using type = T;
 };
 
-// Calls fn(Tag<T>{}) with T the C++ type of a storage dtype in {fp32, bf16, fp16}; int32 too when
-// with_int32 (hash scores). One instantiation per dtype, no double.
+// Calls fn(Tag<T>{}) with T the C++ type of a storage dtype in {fp32, fp64, bf16, fp16}; int32 too when
+// with_int32 (hash scores). One instantiation per dtype.
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, const char* name, bool with_int32, Fn&& fn) {
   switch (dtype) {
     case at::kFloat:
       fn(Tag<float>{});
+      return;
+    case at::kDouble:
+      fn(Tag<double>{});
       return;
     case at::kBFloat16:
       fn(Tag<c10::BFloat16>{});
@@ -85,13 +88,27 @@ inline MaskView mask_view(const std::optional<at::Tensor>& mask, const std::opti
   return view;
 }
 
-// Checks the backup of perturb_/restore_: W's dtype, N slots when dense, at most N when masked (its
-// exact length K is the mask's live count, which is not read here: on CUDA that would synchronise).
+// Checks the backup of perturb_/restore_: W's dtype, N slots when dense, at most N when masked. Its
+// exact length K is the mask's live count, which is not read here (on CUDA that would synchronise): the
+// kernels touch only the slots 0 <= rank < backup.numel() (ssam_math.h: rank_in_range).
 inline void check_backup(const at::Tensor& backup, const at::Tensor& W, const MaskView& view) {
   check_vector(backup, "backup", W);
-  TORCH_CHECK(backup.scalar_type() == W.scalar_type(), "backup: expected dtype ", W.scalar_type());
-  TORCH_CHECK(view.words != nullptr ? backup.numel() <= W.numel() : backup.numel() == W.numel(),
-              "backup: expected one slot per perturbed entry");
+  TORCH_CHECK_TYPE(backup.scalar_type() == W.scalar_type(), "backup: expected dtype ", W.scalar_type());
+  TORCH_CHECK_VALUE(view.words != nullptr ? backup.numel() <= W.numel() : backup.numel() == W.numel(),
+                    "backup: expected one slot per perturbed entry");
+}
+
+// The scale of perturb_ as kernels see it: a float32 or float64 0-d tensor on W's device.
+struct ScaleView {
+  const void* data = nullptr;
+  bool is64 = false;
+};
+
+inline ScaleView scale_view(const at::Tensor& scale, const at::Tensor& W) {
+  TORCH_CHECK_TYPE(scale.dim() == 0 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
+                   "scale: expected a 0-d float32 or float64 tensor");
+  TORCH_CHECK(scale.device() == W.device(), "scale: expected device ", W.device(), ", got ", scale.device());
+  return {scale.data_ptr(), scale.scalar_type() == at::kDouble};
 }
 
 // Checks the optional eligibility filter of radix_histogram / threshold_mask.
@@ -123,14 +140,12 @@ inline void check_grad_sq_norm_args(const at::Tensor& G, const std::optional<at:
 }
 
 inline MaskView check_perturb_args(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup,
-                                   const at::Tensor& scale) {
+                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
   check_vector(W, "W", W);
   check_vector(G, "G", W);
   TORCH_CHECK(G.scalar_type() == W.scalar_type() && G.numel() == W.numel(), "G: expected the dtype and size of W");
   const MaskView view = mask_view(mask, offsets, W);
   check_backup(backup, W, view);
-  check_scalar(scale, "scale", at::kFloat, W);
   return view;
 }
 

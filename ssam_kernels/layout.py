@@ -128,8 +128,9 @@ def _check_param(param: object) -> torch.nn.Parameter:
         raise TypeError(f"params: expected tensors, got {type(param).__name__}")
     if param.is_complex():
         raise TypeError("params: complex parameters are not supported")
-    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"params: expected float32, bfloat16 or float16 parameters, got {param.dtype}")
+    if param.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError("params: expected float32, float64, bfloat16 or float16 parameters, "
+                        f"got {param.dtype}")
     return param
 
 

@@ -12,7 +12,8 @@ U32 = 0xFFFFFFFF
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Number of representable values between ``a`` and ``b`` (same float dtype), element-wise."""
-    int_type = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    int_type = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+                torch.bfloat16: torch.int16}[a.dtype]
     bits = torch.finfo(a.dtype).bits
 
     def ordered(x: torch.Tensor) -> torch.Tensor:
@@ -62,3 +63,30 @@ def dynamic_update_positions(live: set[int], drop: list[float], n_drop: int, gro
     else:
         order = _descending(grow, dead)
     return (live - dropped) | set(order[:n_drop])
+
+
+# ----------------------------------------------------------------------------------------------------
+# float64 transcriptions of the element-wise formulas: Python floats are IEEE float64 and CPython rounds
+# each operation once (never a fused multiply-add), which is the contract's evaluation order.
+# ----------------------------------------------------------------------------------------------------
+
+def perturb64(w: list[float], g: list[float], scale: float, adaptive: bool) -> list[float]:
+    """``w + scale·g`` (adaptive: ``w + scale·((w·w)·g)``) in float64, each operation rounded once."""
+    return [wi + scale * ((wi * wi) * gi if adaptive else gi) for wi, gi in zip(w, g, strict=True)]
+
+
+def sq_norm64(g: list[float], w: list[float] | None = None) -> float:
+    """``Σ (g_i·w_i)²`` (or ``Σ g_i²``): float64 products, summed exactly (``math.fsum``)."""
+    terms = [gi * wi for gi, wi in zip(g, w, strict=True)] if w is not None else list(g)
+    return math.fsum(t * t for t in terms)
+
+
+def fisher64(f: list[float], g: list[float], alpha: float) -> torch.Tensor:
+    """``f + alpha·(g·g)`` in float64, each operation rounded once, then rounded to fp32."""
+    exact = [fi + alpha * (gi * gi) for fi, gi in zip(f, g, strict=True)]
+    return torch.tensor(exact, dtype=torch.float64).float()
+
+
+def as_fp32_values(values: list[float]) -> list[float]:
+    """float64 scores as the selection compares them: rounded to nearest fp32."""
+    return torch.tensor(values, dtype=torch.float64).float().double().tolist()

@@ -8,6 +8,8 @@ restores bit-exact. Skipped, with the reason, when the extension is not built.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -289,6 +291,88 @@ def _opcheck_cases(device: torch.device) -> list[tuple[object, tuple]]:
 def test_opcheck(device, case):
     op, args = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("8.0;9.0", (7, 5), False),  # T4: the old default had no image for it
+    ("8.0;9.0", (8, 6), True),  # sm_80 machine code runs on 8.x, x >= 0
+    ("8.0;9.0", (10, 0), False),  # B200 without PTX
+    ("8.0;9.0", (12, 0), False),  # RTX 50xx without PTX
+    ("8.0;9.0+PTX", (10, 0), True),  # the driver compiles sm_90 PTX for newer GPUs
+    ("8.0;9.0+PTX", (12, 0), True),
+    ("8.6 8.9", (8, 0), False),  # machine code never runs on an older minor
+    ("9.0a", (9, 0), True),
+    ("9.0a+PTX", (10, 0), False),  # arch-specific code runs on exactly that GPU
+    ("7.5;8.0;8.6;8.9;9.0+PTX", (7, 5), True),  # setup.py's default without a visible GPU
+    ("7.5;8.0;8.6;8.9;9.0+PTX", (12, 0), True),
+    ("Ampere", (8, 0), None),  # architecture names: cannot tell
+])
+def test_runs_on(archs, capability, runs):
+    assert native.runs_on(archs, capability) is runs
+
+
+class _FakeExtension:
+    def __init__(self, archs: str) -> None:
+        self.archs = archs
+
+    def built_with_cuda(self) -> bool:
+        return True
+
+    def compiled_archs(self) -> str:
+        return self.archs
+
+
+@pytest.mark.parametrize("capability, fallback", [((9, 0), False), ((7, 5), True), ((12, 0), True)])
+def test_auto_falls_back_to_triton_on_a_gpu_without_a_kernel_image(monkeypatch, capability, fallback):
+    """A GPU the extension has no image for: native is unavailable (saying why and how to rebuild), and
+    ``auto`` picks Triton instead of failing at every launch (issue 14, item 1). No GPU needed: the
+    extension's compiled list and the device's capability are simulated."""
+    monkeypatch.setattr(native, "_C", _FakeExtension("8.0;9.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    why = native.unavailable_reason("cuda")
+    if not fallback:
+        assert why is None
+        assert ops.resolve_backend("auto", torch.device("cuda")) is native
+        return
+    assert why is not None and f"{capability[0]}.{capability[1]}" in why and "8.0;9.0" in why
+    assert ops.resolve_backend("auto", torch.device("cuda")).__name__ == "ssam_kernels.ops.triton"
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        ops.resolve_backend("native", torch.device("cuda"))
+
+
+def test_setup_chooses_cuda_archs_with_ptx(monkeypatch):
+    """setup.py's default architectures: the visible GPUs' with PTX, else a list that runs (as machine
+    code or PTX) on every GPU from T4 to RTX 50xx; TORCH_CUDA_ARCH_LIST wins when set."""
+    import runpy
+    import types
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)  # load setup.py's functions only
+    monkeypatch.setenv("SSAM_KERNELS_NO_EXT", "1")  # and build (or write) nothing
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    choose = runpy.run_path(os.path.join(root, "setup.py"))["_cuda_arch_list"]
+
+    def fake_torch(*capabilities):
+        return types.SimpleNamespace(cuda=types.SimpleNamespace(
+            is_available=lambda: bool(capabilities), device_count=lambda: len(capabilities),
+            get_device_capability=lambda i: capabilities[i]))
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    default = choose(fake_torch())
+    for capability in [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]:
+        assert native.runs_on(default, capability), capability
+    assert choose(fake_torch((8, 9), (7, 5), (8, 9))) == "7.5;8.9+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert choose(fake_torch((8, 9))) == "8.0;9.0"
+
+
+def test_extension_reports_what_it_compiled():
+    archs = native._C.compiled_archs()
+    assert isinstance(archs, str)
+    assert (archs != "") == native._C.built_with_cuda()
 
 
 def test_available_backends_lists_native():

@@ -253,7 +253,7 @@ def _perturb_args(**overrides):
 
 
 @pytest.mark.parametrize("overrides, error, name", [
-    ({"W": torch.randn(64).double()}, TypeError, "W"),
+    ({"W": torch.arange(64)}, TypeError, "W"),
     ({"W": torch.randn(128)[::2]}, ValueError, "W"),
     ({"W": torch.randn(8, 8)}, ValueError, "W"),
     ({"G": torch.randn(63)}, ValueError, "G"),
@@ -266,7 +266,8 @@ def _perturb_args(**overrides):
     ({"backup": torch.empty(65)}, ValueError, "backup"),
     ({"backup": torch.empty(32).half()}, TypeError, "backup"),
     ({"scale": 0.1}, TypeError, "scale"),
-    ({"scale": torch.tensor(0.1).double()}, TypeError, "scale"),
+    ({"scale": torch.tensor(1)}, TypeError, "scale"),
+    ({"scale": torch.tensor([0.1])}, TypeError, "scale"),
     ({"W": torch.randn(64, dtype=torch.complex64)}, TypeError, "W"),
 ])
 def test_perturb_rejects_bad_input(overrides, error, name):

@@ -8,9 +8,11 @@ test here is skipped with the reason. With CUDA the same tests run on the GPU, p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import types
 import zlib
 
 import torch
@@ -158,6 +160,78 @@ def test_public_ops_dispatch_to_triton() -> None:
     ops.fisher_accumulate_(F, G, 0.5, backend="triton")
     ops.fisher_accumulate_(F_ref, G, 0.5, backend="reference")
     assert_ulp(F, F_ref)
+
+
+def _record_launches(monkeypatch: pytest.MonkeyPatch) -> tuple[set[str], list[tuple[str, list, list]]]:
+    """Runs every op on the Triton backend with each kernel wrapped to record its launches:
+    ``(kernel names, [(kernel, devices made current by on_device, argument types)])``."""
+    from ssam_kernels.ops.triton import fisher, hashing, norm, perturb, radix
+
+    current: list[torch.device] = []
+    launches: list[tuple[str, list, list]] = []
+
+    @contextlib.contextmanager
+    def on_device(t: torch.Tensor):
+        current.append(t.device)
+        yield
+        current.pop()
+
+    class Recorder:
+        def __init__(self, name: str, kernel: object) -> None:
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid: object):
+            def launch(*args: object, **kwargs: object) -> object:
+                launches.append((self.name, list(current), [type(a) for a in args]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(_config, "on_device", on_device, raising=False)
+    modules = (fisher, hashing, norm, perturb, radix)
+    kernels = {f"{m.__name__}.{name}": (m, name) for m in modules for name in vars(m)
+               if name.startswith("_") and name.endswith("_kernel")}
+    for qualified, (module, name) in kernels.items():
+        monkeypatch.setattr(module, name, Recorder(qualified, getattr(module, name)))
+    gen = _gen("launches")
+    W, G = _randn(3000, torch.float32, gen), _randn(3000, torch.float32, gen)
+    mask, offsets, k = _mask(3000, 0.5, gen)
+    backup = torch.empty(k, device=DEVICE)
+    ops.grad_sq_norm(G, W, backend="triton")
+    ops.perturb_(W, G, mask, offsets, backup, torch.tensor(0.5, device=DEVICE), backend="triton")
+    ops.restore_(W, mask, offsets, backup, backend="triton")
+    ops.fisher_accumulate_(W, G, 0.25, backend="triton")
+    ops.dynamic_update([mask], [G], 100, "random", 1, 2, backend="triton")
+    return set(kernels), launches
+
+
+def test_every_launch_runs_on_the_tensors_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the *current* CUDA device and stream: tensors on ``cuda:1`` would fail or race
+    (issue 14 item 2). Every launch must happen inside ``_config.on_device`` of the op's tensors."""
+    kernels, launches = _record_launches(monkeypatch)
+    assert {name for name, _, _ in launches} == kernels
+    for name, devices, _ in launches:
+        assert devices == [DEVICE], f"{name} launched outside on_device"
+
+
+def test_no_launch_gets_a_python_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU JIT types a Python float argument fp32 while the interpreter keeps float64, so a float
+    ``alpha`` was rounded on the GPU only (issue 14 item 3): scalars travel as tensors or ints."""
+    kernels, launches = _record_launches(monkeypatch)
+    assert {name for name, _, _ in launches} == kernels
+    for name, _, arg_types in launches:
+        assert float not in arg_types, f"{name} got a Python float (fp32 on the GPU)"
+
+
+def test_on_device_makes_the_tensors_device_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    entered: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "device",
+                        lambda device: entered.append(device) or contextlib.nullcontext())
+    with _config.on_device(types.SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with _config.on_device(torch.empty(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]  # CPU tensors (the interpreter): nothing to switch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -421,20 +495,22 @@ def _compile_for_sm90() -> None:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
 
     n = {"N": "i64"}
-    for dt in ("fp32", "bf16", "fp16"):
+    for dt in ("fp32", "fp64", "bf16", "fp16"):
         build(norm._sq_norm_kernel, {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "partial_ptr": "*fp64"}, n,
               {"ADAPTIVE": True, "BLOCK": 2048, "TILES": 8})
-        build(fisher._fisher_kernel, {"f_ptr": "*fp32", "g_ptr": f"*{dt}"}, {**n, "alpha": "fp32"},
+        build(fisher._fisher_kernel, {"f_ptr": "*fp32", "g_ptr": f"*{dt}", "alpha_ptr": "*fp64"}, n,
               {"BLOCK": 2048, "TILES": 8})
         for has_mask in (True, False):
             mask = {"mask_ptr": "*i32", "offsets_ptr": "*i32"} if has_mask else {}
             dense = {} if has_mask else {"mask_ptr": None, "offsets_ptr": None}
-            build(perturb._perturb_kernel, {"w_ptr": f"*{dt}", "g_ptr": f"*{dt}", **mask,
-                                            "backup_ptr": f"*{dt}", "scale_ptr": "*fp32"}, n,
-                  {**dense, "HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
-            build(perturb._restore_kernel, {"w_ptr": f"*{dt}", **mask, "backup_ptr": f"*{dt}"}, n,
-                  {**dense, "HAS_MASK": has_mask, "CHUNKS": 4})
-    for st in ("fp32", "bf16", "i32"):
+            for scale in ("fp32", "fp64"):
+                build(perturb._perturb_kernel, {"w_ptr": f"*{dt}", "g_ptr": f"*{dt}", **mask,
+                                                "backup_ptr": f"*{dt}", "scale_ptr": f"*{scale}"},
+                      {**n, "CAPACITY": "i64"},
+                      {**dense, "HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
+            build(perturb._restore_kernel, {"w_ptr": f"*{dt}", **mask, "backup_ptr": f"*{dt}"},
+                  {**n, "CAPACITY": "i64"}, {**dense, "HAS_MASK": has_mask, "CHUNKS": 4})
+    for st in ("fp32", "fp64", "bf16", "i32"):
         flags = {"LARGEST": False, "INT_SCORES": st == "i32", "HAS_FILTER": True, "FILTER_VALUE": False,
                  "BLOCK": 2048}
         scores = {"scores_ptr": f"*{st}", "filter_ptr": "*i32"}

@@ -8,6 +8,15 @@ native, else reference.
 
 Masks are int32 bit-packed words with per-chunk offsets (:mod:`ssam_kernels.ops.bitmask`); a dense
 perturbation is ``mask=None``.
+
+Memory safety: no input reads or writes outside the tensors given, on any backend or device. What is
+free to check is checked (sizes, dtypes, devices; on CPU tensors also that ``offsets`` match the mask);
+what would need a host synchronisation on CUDA is bounded in the kernels instead: mask bits at or past
+``N`` are ignored, and a rank outside ``[0, len(backup))`` is never used (see :func:`perturb_`).
+
+Dtypes: float32, float64, bfloat16 and float16 everywhere. Element-wise arithmetic is float64 with
+each operation rounded once (no fused multiply-add), then one rounding to the output's dtype: for
+float64 tensors that is the plain float64 evaluation of the formula, bit-identical across backends.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ __all__ = [
 ]
 
 BACKENDS = ("reference", "triton", "native")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ENV_VAR = "SSAM_KERNELS_BACKEND"
 
 
@@ -185,16 +194,28 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
 
     For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
     ``scale`` is finite and non-zero, ``W[i] = W[i] + scale · g_i`` (``adaptive``:
-    ``W[i] + scale · w_i² · g_i``), computed in fp32 and rounded once to ``W``'s dtype. ``backup`` is
-    always written, so :func:`restore_` is exact even for a skipped perturbation. ``scale`` is a
-    float32 0-d tensor on ``W``'s device (never read on the host). ``backup`` must hold exactly the
-    number of set bits ``K`` (not checked here: that would synchronise with the host).
+    ``W[i] + scale · ((w_i · w_i) · g_i)``), evaluated in float64 with each operation rounded once and
+    then rounded once to ``W``'s dtype (through fp32 for bf16/fp16; nothing more for float64 ``W``).
+    ``backup`` is always written, so :func:`restore_` is exact even for a skipped perturbation.
+    ``scale`` is a float32 or float64 0-d tensor on ``W``'s device (never read on the host), used at its
+    exact value; ``W`` may be float32, float64, bfloat16 or float16 with either.
+
+    Ranks and bounds (the same on every backend and device): ``rank(i)`` is the number of set bits
+    before ``i``; mask bits at or past ``N = W.numel()`` are ignored (never addressed, never counted).
+    ``backup`` should hold exactly the ``K`` set bits; that is not checked (it would synchronise on
+    CUDA). Instead only entries with ``rank(i) < backup.numel()`` are backed up and perturbed: with a
+    short backup the entries ranked past its end are left unchanged, with a longer one the slots past
+    ``K`` are not written. ``offsets`` must equal ``bitmask.offsets(mask, N)``: on CPU tensors every
+    backend checks it (``ValueError``); on CUDA it is not checked, and wrong offsets give wrong ranks but
+    every access stays inside ``W``, ``G`` and ``backup`` (a rank outside ``[0, backup.numel())`` is
+    skipped).
     """
     W = _check_vector("W", W)
     _check_like("G", _check_vector("G", G), "W", W)
     _check_mask_and_backup(W, mask, offsets, backup)
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() != 0:
-        raise TypeError("scale: expected a float32 0-d tensor")
+    if (not isinstance(scale, torch.Tensor) or scale.dtype not in (torch.float32, torch.float64)
+            or scale.dim() != 0):
+        raise TypeError("scale: expected a float32 or float64 0-d tensor")
     if scale.device != W.device:
         raise ValueError(f"scale: expected device {W.device} (that of W), got {scale.device}")
     resolve_backend(backend, W.device).perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
@@ -202,7 +223,11 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, *, backend: str | None = None) -> None:
-    """``W[i] = backup[rank(i)]`` for every set bit ``i`` (every ``i`` when ``mask`` is None): bit-exact."""
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` (every ``i`` when ``mask`` is None): bit-exact.
+
+    Bounds as in :func:`perturb_`: bits at or past ``N`` are ignored, only ranks in
+    ``[0, backup.numel())`` are restored, and ``offsets`` are checked against the mask on CPU tensors.
+    """
     W = _check_vector("W", W)
     _check_mask_and_backup(W, mask, offsets, backup)
     resolve_backend(backend, W.device).restore_(W, mask, offsets, backup)
@@ -210,7 +235,10 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *,
                        backend: str | None = None) -> None:
-    """``F += alpha · G²`` (element-wise, fp32 arithmetic), with ``F`` a float32 accumulator."""
+    """``F += alpha · G²`` element-wise: ``f + alpha · (g · g)`` in float64 (``g`` of any float dtype,
+    float64 included, at its exact value; ``alpha`` a Python float, float64), each operation rounded
+    once, then rounded once to fp32. ``F`` is always a float32 accumulator, also for float64 ``G``: the
+    Fisher scores only rank entries, and the selection compares fp32 keys anyway."""
     F = _check_vector("F", F, (torch.float32,))
     _check_like("G", _check_vector("G", G), "F", F, dtype=False)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
@@ -236,9 +264,11 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
 
     Selected: every entry greater than the k-th largest value ``t``, then entries equal to ``t`` in
     entry order (tensor order, then index; with ``comm``, rank order first) until ``k``. NaN counts as
-    smaller than every number and ``-0.0 == +0.0``. ``int32`` scores (from :func:`hash_scores`) are
-    compared as unsigned 32-bit integers. With ``comm`` the selection spans all ranks and ``k`` is the
-    global count. Radix selection: no sort, no index arrays, any size.
+    smaller than every number and ``-0.0 == +0.0``. Values are compared as fp32: float64 scores are
+    rounded to nearest fp32 first, so two that round to the same fp32 value are ties (earliest first).
+    ``int32`` scores (from :func:`hash_scores`) are compared as unsigned 32-bit integers. With ``comm``
+    the selection spans all ranks and ``k`` is the global count. Radix selection: no sort, no index
+    arrays, any size.
     """
     scores = _check_scores("scores", scores, (*FLOAT_DTYPES, torch.int32))
     total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
@@ -277,6 +307,8 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
         raise TypeError(f"masks: expected a list of {len(drop_scores)} int32 tensors (one per score tensor)")
     for i, (mask, s) in enumerate(zip(masks, drop_scores, strict=True)):
         _check_mask(mask, None, s, mask_name=f"masks[{i}]")
+    # Bits past N are not entries: neither live nor kept in the updated masks.
+    masks = [bitmask.trim(m, s.numel()) for m, s in zip(masks, drop_scores, strict=True)]
     seed = _check_count("seed", seed, 0xFFFFFFFF)
     step = _check_count("step", step, 0xFFFFFFFF)
     sizes = [s.numel() for s in drop_scores]

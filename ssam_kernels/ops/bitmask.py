@@ -1,11 +1,14 @@
 """The bit-packed mask format shared by every backend (DESIGN.md, "Mask format").
 
 A mask over ``N`` entries is an ``int32`` tensor of ``ceil(N / 32)`` words: entry ``i`` is bit
-``i % 32`` of word ``i // 32`` (little-endian bits); bits at or past ``N`` are 0.
+``i % 32`` of word ``i // 32`` (little-endian bits); bits at or past ``N`` are 0 in every mask the
+library makes, and every op ignores them in a mask it is given (:func:`trim`).
 
 ``offsets`` has ``ceil(N / CHUNK) + 1`` entries: ``offsets[c]`` is the number of set bits in entries
 ``[0, c * CHUNK)``; the last one is the live count ``K``. A kernel program that owns chunk ``c`` finds
 ``rank(i)`` (the number of set bits before ``i``) as ``offsets[c]`` plus a popcount inside the chunk.
+Offsets that do not match the mask are refused on CPU (:func:`check_offsets`); on CUDA, where checking
+would synchronise, the kernels bound every access instead (see :func:`ssam_kernels.ops.perturb_`).
 
 These helpers are written with vectorised torch ops and serve every backend; they work in blocks so
 their temporaries stay bounded for masks of billions of entries.
@@ -91,12 +94,23 @@ def popcount(words: torch.Tensor) -> torch.Tensor:
     return (((v * 0x01010101) >> 24) & 0xFF).to(torch.int32)
 
 
+def trim(words: torch.Tensor, n: int) -> torch.Tensor:
+    """``words`` with the bits of entries ``>= n`` (the unused top of the last word) cleared, which every
+    op ignores: ``words`` itself when ``n`` fills the last word, else a copy (no host synchronisation)."""
+    tail = n % 32
+    if tail == 0 or words.numel() == 0:
+        return words
+    return torch.cat([words[:-1], words[-1:] & ((1 << tail) - 1)])
+
+
 def offsets(words: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-chunk exclusive prefix counts of set bits: int64, ``num_chunks(n) + 1`` entries."""
+    """Per-chunk exclusive prefix counts of set bits below ``n``: int64, ``num_chunks(n) + 1`` entries."""
     if words.numel() != num_words(n):
         raise ValueError(f"mask: expected {num_words(n)} words for {n} entries, got {words.numel()}")
     chunks = num_chunks(n)
     counts = popcount(words).to(torch.int64)
+    if n % 32:  # bits past n are not entries: the last word counts only its low n % 32 bits
+        counts[-1:] = popcount(words[-1:] & ((1 << n % 32) - 1))
     pad = chunks * WORDS_PER_CHUNK - counts.numel()
     if pad:
         counts = torch.cat([counts, counts.new_zeros(pad)])
@@ -106,8 +120,17 @@ def offsets(words: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def check_offsets(words: torch.Tensor, offs: torch.Tensor, n: int, name: str = "offsets") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``offs`` equals :func:`offsets` of the mask. Reads the
+    contents: on a CUDA tensor this synchronises with the host."""
+    if not torch.equal(offs.to(torch.int64), offsets(words, n)):
+        raise ValueError(f"{name}: do not match the mask (expected the exclusive prefix counts of its set "
+                         f"bits below N = {n}, bitmask.offsets(mask, N))")
+
+
 def count(words: torch.Tensor) -> torch.Tensor:
-    """Total number of set bits, as an int64 0-d tensor (no host synchronisation)."""
+    """Total number of set bits, as an int64 0-d tensor (no host synchronisation); :func:`trim` the
+    words first to count only the entries below ``n``."""
     return popcount(words).sum(dtype=torch.int64)
 
 

@@ -10,6 +10,8 @@ then says why, and the functions are not called (:func:`ssam_kernels.ops.resolve
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from . import bitmask
@@ -24,14 +26,51 @@ else:
 
 
 def unavailable_reason(device_type: str) -> str | None:
-    """Why the compiled kernels cannot run on ``device_type`` tensors, or None if they can."""
+    """Why the compiled kernels cannot run on ``device_type`` tensors, or None if they can. For CUDA also
+    whether the current GPU can run what was compiled (``_C.compiled_archs()``): without a kernel image
+    for it every launch would fail with "no kernel image is available", so ``auto`` picks Triton."""
     if _C is None:
         return f"the compiled extension ssam_kernels._C is not built ({_IMPORT_ERROR})"
     if device_type == "cpu":
         return None
     if device_type == "cuda":
-        return None if _C.built_with_cuda() else "ssam_kernels._C was built without CUDA"
+        if not _C.built_with_cuda():
+            return "ssam_kernels._C was built without CUDA"
+        if not torch.cuda.is_available():
+            return None  # no GPU to judge; nothing runs on CUDA tensors here anyway
+        capability = torch.cuda.get_device_capability(torch.cuda.current_device())
+        archs = _C.compiled_archs()
+        if runs_on(archs, capability) is False:
+            major, minor = capability
+            return (f"ssam_kernels._C was compiled for TORCH_CUDA_ARCH_LIST={archs!r}, which has no kernel "
+                    f"image for this GPU (compute capability {major}.{minor}); rebuild with "
+                    f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (see docs/BUILD.md)")
+        return None
     return f"the compiled extension has no kernels for {device_type} tensors"
+
+
+_ARCH = re.compile(r"(\d+)\.(\d+)([af]?)(\+PTX)?", re.IGNORECASE)
+
+
+def runs_on(archs: str, capability: tuple[int, int]) -> bool | None:
+    """Whether code compiled for ``archs`` (a ``TORCH_CUDA_ARCH_LIST``: entries ``X.Y``, ``X.Ya``,
+    ``X.Yf``, each optionally ``+PTX``, separated by ``;`` or spaces) runs on a GPU of ``capability``;
+    None when no entry can be read (e.g. only architecture names), so it cannot be told.
+
+    Machine code for ``X.Y`` runs on ``X.Z`` with ``Z >= Y`` (``X.Ya``: on ``X.Y`` only); PTX for
+    ``X.Y`` is compiled by the driver for any GPU of capability ``>= X.Y``.
+    """
+    entries = [m for m in (_ARCH.fullmatch(t) for t in re.split(r"[;\s]+", archs.strip()) if t) if m]
+    if not entries:
+        return None
+    for m in entries:
+        arch = (int(m[1]), int(m[2]))
+        exact_only = m[3].lower() == "a"
+        if arch == capability or (not exact_only and arch[0] == capability[0] and arch[1] <= capability[1]):
+            return True
+        if m[4] and not exact_only and arch <= capability:
+            return True
+    return False
 
 
 def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,19 +81,20 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
 
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
-    """For every set bit ``i``: ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero,
-    ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) in float64, rounded once."""
+    """For every set bit ``i`` below N with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``; then, if
+    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) in
+    float64, each operation rounded once, then rounded to W's dtype (bounds: ``ops.perturb_``)."""
     torch.ops.ssam_kernels.perturb_(W, G, mask, _offsets(mask, offsets, W), backup, scale, adaptive)
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor) -> None:
-    """``W[i] = backup[rank(i)]`` for every set bit ``i`` (bit-exact)."""
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` below N with ``rank(i) < len(backup)``."""
     torch.ops.ssam_kernels.restore_(W, mask, _offsets(mask, offsets, W), backup)
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` with ``F`` float32, computed in float64 and rounded once."""
+    """``F += alpha · G²`` with ``F`` float32 (``G`` any float dtype), in float64 and rounded once."""
     torch.ops.ssam_kernels.fisher_accumulate_(F, G, alpha)
 
 

@@ -38,44 +38,58 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
 
 
 def _perturbed(w: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> torch.Tensor:
-    """``w + scale·g`` (adaptive: ``w + scale·w²·g``) in float64, rounded once to ``w``'s dtype.
+    """``w + scale·g`` (adaptive: ``w + scale·((w·w)·g)``) in float64, each operation rounded once, then
+    rounded to ``w``'s dtype (through fp32 for bf16/fp16, as ``.to`` does; a no-op for float64 ``w``).
 
-    float64 makes the product exact, so this is the correctly rounded result of the fp32 inputs; a fast
-    backend computing in fp32 with a fused multiply-add is within 1 ulp of it.
+    float64 makes the products of fp32 inputs exact (nearly, for adaptive), so this is the correctly
+    rounded result of the fp32 inputs; for float64 ``w`` it is the plain float64 evaluation.
     """
     w64, g64 = w.double(), g.double()
     step = scale.double() * (w64 * w64 * g64 if adaptive else g64)
     return (w64 + step).to(w.dtype)
 
 
+def _touched(mask: torch.Tensor, offsets: torch.Tensor | None, n: int, capacity: int) -> torch.Tensor:
+    """The entries ``perturb_``/``restore_`` touch, as a bool tensor: set bits below ``n`` (bits past
+    ``n`` are ignored) whose rank is below ``capacity`` (the backup's length). ``offsets``, when given,
+    must match the mask (checked: the reference synchronises with the host anyway)."""
+    if offsets is not None:
+        bitmask.check_offsets(mask, offsets, n)
+    selected = bitmask.unpack(mask, n)
+    if int(selected.sum()) > capacity:  # a short backup: entries ranked past its end are left alone
+        selected &= torch.cumsum(selected, dim=0, dtype=torch.int64) <= capacity
+    return selected
+
+
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
-    """For every set bit ``i``: ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero,
-    ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``), rounded once."""
-    del offsets  # the reference finds ranks from the mask itself
+    """For every set bit ``i`` with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``; then, if
+    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``),
+    rounded once."""
     active = torch.isfinite(scale) & (scale != 0)
     if mask is None:
         backup.copy_(W)
         W.copy_(torch.where(active, _perturbed(W, G, scale, adaptive), W))
         return
-    selected = bitmask.unpack(mask, W.numel())
+    selected = _touched(mask, offsets, W.numel(), backup.numel())
     w = W[selected]
-    backup.copy_(w)
+    backup[: w.numel()].copy_(w)
     W[selected] = torch.where(active, _perturbed(w, G[selected], scale, adaptive), w)
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor) -> None:
-    """``W[i] = backup[rank(i)]`` for every set bit ``i`` (bit-exact)."""
-    del offsets
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` with ``rank(i) < len(backup)`` (bit-exact)."""
     if mask is None:
         W.copy_(backup)
-    else:
-        W[bitmask.unpack(mask, W.numel())] = backup
+        return
+    selected = _touched(mask, offsets, W.numel(), backup.numel())
+    W[selected] = backup[: int(selected.sum())]
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` with ``F`` float32, computed in float64 and rounded once."""
+    """``F += alpha · G²`` with ``F`` float32: ``f + alpha·(g·g)`` in float64 (``g`` exactly as stored,
+    float64 too), each operation rounded once, then rounded to fp32."""
     for start in range(0, F.numel(), BLOCK):
         f, g = F[start: start + BLOCK], G[start: start + BLOCK].double()
         f.copy_(f.double() + alpha * (g * g))
@@ -88,7 +102,8 @@ def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> 
 def score_keys(scores: torch.Tensor, largest: bool = True) -> torch.Tensor:
     """The order-preserving unsigned 32-bit image of ``scores``, as int64 values in ``[0, 2^32)``.
 
-    Floating scores (any of fp32/bf16/fp16, compared as their exact fp32 value): ``-0.0`` is first made
+    Floating scores (fp32/bf16/fp16 compared as their exact fp32 value; float64 rounded to nearest fp32
+    first, so float64 scores that round to the same fp32 value are ties): ``-0.0`` is first made
     ``+0.0``; the fp32 bit pattern ``b`` of a non-negative value maps to ``b | 2^31``, of a negative
     value to ``~b``; NaN maps to 0, below every number (``-inf`` maps to ``0x007FFFFF``).
     ``int32`` scores (the random-growth hash) are taken as their unsigned value.

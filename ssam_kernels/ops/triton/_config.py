@@ -9,6 +9,7 @@ multi-program paths on small inputs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -64,3 +65,9 @@ def launch_options() -> dict[str, int | bool]:
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for non-negative ints."""
     return -(-a // b)
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context every launch runs in: Triton launches on the *current* CUDA device and its current
+    stream, so the device of the op's tensors ``t`` is made current for the launch (a no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

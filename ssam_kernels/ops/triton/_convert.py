@@ -13,10 +13,28 @@ import triton.language as tl
 
 @triton.jit
 def to_float32(x):
-    """``x`` (fp32, bf16 or fp16) as fp32, exactly. bf16 is the top half of an fp32 pattern."""
+    """``x`` (fp32, bf16 or fp16) as fp32, exactly; fp64 rounded to nearest. bf16 is the top half of an
+    fp32 pattern."""
     if x.dtype == tl.bfloat16:
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     return x.to(tl.float32)
+
+
+@triton.jit
+def to_float64(x):
+    """``x`` (fp32, fp64, bf16 or fp16) as fp64, exactly (fp64 as is, never through fp32)."""
+    if x.dtype == tl.float64:
+        return x
+    return to_float32(x).to(tl.float64)
+
+
+@triton.jit
+def store_float64(x, dtype: tl.constexpr):
+    """fp64 ``x`` as ``dtype`` the way the reference's ``.to(dtype)`` rounds it: fp64 kept, fp32 rounded
+    once, bf16/fp16 through fp32 (two roundings, as PyTorch does)."""
+    if dtype == tl.float64:
+        return x
+    return round_to(x.to(tl.float32), dtype)
 
 
 @triton.jit

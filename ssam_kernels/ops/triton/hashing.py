@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..reference import hash_key
+from . import _config
 from ._config import CONFIG, cdiv, launch_options
 
 
@@ -44,5 +45,6 @@ def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -
         return out
     key = hash_key(seed, step)
     key = key - (1 << 32) if key >= 1 << 31 else key  # the same 32 bits as a signed int32 argument
-    _hash_kernel[(cdiv(n, CONFIG.block),)](out, n, base, key, BLOCK=CONFIG.block, **launch_options())
+    with _config.on_device(out):
+        _hash_kernel[(cdiv(n, CONFIG.block),)](out, n, base, key, BLOCK=CONFIG.block, **launch_options())
     return out

@@ -1,9 +1,10 @@
 """The selection primitives of the radix-select driver (:mod:`ssam_kernels.ops.select`).
 
 Keys are ``reference.score_keys`` computed in unsigned 32-bit arithmetic: for a float score ``x`` (as
-fp32, ``-0.0`` made ``+0.0``) with bit pattern ``b``, ``key = ~b`` when the sign bit is set, else
-``b | 2^31``; NaN gets key 0; int32 scores are their unsigned value; ``largest=False`` complements the
-key. Eligibility: no filter, or the entry's filter bit equals ``filter_value``.
+fp32, float64 rounded to nearest; ``-0.0`` made ``+0.0``) with bit pattern ``b``, ``key = ~b`` when the
+sign bit is set, else ``b | 2^31``; NaN gets key 0; int32 scores are their unsigned value;
+``largest=False`` complements the key. Eligibility: no filter, or the entry's filter bit equals
+``filter_value``.
 
 * ``radix_histogram``: a persistent (grid-stride) kernel; each program keeps a local ``2^bits``-bin
   histogram (``tl.histogram``) over its tiles and writes it to its own row of an int32 buffer, which
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..bitmask import num_words
+from . import _config
 from ._config import CONFIG, cdiv, launch_options, persistent_programs
 from ._convert import to_float32
 
@@ -132,9 +134,11 @@ def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits
     tiles = cdiv(n, CONFIG.block)
     programs = min(tiles, persistent_programs(scores.device))
     partial = torch.empty(programs, 1 << bits, dtype=torch.int32, device=scores.device)
-    _histogram_kernel[(programs,)](scores, filter_words, prefix, partial, n, cdiv(tiles, programs), programs,
-                                   SHIFT=shift, BITS=bits, BLOCK=CONFIG.block, **launch_options(),
-                                   **_key_flags(scores, largest, filter_words, filter_value))
+    with _config.on_device(scores):
+        _histogram_kernel[(programs,)](scores, filter_words, prefix, partial, n, cdiv(tiles, programs),
+                                       programs, SHIFT=shift, BITS=bits, BLOCK=CONFIG.block,
+                                       **launch_options(), **_key_flags(scores, largest, filter_words,
+                                                                        filter_value))
     return partial.sum(dim=0, dtype=torch.int64)
 
 
@@ -152,9 +156,10 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
     flags = _key_flags(scores, largest, filter_words, filter_value)
     tiles = cdiv(n, CONFIG.block)
     counts = torch.empty(tiles, dtype=torch.int32, device=scores.device)
-    _tie_count_kernel[(tiles,)](scores, filter_words, threshold, counts, n, BLOCK=CONFIG.block,
-                                **launch_options(), **flags)
-    ties_before = torch.cumsum(counts, dim=0, dtype=torch.int64) - counts
-    _threshold_mask_kernel[(tiles,)](scores, filter_words, threshold, tie_quota, ties_before, words, n,
-                                     BLOCK=CONFIG.block, **launch_options(), **flags)
+    with _config.on_device(scores):
+        _tie_count_kernel[(tiles,)](scores, filter_words, threshold, counts, n, BLOCK=CONFIG.block,
+                                    **launch_options(), **flags)
+        ties_before = torch.cumsum(counts, dim=0, dtype=torch.int64) - counts
+        _threshold_mask_kernel[(tiles,)](scores, filter_words, threshold, tie_quota, ties_before, words, n,
+                                         BLOCK=CONFIG.block, **launch_options(), **flags)
     return words

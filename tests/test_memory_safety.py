@@ -1,0 +1,222 @@
+"""No input to a public op reads or writes outside the tensors it was given (issue 12, memory safety).
+
+Every bad case runs in a subprocess, one per backend, so a crash (SIGSEGV, ``free(): invalid next
+size``) fails the tests instead of killing pytest. ``W`` and ``backup`` are interior slices of one
+larger "arena" tensor; the margins around them are compared before and after each op, so a write past
+either end shows up even when it does not crash. Besides staying inside the tensors, the bounded cases
+must give the documented result (:func:`ssam_kernels.ops.perturb_`), the same on every backend:
+
+- a backup shorter than the live count: only entries ranked below its length are backed up and changed;
+- a backup longer than the live count: the slots past ``K`` are not written;
+- mask bits at or past ``N``: ignored (never addressed, not counted);
+- offsets that do not match the mask: ``ValueError`` naming ``offsets`` on CPU tensors, nothing written.
+
+Backends: ``reference``, ``native`` (through the public op and through ``torch.ops.ssam_kernels.*``
+directly) and ``triton`` (in its interpreter on CPU); on CUDA too when a GPU is present, where wrong
+offsets are bounded rather than refused.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+
+N = 3000 + 13  # not a multiple of 32: the last mask word has unused bits
+MARGIN = 4096  # guard entries on each side of W and of the backup
+SCALE = 0.375
+
+
+# ----------------------------------------------------------------------------------------------------
+# The worker: runs in a fresh process, prints one line per case
+# ----------------------------------------------------------------------------------------------------
+
+def _arena(capacity: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(arena, W, backup)``: W and backup are slices of one tensor with guard margins around each."""
+    arena = torch.randn(3 * MARGIN + N + capacity).to(device)
+    W = arena[MARGIN: MARGIN + N]
+    backup = arena[2 * MARGIN + N: 2 * MARGIN + N + capacity]
+    backup.fill_(float("nan"))  # a slot the op does not write stays NaN
+    return arena, W, backup
+
+
+def _margins_untouched(before: torch.Tensor, after: torch.Tensor, capacity: int) -> bool:
+    inside = torch.zeros(before.numel(), dtype=torch.bool)
+    inside[MARGIN: MARGIN + N] = True
+    inside[2 * MARGIN + N: 2 * MARGIN + N + capacity] = True
+    return torch.equal(before[~inside].view(torch.int32), after[~inside].view(torch.int32))
+
+
+def _live_mask(tail_bits: bool) -> tuple[torch.Tensor, list[int]]:
+    """Mask words over N entries (half of them live), and the live positions below N in order. With
+    ``tail_bits`` every bit of the last word past N is set too."""
+    from ssam_kernels.ops import bitmask
+
+    live = torch.rand(N, generator=torch.Generator().manual_seed(5)) < 0.5
+    words = bitmask.pack(live)
+    if tail_bits:
+        words[-1] |= ~((1 << (N % 32)) - 1)  # bits N % 32 .. 31 of the last word
+    return words, live.nonzero().flatten().tolist()
+
+
+def _expected(W0: torch.Tensor, G: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """W after perturbing exactly ``positions``: ``w + scale·g`` in float64, rounded once to fp32."""
+    out = W0.clone()
+    idx = torch.tensor(positions, dtype=torch.int64)
+    out[idx] = (W0[idx].double() + SCALE * G[idx].double()).float()
+    return out
+
+
+def _ops(backend: str) -> tuple[Callable, Callable]:
+    """``(perturb_, restore_)`` of a backend, as a user calls them."""
+    from ssam_kernels import ops
+
+    if backend == "torch.ops":
+        import ssam_kernels.ops.native  # noqa: F401  (loads the extension and its operators)
+
+        return (lambda W, G, m, o, b, s: torch.ops.ssam_kernels.perturb_(W, G, m, o, b, s, False),
+                torch.ops.ssam_kernels.restore_)
+    return (lambda W, G, m, o, b, s: ops.perturb_(W, G, m, o, b, s, backend=backend),
+            lambda W, m, o, b: ops.restore_(W, m, o, b, backend=backend))
+
+
+def _case(backend: str, name: str, device: str) -> str:
+    """Runs one case; returns "" when it behaved as documented, else what went wrong."""
+    from ssam_kernels.ops import bitmask
+
+    perturb, restore = _ops(backend)
+    words, live = _live_mask(name.startswith("bits_past_n"))
+    K = len(live)
+    offsets = bitmask.offsets(words, N)
+    capacity = {"short_backup": K // 2, "long_backup": K + 7}.get(name.rsplit("/")[0], K)
+    bad_offsets = {"offsets_shifted_up": offsets + 10**9, "offsets_shifted_down": offsets - 10**9,
+                   "offsets_scrambled": offsets.flip(0)}.get(name.rsplit("/")[0])
+    arena, W, backup = _arena(capacity, device)
+    G = torch.randn(N)
+    restoring = name.endswith("/restore")
+    if restoring:  # restore into a W whose live entries were overwritten
+        backup.copy_(torch.randn(capacity))
+        W[torch.tensor(live, device=device)] = float("nan")
+    W0, before = W.to("cpu", copy=True), arena.to("cpu", copy=True)
+    args = (words.to(device), (bad_offsets if bad_offsets is not None else offsets).to(device), backup)
+    try:
+        if restoring:
+            restore(W, *args)
+        else:
+            perturb(W, G.to(device), *args, torch.tensor(SCALE, device=device))
+    except (ValueError, RuntimeError) as exc:
+        if bad_offsets is None or not str(exc).startswith("offsets:"):
+            return f"raised {type(exc).__name__}: {exc}"
+        unchanged = torch.equal(arena.cpu().view(torch.int32), before.view(torch.int32))
+        return "" if unchanged else "raised after writing"
+    arena, W, backup = arena.cpu(), W.cpu(), backup.cpu()
+    if not _margins_untouched(before, arena, capacity):
+        return "wrote outside W and backup"
+    if bad_offsets is not None:
+        # On CUDA wrong offsets are not checked (that would synchronise): bounded is all that is promised.
+        return "wrong offsets were accepted on CPU tensors" if device == "cpu" else ""
+    touched = torch.tensor(live[:capacity], dtype=torch.int64)
+    if restoring:
+        want = W0.clone()
+        want[touched] = backup[: len(touched)]
+        ok = torch.equal(W.view(torch.int32), want.view(torch.int32))
+        return "" if ok else "restored the wrong entries"
+    if not torch.equal(backup[: len(touched)], W0[touched]):
+        return "backed up the wrong values"
+    if not bool(torch.isnan(backup[len(touched):]).all()):
+        return "wrote backup slots past the live count"
+    if not torch.equal(W.view(torch.int32), _expected(W0, G, touched.tolist()).view(torch.int32)):
+        return "perturbed the wrong entries"
+    return ""
+
+
+CASES = [f"{case}/{op}" for case in ("short_backup", "long_backup", "bits_past_n", "offsets_shifted_up",
+                                     "offsets_shifted_down", "offsets_scrambled")
+         for op in ("perturb", "restore")]
+
+
+def _worker(backend: str, device: str) -> None:
+    torch.manual_seed(0)
+    for name in CASES:
+        print(f"START {name}", flush=True)
+        problem = _case(backend, name, device)
+        print(f"{'OK' if not problem else 'FAIL'} {name} {problem}", flush=True)
+    print("DONE", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tests: one subprocess per backend, one test per case
+# ----------------------------------------------------------------------------------------------------
+
+BACKENDS = ["reference", "native", "torch.ops", "triton"]
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
+_RUNS: dict[tuple[str, str], subprocess.CompletedProcess] = {}
+
+
+def _available(backend: str, device: str = "cpu") -> str | None:
+    from ssam_kernels import ops
+
+    name = "native" if backend == "torch.ops" else backend
+    return ops._unavailable(name, device)
+
+
+def _run(backend: str, device: str) -> subprocess.CompletedProcess:
+    why = _available(backend, device)
+    if why is not None:
+        pytest.skip(f"{backend} unavailable on {device}: {why}")
+    if (backend, device) not in _RUNS:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        if device == "cpu":
+            env["TRITON_INTERPRET"] = "1"
+        _RUNS[backend, device] = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", backend, device], env=env,
+            capture_output=True, text=True, timeout=600, check=False)
+    return _RUNS[backend, device]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_stays_inside_the_tensors(device: str, backend: str, case: str) -> None:
+    done = _run(backend, device)
+    lines = done.stdout.splitlines()
+    if f"START {case}" not in lines:
+        pytest.fail(f"the worker died before this case (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    results = [line for line in lines if line.split(" ")[1:2] == [case] and not line.startswith("START")]
+    assert results, f"the worker died in this case (exit {done.returncode}):\n{done.stderr[-3000:]}"
+    assert results[0] == f"OK {case} ", results[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_worker_exits_cleanly(device: str, backend: str) -> None:
+    done = _run(backend, device)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1:] == ["DONE"], done.stderr[-3000:]
+
+
+def test_dynamic_update_ignores_mask_bits_past_n() -> None:
+    """Bits past N are not live entries: not counted, not kept, never grown into."""
+    from ssam_kernels import ops
+    from ssam_kernels.ops import bitmask
+
+    n = 100
+    live = torch.zeros(n, dtype=torch.bool)
+    live[:40] = True
+    words = bitmask.pack(live)
+    words[-1] |= ~((1 << (n % 32)) - 1)  # 28 bits past N
+    for backend in ("reference", *(b for b in ("native", "triton") if _available(b) is None)):
+        (new, offsets), = ops.dynamic_update([words], [torch.arange(n, dtype=torch.float32)], 10, "random",
+                                             1, 2, backend=backend)
+        assert int(offsets[-1]) == 40 and int(bitmask.count(new)) == 40, backend
+        assert torch.equal(new, bitmask.trim(new, n)), backend
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(sys.argv[2], sys.argv[3])
