@@ -103,7 +103,7 @@ def _fsdp(scenario: str, rank: int, world: int) -> dict:
     opt = make_optimizer(scenario, model, model, fisher_samples())  # FSDP2: the same samples on every rank
     assert opt.distributed == "sharded" and opt.layout.kind == "tensors"
     train(model, opt, [shard(b, rank, world) for b in global_batches()])
-    masks = opt._encode_masks(opt._masks)  # uint8 DTensors placed like the parameters
+    masks = opt.ssam_state_dict()["mask"]  # uint8 DTensors placed like the parameters
     return {"weights": [_full(p.detach()) for p in model.parameters()],
             "mask": [_full(m).bool() for m in masks], "local_live": sum(int(m.sum()) for m in opt.get_mask())}
 
