@@ -399,7 +399,8 @@ class SSAM(torch.optim.Optimizer):
         if run.pending is not None:
             self._set_masks(run.pending)
             run.pending = None
-        elif self.policy is not None and not self.policy.uses_gradient and self.policy.due(run.steps):
+        elif (self.layout.segments and self.policy is not None and not self.policy.uses_gradient
+              and self.policy.due(run.steps)):
             self._set_masks(self.policy.refresh(self._context(), self.live_count, run.steps))
 
     @torch.compiler.disable
