@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -28,35 +30,19 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def make_optimizer(params) -> sk.SSAM:
-    return sk.SSAM(params, torch.optim.SGD, rho=0.1, sparsity=0.5, mask=sk.DynamicMask(interval=2, seed=3),
-                   lr=0.1, momentum=0.9, weight_decay=1e-3)
-
-
-# --- the README recipe ("Lightning"), verbatim but for the names above ---
-class SSAMModule(lightning.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.automatic_optimization = False  # SSAM's two passes are written out in training_step
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        opt = self.optimizers()
-        loss = nn.functional.cross_entropy(self.model(x), y)
-        self.manual_backward(loss)
-        opt.first_step(zero_grad=True)
-        self.manual_backward(nn.functional.cross_entropy(self.model(x), y))
-        opt.second_step(zero_grad=True)  # one optimizer step: trainer.global_step += 1
-        return loss
-
-    def configure_optimizers(self):
-        return make_optimizer(self.model.parameters())
-# --- end of the recipe ---
+def readme_module() -> type:
+    """The ``SSAMModule`` of the README's "Lightning" section, executed as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Lightning"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[: code.index("\n```")]
+    namespace = {"lightning": lightning, "torch": torch, "nn": nn, "sk": sk}
+    exec(compile(code, "README.md (Lightning)", "exec"), namespace)
+    return namespace["SSAMModule"]
 
 
 def test_manual_optimization_through_the_wrapper_matches_plain_pytorch():
-    module = SSAMModule(make_model())
+    module = readme_module()(make_model())
     data = torch.utils.data.DataLoader(batches(), batch_size=None, shuffle=False)
     trainer = lightning.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False,
@@ -65,7 +51,7 @@ def test_manual_optimization_through_the_wrapper_matches_plain_pytorch():
     assert trainer.global_step == STEPS
 
     model = make_model()
-    opt = make_optimizer(model.parameters())
+    opt = readme_module()(model).configure_optimizers()  # the same optimizer, used in plain PyTorch
     for x, y in batches():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.first_step(zero_grad=True)
