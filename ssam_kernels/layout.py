@@ -137,6 +137,8 @@ class Segment:
     def missing_grads(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
         """Flat layout: ``(param, view)`` of the parameters whose ``.grad`` is our view but which
         received no gradient since the last ``zero_grad(set_to_none=True)`` (PyTorch: ``.grad`` None)."""
+        if all(self.has_grad):  # the usual step: one check, not one .grad read per parameter
+            return []
         return [(p, view) for p, view, seen in zip(self.params, self.grad_views, self.has_grad, strict=True)
                 if not seen and p.grad is view]
 

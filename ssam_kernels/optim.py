@@ -159,9 +159,7 @@ class SSAM(torch.optim.Optimizer):
         self.base_optimizer = self._build_base(base_optimizer, base_kwargs)
         self.param_groups = self.base_optimizer.param_groups  # one list, updated in place on load
         self.defaults.update(self.base_optimizer.defaults)
-        # numpy scalars print as the decimal the user wrote: keep that decimal (see live_count)
-        self.sparsity = sparsity if isinstance(sparsity, (int, float)) else float(str(sparsity))
-        self.eps, self.backend = eps, backend
+        self.sparsity, self.eps, self.backend = float(sparsity), eps, backend
         for index, group in enumerate(self.param_groups):
             _check_group(index, group)
         perturbed = [list(g["params"]) if g["perturb"] else [] for g in self.param_groups]
@@ -184,7 +182,8 @@ class SSAM(torch.optim.Optimizer):
         in_layout = {id(p) for s in self.layout.segments for p in s.params}
         self._outside = [p for p in self._params() if id(p) not in in_layout]  # plain PyTorch zero_grad
         self._hooks = self._register_grad_hooks()
-        self._numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
+        numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
+        self._live_count = live_count(numel, sparsity)  # from the value as given (0.9 means 9/10)
 
     # ------------------------------------------------------------------------------------------------
     # Construction helpers
@@ -237,7 +236,7 @@ class SSAM(torch.optim.Optimizer):
     def live_count(self) -> int:
         """``K = floor(N · (1 − sparsity))`` (exact, :func:`ssam_kernels.masks.live_count`): the number
         of perturbed entries the policy keeps."""
-        return live_count(self._numel, self.sparsity)
+        return self._live_count
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
