@@ -273,7 +273,19 @@ class SSAM(torch.optim.Optimizer):
         if self.policy is None or not self.layout.segments:  # dense, or nothing to perturb
             self._set_masks(None)
         else:
-            self._set_masks(self.policy.initial(self._context(), self.live_count))
+            self._set_masks(self._policy_masks(self.policy.initial))
+
+    def _policy_masks(self, method: Callable[..., list[Mask]], *step: int) -> list[Mask]:
+        """``policy.initial`` / ``policy.refresh``. A policy's own backward passes (FisherMask's
+        ``method="backward"``) fire the gradient hooks; they are not the user's gradients, so what the
+        hooks recorded is put back."""
+        fresh, seen = self._run.fresh_grad, [list(s.has_grad) for s in self.layout.segments]
+        try:
+            return method(self._context(), self.live_count, *step)
+        finally:
+            self._run.fresh_grad = fresh
+            for segment, flags in zip(self.layout.segments, seen, strict=True):
+                segment.has_grad[:] = flags
 
     def _refuse_if_perturbed(self, what: str) -> None:
         if self._run.phase == _PERTURBED:
@@ -301,7 +313,7 @@ class SSAM(torch.optim.Optimizer):
         groups = [self.param_groups[s.group] for s in segments]
         policy = self.policy
         if segments and policy is not None and policy.uses_gradient and policy.due(run.steps + 1):
-            run.pending = self.policy.refresh(self._context(), self.live_count, run.steps + 1)
+            run.pending = self._policy_masks(policy.refresh, run.steps + 1)
         if segments:
             home = segments[0].device
             totals = [ops.grad_sq_norm(G, s.weight if g["adaptive"] else None, backend=self.backend)
@@ -400,7 +412,7 @@ class SSAM(torch.optim.Optimizer):
             run.pending = None
         elif (self.layout.segments and self.policy is not None and not self.policy.uses_gradient
               and self.policy.due(run.steps)):
-            self._set_masks(self.policy.refresh(self._context(), self.live_count, run.steps))
+            self._set_masks(self._policy_masks(self.policy.refresh, run.steps))
 
     @torch.compiler.disable
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -527,6 +527,27 @@ def test_closure_after_backward_uses_it_as_the_first_pass(kind):
     assert_same(opt_a.get_mask(), opt_b.get_mask())
 
 
+@pytest.mark.parametrize("layout", ["flat", "tensors"])
+def test_policy_backward_passes_are_not_user_gradients(layout):
+    """FisherMask(method="backward") runs backward passes of its own at every refresh: they must not
+    look like a gradient of the user's (step(closure) would then skip its first pass)."""
+    model = make_model(36)
+    mask = FisherMask(model, nn.functional.cross_entropy, [batch(98)], num_samples=4, interval=1,
+                      method="backward")
+    opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, mask=mask, layout=layout, lr=0.1)
+    calls = 0
+    for t in range(3):
+        x, y = batch(t)
+
+        def closure(x=x, y=y):
+            nonlocal calls
+            calls += 1
+            return backward(model, x, y)
+
+        opt.step(closure)
+    assert calls == 6 and opt.steps == 3
+
+
 def test_closure_while_perturbed_is_the_second_pass():
     a, b = make_model(35), make_model(35)
     opt_a, opt_b = build(a), build(b)
