@@ -181,7 +181,7 @@ class SSAM(torch.optim.Optimizer):
         self._run = _RunState()
         in_layout = {id(p) for s in self.layout.segments for p in s.params}
         self._outside = [p for p in self._params() if id(p) not in in_layout]  # plain PyTorch zero_grad
-        self._hooks = self._register_grad_hooks()
+        self._register_grad_hooks()
         numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
         self._live_count = live_count(numel, sparsity)  # from the value as given (0.9 means 9/10)
 
@@ -222,15 +222,17 @@ class SSAM(torch.optim.Optimizer):
                                "optimizer with all parameter groups")
         super().add_param_group(param_group)
 
-    def _register_grad_hooks(self) -> list[Any]:
+    def _register_grad_hooks(self) -> None:
         """One post-accumulate-grad hook per trainable parameter: it records that a gradient arrived
         (flat layout: which parameter; any layout: that one arrived since the last zero_grad)."""
         where = {id(p): (segment, index) for segment in self.layout.segments
                  if segment.grad_buffer is not None for index, p in enumerate(segment.params)}
-        # FSDP2 writes the shards' .grad directly (no accumulation hook fires): its parameters are skipped
-        return [p.register_post_accumulate_grad_hook(
-                    functools.partial(_grad_arrived, self._run, *where.get(id(p), (None, 0))))
-                for p in self._params() if p.requires_grad and not is_dtensor(p)]
+        for p in self._params():
+            # FSDP2 writes the shards' .grad directly (no accumulation hook fires): they are skipped
+            if p.requires_grad and not is_dtensor(p):
+                segment, index = where.get(id(p), (None, 0))
+                hook = functools.partial(_grad_arrived, self._run, segment, index)
+                p.register_post_accumulate_grad_hook(hook)
 
     @property
     def live_count(self) -> int:
