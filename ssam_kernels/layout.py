@@ -13,11 +13,18 @@ one parameter group. Two layouts produce them:
 Segments are split by parameter group because ``rho`` and ``adaptive`` are per group. Frozen
 parameters (``requires_grad=False``) belong to no segment. Both layouts give the same entry order
 when a group has one (device, dtype), hence the same masks and results.
+
+Which parameters have a gradient (PyTorch's ``.grad is None``) is kept as in PyTorch. The tensors
+layout uses ``.grad`` itself. The flat layout keeps its views in ``.grad`` for good (so backward
+accumulates into the buffer) and records per parameter whether a gradient arrived since the last
+``zero_grad(set_to_none=True)`` (``Segment.has_grad``, set by the optimizer's post-accumulate-grad
+hooks); :meth:`ParamLayout.hide_missing_grads` shows the others as ``None`` to the base optimizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +54,8 @@ class Segment:
     returns the matching 1-D gradient, repaired first if the parameters' ``.grad`` were replaced.
     ``position`` is where the segment's first entry stands in the entry order of the *unsharded*
     model (as one process would lay it out): the random-growth hash of entry ``i`` is taken at
-    ``position + i``, so sharded and single-process runs draw the same random masks.
+    ``position + i``, so sharded and single-process runs draw the same random masks. ``has_grad[i]``
+    (flat layout): whether ``params[i]`` received a gradient since the last ``zero_grad(set_to_none=True)``.
     """
 
     group: int
@@ -57,6 +65,7 @@ class Segment:
     grad_buffer: torch.Tensor | None = None  # flat layout only
     grad_views: list[torch.Tensor] = field(default_factory=list)  # flat layout only
     position: int = 0
+    has_grad: list[bool] = field(default_factory=list)  # flat layout only; mutated, never rebound
 
     @property
     def numel(self) -> int:
@@ -77,10 +86,10 @@ class Segment:
     def grad(self) -> torch.Tensor:
         """The segment's 1-D gradient; a missing ``.grad`` counts as zeros.
 
-        Flat layout: a ``.grad`` that is not our view (``zero_grad(set_to_none=True)`` then backward,
-        DDP's bucket views, user assignment) is copied into the buffer and re-pointed at it, so the
-        kernels never read stale data. ``.grad`` that is None stays None (the base optimizer skips
-        such parameters) and its span is zeroed.
+        Flat layout: a ``.grad`` that is not our view (``module.zero_grad()`` then backward, DDP's
+        bucket views, user assignment) is copied into the buffer, re-pointed at it and counts as a
+        received gradient. ``.grad`` that is None stays None (the base optimizer skips such
+        parameters) and its span is zeroed.
         """
         if self.grad_buffer is None:
             grad = self.params[0].grad  # the DTensor's own .grad: its local tensor has none
@@ -89,7 +98,8 @@ class Segment:
             grad = local_tensor(grad)
             _check_grad(grad, local_tensor(self.params[0]))
             return grad.reshape(-1)
-        for param, view, (start, n) in zip(self.params, self.grad_views, self.spans(), strict=True):
+        for index, (param, view, (start, n)) in enumerate(
+                zip(self.params, self.grad_views, self.spans(), strict=True)):
             grad = param.grad
             if grad is view:
                 continue
@@ -100,19 +110,37 @@ class Segment:
             _check_grad(grad, param)
             span.copy_(grad.reshape(-1))
             param.grad = view
+            self.has_grad[index] = True
         return self.grad_buffer
 
-    def zero_grad(self) -> None:
-        """Zero the gradient in place (flat: one fill of the buffer, views kept)."""
+    def zero_grad(self, set_to_none: bool) -> None:
+        """``Optimizer.zero_grad`` for these parameters. Tensors layout: exactly PyTorch's. Flat: one
+        fill of the buffer, the views stay in ``.grad``; ``set_to_none`` forgets which parameters had
+        a gradient (they count as None until a gradient arrives), ``False`` keeps it (a parameter that
+        had one keeps a zero gradient and is stepped)."""
         if self.grad_buffer is None:
-            grad = self.params[0].grad
-            if grad is not None:
-                grad.zero_()
+            param = self.params[0]
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.zero_()
             return
         self.grad_buffer.zero_()
-        for param, view in zip(self.params, self.grad_views, strict=True):
-            if param.grad is not None:  # None stays None, as in the tensors layout
+        for index, (param, view) in enumerate(zip(self.params, self.grad_views, strict=True)):
+            if param.grad is not view:
+                self.has_grad[index] = param.grad is not None and not set_to_none
                 param.grad = view
+        if set_to_none:
+            self.has_grad[:] = [False] * len(self.params)
+
+    def missing_grads(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Flat layout: ``(param, view)`` of the parameters whose ``.grad`` is our view but which
+        received no gradient since the last ``zero_grad(set_to_none=True)`` (PyTorch: ``.grad`` None)."""
+        if all(self.has_grad):  # the usual step: one check, not one .grad read per parameter
+            return []
+        return [(p, view) for p, view, seen in zip(self.params, self.grad_views, self.has_grad, strict=True)
+                if not seen and p.grad is view]
 
 
 def _check_grad(grad: torch.Tensor, param: torch.Tensor) -> None:
@@ -144,17 +172,18 @@ def _flat_segments(group: int, params: list[torch.nn.Parameter]) -> list[Segment
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         weight = torch.empty(sum(sizes), dtype=dtype, device=device)
         grads = torch.zeros(sum(sizes), dtype=dtype, device=device)
-        views = []
+        views, has_grad = [], []
         with torch.no_grad():
             for p, start, n in zip(members, starts, sizes, strict=True):
                 weight[start: start + n].copy_(p.reshape(-1))
                 p.data = weight[start: start + n].view_as(p)
                 views.append(grads[start: start + n].view_as(p))
-                if p.grad is not None:  # a missing .grad stays missing (the base optimizer skips it)
+                has_grad.append(p.grad is not None)  # a missing .grad stays missing for the base step
+                if p.grad is not None:
                     _check_grad(p.grad, p)
                     views[-1].copy_(p.grad)
-                    p.grad = views[-1]
-        segments.append(Segment(group, members, starts, weight, grads, views))
+                p.grad = views[-1]
+        segments.append(Segment(group, members, starts, weight, grads, views, has_grad=has_grad))
     return segments
 
 
@@ -208,7 +237,21 @@ class ParamLayout:
         """Each segment's current 1-D gradient (repaired where ``.grad`` was replaced)."""
         return [segment.grad() for segment in self.segments]
 
-    def zero_grad(self) -> None:
-        """Zero every segment's gradient in place."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad`` over the segments (see :meth:`Segment.zero_grad`)."""
         for segment in self.segments:
-            segment.zero_grad()
+            segment.zero_grad(set_to_none)
+
+    @contextlib.contextmanager
+    def hide_missing_grads(self) -> Iterator[None]:
+        """Inside: flat-layout parameters that received no gradient have ``.grad`` None (what the base
+        optimizer would see in plain PyTorch, so it skips them); their views are put back on exit."""
+        hidden = [pair for segment in self.segments if segment.grad_buffer is not None
+                  for pair in segment.missing_grads()]
+        for param, _ in hidden:
+            param.grad = None
+        try:
+            yield
+        finally:
+            for param, view in hidden:
+                param.grad = view

@@ -2,7 +2,8 @@
 
 A policy sees the optimizer's segments through a :class:`MaskContext` and returns one mask per segment
 (int32 words + offsets, see :mod:`ssam_kernels.ops.bitmask`) with exactly ``k`` live entries in total,
-where ``k = int(N · (1 − sparsity))`` over all perturbed entries. ``interval`` is in optimizer steps:
+where ``k = floor(N · (1 − sparsity))`` over all perturbed entries, computed exactly (:func:`live_count`).
+``interval`` is in optimizer steps:
 
 - :class:`FisherMask` (SSAM-F): top-k of the empirical Fisher diagonal, recomputed after every
   ``interval``-th step (as the reference code does); the initial mask is computed before the first
@@ -21,8 +22,10 @@ are the same on every backend and a resumed run draws exactly what an uninterrup
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -32,6 +35,28 @@ from .ops import Communicator, bitmask
 
 Mask = tuple[torch.Tensor, torch.Tensor]
 """``(words, offsets)`` of one segment."""
+
+
+def check_sparsity(sparsity: object) -> float:
+    """``sparsity`` itself, after checking it is a real number (not a bool) in [0, 1]."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity: expected a real number in [0, 1], got {type(sparsity).__name__} "
+                        f"{sparsity!r}")
+    if not 0 <= sparsity <= 1:
+        raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity!r}")
+    return sparsity
+
+
+def live_count(numel: int, sparsity: float) -> int:
+    """``K = floor(N · (1 − s))``: how many of ``N`` entries a mask of sparsity ``s`` keeps.
+
+    Computed exactly, with ``s`` taken as the decimal it prints as (``Fraction(str(s))`` for a float:
+    ``0.9`` means 9/10, not the binary double just below it), so ``N = 1000, s = 0.9`` gives 100 and
+    ``N = 10, s = 0.9`` gives 1, where ``int(N * (1 - s))`` gives 99 and 0.
+    """
+    s = check_sparsity(sparsity)
+    exact = Fraction(s) if isinstance(s, numbers.Rational) else Fraction(str(s))
+    return math.floor(numel * (1 - exact))
 
 
 @dataclass
@@ -218,6 +243,8 @@ def make_policy(mask: MaskPolicy | str | None) -> MaskPolicy | None:
     """The policy for the optimizer's ``mask`` argument; None means dense (SAM)."""
     if mask is None or isinstance(mask, MaskPolicy):
         return mask
+    if not isinstance(mask, str):
+        raise TypeError(f"mask: expected a MaskPolicy, None or a str, got {type(mask).__name__}")
     if mask == "dense":
         return None
     if mask == "dynamic":
@@ -230,17 +257,17 @@ def make_policy(mask: MaskPolicy | str | None) -> MaskPolicy | None:
 
 def topk_mask(scores: Sequence[torch.Tensor], sparsity: float, *, backend: str | None = None
               ) -> list[torch.Tensor]:
-    """Bool masks (shaped like ``scores``) selecting exactly ``k = int(N · (1 − sparsity))`` entries of
-    all tensors together: the largest scores, ties taken in tensor then index order, NaN lowest."""
+    """Bool masks (shaped like ``scores``) selecting exactly ``k = floor(N · (1 − sparsity))`` entries
+    (:func:`live_count`) of all tensors together: the largest scores, ties taken in tensor then index
+    order, NaN lowest."""
     if isinstance(scores, torch.Tensor) or not isinstance(scores, Sequence):
         raise TypeError(f"scores: expected a list of tensors, got {type(scores).__name__}")
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity!r}")
+    check_sparsity(sparsity)
     flat = [s.detach().reshape(-1).contiguous() for s in scores]
     # select_topk compares int32 as unsigned (hash scores); a user's int32 scores are signed: flipping
     # the sign bit maps signed order onto unsigned order exactly
     flat = [s ^ torch.iinfo(torch.int32).min if s.dtype == torch.int32 else s for s in flat]
-    k = int(sum(s.numel() for s in flat) * (1 - sparsity))
+    k = live_count(sum(s.numel() for s in flat), sparsity)
     selected = ops.select_topk(flat, k, backend=backend)
     return [bitmask.unpack(words, s.numel()).view(s.shape)
             for (words, _), s in zip(selected, scores, strict=True)]

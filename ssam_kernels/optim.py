@@ -4,7 +4,7 @@ One step (DESIGN.md, "Data flow of one step"), with ``m`` the mask and ``s`` the
 
 1. backward at ``w``; ``first_step()``: ``scale = rho / (||g|| + eps)`` with ``||g||`` over every
    perturbed entry (ASAM: ``|| |w| ⊙ g ||``), then ``w ← w + scale · g ⊙ m`` (ASAM: ``scale · w² ⊙ g
-   ⊙ m``), keeping the old values of the live entries in a compact backup (``K = int(N · (1 − s))``
+   ⊙ m``), keeping the old values of the live entries in a compact backup (``K = floor(N · (1 − s))``
    elements per step, not ``N``). A non-finite norm skips the perturbation (weights untouched).
 2. backward at ``w + e``; ``second_step()``: restore ``w`` bit-exactly from the backup, take the base
    optimizer's step with the gradient at ``w + e``, and refresh the mask when the policy says so.
@@ -15,36 +15,112 @@ No host synchronisation happens on this path; a mask refresh may synchronise.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+import numbers
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import ops
+from . import checkpoint, ops
+from .checkpoint import IDLE as _IDLE
+from .checkpoint import PERTURBED as _PERTURBED
+from .checkpoint import RESTORED as _RESTORED
 from .distributed import ProcessGroupComm, resolve_mode
-from .layout import ParamLayout, is_dtensor, local_tensor
-from .masks import Mask, MaskContext, MaskPolicy, make_policy
-from .ops import bitmask
+from .layout import ParamLayout, Segment, is_dtensor, local_tensor
+from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
 
-_IDLE, _PERTURBED, _RESTORED = "idle", "perturbed", "restored"
 BaseOptimizer = type[torch.optim.Optimizer] | torch.optim.Optimizer
+_HUGE = 1e38  # rho or eps at or above this overflows the float32 scale: SAM would silently be off
+
+
+def _real(name: str, value: object, positive: bool = False) -> float:
+    """A finite real ``value`` in ``[0, 1e38)`` (``(0, 1e38)`` if ``positive``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value < _HUGE):
+        bounds = "(0, 1e38)" if positive else "[0, 1e38)"
+        raise ValueError(f"{name}: expected a finite value in {bounds}, got {value!r}")
+    return float(value)
+
+
+def _check_type(name: str, value: object, kind: type | tuple[type, ...], expected: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _group_lists(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """The parameter groups as ``torch.optim.Optimizer`` reads ``params`` (a list of dicts, or one group
+    of tensors), each with its ``params`` as a list, after checking that no tensor appears twice."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params: expected an iterable of tensors or of dicts, got a single tensor")
+    items = list(params)
+    as_groups = bool(items) and all(isinstance(g, dict) for g in items)
+    groups = [dict(g) for g in items] if as_groups else [{"params": items}]
+    seen: dict[int, tuple[int, int]] = {}
+    for index, group in enumerate(groups):
+        members = group["params"]
+        group["params"] = [members] if isinstance(members, torch.Tensor) else list(members)
+        for position, p in enumerate(group["params"]):
+            tensor = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, tensor) pairs
+            if id(tensor) in seen:
+                first = seen[id(tensor)]
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else "?"
+                raise ValueError(f"params: the parameter of shape {shape} at group {index}, index {position} "
+                                 f"is the same tensor as at group {first[0]}, index {first[1]}; give each "
+                                 "parameter once")
+            seen[id(tensor)] = (index, position)
+    return groups
+
+
+def _check_group(index: int, group: dict[str, Any]) -> None:
+    """SSAM's per-group options: ``rho`` a finite non-negative real, ``adaptive``/``perturb`` bools."""
+    _real(f"rho (param group {index})", group["rho"])
+    for key in ("adaptive", "perturb"):
+        _check_type(f"{key} (param group {index})", group[key], bool, "a bool")
+
+
+@dataclass
+class _RunState:
+    """Everything SSAM changes while it trains. One object, mutated and never rebound, so that wrappers
+    that copy the optimizer's ``__dict__`` (Lightning's ``LightningOptimizer``) share it."""
+
+    phase: str = _IDLE
+    steps: int = 0
+    started: bool = False  # the initial mask is built (lazily, at the first first_step or get_mask)
+    masks: list[Mask] | None = None  # None: dense, or not built yet
+    pending: list[Mask] | None = None  # a refresh computed in first_step, applied after the step
+    backups: list[torch.Tensor] = field(default_factory=list)
+    grad_norm: torch.Tensor | None = None
+    fresh_grad: bool = False  # a gradient accumulated since the last zero_grad() or step
+
+
+def _grad_arrived(run: _RunState, segment: Segment | None, index: int, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: host-side bookkeeping only (no device work, no synchronisation)."""
+    del param
+    run.fresh_grad = True
+    if segment is not None:
+        segment.has_grad[index] = True
 
 
 class SSAM(torch.optim.Optimizer):
     """Sparse SAM: SAM whose perturbation touches only the entries of a mask chosen by a policy.
 
     Args:
-        params: parameters or parameter groups. A group may set ``rho``, ``adaptive`` and
-            ``perturb=False`` (exclude it from the perturbation, e.g. norms and biases).
+        params: parameters or parameter groups, each tensor once. A group may set ``rho``, ``adaptive``
+            and ``perturb=False`` (exclude it from the perturbation, e.g. norms and biases).
         base_optimizer: a ``torch.optim.Optimizer`` class (built with ``**base_kwargs``) or an already
             built instance over the same parameters. Both share ``param_groups``, so LR schedulers work
             on either.
-        rho: perturbation radius ``||e|| <= rho`` (>= 0).
-        sparsity: fraction of perturbed-group entries *not* perturbed, in [0, 1].
+        rho: perturbation radius ``||e|| <= rho``, finite, >= 0.
+        sparsity: fraction of perturbed-group entries *not* perturbed, in [0, 1]; the mask keeps
+            ``K = floor(N · (1 − sparsity))`` entries (:func:`ssam_kernels.masks.live_count`).
         mask: a policy (:class:`FisherMask`, :class:`DynamicMask`, :class:`RandomMask`), ``"dynamic"``,
             ``"random"``, or None / ``"dense"`` for plain SAM (requires ``sparsity=0``).
         adaptive: ASAM's scale-invariant perturbation.
-        eps: added to the norm before dividing.
+        eps: added to the norm before dividing (finite, > 0).
         backend: ``"auto" | "reference" | "triton" | "native"`` (None: ``SSAM_KERNELS_BACKEND``).
         layout: ``"auto" | "flat" | "tensors"`` (see :mod:`ssam_kernels.layout`).
         distributed: ``"auto" | "none" | "replicated" | "sharded"``: how the ranks hold the model
@@ -55,6 +131,10 @@ class SSAM(torch.optim.Optimizer):
             does for you when ``ddp_model`` is given.
         ddp_model: the ``DistributedDataParallel`` module, for ``step(closure)`` with
             ``sync_perturbation=False``.
+
+    Gradients follow PyTorch: a parameter that received no gradient since ``zero_grad()`` (``.grad``
+    None in plain PyTorch) is not stepped by the base optimizer, in both layouts. The step's methods
+    run eagerly under ``torch.compile`` (Dynamo breaks the graph around them).
     """
 
     def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer,
@@ -63,24 +143,25 @@ class SSAM(torch.optim.Optimizer):
                  layout: str = "auto", distributed: str = "auto", process_group: Any = None,
                  sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
                  **base_kwargs: Any) -> None:
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
-            raise ValueError(f"rho: expected a non-negative float, got {rho!r}")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
-            raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity!r}")
-        if not eps > 0:
-            raise ValueError(f"eps: expected a positive float, got {eps!r}")
+        rho, eps = _real("rho", rho), _real("eps", eps, positive=True)
+        sparsity = check_sparsity(sparsity)
+        _check_type("adaptive", adaptive, bool, "a bool")
+        _check_type("sync_perturbation", sync_perturbation, bool, "a bool")
+        _check_type("backend", backend, (str, type(None)), "a str or None")
+        _check_type("layout", layout, str, "a str")
+        _check_type("distributed", distributed, str, "a str")
+        _check_type("ddp_model", ddp_model, (torch.nn.Module, type(None)), "a torch.nn.Module or None")
         self.policy = make_policy(mask)
         if self.policy is None and sparsity != 0:
             raise ValueError(f"sparsity: a dense mask (mask={mask!r}) perturbs every entry; use sparsity=0 "
                              "or a mask policy")
-        super().__init__(params, {"rho": float(rho), "adaptive": bool(adaptive), "perturb": True})
+        super().__init__(_group_lists(params), {"rho": rho, "adaptive": adaptive, "perturb": True})
         self.base_optimizer = self._build_base(base_optimizer, base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
+        self.param_groups = self.base_optimizer.param_groups  # one list, updated in place on load
         self.defaults.update(self.base_optimizer.defaults)
-        self.sparsity, self.eps, self.backend = float(sparsity), float(eps), backend
-        for group in self.param_groups:
-            if not group["rho"] >= 0:
-                raise ValueError(f"rho: expected a non-negative float in every group, got {group['rho']!r}")
+        self.sparsity, self.eps, self.backend = float(sparsity), eps, backend
+        for index, group in enumerate(self.param_groups):
+            _check_group(index, group)
         perturbed = [list(g["params"]) if g["perturb"] else [] for g in self.param_groups]
         self.distributed = resolve_mode(distributed, any(is_dtensor(p) for ps in perturbed for p in ps))
         ranks = ProcessGroupComm(process_group) if self.distributed != "none" else None
@@ -88,18 +169,21 @@ class SSAM(torch.optim.Optimizer):
         self.replicas = ranks if self.distributed == "replicated" else None
         if not sync_perturbation and self.distributed != "replicated":
             raise ValueError("sync_perturbation: False applies to replicated (DDP) training only")
-        self.sync_perturbation, self.ddp_model = bool(sync_perturbation), ddp_model
+        self.sync_perturbation, self.ddp_model = sync_perturbation, ddp_model
+        for p in self._params():
+            if isinstance(p, torch.Tensor) and p.is_meta:
+                raise ValueError(f"params: a parameter of shape {tuple(p.shape)} is on the meta device (no "
+                                 "data); materialize the model (e.g. model.to_empty(device=...) and "
+                                 "initialize it) before building the optimizer")
         self.layout = ParamLayout(perturbed, "tensors" if self.distributed == "sharded" else layout)
         for segment in self.layout.segments:
             ops.resolve_backend(backend, segment.device)  # fail now, not mid-training
-        self._masks: list[Mask] | None = None  # None: dense, or not built yet (see _started)
-        self._pending: list[Mask] | None = None  # a refresh computed in first_step, applied after the step
-        self._backups: list[torch.Tensor] = []
-        self._started = False
-        self._phase = _IDLE
-        self._steps = 0
-        self.grad_norm: torch.Tensor | None = None  # ||g|| of the last first_step (float64, on device)
-        self._numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
+        self._run = _RunState()
+        in_layout = {id(p) for s in self.layout.segments for p in s.params}
+        self._outside = [p for p in self._params() if id(p) not in in_layout]  # plain PyTorch zero_grad
+        self._register_grad_hooks()
+        numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
+        self._live_count = live_count(numel, sparsity)  # from the value as given (0.9 means 9/10)
 
     # ------------------------------------------------------------------------------------------------
     # Construction helpers
@@ -138,53 +222,100 @@ class SSAM(torch.optim.Optimizer):
                                "optimizer with all parameter groups")
         super().add_param_group(param_group)
 
+    def _register_grad_hooks(self) -> None:
+        """One post-accumulate-grad hook per trainable parameter: it records that a gradient arrived
+        (flat layout: which parameter; any layout: that one arrived since the last zero_grad)."""
+        where = {id(p): (segment, index) for segment in self.layout.segments
+                 if segment.grad_buffer is not None for index, p in enumerate(segment.params)}
+        for p in self._params():
+            # FSDP2 writes the shards' .grad directly (no accumulation hook fires): they are skipped
+            if p.requires_grad and not is_dtensor(p):
+                segment, index = where.get(id(p), (None, 0))
+                hook = functools.partial(_grad_arrived, self._run, segment, index)
+                p.register_post_accumulate_grad_hook(hook)
+
     @property
     def live_count(self) -> int:
-        """``K = int(N · (1 − sparsity))``: the number of perturbed entries the policy keeps."""
-        return int(self._numel * (1 - self.sparsity))
+        """``K = floor(N · (1 − sparsity))`` (exact, :func:`ssam_kernels.masks.live_count`): the number
+        of perturbed entries the policy keeps."""
+        return self._live_count
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """``||g||`` of the last first_step (float64, on device); None before the first one."""
+        return self._run.grad_norm
+
+    @property
+    def steps(self) -> int:
+        """Completed optimizer steps."""
+        return self._run.steps
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _context(self) -> MaskContext:
-        return MaskContext(self.layout.segments, self._masks, self.backend, self.comm,
+        return MaskContext(self.layout.segments, self._run.masks, self.backend, self.comm,
                            self.replicas, self.sync_perturbation)
 
     def _set_masks(self, masks: list[Mask] | None) -> None:
         """Install masks (None: dense) and size the compact backups to each segment's live count."""
-        self._masks = masks
         sizes = ([s.numel for s in self.layout.segments] if masks is None
                  else [int(offsets[-1]) for _, offsets in masks])
-        self._backups = [torch.empty(n, dtype=s.dtype, device=s.device)
-                         for n, s in zip(sizes, self.layout.segments, strict=True)]
+        self._run.masks = masks
+        self._run.backups = [torch.empty(n, dtype=s.dtype, device=s.device)
+                             for n, s in zip(sizes, self.layout.segments, strict=True)]
 
     def _segment_masks(self) -> list[Mask] | list[tuple[None, None]]:
         """``(words, offsets)`` per segment; ``(None, None)`` everywhere when dense."""
-        return self._masks or [(None, None)] * len(self.layout.segments)
+        return self._run.masks or [(None, None)] * len(self.layout.segments)
 
     def _start(self) -> None:
         """Build the initial mask, before the first perturbation."""
-        self._started = True
-        if self.policy is None:
+        self._run.started = True
+        if self.policy is None or not self.layout.segments:  # dense, or nothing to perturb
             self._set_masks(None)
         else:
-            self._set_masks(self.policy.initial(self._context(), self.live_count))
+            self._set_masks(self._policy_masks(self.policy.initial))
+
+    def _policy_masks(self, method: Callable[..., list[Mask]], *step: int) -> list[Mask]:
+        """``policy.initial`` / ``policy.refresh``. A policy's own backward passes (FisherMask's
+        ``method="backward"``) fire the gradient hooks; they are not the user's gradients, so what the
+        hooks recorded is put back."""
+        fresh, seen = self._run.fresh_grad, [list(s.has_grad) for s in self.layout.segments]
+        try:
+            return method(self._context(), self.live_count, *step)
+        finally:
+            self._run.fresh_grad = fresh
+            for segment, flags in zip(self.layout.segments, seen, strict=True):
+                segment.has_grad[:] = flags
+
+    def _refuse_if_perturbed(self, what: str) -> None:
+        if self._run.phase == _PERTURBED:
+            raise RuntimeError(f"{what}: the weights are perturbed (between first_step and second_step); "
+                               "call second_step() or unperturb() first, so the backup is not lost")
 
     # ------------------------------------------------------------------------------------------------
-    # The step
+    # The step. Every method that changes the weights or the state runs eagerly under torch.compile
+    # (torch.compiler.disable): Dynamo traces the model around them, never the optimizer's bookkeeping.
     # ------------------------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Perturb the masked weights along the gradient at ``w``: ``w ← w + rho · g ⊙ m / (||g|| + eps)``."""
-        if self._phase == _PERTURBED:
+        run = self._run
+        if run.phase == _PERTURBED:
             raise RuntimeError("first_step: the weights are already perturbed; call second_step() (or "
                                "unperturb()) before the next first_step()")
-        self._pending = None  # a refresh from a step the GradScaler skipped is void
-        if not self._started:
+        run.pending = None  # a refresh from a step the GradScaler skipped is void
+        if not run.started:
             self._start()
         segments = self.layout.segments
         grads = self.layout.grads()
         groups = [self.param_groups[s.group] for s in segments]
-        if self.policy is not None and self.policy.uses_gradient and self.policy.due(self._steps + 1):
-            self._pending = self.policy.refresh(self._context(), self.live_count, self._steps + 1)
+        policy = self.policy
+        if segments and policy is not None and policy.uses_gradient and policy.due(run.steps + 1):
+            run.pending = self._policy_masks(policy.refresh, run.steps + 1)
         if segments:
             home = segments[0].device
             totals = [ops.grad_sq_norm(G, s.weight if g["adaptive"] else None, backend=self.backend)
@@ -192,48 +323,71 @@ class SSAM(torch.optim.Optimizer):
             total = torch.stack([t.to(home) for t in totals]).sum()
             if self.comm is not None:
                 self.comm.all_reduce_(total)
-            self.grad_norm = total.sqrt()
+            run.grad_norm = total.sqrt()
             # One scale per (rho, device). A non-finite norm gives a non-finite scale, which perturb_
             # treats as "leave W as it is" (the step is skipped, the backup still written).
             scales: dict[tuple[float, torch.device], torch.Tensor] = {}
             for segment, G, group, (words, offsets), backup in zip(
-                    segments, grads, groups, self._segment_masks(), self._backups, strict=True):
+                    segments, grads, groups, self._segment_masks(), run.backups, strict=True):
                 key = (group["rho"], segment.device)
                 if key not in scales:
-                    scale = group["rho"] / (self.grad_norm + self.eps)
+                    scale = group["rho"] / (run.grad_norm + self.eps)
                     scales[key] = scale.to(segment.device, torch.float32)
                 ops.perturb_(segment.weight, G, words, offsets, backup, scales[key], group["adaptive"],
                              backend=self.backend)
-        self._phase = _PERTURBED
+        run.phase = _PERTURBED
         if zero_grad:
             self.zero_grad()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def unperturb(self) -> None:
         """Restore the weights if they are perturbed (bit-exact); a no-op otherwise."""
-        if self._phase != _PERTURBED:
+        run = self._run
+        if run.phase != _PERTURBED:
             return
-        segments = zip(self.layout.segments, self._segment_masks(), self._backups, strict=True)
+        segments = zip(self.layout.segments, self._segment_masks(), run.backups, strict=True)
         for segment, (words, offsets), backup in segments:
             ops.restore_(segment.weight, words, offsets, backup, backend=self.backend)
-        self._phase = _RESTORED
+        run.phase = _RESTORED
 
+    @torch.compiler.disable
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w``, take the base optimizer's step with the gradient at ``w + e``, refresh the mask.
 
-        Runs through :meth:`step`, so LR schedulers and optimizer step hooks see every step."""
+        Runs through :meth:`step`, so LR schedulers, optimizer step hooks and wrappers that count steps
+        (Lightning's ``LightningOptimizer``) see every step."""
         self.step()
         if zero_grad:
             self.zero_grad()
 
+    @torch.compiler.disable
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """With a closure (forward + backward, returning the loss): the whole two-pass step, returning
-        the loss at ``w``; the gradients are zeroed before each call of the closure. Without one: the
-        second half of the step, as :meth:`second_step` (this is what ``GradScaler.step`` calls)."""
+        """Without a closure: the second half of the step, as :meth:`second_step` (this is what
+        ``GradScaler.step`` calls).
+
+        With a closure (forward + backward, returning the loss), by what has happened so far:
+
+        - nothing since ``zero_grad()`` or the last step: the whole two-pass step; the gradients are
+          zeroed before each call of the closure; returns the loss at ``w``;
+        - a backward already ran (``loss.backward(); opt.step(closure)``, the convention of davda54/sam
+          and pytorch_optimizer): that gradient is the first pass; the closure runs once, at ``w + e``,
+          and its loss is returned;
+        - the weights are perturbed (``first_step()`` was called; Lightning's wrapper calls
+          ``step(closure)`` from ``second_step()``): the closure is the second pass; it runs once,
+          without zeroing the gradients, and the step is finished.
+        """
         if closure is None:
             self._finish_step()
             return None
         closure = torch.enable_grad()(closure)
+        run = self._run
+        if run.phase != _PERTURBED and run.fresh_grad:
+            self.first_step(zero_grad=True)
+        if run.phase == _PERTURBED:
+            loss = closure()
+            self._finish_step()
+            return loss
         self.zero_grad()
         local_first_backward = not self.sync_perturbation and self.ddp_model is not None
         with self.ddp_model.no_sync() if local_first_backward else contextlib.nullcontext():
@@ -245,73 +399,55 @@ class SSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _finish_step(self) -> None:
-        if self._phase == _IDLE:
+        run = self._run
+        if run.phase == _IDLE:
             raise RuntimeError("second_step: no first_step() was taken in this step; the weights were "
                                "never perturbed")
         self.unperturb()
-        self.base_optimizer.step()
-        self._steps += 1
-        self._phase = _IDLE
-        if self._pending is not None:
-            self._set_masks(self._pending)
-            self._pending = None
-        elif self.policy is not None and not self.policy.uses_gradient and self.policy.due(self._steps):
-            self._set_masks(self.policy.refresh(self._context(), self.live_count, self._steps))
+        with self.layout.hide_missing_grads():  # no gradient since zero_grad: not stepped, as in PyTorch
+            self.base_optimizer.step()
+        run.steps += 1
+        run.phase = _IDLE
+        run.fresh_grad = False
+        if run.pending is not None:
+            self._set_masks(run.pending)
+            run.pending = None
+        elif (self.layout.segments and self.policy is not None and not self.policy.uses_gradient
+              and self.policy.due(run.steps)):
+            self._set_masks(self._policy_masks(self.policy.refresh, run.steps))
 
+    @torch.compiler.disable
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. Perturbed parameters keep their ``.grad`` views and are zeroed in place
-        (one fill per segment); the others follow ``set_to_none``."""
-        self.layout.zero_grad()
-        in_layout = {id(p) for s in self.layout.segments for p in s.params}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in in_layout and p.grad is not None:
-                    if set_to_none:
-                        p.grad = None
-                    else:
-                        p.grad.zero_()
-
-    @property
-    def steps(self) -> int:
-        """Completed optimizer steps."""
-        return self._steps
+        """PyTorch's ``zero_grad``. ``set_to_none=True``: no parameter has a gradient until the next
+        backward (parameters that then receive none are not stepped). ``False``: gradients are zeroed
+        and a parameter that had one keeps it (zero) and is stepped. In the flat layout the ``.grad``
+        views stay in place (one fill per segment) and show zeros; which ones count as None is
+        tracked on the host and applied when the base optimizer steps."""
+        self.layout.zero_grad(set_to_none)
+        for p in self._outside:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        self._run.fresh_grad = False
 
     # ------------------------------------------------------------------------------------------------
     # Masks as users see them: one bool tensor per parameter
     # ------------------------------------------------------------------------------------------------
 
-    def _params(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def _masks_per_param(self, masks: list[Mask] | None) -> list[torch.Tensor]:
-        """Segment masks (None: dense) as one bool tensor per parameter, in ``param_groups`` order."""
-        per_param = {}
-        for index, segment in enumerate(self.layout.segments):
-            live = (torch.ones(segment.numel, dtype=torch.bool, device=segment.device) if masks is None
-                    else bitmask.unpack(masks[index][0], segment.numel))
-            for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
-                per_param[id(p)] = live[start: start + n].view(local_tensor(p).shape)
-        return [per_param.get(id(p), torch.zeros(local_tensor(p).shape, dtype=torch.bool, device=p.device))
-                for p in self._params()]
-
-    def _masks_from_params(self, per_param: list[torch.Tensor]) -> list[Mask]:
-        """The inverse of :meth:`_masks_per_param`."""
-        by_param = dict(zip(map(id, self._params()), per_param, strict=True))
-        return [bitmask.from_bool(torch.cat([by_param[id(p)].reshape(-1).to(s.device) for p in s.params]))
-                for s in self.layout.segments]
-
     def get_mask(self) -> list[torch.Tensor]:
         """One bool tensor per parameter (in ``param_groups`` order, local shard shape): which entries
         are perturbed. Parameters outside the perturbation are all False."""
-        if not self._started:
+        if not self._run.started:
             self._start()
-        return self._masks_per_param(self._masks)
+        return checkpoint.masks_per_param(self.layout, self._params(), self._run.masks)
 
     def set_mask(self, mask: list[torch.Tensor]) -> None:
-        """Perturb exactly the entries set in ``mask`` (bool tensors aligned with :meth:`get_mask`). It
-        stays in force until the policy's next scheduled refresh."""
-        if self._phase == _PERTURBED:
-            raise RuntimeError("set_mask: the weights are perturbed; call second_step() or unperturb() first")
+        """Perturb exactly the entries set in ``mask`` (bool tensors aligned with :meth:`get_mask`),
+        which must hold exactly :attr:`live_count` live entries in total (the policies keep that count).
+        It stays in force until the policy's next scheduled refresh."""
+        self._refuse_if_perturbed("set_mask")
         params = self._params()
         if not isinstance(mask, (list, tuple)) or len(mask) != len(params):
             raise ValueError(f"mask: expected a list of {len(params)} bool tensors (one per parameter)")
@@ -321,68 +457,71 @@ class SSAM(torch.optim.Optimizer):
                 raise ValueError(f"mask[{i}]: expected a bool tensor of shape {tuple(local_tensor(p).shape)}")
             if id(p) not in in_layout and bool(m.any()):
                 raise ValueError(f"mask[{i}]: this parameter is not perturbed (frozen or perturb=False)")
-        self._started = True
-        self._pending = None
-        self._set_masks(self._masks_from_params(list(mask)))
+        count = self._context().global_count(sum(int(m.sum()) for m in mask))
+        if self.policy is None or count != self.live_count:
+            raise ValueError(f"mask: {count} live entries given; this optimizer keeps exactly K = "
+                             f"{self.live_count} (sparsity {self.sparsity}"
+                             f"{', dense: use SSAM with a mask policy' if self.policy is None else ''})")
+        self._run.started = True
+        self._run.pending = None
+        self._set_masks(checkpoint.masks_from_params(self.layout, params, list(mask)))
 
     # ------------------------------------------------------------------------------------------------
-    # Checkpoints
+    # Checkpoints (codec and validation: ssam_kernels.checkpoint)
     # ------------------------------------------------------------------------------------------------
-
-    def _encode_masks(self, masks: list[Mask] | None) -> list[torch.Tensor]:
-        """Per-parameter masks for a checkpoint: packed bits, or (sharded) uint8 DTensors shaped and
-        placed like the parameters, which ``torch.distributed.checkpoint`` saves and reshards."""
-        per_param = self._masks_per_param(masks)
-        if self.distributed != "sharded":
-            return [bitmask.pack(m.reshape(-1)) for m in per_param]
-        from torch.distributed.tensor import DTensor
-
-        return [DTensor.from_local(m.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape,
-                                   stride=p.stride()) for m, p in zip(per_param, self._params(), strict=True)]
-
-    def _decode_masks(self, encoded: list[torch.Tensor]) -> list[Mask]:
-        params = self._params()
-        if self.distributed == "sharded":
-            per_param = [local_tensor(e).to(device=p.device, dtype=torch.bool) for e, p in
-                         zip(encoded, params, strict=True)]
-        else:
-            per_param = [bitmask.unpack(e.to(p.device), local_tensor(p).numel()).view(local_tensor(p).shape)
-                         for e, p in zip(encoded, params, strict=True)]
-        return self._masks_from_params(per_param)
 
     def ssam_state_dict(self) -> dict[str, Any]:
-        """SSAM's own state: step count, phase, the mask (one entry per parameter), a pending refresh and
-        the backups while perturbed, the policy's state. With FSDP2 save it with
-        ``torch.distributed.checkpoint`` beside ``get_optimizer_state_dict(model, opt.base_optimizer)``
-        (see README, "Distributed training"); there it must be taken between steps."""
-        if self.distributed == "sharded" and self._phase != _IDLE:
+        """SSAM's own state: format version, step count, phase, the mask (one entry per parameter), a
+        pending refresh and the backups while perturbed, the policy's kind and state, the sparsity and
+        K. With FSDP2 save it with ``torch.distributed.checkpoint`` beside
+        ``get_optimizer_state_dict(model, opt.base_optimizer)`` (see README, "Distributed training");
+        there it must be taken between steps."""
+        run, params, sharded = self._run, self._params(), self.distributed == "sharded"
+        if sharded and run.phase != _IDLE:
             raise RuntimeError("ssam_state_dict: a sharded checkpoint is taken between steps (after "
                                "second_step), not while the weights are perturbed")
-        state = {"steps": self._steps, "phase": self._phase, "started": self._started,
+        state = {"version": checkpoint.FORMAT_VERSION, "steps": run.steps, "phase": run.phase,
+                 "started": run.started, "policy_kind": checkpoint.policy_kind(self.policy),
+                 "sparsity": self.sparsity, "live_count": self.live_count,
                  "policy": self.policy.state_dict() if self.policy is not None else {}}
-        if self._started and self.policy is not None:
-            state["mask"] = self._encode_masks(self._masks)
-        elif self.distributed == "sharded":  # a template for torch.distributed.checkpoint.load
-            state["mask"] = self._encode_masks([bitmask.from_bool(torch.zeros(
-                s.numel, dtype=torch.bool, device=s.device)) for s in self.layout.segments])
-        if self._pending is not None:
-            state["pending"] = self._encode_masks(self._pending)
-        if self._phase == _PERTURBED:
-            state["backups"] = self._param_backups()
+        if run.started and self.policy is not None:
+            state["mask"] = checkpoint.encode_masks(self.layout, params, run.masks, sharded)
+        elif sharded:  # a template for torch.distributed.checkpoint.load
+            state["mask"] = checkpoint.encode_masks(self.layout, params, [
+                ops.bitmask.from_bool(torch.zeros(s.numel, dtype=torch.bool, device=s.device))
+                for s in self.layout.segments], sharded)
+        if run.pending is not None:
+            state["pending"] = checkpoint.encode_masks(self.layout, params, run.pending, sharded)
+        if run.phase == _PERTURBED:
+            state["backups"] = checkpoint.param_backups(self.layout, params, run.masks, run.backups)
         return state
 
+    def _validate(self, state: object) -> checkpoint.Loaded:
+        return checkpoint.validate(state, layout=self.layout, params=self._params(), policy=self.policy,
+                                   live_count=self.live_count, sharded=self.distributed == "sharded",
+                                   global_count=self._context().global_count)
+
+    def _apply(self, loaded: checkpoint.Loaded) -> None:
+        """Install a validated checkpoint (nothing here can fail on a checked one but the policy's own
+        load, which runs first)."""
+        if loaded.policy_state is not None and self.policy is not None:
+            self.policy.load_state_dict(loaded.policy_state)
+        run = self._run
+        run.steps, run.phase, run.started = loaded.steps, loaded.phase, loaded.started
+        run.pending, run.grad_norm, run.fresh_grad = loaded.pending, None, False
+        if loaded.started:
+            self._set_masks(loaded.masks)
+        else:
+            run.masks, run.backups = None, []
+        if loaded.backups is not None:
+            run.backups = loaded.backups
+
     def load_ssam_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`ssam_state_dict` saved."""
-        self._steps, self._phase, self._started = state["steps"], state["phase"], state["started"]
-        if self._started:
-            self._set_masks(self._decode_masks(state["mask"]) if self.policy is not None else None)
-        self._pending = self._decode_masks(state["pending"]) if "pending" in state else None
-        if "backups" in state:  # per parameter, so a mid-step checkpoint loads into either layout
-            by_param = dict(zip(map(id, self._params()), state["backups"], strict=True))
-            for segment, backup in zip(self.layout.segments, self._backups, strict=True):
-                backup.copy_(torch.cat([by_param[id(p)].to(backup.device) for p in segment.params]))
-        if self.policy is not None:
-            self.policy.load_state_dict(state["policy"])
+        """Restore what :meth:`ssam_state_dict` saved. Everything is checked first (see
+        :mod:`ssam_kernels.checkpoint` for the rules); on error nothing changes. Refused while the
+        weights are perturbed."""
+        self._refuse_if_perturbed("load_ssam_state_dict")
+        self._apply(self._validate(state))
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus ``"ssam"``: :meth:`ssam_state_dict`."""
@@ -390,26 +529,43 @@ class SSAM(torch.optim.Optimizer):
         state["ssam"] = self.ssam_state_dict()
         return state
 
-    def _param_backups(self) -> list[torch.Tensor]:
-        """The compact backups split per parameter (its live entries in index order), so that a
-        checkpoint taken mid-step loads into either layout."""
-        by_param = {}
-        for index, (segment, backup) in enumerate(zip(self.layout.segments, self._backups, strict=True)):
-            live = None if self._masks is None else bitmask.unpack(self._masks[index][0], segment.numel)
-            position = 0
-            for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
-                count = n if live is None else int(live[start: start + n].sum())
-                by_param[id(p)] = backup[position: position + count].clone()
-                position += count
-        return [by_param.get(id(p), local_tensor(p).new_empty(0)) for p in self._params()]
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` atomically: SSAM's part is checked first, then the base optimizer
+        loads (rolled back if it raises), then SSAM's part is applied. Refused while perturbed."""
+        self._refuse_if_perturbed("load_state_dict")
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
         state = dict(state_dict)
         ours = state.pop("ssam", None)
-        self.base_optimizer.load_state_dict(state)
-        self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebuilt the list
-        if ours is not None:
-            self.load_ssam_state_dict(ours)
+        self._check_loaded_groups(state.get("param_groups"))
+        loaded = self._validate(ours) if ours is not None else None
+        base, groups = self.base_optimizer, self.param_groups
+        kept_state, kept_groups = base.state, list(groups)  # the base's load replaces both, never mutates
+        try:
+            base.load_state_dict(state)
+            groups[:] = base.param_groups  # keep the one list SSAM, the base and any wrapper share
+            base.param_groups = groups
+            if loaded is not None:
+                self._apply(loaded)
+        except BaseException:
+            base.state = kept_state
+            groups[:] = kept_groups
+            base.param_groups = groups
+            raise
+
+    def _check_loaded_groups(self, saved: object) -> None:
+        """The checkpoint's groups carry valid SSAM options, and the same ``perturb`` as ours (the
+        segments are fixed at construction)."""
+        if not isinstance(saved, list):
+            return  # the base optimizer's load reports it
+        for index, (group, ours) in enumerate(zip(saved, self.param_groups, strict=False)):
+            if not isinstance(group, dict):
+                raise ValueError(f"param_groups[{index}]: expected a dict, got {type(group).__name__}")
+            options = {key: group.get(key, ours[key]) for key in ("rho", "adaptive", "perturb")}
+            _check_group(index, options)
+            if options["perturb"] != ours["perturb"]:
+                raise ValueError(f"param_groups[{index}]: perturb={options['perturb']} in the checkpoint, "
+                                 f"{ours['perturb']} here; build the optimizer with the checkpoint's groups")
 
 
 class SAM(SSAM):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ssam_kernels as sk
+from ssam_kernels import checkpoint
 
 STEPS, BATCH, FISHER_SAMPLES = 6, 16, 32
 SCENARIOS = ("sam", "ssam-f", "ssam-d")
@@ -103,7 +104,8 @@ def _fsdp(scenario: str, rank: int, world: int) -> dict:
     opt = make_optimizer(scenario, model, model, fisher_samples())  # FSDP2: the same samples on every rank
     assert opt.distributed == "sharded" and opt.layout.kind == "tensors"
     train(model, opt, [shard(b, rank, world) for b in global_batches()])
-    masks = opt._encode_masks(opt._masks)  # uint8 DTensors placed like the parameters
+    # uint8 DTensors placed like the parameters (dense: all live)
+    masks = checkpoint.encode_masks(opt.layout, list(model.parameters()), opt._run.masks, sharded=True)
     return {"weights": [_full(p.detach()) for p in model.parameters()],
             "mask": [_full(m).bool() for m in masks], "local_live": sum(int(m.sum()) for m in opt.get_mask())}
 

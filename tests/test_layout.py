@@ -27,10 +27,15 @@ def test_flat_params_and_grads_are_views_into_one_buffer():
     layout = ParamLayout([list(model.parameters())], "flat")
     (segment,) = layout.segments
     assert segment.numel == sum(p.numel() for p in model.parameters())
-    for p, old, (start, _) in zip(model.parameters(), before, segment.spans(), strict=True):
+    for i, (p, old, (start, _)) in enumerate(zip(model.parameters(), before, segment.spans(), strict=True)):
         assert torch.equal(p, old)  # values kept
         assert p.data_ptr() == segment.weight[start:].data_ptr()
-        assert p.grad is None  # no gradient yet: stays None, as in the tensors layout
+        # no gradient yet: .grad is the (zero) view so backward accumulates into the buffer, and the
+        # parameter counts as having none (the base optimizer sees None, see hide_missing_grads)
+        assert p.grad is segment.grad_views[i] and not segment.has_grad[i]
+    with layout.hide_missing_grads():
+        assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is v for p, v in zip(model.parameters(), segment.grad_views, strict=True))
     backward(model)
     expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert torch.equal(layout.grads()[0], expected)

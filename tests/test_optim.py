@@ -7,6 +7,7 @@ Python sorting for selections); the optimizer is never its own oracle.
 from __future__ import annotations
 
 import copy
+import decimal
 import io
 import math
 import warnings
@@ -93,6 +94,13 @@ def perturbation64(w, g, groups, masks=None):
             if masks is not None:
                 e[i] = e[i] * masks[i].double()
     return e
+
+
+def ref_k(n: int, sparsity: float) -> int:
+    """``floor(n · (1 − s))`` in decimal arithmetic, ``s`` read as the decimal it prints as."""
+    with decimal.localcontext(decimal.Context(prec=2000)):
+        exact = decimal.Decimal(n) * (1 - decimal.Decimal(str(sparsity)))
+        return int(exact.to_integral_value(rounding=decimal.ROUND_FLOOR))
 
 
 def flat(ts) -> torch.Tensor:
@@ -236,7 +244,7 @@ def test_ssam_masked_cycle(layout, policy, adaptive):
     for step in range(4):
         x, y = batch(step)
         masks = [m.clone() for m in opt.get_mask()]
-        assert sum(int(m.sum()) for m in masks) == int(n * (1 - sparsity))
+        assert sum(int(m.sum()) for m in masks) == ref_k(n, sparsity)
         w32 = weights(model)
         w = params64(model)
         backward(model, x, y)
@@ -267,7 +275,7 @@ def test_ssam_exact_k_random_shapes(sizes, sparsity, frozen, seed):
                sparsity=sparsity, mask=RandomMask(seed=seed), lr=0.1)
     n = sum(sizes)
     masks = opt.get_mask()
-    assert sum(int(m.sum()) for m in masks[:-1]) == int(n * (1 - sparsity))
+    assert sum(int(m.sum()) for m in masks[:-1]) == ref_k(n, sparsity)
     assert not masks[-1].any()
     before = [p.detach().clone() for p in params] + [extra.detach().clone()]
     for p in [*params, extra]:
@@ -305,7 +313,7 @@ def test_fisher_initial_mask_is_topk_of_float64_fisher():
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.6,
                mask=FisherMask(model, loss_fn, data, num_samples=6), lr=0.1)
     n = sum(p.numel() for p in model.parameters())
-    k = int(n * 0.4)
+    k = ref_k(n, 0.6)
     fisher = flat(fisher64(model, data))
     assert_topk_of(flat(opt.get_mask()), fisher, k)
 
@@ -321,7 +329,7 @@ def test_fisher_ties_in_entry_order():
     nonzero = int((fisher > 0).sum())
     n = fisher.numel()
     sparsity = 1 - (nonzero + 5.5) / n
-    k = int(n * (1 - sparsity))
+    k = ref_k(n, sparsity)
     assert k == nonzero + 5 and (fisher == 0).sum() > 5
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=sparsity,
                mask=FisherMask(model, loss_fn, data, num_samples=4), lr=0.1)
@@ -393,7 +401,7 @@ def test_dynamic_update_semantics(layout):
     policy = DynamicMask(interval=interval, drop_rate=drop_rate, total_steps=total, seed=11)
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.6, mask=policy, layout=layout, lr=0.1)
     n = sum(p.numel() for p in model.parameters())
-    k = int(n * 0.4)
+    k = ref_k(n, 0.6)
     mask = flat(opt.get_mask())
     assert int(mask.sum()) == k
     updates = 0
@@ -649,7 +657,7 @@ def test_low_precision_params(dtype, kind):
         opt.second_step(zero_grad=True)
         assert all(torch.isfinite(p).all() and p.dtype == dtype for p in model.parameters())
         if kind != "sam":
-            assert mask_count(opt) == opt.live_count == int(sum(p.numel() for p in model.parameters()) * 0.5)
+            assert mask_count(opt) == opt.live_count == ref_k(sum(p.numel() for p in model.parameters()), 0.5)
     assert not all(torch.equal(a, b) for a, b in zip(weights(model), start, strict=True))
 
 
@@ -769,12 +777,20 @@ def test_base_instance_and_scheduler():
         SSAM(list(model.parameters())[:2], torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+def random_k_mask(model: nn.Module, k: int, seed: int) -> list[torch.Tensor]:
+    """Bool masks shaped like the parameters with exactly ``k`` entries set, at random."""
+    n = sum(p.numel() for p in model.parameters())
+    live = torch.zeros(n, dtype=torch.bool)
+    live[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]] = True
+    return [m.view(p.shape) for m, p in zip(live.split([p.numel() for p in model.parameters()]),
+                                            model.parameters(), strict=True)]
+
+
 def test_set_mask_round_trip_and_lifetime():
     model = make_model(20)
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, mask=DynamicMask(interval=3, seed=1),
                lr=0.1)
-    gen = torch.Generator().manual_seed(0)
-    chosen = [torch.rand(p.shape, generator=gen) < 0.3 for p in model.parameters()]
+    chosen = random_k_mask(model, opt.live_count, seed=0)
     opt.set_mask(chosen)
     assert_same(opt.get_mask(), chosen)
     for t in range(1, 4):
@@ -797,7 +813,8 @@ def test_random_mask_without_interval_keeps_set_mask():
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, mask=RandomMask(interval=None), lr=0.1)
     initial = opt.get_mask()
     assert sum(int(m.sum()) for m in initial) == opt.live_count
-    chosen = [~m for m in initial]
+    chosen = random_k_mask(model, opt.live_count, seed=1)
+    assert not all(torch.equal(a, b) for a, b in zip(chosen, initial, strict=True))
     opt.set_mask(chosen)
     train(model, opt, 6)
     assert_same(opt.get_mask(), chosen)
@@ -832,7 +849,7 @@ def test_topk_mask_exact_k_and_tie_order(sizes, sparsity, levels, nan_frac, seed
             t[torch.rand(s, generator=gen) < nan_frac] = float("nan")
         scores.append(t.to(dtype).view(2, s // 2) if s % 2 == 0 and s else t.to(dtype))
     n = sum(sizes)
-    k = int(n * (1 - sparsity))
+    k = ref_k(n, sparsity)
     out = topk_mask(scores, sparsity)
     assert [o.shape for o in out] == [s.shape for s in scores]
     assert all(o.dtype == torch.bool for o in out)
@@ -882,7 +899,7 @@ def test_mixed_dtypes_and_frozen(layout):
     frozen = nn.Parameter(torch.randn(4), requires_grad=False)
     ps = [a, b, frozen, c]
     opt = SSAM(ps, torch.optim.SGD, rho=0.2, sparsity=0.4, mask=RandomMask(seed=9), layout=layout, lr=0.1)
-    assert opt.live_count == int(37 * 0.6)
+    assert opt.live_count == ref_k(37, 0.4)
     masks = opt.get_mask()
     assert sum(int(m.sum()) for m in masks) == opt.live_count and not masks[2].any()
     for p in (a, b, c):
@@ -989,7 +1006,7 @@ def test_sparsity_extremes(sparsity, policy):
         assert all(moved) if sparsity == 0.0 else not any(moved)
         backward(model, x, y)
         opt.second_step(zero_grad=True)
-        assert mask_count(opt) == int(n * (1 - sparsity))
+        assert mask_count(opt) == ref_k(n, sparsity)
 
 
 @pytest.mark.parametrize("poison_first", [True, False])

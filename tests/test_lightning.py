@@ -1,0 +1,65 @@
+"""SSAM under Lightning's manual optimization, through ``LightningOptimizer`` (README, "Lightning")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ssam_kernels as sk
+
+lightning = pytest.importorskip("lightning")
+
+STEPS = 4
+
+
+def make_model() -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+            for _ in range(STEPS)]
+
+
+def readme_module() -> type:
+    """The ``SSAMModule`` of the README's "Lightning" section, executed as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Lightning"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[: code.index("\n```")]
+    namespace = {"lightning": lightning, "torch": torch, "nn": nn, "sk": sk}
+    exec(compile(code, "README.md (Lightning)", "exec"), namespace)
+    return namespace["SSAMModule"]
+
+
+def test_manual_optimization_through_the_wrapper_matches_plain_pytorch():
+    module = readme_module()(make_model())
+    data = torch.utils.data.DataLoader(batches(), batch_size=None, shuffle=False)
+    trainer = lightning.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False)
+    trainer.fit(module, data)
+    assert trainer.global_step == STEPS
+
+    model = make_model()
+    opt = readme_module()(model).configure_optimizers()  # the same optimizer, used in plain PyTorch
+    for x, y in batches():
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    for a, b in zip(module.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach())
+    lightning_opt = module.optimizers(use_pl_optimizer=False)
+    assert lightning_opt.steps == opt.steps == STEPS
+    for a, b in zip(lightning_opt.get_mask(), opt.get_mask(), strict=True):
+        assert torch.equal(a, b)
