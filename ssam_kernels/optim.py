@@ -324,15 +324,17 @@ class SSAM(torch.optim.Optimizer):
             if self.comm is not None:
                 self.comm.all_reduce_(total)
             run.grad_norm = total.sqrt()
-            # One scale per (rho, device). A non-finite norm gives a non-finite scale, which perturb_
-            # treats as "leave W as it is" (the step is skipped, the backup still written).
-            scales: dict[tuple[float, torch.device], torch.Tensor] = {}
+            # One scale per (rho, device, precision): float64 segments get the float64 scale, the
+            # others float32 (the op contract). A non-finite norm gives a non-finite scale, which
+            # perturb_ treats as "leave W as it is" (the step is skipped, the backup still written).
+            scales: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
             for segment, G, group, (words, offsets), backup in zip(
                     segments, grads, groups, self._segment_masks(), run.backups, strict=True):
-                key = (group["rho"], segment.device)
+                precision = torch.float64 if segment.dtype == torch.float64 else torch.float32
+                key = (group["rho"], segment.device, precision)
                 if key not in scales:
                     scale = group["rho"] / (run.grad_norm + self.eps)
-                    scales[key] = scale.to(segment.device, torch.float32)
+                    scales[key] = scale.to(segment.device, precision)
                 ops.perturb_(segment.weight, G, words, offsets, backup, scales[key], group["adaptive"],
                              backend=self.backend)
         run.phase = _PERTURBED

@@ -147,34 +147,44 @@ def test_topk_mask(backend: str) -> None:
 
 @backends
 @pytest.mark.parametrize("layout", ["flat", "tensors"])
-def test_sam_on_a_float64_model(backend: str, layout: str) -> None:
-    """End to end: dense SAM on a float64 model against a float64 transcription of the step
-    (``w_adv = w + rho·g/(‖g‖ + eps)``, ``w ← w − lr·∇L(w_adv)``). The optimizer's scale is a float32
-    value (relative error ≤ 2^-24), hence the tolerance."""
+@pytest.mark.parametrize("method", ["sam", "ssam-f", "ssam-d"])
+def test_float64_model_matches_the_transcription(backend: str, layout: str, method: str) -> None:
+    """End to end: SAM, SSAM-F and SSAM-D on a float64 model against a float64 transcription of the step
+    (``w_adv = w + rho·g⊙m/(‖g‖ + eps)``, ``w ← w − lr·∇L(w_adv)``) with the mask the optimizer reports
+    for that step, which must hold exactly K entries. float64 segments get a float64 scale, so only the
+    norm's summation order separates the two."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)).double()
     weights = [p.detach().clone() for p in model.parameters()]
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, layout=layout, backend=backend)
     x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    if method == "sam":
+        opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, layout=layout, backend=backend)
+    else:
+        policy = (sk.FisherMask(model, nnf.mse_loss, [(x, y)], num_samples=16, interval=2)
+                  if method == "ssam-f" else sk.DynamicMask(interval=2, drop_rate=0.5, seed=3))
+        opt = sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.7, mask=policy, lr=0.1,
+                      layout=layout, backend=backend)
 
     def loss_at(ws: list[torch.Tensor]) -> list[torch.Tensor]:
         ws = [w.clone().requires_grad_(True) for w in ws]
         hidden = torch.tanh(nnf.linear(x, ws[0], ws[1]))
         return list(torch.autograd.grad(nnf.mse_loss(nnf.linear(hidden, ws[2], ws[3]), y), ws))
 
-    for _ in range(3):
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nnf.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        masks = opt.get_mask()
+        assert sum(int(m.sum()) for m in masks) == opt.live_count  # exact K, every step
         g = loss_at(weights)
         norm = torch.sqrt(sum((gi * gi).sum() for gi in g))
-        g_adv = loss_at([w + 0.05 / (norm + 1e-12) * gi for w, gi in zip(weights, g, strict=True)])
+        g_adv = loss_at([w + 0.05 / (norm + 1e-12) * gi * m
+                         for w, gi, m in zip(weights, g, masks, strict=True)])
         weights = [w - 0.1 * gi for w, gi in zip(weights, g_adv, strict=True)]
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = nnf.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
         opt.step(closure)
         for p, w in zip(model.parameters(), weights, strict=True):
             assert p.dtype == torch.float64
-            torch.testing.assert_close(p.detach(), w, rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
