@@ -1,0 +1,192 @@
+"""SSAMTrainer against the real Hugging Face Trainer: a tiny GPT-2 built from a config (never downloaded),
+compared step for step with a hand-written SSAM loop on the same batches: the weights are bit-identical."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssam_kernels as sk
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from ssam_kernels.integrations.transformers import SSAMTrainer, unwrap_ssam  # noqa: E402
+
+BATCH, SEQ, SAMPLES = 4, 8, 32
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = SAMPLES, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 64, (n, SEQ), generator=generator)
+        # The first label is never predicted (causal LM): -100 there makes the token count of the loss
+        # the same whether the Trainer counts labels before or after the shift.
+        self.labels = self.ids.clone()
+        self.labels[:, 0] = -100
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class InOrderTrainer(SSAMTrainer):
+    """Batches in dataset order, so that the hand-written loop sees the same ones."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=SEQ, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def make_ssam(model: torch.nn.Module) -> sk.SSAM:
+    return sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, momentum=0.9,
+                   mask=sk.DynamicMask(interval=2), lr=0.5, backend="reference")
+
+
+def constant(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+
+
+def arguments(tmp_path: Path, **overrides: object) -> transformers.TrainingArguments:
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=3,
+                   gradient_accumulation_steps=2, max_grad_norm=0.5, use_cpu=True, report_to="none",
+                   save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True,
+                   dataloader_num_workers=0)
+    options.update(overrides)
+    return transformers.TrainingArguments(**options)
+
+
+def hand_written(model: torch.nn.Module, data: TokenDataset, steps: int, accumulation: int,
+                 max_grad_norm: float, autocast: bool = False) -> torch.nn.Module:
+    """The plain-PyTorch SSAM loop: accumulate at w, first_step once, the same micro-batches at w + e."""
+    opt = make_ssam(model)
+    sched = constant(opt)
+    model.train()
+    batches = [{"input_ids": data.ids[i: i + BATCH], "labels": data.labels[i: i + BATCH]}
+               for i in range(0, len(data), BATCH)]
+
+    def backward(batch: dict[str, torch.Tensor], count: torch.Tensor) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch, num_items_in_batch=count).loss  # summed over the step, as the Trainer
+        loss.backward()
+
+    for step in range(steps):
+        micro = batches[step * accumulation: (step + 1) * accumulation]
+        count = sum(b["labels"].ne(-100).sum() for b in micro)
+        for batch in micro:
+            backward(batch, count)
+        opt.first_step(zero_grad=True)
+        for batch in micro:
+            backward(batch, count)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.second_step()
+        sched.step()
+        model.zero_grad()
+    return model
+
+
+def train(tmp_path: Path, model: torch.nn.Module, resume: str | None = None, **overrides: object
+          ) -> transformers.Trainer:
+    opt = make_ssam(model)
+    trainer = InOrderTrainer(model=model, args=arguments(tmp_path, **overrides), train_dataset=TokenDataset(),
+                             optimizers=(opt, constant(opt)))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(("accumulation", "max_grad_norm"), [(1, 0.0), (2, 0.5), (3, 1e-3)])
+def test_trainer_matches_hand_written_loop(tmp_path: Path, accumulation: int, max_grad_norm: float) -> None:
+    start = tiny_gpt2()
+    trained = train(tmp_path, copy.deepcopy(start), gradient_accumulation_steps=accumulation,
+                    max_grad_norm=max_grad_norm)
+    ssam = unwrap_ssam(trained.optimizer)
+    assert trained.state.global_step == 3 and ssam.steps == 3
+    expected = hand_written(copy.deepcopy(start), TokenDataset(), 3, accumulation, max_grad_norm)
+    assert_same_weights(trained.model, expected)
+    assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), expected.parameters(), strict=True))
+
+
+def test_trainer_bf16_autocast_matches_hand_written_loop(tmp_path: Path) -> None:
+    start = tiny_gpt2()
+    trained = train(tmp_path, copy.deepcopy(start), bf16=True)
+    expected = hand_written(copy.deepcopy(start), TokenDataset(), 3, 2, 0.5, autocast=True)
+    assert_same_weights(trained.model, expected)
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+    start = tiny_gpt2()
+    full = train(tmp_path / "full", copy.deepcopy(start), max_steps=4, save_strategy="steps", save_steps=2)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").is_file()
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["ssam"]["steps"] == 2 and saved["ssam"]["phase"] == "idle"
+    resumed = train(tmp_path / "resumed", copy.deepcopy(start), resume=str(checkpoint), max_steps=4)
+    assert unwrap_ssam(resumed.optimizer).steps == 4
+    assert_same_weights(resumed.model, full.model)
+    for a, b in zip(unwrap_ssam(resumed.optimizer).get_mask(), unwrap_ssam(full.optimizer).get_mask(),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_plain_trainer_with_ssam_fails_and_subclass_needs_ssam(tmp_path: Path) -> None:
+    # Why the integration exists: the stock Trainer calls optimizer.step() with no first_step.
+    model = tiny_gpt2()
+    opt = make_ssam(model)
+    plain = transformers.Trainer(model=model, args=arguments(tmp_path, gradient_accumulation_steps=1),
+                                 train_dataset=TokenDataset(), optimizers=(opt, constant(opt)))
+    with pytest.raises(RuntimeError, match="no first_step"):
+        plain.train()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SSAMTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(),
+                          optimizers=(sgd, constant(sgd)))
+    with pytest.raises(TypeError, match="SSAMTrainer needs an ssam_kernels"):
+        trainer.train()
+    with pytest.raises(TypeError, match="freeze_bn_stats"):
+        SSAMTrainer(model=model, args=arguments(tmp_path), freeze_bn_stats="yes")
+
+
+def test_skipped_step_leaves_weights_unperturbed(tmp_path: Path) -> None:
+    """A non-finite second pass (what fp16's GradScaler skips) must never leave w + e in the weights."""
+    model = tiny_gpt2()
+    before = copy.deepcopy(model)
+    opt = make_ssam(model)
+    trainer = InOrderTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                             optimizers=(opt, constant(opt)))
+    calls = []
+
+    def fail_in_second_pass(module: torch.nn.Module, args: object, output: object) -> None:
+        calls.append(1)
+        if len(calls) > 2:  # the two micro-batches at w went through; the pass at w + e fails
+            raise FloatingPointError("overflow")
+
+    model.register_forward_hook(fail_in_second_pass)
+    with pytest.raises(FloatingPointError):
+        trainer.train()
+    assert_same_weights(model, before)
+
+
+def test_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    trainer = SSAMTrainer(model=model, args=arguments(tmp_path, max_steps=1, learning_rate=1e-3),
+                          train_dataset=TokenDataset(),
+                          optimizer_cls_and_kwargs=(sk.SSAM, {"base_optimizer": torch.optim.AdamW,
+                                                              "rho": 0.05, "sparsity": 0.5,
+                                                              "backend": "reference"}))
+    trainer.train()
+    assert unwrap_ssam(trainer.optimizer).steps == 1
