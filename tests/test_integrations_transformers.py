@@ -190,3 +190,29 @@ def test_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
                                                               "backend": "reference"}))
     trainer.train()
     assert unwrap_ssam(trainer.optimizer).steps == 1
+
+
+class NormNet(torch.nn.Module):
+    """Any module that returns its loss in a dict trains under the Trainer; this one has batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Flatten(),
+                                       torch.nn.Linear(8 * SEQ, 8), torch.nn.BatchNorm1d(8),
+                                       torch.nn.Linear(8, 64))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": torch.nn.functional.cross_entropy(self.net(input_ids), labels[:, -1])}
+
+
+@pytest.mark.parametrize(("freeze", "updates"), [(True, 2), (False, 4)])
+def test_freeze_bn_stats_updates_once_per_micro_batch(tmp_path: Path, freeze: bool, updates: int) -> None:
+    model = NormNet()
+    opt = make_ssam(model)
+    trainer = SSAMTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                          optimizers=(opt, constant(opt)), freeze_bn_stats=freeze)
+    trainer.train()
+    norm = model.net[3]
+    assert int(norm.num_batches_tracked) == updates  # two micro-batches at w (and at w + e unless frozen)
+    assert norm.track_running_stats
