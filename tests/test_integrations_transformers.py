@@ -216,3 +216,44 @@ def test_freeze_bn_stats_updates_once_per_micro_batch(tmp_path: Path, freeze: bo
     norm = model.net[3]
     assert int(norm.num_batches_tracked) == updates  # two micro-batches at w (and at w + e unless frozen)
     assert norm.track_running_stats
+
+
+def fp16_trainer(tmp_path: Path, model: torch.nn.Module, max_steps: int) -> SSAMTrainer:
+    """fp16 with accelerate's GradScaler path. accelerate uses a scaler on accelerators only, so on CPU
+    the test hands it torch's CPU GradScaler, which is what it would build for a GPU."""
+    opt = make_ssam(model)
+    trainer = InOrderTrainer(model=model, args=arguments(tmp_path, max_steps=max_steps, fp16=True),
+                             train_dataset=TokenDataset(), optimizers=(opt, constant(opt)))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer.accelerator.native_amp = True
+    return trainer
+
+
+def test_fp16_grad_scaler_skipped_step_leaves_w(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    before = copy.deepcopy(model)
+    trainer = fp16_trainer(tmp_path, model, max_steps=1)
+    calls = []
+
+    def overflow_in_second_pass(module: torch.nn.Module, args: object, output: object) -> None:
+        calls.append(1)
+        if len(calls) > 2:  # the two micro-batches at w went through; at w + e the loss overflows
+            output.loss = output.loss * float("inf")
+
+    model.register_forward_hook(overflow_in_second_pass)
+    trainer.train()
+    assert trainer.accelerator.optimizer_step_was_skipped
+    assert trainer.accelerator.scaler.get_scale() == 2.0**7
+    assert unwrap_ssam(trainer.optimizer).steps == 0
+    assert_same_weights(model, before)  # the skipped step left w itself, not w + e
+
+
+def test_fp16_grad_scaler_trains(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    start = copy.deepcopy(model)
+    trainer = fp16_trainer(tmp_path, model, max_steps=3)
+    trainer.train()
+    assert not trainer.accelerator.optimizer_step_was_skipped
+    assert unwrap_ssam(trainer.optimizer).steps == 3 and trainer.accelerator.scaler.get_scale() == 2.0**8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters(), strict=True))
