@@ -534,3 +534,29 @@ def test_fisher_mask_hugging_face_in_ssam() -> None:
     model(**data[0]).loss.backward()
     opt.second_step(zero_grad=True)
     assert opt.steps == 1
+
+
+def test_readme_fisher_mask_recipe() -> None:
+    import re
+    from pathlib import Path
+
+    import ssam_kernels as sk
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("### `FisherMask` on real models")
+    code = re.compile(r"```python\n(.*?)```", re.S).search(text, start).group(1)
+    assert code.count("num_samples=128") == 3
+    code = code.replace("num_samples=128", "num_samples=8")  # a small run
+    model = tiny_bert()
+    loader = dict_batches([4, 4])
+    namespace = {"sk": sk, "F": tf, "model": model, "train_loader": loader, "loader": loader,
+                 "my_loss": lambda model, batch: model(**batch).loss}
+    exec(code, namespace)  # builds the three masks: every option is checked here
+    opt = sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, lr=0.1, mask=namespace["mask"],
+                  backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the padded attention mask: the loop fallback
+        scores = fisher_information(model, None, loader, 8)
+        masks = opt.get_mask()  # the recipe's last form: loss_fn(model, batch), the same loss
+    for got, want in zip(masks, sk.topk_mask(scores, 0.5), strict=True):
+        assert torch.equal(got, want)

@@ -4,6 +4,7 @@ compared step for step with a hand-written SSAM loop on the same batches: the we
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,18 @@ def test_fp16_grad_scaler_trains(tmp_path: Path) -> None:
     assert unwrap_ssam(trainer.optimizer).steps == 3 and trainer.accelerator.scaler.get_scale() == 2.0**8
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters(), strict=True))
+
+
+def test_readme_recipe(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("### Hugging Face `Trainer`")
+    code = re.compile(r"```python\n(.*?)```", re.S).search(text, start).group(1)
+
+    def training_arguments(output_dir: str, **options: object) -> transformers.TrainingArguments:
+        # the recipe's own options, run briefly on CPU in a temporary folder
+        return arguments(tmp_path, **options, max_steps=2)
+
+    namespace = {"torch": torch, "sk": sk, "model": tiny_gpt2(), "ds": TokenDataset(),
+                 "TrainingArguments": training_arguments}
+    exec(code, namespace)
+    assert namespace["opt"].steps == 2
