@@ -4,7 +4,9 @@ compared step for step with a hand-written SSAM loop on the same batches: the we
 from __future__ import annotations
 
 import copy
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,11 @@ import ssam_kernels as sk
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from ssam_kernels.integrations.transformers import SSAMTrainer, unwrap_ssam  # noqa: E402
+from ssam_kernels.integrations.transformers import (  # noqa: E402
+    SSAMTrainer,
+    reattach_parameters,
+    unwrap_ssam,
+)
 
 BATCH, SEQ, SAMPLES = 4, 8, 32
 
@@ -68,27 +74,27 @@ def arguments(tmp_path: Path, **overrides: object) -> transformers.TrainingArgum
 
 
 def hand_written(model: torch.nn.Module, data: TokenDataset, steps: int, accumulation: int,
-                 max_grad_norm: float, autocast: bool = False) -> torch.nn.Module:
+                 max_grad_norm: float, autocast: bool = False, batch: int = BATCH) -> torch.nn.Module:
     """The plain-PyTorch SSAM loop: accumulate at w, first_step once, the same micro-batches at w + e."""
     opt = make_ssam(model)
     sched = constant(opt)
     model.train()
-    batches = [{"input_ids": data.ids[i: i + BATCH], "labels": data.labels[i: i + BATCH]}
-               for i in range(0, len(data), BATCH)]
+    batches = [{"input_ids": data.ids[i: i + batch], "labels": data.labels[i: i + batch]}
+               for i in range(0, len(data), batch)]
 
-    def backward(batch: dict[str, torch.Tensor], count: torch.Tensor) -> None:
+    def backward(inputs: dict[str, torch.Tensor], count: torch.Tensor) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**batch, num_items_in_batch=count).loss  # summed over the step, as the Trainer
+            loss = model(**inputs, num_items_in_batch=count).loss  # summed over the step, as the Trainer
         loss.backward()
 
     for step in range(steps):
         micro = batches[step * accumulation: (step + 1) * accumulation]
         count = sum(b["labels"].ne(-100).sum() for b in micro)
-        for batch in micro:
-            backward(batch, count)
+        for inputs in micro:
+            backward(inputs, count)
         opt.first_step(zero_grad=True)
-        for batch in micro:
-            backward(batch, count)
+        for inputs in micro:
+            backward(inputs, count)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.second_step()
@@ -273,3 +279,82 @@ def test_readme_recipe(tmp_path: Path) -> None:
                  "TrainingArguments": training_arguments}
     exec(code, namespace)
     assert namespace["opt"].steps == 2
+
+
+def ddp_rank(out: str) -> None:
+    """One rank of test_ddp_two_ranks_match_one_process (run by torchrun: this file is the script)."""
+    model = tiny_gpt2()
+    args = arguments(out, max_steps=2)  # sets up the process group (gloo on CPU)
+    opt = make_ssam(model)
+    assert opt.distributed == "replicated"
+    trainer = InOrderTrainer(model=model, args=args, train_dataset=TokenDataset(),
+                             optimizers=(opt, constant(opt)))
+    trainer.train()
+    rank = torch.distributed.get_rank()
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path: Path) -> None:
+    """DDP on two CPU ranks (gloo): rank r takes batches r, r + 2, ..., so each micro-batch of the
+    global step is the two ranks' batches together; the accumulation and the second pass (synchronised
+    on the last micro-batch only) give what one process gives on those global micro-batches."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(port), __file__, str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+                              [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    expected = hand_written(tiny_gpt2(), TokenDataset(), 2, 2, 0.5, batch=2 * BATCH).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+
+@pytest.mark.parametrize("layout", ["flat", "tensors"])
+def test_reattach_parameters_after_model_to(layout: str) -> None:
+    model = tiny_gpt2()
+    opt = sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, lr=0.1, layout=layout,
+                  backend="reference")
+    with torch.no_grad():
+        model.to("cpu:0")  # what accelerate does for DDP on CPU: every parameter copied and rebound
+        for p in model.parameters():
+            p.add_(1.0)  # values changed after the move must survive
+    expected = [p.detach().clone() for p in model.parameters()]
+    weights = [s.weight for s in opt.layout.segments]
+    assert not any(p.data_ptr() == s.weight.data_ptr() for s in opt.layout.segments for p in s.params[:1])
+    reattach_parameters(opt)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(p, e)
+    for segment, weight in zip(opt.layout.segments, weights, strict=True):
+        assert segment.weight is weight
+        for p, (start, _) in zip(segment.params, segment.spans(), strict=True):
+            assert p.data_ptr() == weight[start:].data_ptr()
+    reattach_parameters(opt)  # attached: nothing to do
+    model.to(torch.float64)
+    with pytest.raises(ValueError, match="after the SSAM optimizer was built"):
+        reattach_parameters(opt)
+
+
+def test_trainer_with_model_moved_after_the_optimizer(tmp_path: Path) -> None:
+    """The model moved (copied) after SSAM was built, as accelerate does for DDP on CPU: same training."""
+    start = tiny_gpt2()
+    model = copy.deepcopy(start)
+    opt = make_ssam(model)
+    model.to("cpu:0")
+    trainer = InOrderTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(),
+                             optimizers=(opt, constant(opt)))
+    trainer.train()
+    assert_same_weights(model, hand_written(copy.deepcopy(start), TokenDataset(), 3, 2, 0.5))
+
+
+if __name__ == "__main__":
+    ddp_rank(sys.argv[1])

@@ -27,7 +27,9 @@ and zeroes the gradients when ``accelerator.sync_gradients`` is set):
 The logged loss is the loss at ``w`` (as ``SSAM.step(closure)`` returns); the FLOP count does not
 include the second pass. ``freeze_bn_stats=True`` runs the second pass under
 :func:`ssam_kernels.frozen_bn_stats`, so batch-norm running statistics move once per step.
-Checkpoints: ``SSAM.state_dict()`` carries the mask, the policy and the step count, so
+Under DDP the second pass synchronises only its last micro-batch, as the Trainer does in the first.
+The optimizer must be built on the model where it trains (see :func:`reattach_parameters` for what is
+repaired and what raises). Checkpoints: ``SSAM.state_dict()`` carries the mask, the policy and the step count, so
 ``trainer.train(resume_from_checkpoint=...)`` resumes with the same SSAM state (the Trainer saves it
 between steps, when the weights are not perturbed).
 """
@@ -42,9 +44,10 @@ from torch import nn
 from transformers import Trainer
 
 from ..batchnorm import frozen_bn_stats
+from ..layout import is_dtensor
 from ..optim import SSAM
 
-__all__ = ["SSAMTrainer", "SSAMTrainerMixin", "unwrap_ssam"]
+__all__ = ["SSAMTrainer", "SSAMTrainerMixin", "reattach_parameters", "unwrap_ssam"]
 
 
 def unwrap_ssam(optimizer: Any) -> SSAM:
@@ -58,6 +61,34 @@ def unwrap_ssam(optimizer: Any) -> SSAM:
                             f"optimizers=(opt, scheduler)), got {type(optimizer).__name__}")
         seen = inner
     return seen
+
+
+@torch.no_grad()
+def reattach_parameters(ssam: SSAM) -> None:
+    """Point parameters that ``model.to(...)`` rebound since ``ssam`` was built back at its weights.
+
+    ``Module.to`` copies every parameter and rebinds ``p.data`` even for a device that differs only in
+    spelling: accelerate prepares a model for DDP on CPU with ``model.to("cpu:0")``. The optimizer would
+    then perturb and restore weights that the model no longer reads. Each such parameter's current
+    values are copied into the optimizer's weights and the parameter is bound to them again (nothing is
+    lost). A real change of device or dtype cannot be followed and raises a ValueError saying what to
+    do. Sharded (DTensor) parameters are left alone.
+    """
+    for segment in ssam.layout.segments:
+        for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
+            if is_dtensor(p):
+                continue
+            view = segment.weight[start: start + n]
+            if p.data_ptr() == view.data_ptr():
+                continue
+            if p.device != segment.device or p.dtype != segment.dtype:
+                raise ValueError(f"model: a parameter moved to {p.device} / {p.dtype} after the SSAM "
+                                 f"optimizer was built on {segment.device} / {segment.dtype}; build the "
+                                 "optimizer after model.to(...) (the Trainer moves the model to "
+                                 "args.device), or pass optimizer_cls_and_kwargs=(sk.SSAM, {...}) so that "
+                                 "the Trainer builds it")
+            view.copy_(p.reshape(-1))
+            p.data = view.view_as(p)
 
 
 class SSAMTrainerMixin:
@@ -85,6 +116,7 @@ class SSAMTrainerMixin:
         if not self.accelerator.sync_gradients:
             return loss
         batches, self._ssam_micro_batches = self._ssam_micro_batches, []
+        reattach_parameters(ssam)  # before the weights are perturbed: see its docstring
         ssam.first_step(zero_grad=True)
         try:
             with frozen_bn_stats(model) if self.freeze_bn_stats else contextlib.nullcontext():
