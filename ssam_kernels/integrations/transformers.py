@@ -29,9 +29,9 @@ include the second pass. ``freeze_bn_stats=True`` runs the second pass under
 :func:`ssam_kernels.frozen_bn_stats`, so batch-norm running statistics move once per step.
 Under DDP the second pass synchronises only its last micro-batch, as the Trainer does in the first.
 The optimizer must be built on the model where it trains (see :func:`reattach_parameters` for what is
-repaired and what raises). Checkpoints: ``SSAM.state_dict()`` carries the mask, the policy and the step count, so
-``trainer.train(resume_from_checkpoint=...)`` resumes with the same SSAM state (the Trainer saves it
-between steps, when the weights are not perturbed).
+repaired and what raises). Checkpoints: ``SSAM.state_dict()`` carries the mask, the policy and the
+step count, so ``trainer.train(resume_from_checkpoint=...)`` resumes with the same SSAM state (the
+Trainer saves it between steps, when the weights are not perturbed).
 """
 
 from __future__ import annotations
