@@ -4,6 +4,7 @@ See README.md for usage and ``shared/DESIGN.md`` for the op contract.
 """
 
 from . import ops
+from .batchnorm import frozen_bn_stats
 from .fisher import fisher_information
 from .masks import DynamicMask, FisherMask, MaskPolicy, RandomMask, topk_mask
 from .ops import available_backends
@@ -11,6 +12,6 @@ from .optim import SAM, SSAM
 
 __all__ = [
     "SAM", "SSAM", "DynamicMask", "FisherMask", "MaskPolicy", "RandomMask", "available_backends",
-    "fisher_information", "ops", "topk_mask",
+    "fisher_information", "frozen_bn_stats", "ops", "topk_mask",
 ]
 __version__ = "0.1.0"

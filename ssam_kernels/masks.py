@@ -141,23 +141,43 @@ class MaskPolicy:
 
 class FisherMask(MaskPolicy):
     """SSAM-F: the ``k`` entries with the largest empirical Fisher information
-    ``F = Σ_{i<num_samples} (∂ℓ(x_i, y_i)/∂w)²`` (see :func:`ssam_kernels.fisher_information`)."""
+    ``F = Σ_{i<num_samples} (∂ℓ_i/∂w)²`` of the first ``num_samples`` samples of ``data`` (see
+    :func:`ssam_kernels.fisher_information`, which takes ``loss_fn``, ``data``, ``batch_size``,
+    ``method``, ``loss_form`` and ``norm_eval`` as documented there).
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 data: Iterable[tuple[torch.Tensor, torch.Tensor]], num_samples: int = 128,
-                 interval: int | None = None, batch_size: int | None = None, initial: str = "fisher",
-                 method: str = "auto") -> None:
+    ``loss_fn(outputs, targets)`` with ``(inputs, targets)`` batches, ``loss_fn(model, batch)`` with any
+    batch (e.g. the dict batches of Hugging Face models), or None for a model that returns its own loss
+    (``model(**batch).loss``). By default normalization layers with running statistics score every
+    sample in eval mode (``norm_eval=True``; their modes are restored), so a batch-norm model such as a
+    ResNet works at any input size. Every argument is checked here, not at the first step; ``data``
+    must be re-iterable (a ``DataLoader``, a list) when ``interval`` asks for more than one pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor] | None,
+                 data: Iterable[object], num_samples: int = 128, interval: int | None = None,
+                 batch_size: int | None = None, initial: str = "fisher", method: str = "auto",
+                 loss_form: str = "auto", norm_eval: bool = True) -> None:
+        from collections.abc import Iterator
+
+        from .fisher import check_batch_size, check_data, check_method, resolve_loss_form
+
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn: expected a callable (outputs, targets) -> loss")
+        self.loss_form = resolve_loss_form(loss_fn, loss_form)
         if initial not in ("fisher", "zeros"):
             raise ValueError(f"initial: expected 'fisher' or 'zeros', got {initial!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
-        self.model, self.loss_fn, self.data = model, loss_fn, data
-        self.num_samples, self.batch_size, self.method = num_samples, batch_size, method
+        if not isinstance(norm_eval, bool):
+            raise TypeError(f"norm_eval: expected a bool, got {type(norm_eval).__name__}")
+        check_data(data)
         self.interval = _check_interval(interval, allow_none=True)
+        if isinstance(data, Iterator) and self.interval is not None:
+            raise ValueError("data: an iterator is used up by the first Fisher pass, but interval="
+                             f"{self.interval} refreshes the mask; pass a re-iterable (a DataLoader, a list)")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.num_samples, self.batch_size = num_samples, check_batch_size(batch_size)
+        self.method, self.norm_eval = check_method(method), norm_eval
         self.initial_kind = initial
 
     def _fisher_mask(self, ctx: MaskContext, k: int) -> list[Mask]:
@@ -166,7 +186,8 @@ class FisherMask(MaskPolicy):
         params = [p for segment in ctx.segments for p in segment.params]
         fisher = dict(zip(map(id, params), fisher_information(
             self.model, self.loss_fn, self.data, self.num_samples, self.batch_size, params=params,
-            method=self.method, backend=ctx.backend), strict=True))
+            method=self.method, backend=ctx.backend, loss_form=self.loss_form, norm_eval=self.norm_eval),
+            strict=True))
         scores = [torch.cat([fisher[id(p)].reshape(-1) for p in segment.params]) for segment in ctx.segments]
         ctx.sum_over_replicas(scores)  # DDP: the Fisher of every rank's samples together
         return ops.select_topk(scores, k, backend=ctx.backend, comm=ctx.comm)

@@ -79,7 +79,7 @@ def test_matches_float64_oracle(method: str, kind: str, train: bool) -> None:
     model, shape = (mlp(), (6,)) if kind == "mlp" else (cnn(), (2, 6, 6))
     model.train(train)
     data = make_data(shape, [5, 5, 5])
-    got = fisher_information(model, tf.cross_entropy, data, 13, 4, method=method)
+    got = fisher_information(model, tf.cross_entropy, data, 13, 4, method=method, norm_eval=False)
     assert_matches(got, oracle(model, tf.cross_entropy, *first_samples(data, 13)), model)
 
 
@@ -142,7 +142,7 @@ def test_batchnorm_train_mode_uses_loop(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(fisher, "_func_step", _forbid("the func path"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # picking the loop for batch-norm is not a fallback: no warning
-        got = fisher_information(model, tf.cross_entropy, data, 10, 4)
+        got = fisher_information(model, tf.cross_entropy, data, 10, 4, norm_eval=False)
     assert_matches(got, oracle(model, tf.cross_entropy, *first_samples(data, 10)), model)
     # Running statistics (and num_batches_tracked) are as they were; mode unchanged.
     for k, v in model.state_dict().items():
@@ -154,7 +154,8 @@ def test_batchnorm_train_mode_func_raises() -> None:
     model = cnn(norm=True).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError):
-        fisher_information(model, tf.cross_entropy, make_data((2, 6, 6), [4]), 4, method="func")
+        fisher_information(model, tf.cross_entropy, make_data((2, 6, 6), [4]), 4, method="func",
+                           norm_eval=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -347,3 +348,215 @@ def test_bad_params_data_backend() -> None:
         fisher_information(model, tf.cross_entropy, [(torch.zeros(4, 6), torch.zeros(3))], 4)
     with pytest.raises(ValueError, match="backend"):
         fisher_information(model, tf.cross_entropy, data, 4, backend="bogus")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real models: batch norm in eval mode for the per-sample pass, dict batches, models' own losses
+# ----------------------------------------------------------------------------------------------------
+
+def resnet18(seed: int = 0) -> nn.Module:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # the examples' models
+    from models import resnet18 as build
+
+    torch.manual_seed(seed)
+    model = build(10, width=1 / 16)
+    with torch.no_grad():  # running statistics that differ from a fresh layer's
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.train()
+
+
+@pytest.mark.parametrize("size", [32, 8])  # at 8x8 the last stage sees 1x1 maps: one value per channel
+def test_resnet18_scores_with_running_statistics(size: int) -> None:
+    model = resnet18()
+    data = [(torch.randn(3, 3, size, size), torch.randint(0, 10, (3,))) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    got = fisher_information(model, tf.cross_entropy, data, 5, 4)
+    # The same sum, every sample normalised with the running statistics (a float64 copy in eval mode).
+    assert_matches(got, oracle(copy.deepcopy(model).eval(), tf.cross_entropy, *first_samples(data, 5)), model)
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    if size == 8:  # what happened before norm_eval: train-mode batch norm on one value per channel
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            fisher_information(model, tf.cross_entropy, data, 5, norm_eval=False)
+
+
+def test_fisher_mask_on_resnet18_in_ssam() -> None:
+    import ssam_kernels as sk
+
+    model = resnet18()
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    opt = sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.9, lr=0.1, backend="reference",
+                  mask=sk.FisherMask(model, tf.cross_entropy, data, num_samples=8, interval=1))
+    for x, y in data:
+        tf.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        tf.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    assert opt.steps == 2 and sum(int(m.sum()) for m in opt.get_mask()) == opt.live_count
+    assert all(m.training for m in model.modules())
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
+                                     num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def dict_batches(sizes: list[int], seed: int = 2) -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for n in sizes:
+        mask = torch.ones(n, 8, dtype=torch.long)
+        mask[:, 6:] = torch.randint(0, 2, (n, 2), generator=g)  # some padding
+        batches.append({"input_ids": torch.randint(0, 64, (n, 8), generator=g), "attention_mask": mask,
+                        "labels": torch.randint(0, 3, (n,), generator=g)})
+    return batches
+
+
+def dict_oracle(model: nn.Module, batches: list[dict[str, Tensor]], n: int) -> list[Tensor]:
+    """Σ_i (d model(**batch_i).loss / dw)² on a float64 copy, one sample at a time."""
+    m = copy.deepcopy(model).double()
+    params = [p for p in m.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    samples = [{k: v[i: i + 1] for k, v in b.items()} for b in batches for i in range(len(b["labels"]))]
+    for sample in samples[:n]:
+        grads = torch.autograd.grad(m(**sample).loss, params, allow_unused=True)
+        for t, g in zip(total, grads, strict=True):
+            if g is not None:
+                t += g * g
+    return total
+
+
+@pytest.mark.parametrize("method", ["loop", "auto"])
+def test_hugging_face_model_own_loss_on_dict_batches(method: str) -> None:
+    model = tiny_bert()
+    data = dict_batches([3, 4])
+    with warnings.catch_warnings():
+        # "auto" falls back to the loop: transformers' attention-mask code branches on the mask's values
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = fisher_information(model, None, data, 6, 4, method=method)
+    assert_matches(got, dict_oracle(model, data, 6), model, rtol=1e-3)
+
+
+def test_loss_forms_agree() -> None:
+    model = mlp()
+    pairs = make_data((6,), [5, 3])
+    as_dicts = [{"x": x, "y": y} for x, y in pairs]
+    expected = fisher_information(model, tf.cross_entropy, pairs, 7)
+
+    def by_name(model, batch):  # the form is picked by the parameter's name
+        return tf.cross_entropy(model(batch["x"]), batch["y"])
+
+    def by_annotation(net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return tf.cross_entropy(net(batch["x"]), batch["y"])
+
+    def on_pairs(net, batch):  # the form is given explicitly
+        return tf.cross_entropy(net(batch[0]), batch[1])
+
+    for method in ("func", "loop"):
+        for loss_fn, data, form in [(by_name, as_dicts, "auto"), (by_annotation, as_dicts, "auto"),
+                                    (on_pairs, pairs, "model")]:
+            got = fisher_information(model, loss_fn, data, 7, 3, method=method, loss_form=form)
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert fisher.resolve_loss_form(tf.cross_entropy, "auto") == "outputs"
+    assert fisher.resolve_loss_form(nn.CrossEntropyLoss(), "auto") == "outputs"
+    assert fisher.resolve_loss_form(by_name, "auto") == "model"
+    assert fisher.resolve_loss_form(by_annotation, "outputs") == "outputs"
+
+
+def test_bad_loss_forms_and_batches() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="loss_form"):
+        fisher_information(model, tf.cross_entropy, make_data((6,), [4]), 4, loss_form="inputs")
+    with pytest.raises(ValueError, match="loss_fn"):
+        fisher_information(model, None, make_data((6,), [4]), 4, loss_form="outputs")
+    with pytest.raises(TypeError, match="loss_fn"):
+        fisher_information(model, "cross_entropy", make_data((6,), [4]), 4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs dict batches"):
+        fisher_information(model, None, make_data((6,), [4]), 4)
+    with pytest.raises(ValueError, match="same batch"):
+        fisher_information(model, lambda model, b: model(b["x"]).sum(), [{"x": torch.zeros(4, 6),
+                                                                         "y": torch.zeros(3)}], 4)
+    with pytest.raises(TypeError, match="norm_eval"):
+        fisher_information(model, tf.cross_entropy, make_data((6,), [4]), 4, norm_eval=1)  # type: ignore
+    with pytest.raises(ValueError, match="data: is empty"):
+        fisher_information(model, tf.cross_entropy, [], 4)
+    with pytest.raises(TypeError, match="data"):
+        fisher_information(model, tf.cross_entropy, {"x": torch.zeros(4, 6)}, 4)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"batch_size": 2.0}, TypeError, "batch_size"),
+    ({"method": "vmap"}, ValueError, "method"),
+    ({"loss_form": "x"}, ValueError, "loss_form"),
+    ({"norm_eval": "yes"}, TypeError, "norm_eval"),
+    ({"data": []}, ValueError, "data"),
+    ({"data": torch.zeros(4, 6)}, TypeError, "data"),
+    ({"data": 3}, TypeError, "data"),
+    ({"data": iter(make_data((6,), [4])), "interval": 5}, ValueError, "re-iterable"),
+    ({"loss_fn": 3}, TypeError, "loss_fn"),
+])
+def test_fisher_mask_checks_every_option_at_construction(kwargs: dict, error: type, match: str) -> None:
+    import ssam_kernels as sk
+
+    options = {"loss_fn": tf.cross_entropy, "data": make_data((6,), [4]), "num_samples": 4} | kwargs
+    with pytest.raises(error, match=match):
+        sk.FisherMask(mlp(), **options)
+
+
+def test_fisher_mask_hugging_face_in_ssam() -> None:
+    import ssam_kernels as sk
+
+    model = tiny_bert()
+    data = dict_batches([4, 4])
+    mask = sk.FisherMask(model, None, data, num_samples=6, interval=1, method="loop")
+    opt = sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, lr=0.1, mask=mask,
+                  backend="reference")
+    scores = fisher_information(model, None, data, 6, method="loop")
+    expected = sk.topk_mask(scores, 0.5)
+    for got, want in zip(opt.get_mask(), expected, strict=True):
+        assert torch.equal(got, want)
+    model(**data[0]).loss.backward()
+    opt.first_step(zero_grad=True)
+    model(**data[0]).loss.backward()
+    opt.second_step(zero_grad=True)
+    assert opt.steps == 1
+
+
+def test_readme_fisher_mask_recipe() -> None:
+    import re
+    from pathlib import Path
+
+    import ssam_kernels as sk
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("### `FisherMask` on real models")
+    code = re.compile(r"```python\n(.*?)```", re.S).search(text, start).group(1)
+    assert code.count("num_samples=128") == 3
+    code = code.replace("num_samples=128", "num_samples=8")  # a small run
+    model = tiny_bert()
+    loader = dict_batches([4, 4])
+    namespace = {"sk": sk, "F": tf, "model": model, "train_loader": loader, "loader": loader,
+                 "my_loss": lambda model, batch: model(**batch).loss}
+    exec(code, namespace)  # builds the three masks: every option is checked here
+    opt = sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, lr=0.1, mask=namespace["mask"],
+                  backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the padded attention mask: the loop fallback
+        scores = fisher_information(model, None, loader, 8)
+        masks = opt.get_mask()  # the recipe's last form: loss_fn(model, batch), the same loss
+    for got, want in zip(masks, sk.topk_mask(scores, 0.5), strict=True):
+        assert torch.equal(got, want)
