@@ -1,9 +1,9 @@
 """A whole SSAM training step under torch.compile, checked against the same steps run eagerly.
 
 The model is compiled, and so is the step function; the optimizer's first_step / second_step run
-eagerly between the compiled graphs (torch.compiler.disable). Two copies of the same model train on the
-same batches, one eager and one compiled, and the script prints how far their weights are apart and
-whether their SSAM masks agree (the mask is refreshed every --interval steps).
+eagerly between the compiled graphs (they are marked torch.compiler.disable). Two copies of the same
+model train on the same batches, one eager and one compiled, and the script prints how far their weights
+are apart and whether their SSAM masks agree (the mask is refreshed every --interval steps).
 
     python python/compiled_step.py                          # Inductor (needs a C++ compiler on CPU)
     python python/compiled_step.py --backend eager --steps 4
@@ -44,16 +44,14 @@ def eager_train_step(model: nn.Module, opt: sk.SSAM) -> Step:
 def compiled_train_step(model: nn.Module, opt: sk.SSAM, backend: str = "inductor") -> Step:
     """The README's recipe: the same step with the model and the step compiled, the optimizer eager."""
     compiled = torch.compile(model, backend=backend)
-    first_step = torch.compiler.disable(opt.first_step)  # eager, between the compiled graphs
-    second_step = torch.compiler.disable(opt.second_step)
 
     @torch.compile(backend=backend)
     def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(compiled(x), y)
         loss.backward()
-        first_step(zero_grad=True)
+        opt.first_step(zero_grad=True)  # eager: SSAM's methods are never traced
         loss_fn(compiled(x), y).backward()
-        second_step(zero_grad=True)
+        opt.second_step(zero_grad=True)
         return loss.detach()
 
     return train_step

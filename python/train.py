@@ -17,7 +17,6 @@ The run's JSON (config, per-epoch history, final accuracies, seconds per epoch) 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -64,21 +63,6 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, dataset: Dataset
                    backend=args.backend, **base)
 
 
-@contextlib.contextmanager
-def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
-    """Batch-norm layers normalise with the batch but leave their running statistics alone (momentum 0),
-    so SAM's second forward pass, at the perturbed weights, does not count the batch twice."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved, strict=True):
-            m.momentum = momentum
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
                ) -> torch.Tensor:
     """One step; returns the (detached) loss at ``w``. SAM-type optimizers take their two passes."""
@@ -86,7 +70,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     loss.backward()
     if isinstance(optimizer, sk.SSAM):
         optimizer.first_step(zero_grad=True)
-        with frozen_batchnorm(model):
+        with sk.frozen_bn_stats(model):  # running statistics move once per step, at w
             loss_fn(model(x), y).backward()
         optimizer.second_step(zero_grad=True)
     else:
