@@ -26,7 +26,9 @@ for ``radix_histogram_kernel``, a launch-time dynamic ``4 · 2^bits`` bytes) and
 metadata (all its shared memory) for Triton kernels.
 
 Adding a kernel: a native ``__global__`` is found by itself (add a line to :data:`KERNEL_CLASSES` only if
-its name matches none); a Triton kernel needs the one line of :data:`TRITON_CASES` that calls its op.
+its name matches none); a Triton kernel (a ``@triton.jit`` function named ``*_kernel`` in
+``ssam_kernels.ops.triton``) needs the one line of :data:`TRITON_CASES` that calls its op: a kernel that no
+case launches is reported as an error.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def parse_ptxas_log(text: str) -> dict[tuple[str, int], dict[str, int]]:
     return out
 
 
-_SASS_ARCH = re.compile(r"^\s*arch = sm_(\d+)")
+_SASS_ARCH = re.compile(r"^\s*(?:arch =|code for) sm_(\d+)")  # cuobjdump prints both
 _SASS_FUNCTION = re.compile(r"Function : (\S+)")
 # `/*0040*/   @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;` -> "LDG.E.128"; encoding lines `/* 0x... */` never match.
 _SASS_INSTRUCTION = re.compile(
@@ -404,6 +406,24 @@ def compile_launch(launch: Launch, arch: int) -> Any:
     return compiled, captured.getvalue()
 
 
+def triton_kernels() -> set[str]:
+    """Names of the Triton kernels in ``ssam_kernels.ops.triton``: its ``@triton.jit`` functions named
+    ``*_kernel`` (the others are device helpers they call)."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    from ssam_kernels.ops import triton as package
+
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        names |= {name for name, obj in vars(module).items() if isinstance(obj, JITFunction)
+                  and name.endswith("_kernel") and obj.__module__ == module.__name__}
+    return names
+
+
 def triton_records(archs: Sequence[int], log: harness.Log,
                    case_filter: str | None = None) -> list[dict[str, Any]]:
     """One record per kernel launch of each :data:`TRITON_CASES` case × arch × dtype × variant."""
@@ -434,6 +454,10 @@ def triton_records(archs: Sequence[int], log: harness.Log,
                     for launch, arch in ((la, a) for la in launches for a in archs):
                         key = {"case": case.name, "dtype": dtype, "variant": variant}
                         records.append(_triton_record(launch, arch, key, cuobjdump, Path(tmp), log))
+    if not case_filter:  # a kernel that no case launches would silently drop out of the report
+        launched = {r["kernel"] for r in records}
+        records += [_error_record("triton", name, arch, "no TRITON_CASES line launches it")
+                    for name in sorted(triton_kernels() - launched) for arch in archs]
     return records
 
 
@@ -564,9 +588,9 @@ def _tool_version(path: str | None) -> str:
 
 
 def provenance(archs: Sequence[int]) -> dict[str, Any]:
+    dirty = bool(harness._git("status", "--porcelain", "--untracked-files=no"))
     meta: dict[str, Any] = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                            "commit": harness._git("rev-parse", "HEAD"),
-                            "worktree_dirty": bool(harness._git("status", "--porcelain")),
+                            "commit": harness._git("rev-parse", "HEAD"), "worktree_dirty": dirty,
                             "archs": ", ".join(f"sm_{a}" for a in archs),
                             "nvcc": _tool_version(shutil.which("nvcc")),
                             "cuobjdump": _tool_version(tool("cuobjdump"))}
