@@ -139,15 +139,18 @@ def sass_counts(instructions: Sequence[str]) -> dict[str, Any]:
 
     ``global_loads``/``global_stores``: ``{"<bits>": count}`` of ``LDG``/``STG``; ``fp64_instructions``:
     fp64 arithmetic (:data:`FP64_OPCODES`); ``fp64_conversions``: ``F2F``/``I2F``/``F2I`` to or from
-    F64; ``local_accesses``: ``LDL``/``STL`` (spills or stack arrays).
+    F64; ``nc_loads``: ``LDG`` through the read-only non-coherent path (``.CONSTANT``, PTX
+    ``ld.global.nc``: what ``const __restrict__`` lets the compiler choose); ``local_accesses``:
+    ``LDL``/``STL`` (spills or stack arrays).
     """
     loads: Counter[str] = Counter()
     stores: Counter[str] = Counter()
-    fp64 = conversions = local = 0
+    fp64 = conversions = local = nc = 0
     for ins in instructions:
         opcode, *mods = ins.split(".")
         if opcode == "LDG":
             loads[str(access_bits(ins))] += 1
+            nc += "CONSTANT" in mods
         elif opcode == "STG":
             stores[str(access_bits(ins))] += 1
         elif opcode in FP64_OPCODES:
@@ -157,7 +160,8 @@ def sass_counts(instructions: Sequence[str]) -> dict[str, Any]:
         elif opcode in ("LDL", "STL"):
             local += 1
     return {"global_loads": _sorted_widths(loads), "global_stores": _sorted_widths(stores),
-            "fp64_instructions": fp64, "fp64_conversions": conversions, "local_accesses": local}
+            "fp64_instructions": fp64, "fp64_conversions": conversions, "nc_loads": nc,
+            "local_accesses": local}
 
 
 def _sorted_widths(counts: Counter[str]) -> dict[str, int]:
@@ -288,7 +292,8 @@ def _error_record(backend: str, kernel: str, arch: int, error: str, **extra: Any
             "arch": arch, "dtype": extra.pop("dtype", "-"), "variant": extra.pop("variant", "-"),
             "streaming": cls.streaming, "registers": None, "spill_bytes": None,
             "stack_bytes": None, "shared_bytes": None, "global_loads": {}, "global_stores": {},
-            "fp64_instructions": None, "fp64_conversions": None, "local_accesses": None, "error": error,
+            "fp64_instructions": None, "fp64_conversions": None, "nc_loads": None, "local_accesses": None,
+            "error": error,
             **extra}
 
 
@@ -487,7 +492,7 @@ def _triton_record(launch: Launch, arch: int, key: dict[str, str], cuobjdump: st
             "registers": ptxas["registers"], "spill_bytes": ptxas["spill_bytes"],
             "stack_bytes": ptxas["stack_bytes"], "shared_bytes": compiled.metadata.shared,
             **(counts or {"global_loads": {}, "global_stores": {}, "fp64_instructions": None,
-                          "fp64_conversions": None, "local_accesses": None}),
+                          "fp64_conversions": None, "nc_loads": None, "local_accesses": None}),
             "ptx_global_loads": ptx["loads"], "ptx_global_stores": ptx["stores"],
             "num_warps": compiled.metadata.num_warps, "constexprs": constexprs,
             "error": None if res and counts else "no ptxas -v log or no cuobjdump"}
@@ -582,25 +587,29 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def _row(r: dict[str, Any], width: int) -> tuple[str, ...]:
+    head = (r["backend"], f"`{r['kernel']}`", r["case"], r["dtype"], r["variant"])
+    if r["error"]:
+        return (*head, "error", *["-"] * (width - len(head) - 1))
+    return (*head, _cell(r["registers"]), _cell(r["spill_bytes"]), _cell(r["shared_bytes"]),
+            _widths(r["global_loads"]), _cell(r.get("nc_loads")), _widths(r["global_stores"]),
+            _pct(wide_fraction(r)), _cell(r["fp64_instructions"]), _cell(r["fp64_conversions"]))
+
+
 def markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The report: provenance, one table per arch, then the target violations."""
     lines = ["# Static kernel report", "", *(f"- **{k}**: {v}" for k, v in meta.items()), "",
              "Static SASS instruction counts (`cuobjdump -sass`), registers and spills from `ptxas -v`. "
              "Loads/stores: `count x bits`. *wide*: share of the bytes of the global load/store instructions "
              "(one execution each) in instructions >= 64 bits. "
+             "*nc loads*: loads through the read-only path (`LDG...CONSTANT`). "
              "fp64: DADD/DMUL/DFMA/DMNMX/DSET(P) instructions (conv.: F2F/I2F/F2I to or from F64). Native "
              "kernels are one binary for any N (variant `any`): their vector paths run when every pointer "
              "is 16-byte aligned, a scalar loop does the rest.", ""]
-    header = ("backend", "kernel", "case", "dtype", "variant", "regs", "spill B", "smem B", "loads", "stores",
-              "wide", "fp64", "fp64 conv.")
+    header = ("backend", "kernel", "case", "dtype", "variant", "regs", "spill B", "smem B", "loads",
+              "nc loads", "stores", "wide", "fp64", "fp64 conv.")
     for arch in sorted({r["arch"] for r in records}):
-        rows = [(r["backend"], f"`{r['kernel']}`", r["case"], r["dtype"], r["variant"], _cell(r["registers"]),
-                 _cell(r["spill_bytes"]), _cell(r["shared_bytes"]), _widths(r["global_loads"]),
-                 _widths(r["global_stores"]), _pct(wide_fraction(r)) if not r["error"] else "-",
-                 _cell(r["fp64_instructions"]), _cell(r["fp64_conversions"]))
-                if not r["error"] else (r["backend"], f"`{r['kernel']}`", r["case"], r["dtype"], r["variant"],
-                                        *(["error"] + ["-"] * 7))
-                for r in records if r["arch"] == arch]
+        rows = [_row(r, len(header)) for r in records if r["arch"] == arch]
         lines += [f"## sm_{arch}", "", harness.markdown_table(header, rows), ""]
     found = violations(records)
     lines += ["## Targets", "",

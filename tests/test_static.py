@@ -74,7 +74,7 @@ def test_parse_sass_counts_widths_fp64_and_local() -> None:
     assert set(functions) == {("_Z13fisher_kernelIfEvPfPKT_dl", 86), ("_Z13restore_kernelPfPKfl", 90)}
     counts = static.sass_counts(functions["_Z13fisher_kernelIfEvPfPKT_dl", 86])
     assert counts == {"global_loads": {"16": 1, "32": 1, "128": 2}, "global_stores": {"64": 1},
-                      "fp64_instructions": 3, "fp64_conversions": 2, "local_accesses": 1}
+                      "fp64_instructions": 3, "fp64_conversions": 2, "nc_loads": 1, "local_accesses": 1}
     other = static.sass_counts(functions["_Z13restore_kernelPfPKfl", 90])
     assert other["global_loads"] == {"32": 1} and other["global_stores"] == {"16": 1}
 
