@@ -226,3 +226,30 @@ def test_triton_fisher_kernel_for_sm90(tmp_path: Path) -> None:
     aligned = next(r for r in records if r["dtype"] == "fp32" and r["variant"] == "aligned")
     assert max(map(int, aligned["global_loads"])) >= 64
     assert (tmp_path / "static.md").read_text().startswith("# Static kernel report")
+
+
+COVERAGE = """
+import json
+from benchmarks import static
+from ssam_kernels.ops import triton as ops_triton
+launched = set()
+for case in static.TRITON_CASES:
+    with static.recorded_launches() as launches:
+        case.call(ops_triton, static.Inputs(1 << 12, case.dtypes[0]))
+    assert launches, case.name
+    launched |= {launch.fn.__name__ for launch in launches}
+print(json.dumps({"found": sorted(static.triton_kernels()), "launched": sorted(launched)}))
+"""
+
+
+def test_every_triton_kernel_has_a_case() -> None:
+    """A new ``*_kernel`` in ssam_kernels.ops.triton without a TRITON_CASES line fails here (and is
+    reported as an error record by a full run)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", COVERAGE], cwd=harness.REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    found, launched = set(result["found"]), set(result["launched"])
+    assert "_perturb_kernel" in found and found <= launched, (found, launched)
