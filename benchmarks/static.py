@@ -314,15 +314,15 @@ class Inputs:
 
         from ssam_kernels.ops import bitmask
 
-        dt_ = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int32": torch.int32}
-        elem = dt_[self.dtype] if self.dtype != "int32" else torch.float32
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int32": torch.int32}
+        elem = dtypes[self.dtype] if self.dtype != "int32" else torch.float32  # int32: scores only
         self.device = torch.device("cpu")
         self.w, self.g, self.backup = (torch.ones(self.n, dtype=elem) for _ in range(3))
         self.f = torch.zeros(self.n, dtype=torch.float32)
         self.mask = torch.zeros(bitmask.num_words(self.n), dtype=torch.int32)
         self.offsets = torch.zeros(bitmask.num_chunks(self.n) + 1, dtype=torch.int64)
         self.scale = torch.tensor(0.05, dtype=torch.float32)
-        self.scores = torch.ones(self.n, dtype=dt_[self.dtype])
+        self.scores = torch.ones(self.n, dtype=dtypes[self.dtype])
         self.prefix, self.threshold, self.quota = (torch.zeros((), dtype=torch.int64) for _ in range(3))
 
 
@@ -362,6 +362,8 @@ fresh allocation is), so ``N % 16`` decides whether it may vectorise."""
 
 @dataclass(frozen=True)
 class Launch:
+    """One recorded ``kernel[grid](*args, **kwargs)``."""
+
     fn: Any  # triton.runtime.jit.JITFunction
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -385,7 +387,7 @@ def recorded_launches() -> Iterator[list[Launch]]:
         JITFunction.run = original
 
 
-def compile_launch(launch: Launch, arch: int) -> Any:
+def compile_launch(launch: Launch, arch: int) -> tuple[Any, str]:
     """Compile ``launch`` for ``sm_<arch>`` as ``JITFunction.run`` would on that GPU: Triton's binder
     specialises the arguments, ``_pack_args`` splits signature / constexprs / attributes. Returns the
     ``CompiledKernel`` and the ``ptxas -v`` log."""
