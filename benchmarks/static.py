@@ -23,7 +23,9 @@ Counts are static instruction counts in the SASS (not executed counts): ``global
 width, ``fp64_instructions`` counts ``DADD``/``DMUL``/``DFMA``/``DMNMX``/``DSETP``/``DSET``. Register and
 spill figures are ``ptxas -v``'s; ``shared_bytes`` is the static shared memory for native kernels (plus,
 for ``radix_histogram_kernel``, a launch-time dynamic ``4 · 2^bits`` bytes) and Triton's ``shared``
-metadata (all its shared memory) for Triton kernels.
+metadata (all its shared memory) for Triton kernels. Triton records also carry ``ptx_global_loads`` /
+``ptx_global_stores`` (``ld.global``/``st.global`` by width in the PTX, before ptxas unrolls loops: the
+SASS of ``grad_sq_norm`` has 8 times the PTX's loads), ``num_warps`` and the ``constexprs`` of the launch.
 
 Adding a kernel: a native ``__global__`` is found by itself (add a line to :data:`KERNEL_CLASSES` only if
 its name matches none); a Triton kernel (a ``@triton.jit`` function named ``*_kernel`` in
