@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,61 +23,21 @@ from typing import Any
 import torch
 
 from . import checkpoint, ops
+from ._validation import (
+    BaseOptimizer,
+    build_base,
+    check_group,
+    check_materialized,
+    check_type,
+    group_lists,
+    real,
+)
 from .checkpoint import IDLE as _IDLE
 from .checkpoint import PERTURBED as _PERTURBED
 from .checkpoint import RESTORED as _RESTORED
 from .distributed import ProcessGroupComm, resolve_mode
 from .layout import ParamLayout, Segment, is_dtensor, local_tensor
 from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
-
-BaseOptimizer = type[torch.optim.Optimizer] | torch.optim.Optimizer
-_HUGE = 1e38  # rho or eps at or above this overflows the float32 scale: SAM would silently be off
-
-
-def _real(name: str, value: object, positive: bool = False) -> float:
-    """A finite real ``value`` in ``[0, 1e38)`` (``(0, 1e38)`` if ``positive``), as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value < _HUGE):
-        bounds = "(0, 1e38)" if positive else "[0, 1e38)"
-        raise ValueError(f"{name}: expected a finite value in {bounds}, got {value!r}")
-    return float(value)
-
-
-def _check_type(name: str, value: object, kind: type | tuple[type, ...], expected: str) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
-
-
-def _group_lists(params: Iterable[Any]) -> list[dict[str, Any]]:
-    """The parameter groups as ``torch.optim.Optimizer`` reads ``params`` (a list of dicts, or one group
-    of tensors), each with its ``params`` as a list, after checking that no tensor appears twice."""
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params: expected an iterable of tensors or of dicts, got a single tensor")
-    items = list(params)
-    as_groups = bool(items) and all(isinstance(g, dict) for g in items)
-    groups = [dict(g) for g in items] if as_groups else [{"params": items}]
-    seen: dict[int, tuple[int, int]] = {}
-    for index, group in enumerate(groups):
-        members = group["params"]
-        group["params"] = [members] if isinstance(members, torch.Tensor) else list(members)
-        for position, p in enumerate(group["params"]):
-            tensor = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, tensor) pairs
-            if id(tensor) in seen:
-                first = seen[id(tensor)]
-                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else "?"
-                raise ValueError(f"params: the parameter of shape {shape} at group {index}, index {position} "
-                                 f"is the same tensor as at group {first[0]}, index {first[1]}; give each "
-                                 "parameter once")
-            seen[id(tensor)] = (index, position)
-    return groups
-
-
-def _check_group(index: int, group: dict[str, Any]) -> None:
-    """SSAM's per-group options: ``rho`` a finite non-negative real, ``adaptive``/``perturb`` bools."""
-    _real(f"rho (param group {index})", group["rho"])
-    for key in ("adaptive", "perturb"):
-        _check_type(f"{key} (param group {index})", group[key], bool, "a bool")
 
 
 @dataclass
@@ -143,25 +101,25 @@ class SSAM(torch.optim.Optimizer):
                  layout: str = "auto", distributed: str = "auto", process_group: Any = None,
                  sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
                  **base_kwargs: Any) -> None:
-        rho, eps = _real("rho", rho), _real("eps", eps, positive=True)
+        rho, eps = real("rho", rho), real("eps", eps, positive=True)
         sparsity = check_sparsity(sparsity)
-        _check_type("adaptive", adaptive, bool, "a bool")
-        _check_type("sync_perturbation", sync_perturbation, bool, "a bool")
-        _check_type("backend", backend, (str, type(None)), "a str or None")
-        _check_type("layout", layout, str, "a str")
-        _check_type("distributed", distributed, str, "a str")
-        _check_type("ddp_model", ddp_model, (torch.nn.Module, type(None)), "a torch.nn.Module or None")
+        check_type("adaptive", adaptive, bool, "a bool")
+        check_type("sync_perturbation", sync_perturbation, bool, "a bool")
+        check_type("backend", backend, (str, type(None)), "a str or None")
+        check_type("layout", layout, str, "a str")
+        check_type("distributed", distributed, str, "a str")
+        check_type("ddp_model", ddp_model, (torch.nn.Module, type(None)), "a torch.nn.Module or None")
         self.policy = make_policy(mask)
         if self.policy is None and sparsity != 0:
             raise ValueError(f"sparsity: a dense mask (mask={mask!r}) perturbs every entry; use sparsity=0 "
                              "or a mask policy")
-        super().__init__(_group_lists(params), {"rho": rho, "adaptive": adaptive, "perturb": True})
-        self.base_optimizer = self._build_base(base_optimizer, base_kwargs)
+        super().__init__(group_lists(params), {"rho": rho, "adaptive": adaptive, "perturb": True})
+        self.base_optimizer = build_base(base_optimizer, base_kwargs, self.param_groups, self.defaults)
         self.param_groups = self.base_optimizer.param_groups  # one list, updated in place on load
         self.defaults.update(self.base_optimizer.defaults)
         self.sparsity, self.eps, self.backend = float(sparsity), eps, backend
         for index, group in enumerate(self.param_groups):
-            _check_group(index, group)
+            check_group(index, group)
         perturbed = [list(g["params"]) if g["perturb"] else [] for g in self.param_groups]
         self.distributed = resolve_mode(distributed, any(is_dtensor(p) for ps in perturbed for p in ps))
         ranks = ProcessGroupComm(process_group) if self.distributed != "none" else None
@@ -170,11 +128,7 @@ class SSAM(torch.optim.Optimizer):
         if not sync_perturbation and self.distributed != "replicated":
             raise ValueError("sync_perturbation: False applies to replicated (DDP) training only")
         self.sync_perturbation, self.ddp_model = sync_perturbation, ddp_model
-        for p in self._params():
-            if isinstance(p, torch.Tensor) and p.is_meta:
-                raise ValueError(f"params: a parameter of shape {tuple(p.shape)} is on the meta device (no "
-                                 "data); materialize the model (e.g. model.to_empty(device=...) and "
-                                 "initialize it) before building the optimizer")
+        check_materialized(self._params())
         self.layout = ParamLayout(perturbed, "tensors" if self.distributed == "sharded" else layout)
         for segment in self.layout.segments:
             ops.resolve_backend(backend, segment.device)  # fail now, not mid-training
@@ -188,33 +142,6 @@ class SSAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------
     # Construction helpers
     # ------------------------------------------------------------------------------------------------
-
-    def _build_base(self, base: BaseOptimizer, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-        if isinstance(base, torch.optim.Optimizer):
-            if kwargs:
-                raise TypeError(f"base_optimizer: an optimizer instance takes no extra arguments, got "
-                                f"{sorted(kwargs)}")
-            ours = {id(p) for g in self.param_groups for p in g["params"]}
-            theirs = {id(p) for g in base.param_groups for p in g["params"]}
-            if ours != theirs:
-                raise ValueError("base_optimizer: the instance must own exactly the parameters given to SSAM")
-            # SSAM's per-group options (rho, adaptive, perturb) carry over to the instance's groups
-            owner = {id(p): g for g in self.param_groups for p in g["params"]}
-            for index, group in enumerate(base.param_groups):
-                for key, default in self.defaults.items():
-                    values = {owner[id(p)][key] for p in group["params"]}
-                    if len(values) > 1:
-                        raise ValueError(f"base_optimizer: its param group {index} mixes parameters with "
-                                         f"different {key!r} in SSAM's groups; build both with the same "
-                                         "groups")
-                    if values and (value := values.pop()) != default:
-                        group[key] = value
-                    else:
-                        group.setdefault(key, default)
-            return base
-        if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
-            return base(self.param_groups, **kwargs)
-        raise TypeError(f"base_optimizer: expected a torch.optim.Optimizer class or instance, got {base!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "layout"):
@@ -539,7 +466,7 @@ class SSAM(torch.optim.Optimizer):
             raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
         state = dict(state_dict)
         ours = state.pop("ssam", None)
-        self._check_loaded_groups(state.get("param_groups"))
+        checkpoint.check_loaded_groups(state.get("param_groups"), self.param_groups)
         loaded = self._validate(ours) if ours is not None else None
         base, groups = self.base_optimizer, self.param_groups
         kept_state, kept_groups = base.state, list(groups)  # the base's load replaces both, never mutates
@@ -554,20 +481,6 @@ class SSAM(torch.optim.Optimizer):
             groups[:] = kept_groups
             base.param_groups = groups
             raise
-
-    def _check_loaded_groups(self, saved: object) -> None:
-        """The checkpoint's groups carry valid SSAM options, and the same ``perturb`` as ours (the
-        segments are fixed at construction)."""
-        if not isinstance(saved, list):
-            return  # the base optimizer's load reports it
-        for index, (group, ours) in enumerate(zip(saved, self.param_groups, strict=False)):
-            if not isinstance(group, dict):
-                raise ValueError(f"param_groups[{index}]: expected a dict, got {type(group).__name__}")
-            options = {key: group.get(key, ours[key]) for key in ("rho", "adaptive", "perturb")}
-            _check_group(index, options)
-            if options["perturb"] != ours["perturb"]:
-                raise ValueError(f"param_groups[{index}]: perturb={options['perturb']} in the checkpoint, "
-                                 f"{ours['perturb']} here; build the optimizer with the checkpoint's groups")
 
 
 class SAM(SSAM):
