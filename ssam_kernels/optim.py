@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from .checkpoint import IDLE as _IDLE
 from .checkpoint import PERTURBED as _PERTURBED
 from .checkpoint import RESTORED as _RESTORED
 from .distributed import ProcessGroupComm, resolve_mode
-from .layout import ParamLayout, Segment, is_dtensor, local_tensor
+from .layout import ParamLayout, Segment, check_distinct_storage, check_param, is_dtensor, local_tensor
 from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
 
 
@@ -129,37 +130,92 @@ class SSAM(torch.optim.Optimizer):
             raise ValueError("sync_perturbation: False applies to replicated (DDP) training only")
         self.sync_perturbation, self.ddp_model = sync_perturbation, ddp_model
         check_materialized(self._params())
-        self.layout = ParamLayout(perturbed, "tensors" if self.distributed == "sharded" else layout)
-        for segment in self.layout.segments:
-            ops.resolve_backend(backend, segment.device)  # fail now, not mid-training
+        check_distinct_storage([g["params"] for g in self.param_groups])
+        self.layout = ParamLayout([], "tensors" if self.distributed == "sharded" else layout)
         self._run = _RunState()
-        in_layout = {id(p) for s in self.layout.segments for p in s.params}
-        self._outside = [p for p in self._params() if id(p) not in in_layout]  # plain PyTorch zero_grad
-        self._register_grad_hooks()
-        numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
-        self._live_count = live_count(numel, sparsity)  # from the value as given (0.9 means 9/10)
+        self._outside: list[torch.nn.Parameter] = []  # not in a segment: plain PyTorch zero_grad
+        self._sparsity = sparsity  # as given, for live_count (0.9 means 9/10)
+        for group in self.param_groups:
+            self._lay_out(group)
+        self._live_count = self._count_live()
 
     # ------------------------------------------------------------------------------------------------
-    # Construction helpers
+    # Parameter groups and their segments
     # ------------------------------------------------------------------------------------------------
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "layout"):
-            raise RuntimeError("add_param_group: SSAM's segments are fixed at construction; build a new "
-                               "optimizer with all parameter groups")
-        super().add_param_group(param_group)
-
-    def _register_grad_hooks(self) -> None:
-        """One post-accumulate-grad hook per trainable parameter: it records that a gradient arrived
-        (flat layout: which parameter; any layout: that one arrived since the last zero_grad)."""
-        where = {id(p): (segment, index) for segment in self.layout.segments
+    def _lay_out(self, group: dict[str, Any]) -> None:
+        """Segments and gradient hooks for a group already in ``param_groups``."""
+        segments = self.layout.add_group(group["params"] if group["perturb"] else [])
+        for segment in segments:
+            ops.resolve_backend(self.backend, segment.device)  # fail now, not mid-training
+        in_layout = {id(p) for s in segments for p in s.params}
+        self._outside += [p for p in group["params"] if id(p) not in in_layout]
+        where = {id(p): (segment, index) for segment in segments
                  if segment.grad_buffer is not None for index, p in enumerate(segment.params)}
-        for p in self._params():
-            # FSDP2 writes the shards' .grad directly (no accumulation hook fires): they are skipped
+        for p in group["params"]:
+            # One post-accumulate-grad hook per trainable parameter: it records that a gradient arrived
+            # (flat layout: which parameter; any layout: that one arrived since the last zero_grad).
+            # FSDP2 writes the shards' .grad directly (no accumulation hook fires): they are skipped.
             if p.requires_grad and not is_dtensor(p):
                 segment, index = where.get(id(p), (None, 0))
                 hook = functools.partial(_grad_arrived, self._run, segment, index)
                 p.register_post_accumulate_grad_hook(hook)
+
+    def _count_live(self) -> int:
+        numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
+        return live_count(numel, self._sparsity)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group after construction (fine-tuning: unfreeze a backbone and add it, with
+        its own ``lr``, ``rho``, ``adaptive`` or ``perturb``). Options it leaves out take SSAM's and the
+        base optimizer's defaults. The group joins the shared ``param_groups``, and its trainable
+        parameters (when ``perturb``) get segments after the existing ones, so they are perturbed from
+        the next step.
+
+        The mask: ``K = floor(N · (1 − sparsity))`` is recomputed over the new ``N``, and the mask is
+        rebuilt by the policy's ``initial`` at the next :meth:`first_step` (a pending refresh is
+        dropped), as for a new optimizer; the step count and the policy's schedule go on. Refused while
+        the weights are perturbed, and for a parameter that is already in a group."""
+        if not hasattr(self, "layout"):  # torch.optim.Optimizer.__init__ adds the initial groups
+            super().add_param_group(param_group)
+            return
+        self._refuse_if_perturbed("add_param_group")
+        check_type("param_group", param_group, dict, "a dict")
+        index = len(self.param_groups)
+        group = group_lists([*self.param_groups, param_group])[index]  # duplicates raise here
+        for key in ("rho", "adaptive", "perturb"):
+            group.setdefault(key, self.defaults[key])
+        check_group(index, group)
+        check_materialized(group["params"])
+        check_distinct_storage([g["params"] for g in [*self.param_groups, group]])
+        if self.distributed != "sharded" and any(is_dtensor(p) for p in group["params"]):
+            raise ValueError("param_group: DTensor (FSDP2) parameters need an optimizer built over sharded "
+                             "parameters (distributed='sharded')")
+        for p in group["params"]:
+            if p.requires_grad and group["perturb"]:
+                check_param(p)
+                ops.resolve_backend(self.backend, p.device)
+        self.base_optimizer.add_param_group(group)  # the last check (its own options); nothing changed yet
+        self._lay_out(self.param_groups[-1])
+        self._live_count = self._count_live()
+        run = self._run
+        run.started, run.masks, run.pending, run.backups = False, None, None, []
+
+    def _check_params(self) -> None:
+        """Host-side checks at each first_step: parameters moved since they were laid out are followed
+        or refused (:meth:`ParamLayout.reattach`); a parameter unfrozen since is reported."""
+        self.layout.reattach()
+        unfrozen = self.layout.newly_trainable()
+        if unfrozen:
+            where = {id(p): (g, i) for g, group in enumerate(self.param_groups)
+                     for i, p in enumerate(group["params"])}
+            names = ", ".join(f"group {where[id(p)][0]} index {where[id(p)][1]} (shape {tuple(p.shape)})"
+                              for p in unfrozen if id(p) in where)
+            warnings.warn(f"SSAM: {len(unfrozen)} parameter(s) were frozen when the optimizer was built and "
+                          f"require a gradient now ({names}); the base optimizer steps them but SSAM does "
+                          "not perturb them. To perturb them, build the optimizer over the trainable "
+                          "parameters only and add the unfrozen ones with opt.add_param_group({'params': "
+                          "...}), or rebuild the optimizer after unfreezing", UserWarning, stacklevel=3)
 
     @property
     def live_count(self) -> int:
@@ -235,6 +291,7 @@ class SSAM(torch.optim.Optimizer):
             raise RuntimeError("first_step: the weights are already perturbed; call second_step() (or "
                                "unperturb()) before the next first_step()")
         run.pending = None  # a refresh from a step the GradScaler skipped is void
+        self._check_params()
         if not run.started:
             self._start()
         segments = self.layout.segments
