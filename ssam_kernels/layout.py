@@ -10,8 +10,11 @@ one parameter group. Two layouts produce them:
   users who need each parameter to own its storage (safetensors refuses shared storage).
 - ``"auto"``: flat, unless a parameter is a DTensor.
 
-Segments are split by parameter group because ``rho`` and ``adaptive`` are per group. Frozen
-parameters (``requires_grad=False``) belong to no segment. Both layouts give the same entry order
+Segments are split by parameter group because ``rho`` and ``adaptive`` are per group; a group added
+later gets segments after the existing ones (:meth:`ParamLayout.add_group`). Frozen parameters
+(``requires_grad=False``) belong to no segment. Distinct parameters must not overlap in memory
+(:func:`check_distinct_storage`), and parameters must stay where the layout put them
+(:meth:`ParamLayout.reattach`). Both layouts give the same entry order
 when a group has one (device, dtype), hence the same masks and results.
 
 Which parameters have a gradient (PyTorch's ``.grad is None``) is kept as in PyTorch. The tensors
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 LAYOUTS = ("auto", "flat", "tensors")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -152,15 +157,8 @@ def _check_grad(grad: torch.Tensor, param: torch.Tensor) -> None:
                          f"not match its parameter ({tuple(param.shape)}, {param.dtype})")
 
 
-def _data_ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
-def _requires_grad(t: torch.Tensor) -> bool:
-    return t.requires_grad
-
-
 def check_param(param: object) -> torch.nn.Parameter:
+    """``param`` itself, after checking it is a real floating-point tensor SSAM can hold."""
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"params: expected tensors, got {type(param).__name__}")
     if param.is_complex():
@@ -296,7 +294,7 @@ class ParamLayout:
     def newly_trainable(self) -> list[torch.nn.Parameter]:
         """Parameters frozen when their group was laid out that now require a gradient (``[]`` in one
         host-side pass over the frozen ones). They are reported once: the layout forgets them."""
-        if not any(map(_requires_grad, self._frozen)):
+        if not any(map(_REQUIRES_GRAD, self._frozen)):
             return []
         found = [p for p in self._frozen if p.requires_grad]
         self._frozen = [p for p in self._frozen if not p.requires_grad]
@@ -313,7 +311,7 @@ class ParamLayout:
         segment and is bound to it again: nothing is lost. A change of dtype, device or shape cannot be
         followed: ``ValueError``. The usual call costs one ``data_ptr()`` per parameter, on the host.
         """
-        if list(map(_data_ptr, self._tracked)) == self._pointers:
+        if list(map(torch.Tensor.data_ptr, self._tracked)) == self._pointers:  # C calls only
             return
         for segment in self.segments:
             for index, (p, (start, n)) in enumerate(zip(segment.params, segment.spans(), strict=True)):
