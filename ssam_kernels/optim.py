@@ -131,21 +131,21 @@ class SSAM(torch.optim.Optimizer):
         self.sync_perturbation, self.ddp_model = sync_perturbation, ddp_model
         check_materialized(self._params())
         check_distinct_storage([g["params"] for g in self.param_groups])
-        self.layout = ParamLayout([], "tensors" if self.distributed == "sharded" else layout)
+        self.layout = ParamLayout(perturbed, "tensors" if self.distributed == "sharded" else layout)
         self._run = _RunState()
         self._outside: list[torch.nn.Parameter] = []  # not in a segment: plain PyTorch zero_grad
         self._sparsity = sparsity  # as given, for live_count (0.9 means 9/10)
-        for group in self.param_groups:
-            self._lay_out(group)
+        for index, group in enumerate(self.param_groups):
+            self._attach(group, [s for s in self.layout.segments if s.group == index])
         self._live_count = self._count_live()
 
     # ------------------------------------------------------------------------------------------------
     # Parameter groups and their segments
     # ------------------------------------------------------------------------------------------------
 
-    def _lay_out(self, group: dict[str, Any]) -> None:
-        """Segments and gradient hooks for a group already in ``param_groups``."""
-        segments = self.layout.add_group(group["params"] if group["perturb"] else [])
+    def _attach(self, group: dict[str, Any], segments: list[Segment]) -> None:
+        """Bookkeeping for a laid-out group: its backend is checked, its parameters outside the segments
+        are zeroed as in plain PyTorch, and its trainable parameters get gradient hooks."""
         for segment in segments:
             ops.resolve_backend(self.backend, segment.device)  # fail now, not mid-training
         in_layout = {id(p) for s in segments for p in s.params}
@@ -196,7 +196,8 @@ class SSAM(torch.optim.Optimizer):
                 check_param(p)
                 ops.resolve_backend(self.backend, p.device)
         self.base_optimizer.add_param_group(group)  # the last check (its own options); nothing changed yet
-        self._lay_out(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self._attach(group, self.layout.add_group(group["params"] if group["perturb"] else []))
         self._live_count = self._count_live()
         run = self._run
         run.started, run.masks, run.pending, run.backups = False, None, None, []
