@@ -216,7 +216,8 @@ class SSAM(torch.optim.Optimizer):
                           f"require a gradient now ({names}); the base optimizer steps them but SSAM does "
                           "not perturb them. To perturb them, build the optimizer over the trainable "
                           "parameters only and add the unfrozen ones with opt.add_param_group({'params': "
-                          "...}), or rebuild the optimizer after unfreezing", UserWarning, stacklevel=3)
+                          "...}), or rebuild the optimizer after unfreezing", UserWarning,
+                          stacklevel=5)  # the caller of first_step, past its two decorators
 
     @property
     def live_count(self) -> int:

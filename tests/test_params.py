@@ -172,6 +172,7 @@ def test_layer_unfrozen_after_construction_is_reported_once(layout):
         train(model, opt, range(1, 2))
     assert len(record) == 1 and "2 parameter(s)" in str(record[0].message)
     assert "group 0 index 0 (shape (7, 5))" in str(record[0].message)
+    assert record[0].filename == __file__  # points at the caller of first_step
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, opt, range(2, 3))  # reported once
