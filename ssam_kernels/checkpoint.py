@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ._validation import check_group
 from .layout import ParamLayout, local_tensor
 from .masks import Mask, MaskPolicy
 from .ops import bitmask
@@ -233,3 +235,17 @@ def validate(state: object, *, layout: ParamLayout, params: Sequence[torch.Tenso
     same_policy = theirs == ours or theirs == "masked"
     return Loaded(steps, phase, started, masks, pending, backups, state["policy"] if same_policy else None)
 
+
+def check_loaded_groups(saved: object, groups: Sequence[dict[str, Any]]) -> None:
+    """The checkpoint's ``param_groups`` carry valid SSAM options (``rho``, ``adaptive``, ``perturb``),
+    and the same ``perturb`` as the optimizer's ``groups`` (which decides the segments)."""
+    if not isinstance(saved, list):
+        return  # the base optimizer's load reports it
+    for index, (group, ours) in enumerate(zip(saved, groups, strict=False)):
+        if not isinstance(group, dict):
+            raise ValueError(f"param_groups[{index}]: expected a dict, got {type(group).__name__}")
+        options = {key: group.get(key, ours[key]) for key in ("rho", "adaptive", "perturb")}
+        check_group(index, options)
+        if options["perturb"] != ours["perturb"]:
+            raise ValueError(f"param_groups[{index}]: perturb={options['perturb']} in the checkpoint, "
+                             f"{ours['perturb']} here; build the optimizer with the checkpoint's groups")

@@ -10,8 +10,11 @@ one parameter group. Two layouts produce them:
   users who need each parameter to own its storage (safetensors refuses shared storage).
 - ``"auto"``: flat, unless a parameter is a DTensor.
 
-Segments are split by parameter group because ``rho`` and ``adaptive`` are per group. Frozen
-parameters (``requires_grad=False``) belong to no segment. Both layouts give the same entry order
+Segments are split by parameter group because ``rho`` and ``adaptive`` are per group; a group added
+later gets segments after the existing ones (:meth:`ParamLayout.add_group`). Frozen parameters
+(``requires_grad=False``) belong to no segment. Distinct parameters must not overlap in memory
+(:func:`check_distinct_storage`), and parameters must stay where the layout put them
+(:meth:`ParamLayout.reattach`). Both layouts give the same entry order
 when a group has one (device, dtype), hence the same masks and results.
 
 Which parameters have a gradient (PyTorch's ``.grad is None``) is kept as in PyTorch. The tensors
@@ -24,12 +27,15 @@ hooks); :meth:`ParamLayout.hide_missing_grads` shows the others as ``None`` to t
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 LAYOUTS = ("auto", "flat", "tensors")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -151,7 +157,8 @@ def _check_grad(grad: torch.Tensor, param: torch.Tensor) -> None:
                          f"not match its parameter ({tuple(param.shape)}, {param.dtype})")
 
 
-def _check_param(param: object) -> torch.nn.Parameter:
+def check_param(param: object) -> torch.nn.Parameter:
+    """``param`` itself, after checking it is a real floating-point tensor SSAM can hold."""
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"params: expected tensors, got {type(param).__name__}")
     if param.is_complex():
@@ -187,6 +194,31 @@ def _flat_segments(group: int, params: list[torch.nn.Parameter]) -> list[Segment
     return segments
 
 
+def check_distinct_storage(groups: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Raise ``ValueError`` if two distinct parameters overlap in memory (``b.data = a.data``, views of
+    one tensor): the flat layout would copy them apart (untying them), and any layout would perturb and
+    restore the shared entries twice, leaving wrong weights. One ``Parameter`` object used by several
+    modules (how tied weights are usually written) is one parameter and is fine."""
+    spans = []  # (device, first byte, end byte, group, index, param)
+    for g, params in enumerate(groups):
+        for i, p in enumerate(params):
+            local = local_tensor(p)
+            if isinstance(local, torch.Tensor) and local.numel() and not local.is_meta:
+                reach = 1 + sum((size - 1) * stride for size, stride in zip(local.shape, local.stride(),
+                                                                             strict=True))
+                start = local.data_ptr()
+                spans.append((str(local.device), start, start + reach * local.element_size(), g, i, p))
+    spans.sort(key=lambda s: s[:2])
+    for before, after in itertools.pairwise(spans):  # sorted by start: any overlap shows in neighbours
+        if before[0] == after[0] and after[1] < before[2]:
+            raise ValueError(
+                f"params: the parameters at group {before[3]}, index {before[4]} (shape "
+                f"{tuple(before[5].shape)}) and group {after[3]}, index {after[4]} (shape "
+                f"{tuple(after[5].shape)}) share memory; SSAM would perturb and restore it twice (and the "
+                "flat layout would untie them). Tie weights as one Parameter (e.g. decoder.weight = "
+                "encoder.weight), or give the optimizer one of them")
+
+
 def _tensor_segment(group: int, param: torch.nn.Parameter) -> Segment:
     local = local_tensor(param)
     if not local.is_contiguous():
@@ -210,28 +242,99 @@ def _shard_offset(param: torch.Tensor) -> int:
 
 
 class ParamLayout:
-    """The segments of an optimizer's parameter groups, in entry order (groups, then segments)."""
+    """The segments of an optimizer's parameter groups, in entry order (groups, then segments).
+
+    Parameters must stay where the layout put them. :meth:`reattach` (cheap: one pointer comparison per
+    parameter) follows a parameter whose storage was replaced by the same dtype, device and shape
+    (``model.to("cpu:0")``, ``p.data = ...``) and refuses a change of dtype, device or shape.
+    :meth:`newly_trainable` reports parameters that were frozen when their group was added and require
+    a gradient now (they are in no segment).
+    """
 
     def __init__(self, groups: Sequence[Sequence[torch.nn.Parameter]], kind: str = "auto") -> None:
         if kind not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {kind!r}")
-        trainable = [[_check_param(p) for p in params if p.requires_grad] for params in groups]
-        has_dtensor = any(is_dtensor(p) for params in trainable for p in params)
+        has_dtensor = any(is_dtensor(p) for params in groups for p in params if p.requires_grad)
         if kind == "auto":
             kind = "tensors" if has_dtensor else "flat"
-        elif kind == "flat" and has_dtensor:
-            raise ValueError("layout: 'flat' cannot hold DTensor (FSDP2) parameters; use 'tensors'")
         self.kind = kind
         self.segments: list[Segment] = []
-        for index, params in enumerate(trainable):
-            if kind == "flat":
-                self.segments += _flat_segments(index, params)
-            else:
-                self.segments += [_tensor_segment(index, p) for p in params]
-        position = 0
+        self.groups = 0  # groups added so far (a group's index is its place in param_groups)
+        self._frozen: list[torch.nn.Parameter] = []  # frozen when added: in no segment
+        self._tracked: list[torch.nn.Parameter] = []  # for reattach: params and where they must point
+        self._pointers: list[int] = []
+        self._shapes: dict[int, torch.Size] = {}  # id(param) -> its shape when laid out
+        self._position = 0  # full (unsharded) entries laid out so far
+        for params in groups:
+            self.add_group(params)
+
+    def add_group(self, params: Sequence[torch.nn.Parameter]) -> list[Segment]:
+        """Lay out one more parameter group (its trainable parameters; none if it is not perturbed) after
+        the others, and return its new segments. The existing segments do not change."""
+        trainable = [check_param(p) for p in params if p.requires_grad]
+        if self.kind == "flat" and any(is_dtensor(p) for p in trainable):
+            raise ValueError("layout: 'flat' cannot hold DTensor (FSDP2) parameters; use 'tensors'")
+        index, self.groups = self.groups, self.groups + 1
+        if self.kind == "flat":
+            segments = _flat_segments(index, trainable)
+        else:
+            segments = [_tensor_segment(index, p) for p in trainable]
+        for segment in segments:
+            segment.position = self._position + _shard_offset(segment.params[0])
+            self._position += sum(p.numel() for p in segment.params)  # full (unsharded) sizes
+            for p in segment.params:
+                if not is_dtensor(p) and p.numel():  # FSDP2 owns its shards' storage
+                    self._tracked.append(p)
+                    self._pointers.append(p.data_ptr())
+                    self._shapes[id(p)] = p.shape
+        self._frozen += [p for p in params if not p.requires_grad]
+        self.segments += segments
+        return segments
+
+    def newly_trainable(self) -> list[torch.nn.Parameter]:
+        """Parameters frozen when their group was laid out that now require a gradient (``[]`` in one
+        host-side pass over the frozen ones). They are reported once: the layout forgets them."""
+        if not any(map(_REQUIRES_GRAD, self._frozen)):
+            return []
+        found = [p for p in self._frozen if p.requires_grad]
+        self._frozen = [p for p in self._frozen if not p.requires_grad]
+        return found
+
+    @torch.no_grad()
+    def reattach(self) -> None:
+        """Point parameters whose storage was replaced since they were laid out back at the segments.
+
+        ``Module.to`` rebinds ``p.data`` (and ``p.grad.data``) with copies even for a device that
+        differs only in spelling (accelerate moves a model for DDP on CPU with ``model.to("cpu:0")``);
+        the optimizer would then perturb and restore memory the model no longer reads. A parameter with
+        the same dtype, device and shape has its current values (and its gradient's) copied into the
+        segment and is bound to it again: nothing is lost. A change of dtype, device or shape cannot be
+        followed: ``ValueError``. The usual call costs one ``data_ptr()`` per parameter, on the host.
+        """
+        if list(map(torch.Tensor.data_ptr, self._tracked)) == self._pointers:  # C calls only
+            return
         for segment in self.segments:
-            segment.position = position + _shard_offset(segment.params[0])
-            position += sum(p.numel() for p in segment.params)  # full (unsharded) sizes
+            for index, (p, (start, n)) in enumerate(zip(segment.params, segment.spans(), strict=True)):
+                view = segment.weight[start: start + n]
+                if is_dtensor(p) or not n or p.data_ptr() == view.data_ptr():
+                    continue
+                if p.device != segment.device or p.dtype != segment.dtype or p.shape != self._shapes[id(p)]:
+                    raise ValueError(
+                        f"params: a parameter laid out as {tuple(self._shapes[id(p)])} {segment.dtype} on "
+                        f"{segment.device} is now {tuple(p.shape)} {p.dtype} on {p.device}: it moved after "
+                        "the SSAM optimizer was built (model.to(...) or p.data = ...), so the optimizer no "
+                        "longer holds its weights; build the optimizer after moving or converting the model")
+                view.copy_(p.reshape(-1))
+                p.data = view.view_as(p)
+                if segment.grad_buffer is None:
+                    continue
+                # Module.to rebinds our gradient view's data too (``p.grad.data = ...``); the view must
+                # point at the buffer again even when it is not in .grad now (zero_grad puts it back).
+                grad, span = segment.grad_views[index], segment.grad_buffer[start: start + n]
+                if grad.data_ptr() != span.data_ptr():
+                    if p.grad is grad:
+                        span.copy_(grad.reshape(-1))
+                    grad.data = span.view_as(p)
 
     def grads(self) -> list[torch.Tensor]:
         """Each segment's current 1-D gradient (repaired where ``.grad`` was replaced)."""

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,61 +24,21 @@ from typing import Any
 import torch
 
 from . import checkpoint, ops
+from ._validation import (
+    BaseOptimizer,
+    build_base,
+    check_group,
+    check_materialized,
+    check_type,
+    group_lists,
+    real,
+)
 from .checkpoint import IDLE as _IDLE
 from .checkpoint import PERTURBED as _PERTURBED
 from .checkpoint import RESTORED as _RESTORED
 from .distributed import ProcessGroupComm, resolve_mode
-from .layout import ParamLayout, Segment, is_dtensor, local_tensor
+from .layout import ParamLayout, Segment, check_distinct_storage, check_param, is_dtensor, local_tensor
 from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
-
-BaseOptimizer = type[torch.optim.Optimizer] | torch.optim.Optimizer
-_HUGE = 1e38  # rho or eps at or above this overflows the float32 scale: SAM would silently be off
-
-
-def _real(name: str, value: object, positive: bool = False) -> float:
-    """A finite real ``value`` in ``[0, 1e38)`` (``(0, 1e38)`` if ``positive``), as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value < _HUGE):
-        bounds = "(0, 1e38)" if positive else "[0, 1e38)"
-        raise ValueError(f"{name}: expected a finite value in {bounds}, got {value!r}")
-    return float(value)
-
-
-def _check_type(name: str, value: object, kind: type | tuple[type, ...], expected: str) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
-
-
-def _group_lists(params: Iterable[Any]) -> list[dict[str, Any]]:
-    """The parameter groups as ``torch.optim.Optimizer`` reads ``params`` (a list of dicts, or one group
-    of tensors), each with its ``params`` as a list, after checking that no tensor appears twice."""
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params: expected an iterable of tensors or of dicts, got a single tensor")
-    items = list(params)
-    as_groups = bool(items) and all(isinstance(g, dict) for g in items)
-    groups = [dict(g) for g in items] if as_groups else [{"params": items}]
-    seen: dict[int, tuple[int, int]] = {}
-    for index, group in enumerate(groups):
-        members = group["params"]
-        group["params"] = [members] if isinstance(members, torch.Tensor) else list(members)
-        for position, p in enumerate(group["params"]):
-            tensor = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, tensor) pairs
-            if id(tensor) in seen:
-                first = seen[id(tensor)]
-                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else "?"
-                raise ValueError(f"params: the parameter of shape {shape} at group {index}, index {position} "
-                                 f"is the same tensor as at group {first[0]}, index {first[1]}; give each "
-                                 "parameter once")
-            seen[id(tensor)] = (index, position)
-    return groups
-
-
-def _check_group(index: int, group: dict[str, Any]) -> None:
-    """SSAM's per-group options: ``rho`` a finite non-negative real, ``adaptive``/``perturb`` bools."""
-    _real(f"rho (param group {index})", group["rho"])
-    for key in ("adaptive", "perturb"):
-        _check_type(f"{key} (param group {index})", group[key], bool, "a bool")
 
 
 @dataclass
@@ -143,25 +102,25 @@ class SSAM(torch.optim.Optimizer):
                  layout: str = "auto", distributed: str = "auto", process_group: Any = None,
                  sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
                  **base_kwargs: Any) -> None:
-        rho, eps = _real("rho", rho), _real("eps", eps, positive=True)
+        rho, eps = real("rho", rho), real("eps", eps, positive=True)
         sparsity = check_sparsity(sparsity)
-        _check_type("adaptive", adaptive, bool, "a bool")
-        _check_type("sync_perturbation", sync_perturbation, bool, "a bool")
-        _check_type("backend", backend, (str, type(None)), "a str or None")
-        _check_type("layout", layout, str, "a str")
-        _check_type("distributed", distributed, str, "a str")
-        _check_type("ddp_model", ddp_model, (torch.nn.Module, type(None)), "a torch.nn.Module or None")
+        check_type("adaptive", adaptive, bool, "a bool")
+        check_type("sync_perturbation", sync_perturbation, bool, "a bool")
+        check_type("backend", backend, (str, type(None)), "a str or None")
+        check_type("layout", layout, str, "a str")
+        check_type("distributed", distributed, str, "a str")
+        check_type("ddp_model", ddp_model, (torch.nn.Module, type(None)), "a torch.nn.Module or None")
         self.policy = make_policy(mask)
         if self.policy is None and sparsity != 0:
             raise ValueError(f"sparsity: a dense mask (mask={mask!r}) perturbs every entry; use sparsity=0 "
                              "or a mask policy")
-        super().__init__(_group_lists(params), {"rho": rho, "adaptive": adaptive, "perturb": True})
-        self.base_optimizer = self._build_base(base_optimizer, base_kwargs)
+        super().__init__(group_lists(params), {"rho": rho, "adaptive": adaptive, "perturb": True})
+        self.base_optimizer = build_base(base_optimizer, base_kwargs, self.param_groups, self.defaults)
         self.param_groups = self.base_optimizer.param_groups  # one list, updated in place on load
         self.defaults.update(self.base_optimizer.defaults)
         self.sparsity, self.eps, self.backend = float(sparsity), eps, backend
         for index, group in enumerate(self.param_groups):
-            _check_group(index, group)
+            check_group(index, group)
         perturbed = [list(g["params"]) if g["perturb"] else [] for g in self.param_groups]
         self.distributed = resolve_mode(distributed, any(is_dtensor(p) for ps in perturbed for p in ps))
         ranks = ProcessGroupComm(process_group) if self.distributed != "none" else None
@@ -170,69 +129,95 @@ class SSAM(torch.optim.Optimizer):
         if not sync_perturbation and self.distributed != "replicated":
             raise ValueError("sync_perturbation: False applies to replicated (DDP) training only")
         self.sync_perturbation, self.ddp_model = sync_perturbation, ddp_model
-        for p in self._params():
-            if isinstance(p, torch.Tensor) and p.is_meta:
-                raise ValueError(f"params: a parameter of shape {tuple(p.shape)} is on the meta device (no "
-                                 "data); materialize the model (e.g. model.to_empty(device=...) and "
-                                 "initialize it) before building the optimizer")
+        check_materialized(self._params())
+        check_distinct_storage([g["params"] for g in self.param_groups])
         self.layout = ParamLayout(perturbed, "tensors" if self.distributed == "sharded" else layout)
-        for segment in self.layout.segments:
-            ops.resolve_backend(backend, segment.device)  # fail now, not mid-training
         self._run = _RunState()
-        in_layout = {id(p) for s in self.layout.segments for p in s.params}
-        self._outside = [p for p in self._params() if id(p) not in in_layout]  # plain PyTorch zero_grad
-        self._register_grad_hooks()
-        numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
-        self._live_count = live_count(numel, sparsity)  # from the value as given (0.9 means 9/10)
+        self._outside: list[torch.nn.Parameter] = []  # not in a segment: plain PyTorch zero_grad
+        self._sparsity = sparsity  # as given, for live_count (0.9 means 9/10)
+        for index, group in enumerate(self.param_groups):
+            self._attach(group, [s for s in self.layout.segments if s.group == index])
+        self._live_count = self._count_live()
 
     # ------------------------------------------------------------------------------------------------
-    # Construction helpers
+    # Parameter groups and their segments
     # ------------------------------------------------------------------------------------------------
 
-    def _build_base(self, base: BaseOptimizer, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-        if isinstance(base, torch.optim.Optimizer):
-            if kwargs:
-                raise TypeError(f"base_optimizer: an optimizer instance takes no extra arguments, got "
-                                f"{sorted(kwargs)}")
-            ours = {id(p) for g in self.param_groups for p in g["params"]}
-            theirs = {id(p) for g in base.param_groups for p in g["params"]}
-            if ours != theirs:
-                raise ValueError("base_optimizer: the instance must own exactly the parameters given to SSAM")
-            # SSAM's per-group options (rho, adaptive, perturb) carry over to the instance's groups
-            owner = {id(p): g for g in self.param_groups for p in g["params"]}
-            for index, group in enumerate(base.param_groups):
-                for key, default in self.defaults.items():
-                    values = {owner[id(p)][key] for p in group["params"]}
-                    if len(values) > 1:
-                        raise ValueError(f"base_optimizer: its param group {index} mixes parameters with "
-                                         f"different {key!r} in SSAM's groups; build both with the same "
-                                         "groups")
-                    if values and (value := values.pop()) != default:
-                        group[key] = value
-                    else:
-                        group.setdefault(key, default)
-            return base
-        if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
-            return base(self.param_groups, **kwargs)
-        raise TypeError(f"base_optimizer: expected a torch.optim.Optimizer class or instance, got {base!r}")
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "layout"):
-            raise RuntimeError("add_param_group: SSAM's segments are fixed at construction; build a new "
-                               "optimizer with all parameter groups")
-        super().add_param_group(param_group)
-
-    def _register_grad_hooks(self) -> None:
-        """One post-accumulate-grad hook per trainable parameter: it records that a gradient arrived
-        (flat layout: which parameter; any layout: that one arrived since the last zero_grad)."""
-        where = {id(p): (segment, index) for segment in self.layout.segments
+    def _attach(self, group: dict[str, Any], segments: list[Segment]) -> None:
+        """Bookkeeping for a laid-out group: its backend is checked, its parameters outside the segments
+        are zeroed as in plain PyTorch, and its trainable parameters get gradient hooks."""
+        for segment in segments:
+            ops.resolve_backend(self.backend, segment.device)  # fail now, not mid-training
+        in_layout = {id(p) for s in segments for p in s.params}
+        self._outside += [p for p in group["params"] if id(p) not in in_layout]
+        where = {id(p): (segment, index) for segment in segments
                  if segment.grad_buffer is not None for index, p in enumerate(segment.params)}
-        for p in self._params():
-            # FSDP2 writes the shards' .grad directly (no accumulation hook fires): they are skipped
+        for p in group["params"]:
+            # One post-accumulate-grad hook per trainable parameter: it records that a gradient arrived
+            # (flat layout: which parameter; any layout: that one arrived since the last zero_grad).
+            # FSDP2 writes the shards' .grad directly (no accumulation hook fires): they are skipped.
             if p.requires_grad and not is_dtensor(p):
                 segment, index = where.get(id(p), (None, 0))
                 hook = functools.partial(_grad_arrived, self._run, segment, index)
                 p.register_post_accumulate_grad_hook(hook)
+
+    def _count_live(self) -> int:
+        numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
+        return live_count(numel, self._sparsity)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group after construction (fine-tuning: unfreeze a backbone and add it, with
+        its own ``lr``, ``rho``, ``adaptive`` or ``perturb``). Options it leaves out take SSAM's and the
+        base optimizer's defaults. The group joins the shared ``param_groups``, and its trainable
+        parameters (when ``perturb``) get segments after the existing ones, so they are perturbed from
+        the next step.
+
+        The mask: ``K = floor(N · (1 − sparsity))`` is recomputed over the new ``N``, and the mask is
+        rebuilt by the policy's ``initial`` at the next :meth:`first_step` (a pending refresh is
+        dropped), as for a new optimizer; the step count and the policy's schedule go on. Refused while
+        the weights are perturbed, and for a parameter that is already in a group."""
+        if not hasattr(self, "layout"):  # torch.optim.Optimizer.__init__ adds the initial groups
+            super().add_param_group(param_group)
+            return
+        self._refuse_if_perturbed("add_param_group")
+        check_type("param_group", param_group, dict, "a dict")
+        index = len(self.param_groups)
+        group = group_lists([*self.param_groups, param_group])[index]  # duplicates raise here
+        for key in ("rho", "adaptive", "perturb"):
+            group.setdefault(key, self.defaults[key])
+        check_group(index, group)
+        check_materialized(group["params"])
+        check_distinct_storage([g["params"] for g in [*self.param_groups, group]])
+        if self.distributed != "sharded" and any(is_dtensor(p) for p in group["params"]):
+            raise ValueError("param_group: DTensor (FSDP2) parameters need an optimizer built over sharded "
+                             "parameters (distributed='sharded')")
+        for p in group["params"]:
+            if p.requires_grad and group["perturb"]:
+                check_param(p)
+                ops.resolve_backend(self.backend, p.device)
+        self.base_optimizer.add_param_group(group)  # the last check (its own options); nothing changed yet
+        group = self.param_groups[-1]
+        self._attach(group, self.layout.add_group(group["params"] if group["perturb"] else []))
+        self._live_count = self._count_live()
+        run = self._run
+        run.started, run.masks, run.pending, run.backups = False, None, None, []
+
+    def _check_params(self) -> None:
+        """Host-side checks at each first_step: parameters moved since they were laid out are followed
+        or refused (:meth:`ParamLayout.reattach`); a parameter unfrozen since is reported."""
+        self.layout.reattach()
+        unfrozen = self.layout.newly_trainable()
+        if unfrozen:
+            where = {id(p): (g, i) for g, group in enumerate(self.param_groups)
+                     for i, p in enumerate(group["params"])}
+            names = ", ".join(f"group {where[id(p)][0]} index {where[id(p)][1]} (shape {tuple(p.shape)})"
+                              for p in unfrozen if id(p) in where)
+            warnings.warn(f"SSAM: {len(unfrozen)} parameter(s) were frozen when the optimizer was built and "
+                          f"require a gradient now ({names}); the base optimizer steps them but SSAM does "
+                          "not perturb them. To perturb them, build the optimizer over the trainable "
+                          "parameters only and add the unfrozen ones with opt.add_param_group({'params': "
+                          "...}), or rebuild the optimizer after unfreezing", UserWarning,
+                          stacklevel=5)  # the caller of first_step, past its two decorators
 
     @property
     def live_count(self) -> int:
@@ -308,6 +293,7 @@ class SSAM(torch.optim.Optimizer):
             raise RuntimeError("first_step: the weights are already perturbed; call second_step() (or "
                                "unperturb()) before the next first_step()")
         run.pending = None  # a refresh from a step the GradScaler skipped is void
+        self._check_params()
         if not run.started:
             self._start()
         segments = self.layout.segments
@@ -539,7 +525,7 @@ class SSAM(torch.optim.Optimizer):
             raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
         state = dict(state_dict)
         ours = state.pop("ssam", None)
-        self._check_loaded_groups(state.get("param_groups"))
+        checkpoint.check_loaded_groups(state.get("param_groups"), self.param_groups)
         loaded = self._validate(ours) if ours is not None else None
         base, groups = self.base_optimizer, self.param_groups
         kept_state, kept_groups = base.state, list(groups)  # the base's load replaces both, never mutates
@@ -554,20 +540,6 @@ class SSAM(torch.optim.Optimizer):
             groups[:] = kept_groups
             base.param_groups = groups
             raise
-
-    def _check_loaded_groups(self, saved: object) -> None:
-        """The checkpoint's groups carry valid SSAM options, and the same ``perturb`` as ours (the
-        segments are fixed at construction)."""
-        if not isinstance(saved, list):
-            return  # the base optimizer's load reports it
-        for index, (group, ours) in enumerate(zip(saved, self.param_groups, strict=False)):
-            if not isinstance(group, dict):
-                raise ValueError(f"param_groups[{index}]: expected a dict, got {type(group).__name__}")
-            options = {key: group.get(key, ours[key]) for key in ("rho", "adaptive", "perturb")}
-            _check_group(index, options)
-            if options["perturb"] != ours["perturb"]:
-                raise ValueError(f"param_groups[{index}]: perturb={options['perturb']} in the checkpoint, "
-                                 f"{ours['perturb']} here; build the optimizer with the checkpoint's groups")
 
 
 class SAM(SSAM):

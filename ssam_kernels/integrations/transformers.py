@@ -44,7 +44,6 @@ from torch import nn
 from transformers import Trainer
 
 from ..batchnorm import frozen_bn_stats
-from ..layout import is_dtensor
 from ..optim import SSAM
 
 __all__ = ["SSAMTrainer", "SSAMTrainerMixin", "reattach_parameters", "unwrap_ssam"]
@@ -63,32 +62,22 @@ def unwrap_ssam(optimizer: Any) -> SSAM:
     return seen
 
 
-@torch.no_grad()
 def reattach_parameters(ssam: SSAM) -> None:
-    """Point parameters that ``model.to(...)`` rebound since ``ssam`` was built back at its weights.
+    """Point parameters that ``model.to(...)`` rebound since ``ssam`` was built back at its weights
+    (:meth:`ssam_kernels.layout.ParamLayout.reattach`; ``first_step`` does it too).
 
     ``Module.to`` copies every parameter and rebinds ``p.data`` even for a device that differs only in
-    spelling: accelerate prepares a model for DDP on CPU with ``model.to("cpu:0")``. The optimizer would
-    then perturb and restore weights that the model no longer reads. Each such parameter's current
-    values are copied into the optimizer's weights and the parameter is bound to them again (nothing is
-    lost). A real change of device or dtype cannot be followed and raises a ValueError saying what to
-    do. Sharded (DTensor) parameters are left alone.
+    spelling: accelerate prepares a model for DDP on CPU with ``model.to("cpu:0")``. Each such
+    parameter's current values are copied into the optimizer's weights and the parameter is bound to
+    them again (nothing is lost). A real change of device or dtype cannot be followed and raises a
+    ValueError saying what to do. Sharded (DTensor) parameters are left alone.
     """
-    for segment in ssam.layout.segments:
-        for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
-            if is_dtensor(p):
-                continue
-            view = segment.weight[start: start + n]
-            if p.data_ptr() == view.data_ptr():
-                continue
-            if p.device != segment.device or p.dtype != segment.dtype:
-                raise ValueError(f"model: a parameter moved to {p.device} / {p.dtype} after the SSAM "
-                                 f"optimizer was built on {segment.device} / {segment.dtype}; build the "
-                                 "optimizer after model.to(...) (the Trainer moves the model to "
-                                 "args.device), or pass optimizer_cls_and_kwargs=(sk.SSAM, {...}) so that "
-                                 "the Trainer builds it")
-            view.copy_(p.reshape(-1))
-            p.data = view.view_as(p)
+    try:
+        ssam.layout.reattach()
+    except ValueError as error:
+        raise ValueError(f"{error} (the Trainer moves the model to args.device: build the optimizer after "
+                         "that, or pass optimizer_cls_and_kwargs=(sk.SSAM, {...}) so that the Trainer "
+                         "builds it)") from None
 
 
 class SSAMTrainerMixin:
