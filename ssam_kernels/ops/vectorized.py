@@ -272,23 +272,24 @@ def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits
     ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys: ``reference.score_keys``)."""
     device = scores.device
     bins, high = 1 << bits, shift + bits
-    hist = torch.zeros(bins + 1, dtype=torch.int64, device=device)  # the last bin counts the ignored
-    prefix_s = _to_signed(prefix)
-    # The digit of the unsigned key from the signed one: flip the key's top bit if it is in the digit.
-    flip = (1 << (31 - shift)) if high == 32 else 0
+    # Ignored entries are counted in bins + their digit (spread out: one shared bin would serialise the
+    # counting on its one counter); the second half of the histogram is dropped.
+    hist = torch.zeros(2 * bins, dtype=torch.int64, device=device)
+    # keys ^ prefix_s is the unsigned key ^ the prefix: 0 above bit `high` exactly when the prefix matches.
+    prefix_s = _to_signed((prefix >> high) << high)
     for start in _chunks(scores.numel()):
         stop = min(start + CHUNK_ENTRIES, scores.numel())
-        keys = _signed_keys(scores[start:stop], largest)
-        digit = ((keys >> shift) & (bins - 1)) ^ flip
-        ignored = None if high == 32 else ((keys ^ prefix_s) >> high) != 0
-        eligible = _eligible(filter_words, filter_value, start, stop)
-        if eligible is not None:
-            eligible = eligible.logical_not_()
-            ignored = eligible if ignored is None else ignored.logical_or_(eligible)
+        digit = (_signed_keys(scores[start:stop], largest) ^ prefix_s) >> shift
+        ignored = (digit >> bits).ne_(0) if high < 32 else None  # 0/1 lanes
+        digit &= bins - 1
+        if filter_words is not None:
+            lanes = _lanes(filter_words, start, stop)  # -1 where the filter bit is set
+            ineligible = lanes.add_(1) if filter_value else lanes.neg_()
+            ignored = ineligible if ignored is None else ignored.bitwise_or_(ineligible)
         if ignored is not None:
-            digit.masked_fill_(ignored, bins)
+            digit |= ignored.bitwise_left_shift_(bits)
         if device.type in BINCOUNT_DEVICES:
-            hist += torch.bincount(digit, minlength=bins + 1)
+            hist += torch.bincount(digit, minlength=2 * bins)
         else:
             hist.index_add_(0, digit, torch.ones((), dtype=torch.int64, device=device).expand(stop - start))
     return hist[:bins]
