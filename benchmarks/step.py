@@ -339,8 +339,9 @@ def vs_published(payload: dict[str, Any]) -> list[str]:
         by_threads = {r["threads"]: r for r in ours if r["model"] == model and r["method"] == label}
         cells = [harness.fmt(by_threads[t]["x_vs_loop"].get("overhead")) if t in by_threads else "-"
                  for t in threads]
-        cells += [harness.fmt(by_threads[t]["x_vs_loop"].get("update")) if t in by_threads else "-"
-                  for t in threads]
+        dynamic = next(iter(by_threads.values()))["policy"] == "dynamic"
+        cells += [harness.fmt(by_threads[t]["x_vs_loop"].get("update")) if t in by_threads and dynamic
+                  else "-" for t in threads]
         table.append([model, label, *cells])
     return ["## Against the published code", "",
             "The published SSAM code's per-parameter loop (`refcode`: dense fp32 masks and `e_w`, "
