@@ -42,7 +42,7 @@ void for_each_set_bit(const MaskView& mask, int64_t n, int64_t c0, int64_t c1, F
 // and an add, so every clone gives the same bits.
 // ---------------------------------------------------------------------------------------------------
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)  // GCC ifunc clones
 #define SSAM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SSAM_CPU_CLONES
