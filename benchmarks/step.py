@@ -28,7 +28,13 @@ optimizer alone holds (its momentum): the persistent memory SAM/SSAM add. Both a
 parameter. On CUDA, ``peak_step_bytes`` is ``torch.cuda.max_memory_allocated`` during the ``overhead``
 steps minus the memory allocated before them (transient memory of the step).
 
-Run from the repository root: ``python -m benchmarks.step --device cpu --scale 0.0625``.
+The reference point is the published SSAM code's per-parameter loop (``refcode``, written here from the
+paper's algorithm: :class:`benchmarks.baselines.LoopSSAM`): every row of ours carries ``x_vs_loop``, the
+refcode median of the same model, policy, sparsity and thread count over ours (> 1: ours is faster), and
+the Markdown opens with those ratios for the overhead and the SSAM-D mask refresh, per backend. On CPU
+``--threads 1,2`` runs every method once per thread count, side by side in one run.
+
+Run from the repository root: ``python -m benchmarks.step --device cpu --threads 1,2``.
 """
 
 from __future__ import annotations
@@ -194,9 +200,23 @@ def bench_method(method: Method, model: torch.nn.Module, batch: tuple[torch.Tens
     return row
 
 
+def thread_counts(spec: str | None) -> list[int | None]:
+    """``--threads``: a comma list of CPU thread counts (None: torch's choice, one pass)."""
+    if spec is None:
+        return [None]
+    try:
+        counts = [int(part) for part in spec.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--threads: expected a comma list of positive ints, got {spec!r}")
+    return counts
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    device = harness.parse_device(args.device, args.threads)
+    device = harness.parse_device(args.device)
+    counts = thread_counts(args.threads)
     out = harness.output_dir(args.out, device)
     log = harness.Log(out / "step.log", args.quiet)
     backends = harness.backends_for(device, args.backends, log)
@@ -206,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--models: unknown model {name!r}; expected some of {sorted(MODELS)}")
     meta = harness.environment(device, args.note) | {
         "models": names, "scale": args.scale, "runs": args.runs, "warmup": args.warmup,
-        "budget_s": args.budget, "time_limit_s": args.time_limit,
+        "budget_s": args.budget, "time_limit_s": args.time_limit, "thread_counts": counts,
         "benchmarked_backends": backends, "lr": LR, "rho": RHO, "momentum": MOMENTUM,
         "timer": "cuda events" if device.type == "cuda" else "perf_counter",
     }
@@ -215,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     todo = methods(backends)
     rows: list[dict[str, Any]] = []
     models_meta: dict[str, Any] = {}
-    bar = log.progress(len(names) * len(todo), "step")
+    bar = log.progress(len(names) * len(todo) * len(counts), "step")
     for name in names:
         spec = MODELS[name]
         dtype = getattr(torch, args.dtype) if args.dtype else spec.dtype
@@ -234,8 +254,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              "element_bytes": params[0].element_size()}
         log.write(f"{name}: {n / 1e6:.2f} M parameters in {len(params)} tensors, {dtype}, batch {batch_size}")
         initial = [p.detach().clone() for p in params]
-        for method in todo:
-            bar.set_postfix_str(f"{name} {method.label}")
+        for threads, method in ((t, m) for t in counts for m in todo):
+            if threads is not None:
+                torch.set_num_threads(threads)
+            bar.set_postfix_str(f"{name} {method.label} threads {torch.get_num_threads()}")
             with torch.no_grad():
                 for p, p0 in zip(model.parameters(), initial, strict=True):
                     p.copy_(p0)  # every method starts from the same weights
@@ -249,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not harness.is_oom(exc):
                     raise
                 row = {"method": method.label, **vars(method), "skipped": {"all": f"out of memory: {exc}"}}
-            row |= {"model": name, "params": n}
+            row |= {"model": name, "params": n, "threads": torch.get_num_threads()}
             for key in ("state_bytes", "extra_bytes"):
                 if row.get(key) is not None:
                     row[key.replace("bytes", "bytes_per_param")] = row[key] / n
@@ -283,7 +305,7 @@ def _median(row: dict[str, Any], phase: str) -> float | None:
 
 def _line(row: dict[str, Any]) -> str:
     times = "  ".join(f"{p} {harness.fmt(_median(row, p), 1e3)} ms" for p in PHASES)
-    return (f"{row['model']:<12} {row['method']:<28} {times}  "
+    return (f"{row['model']:<12} {row['method']:<28} {row['threads']}t  {times}  "
             f"update {harness.fmt(row.get('update_s'), 1e3)} ms  "
             f"state {harness.fmt(row.get('state_bytes_per_param'))} B/param  "
             f"extra {harness.fmt(row.get('extra_bytes_per_param'))} B/param"
@@ -291,16 +313,47 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``x_vs_loop``: per phase, the loop baseline's median (same model, policy, sparsity) over ours."""
-    loop = {(r["model"], r["policy"], r["sparsity"]): r for r in rows if r["family"] == "loop"}
+    """``x_vs_loop``: per phase, the loop baseline's median (same model, policy, sparsity and thread count)
+    over ours: the published code's time over ours."""
+    loop = {(r["model"], r["policy"], r["sparsity"], r["threads"]): r for r in rows if r["family"] == "loop"}
     for r in rows:
-        base = loop.get((r["model"], r["policy"], r["sparsity"])) if r["family"] == "ours" else None
+        key = (r["model"], r["policy"], r["sparsity"], r["threads"])
+        base = loop.get(key) if r["family"] == "ours" else None
         ratios = {}
         for phase in (*PHASES, "update"):
             mine = r.get("update_s") if phase == "update" else _median(r, phase)
             theirs = (base.get("update_s") if phase == "update" else _median(base, phase)) if base else None
             ratios[phase] = theirs / mine if mine and theirs and mine > 0 else None
         r["x_vs_loop"] = ratios
+
+
+def _threads(payload: dict[str, Any]) -> list[int]:
+    return sorted({r["threads"] for r in payload["results"]})
+
+
+def vs_published(payload: dict[str, Any]) -> list[str]:
+    """Markdown lines: per model, backend and masked configuration, the published code's (refcode)
+    overhead and SSAM-D mask refresh over ours, one column per thread count (> 1: ours is faster)."""
+    threads = _threads(payload)
+    header = ["model", "method", *(f"overhead x, {t}t" for t in threads),
+              *(f"SSAM-D refresh x, {t}t" for t in threads)]
+    table = []
+    ours = [r for r in payload["results"] if r["family"] == "ours"]
+    for model, label in dict.fromkeys((r["model"], r["method"]) for r in ours):
+        by_threads = {r["threads"]: r for r in ours if r["model"] == model and r["method"] == label}
+        cells = [harness.fmt(by_threads[t]["x_vs_loop"].get("overhead")) if t in by_threads else "-"
+                 for t in threads]
+        dynamic = next(iter(by_threads.values()))["policy"] == "dynamic"
+        cells += [harness.fmt(by_threads[t]["x_vs_loop"].get("update")) if t in by_threads and dynamic
+                  else "-" for t in threads]
+        table.append([model, label, *cells])
+    return ["## Against the published code", "",
+            "The published SSAM code's per-parameter loop (`refcode`: dense fp32 masks and `e_w`, "
+            "`torch.topk` over a concatenation) is the reference point: each cell is its median over ours, "
+            "same model, policy, sparsity and thread count (> 1: ours is faster). *overhead*: the step "
+            "without its forward/backward passes; *SSAM-D refresh*: the mask update alone (SSAM-D rows "
+            "only).", "",
+            harness.markdown_table(header, table), ""]
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -317,11 +370,12 @@ def markdown(payload: dict[str, Any]) -> str:
              "same policy and sparsity over ours, same run. Memory: bytes per parameter held by the "
              "optimizer between steps (*state*), and *extra* over its base optimizer (what SAM/SSAM add).",
              ""]
-    for name, shape in meta["model_shapes"].items():
-        rows = [r for r in payload["results"] if r["model"] == name]
+    parts += vs_published(payload)
+    for (name, shape), threads in ((m, t) for m in meta["model_shapes"].items() for t in _threads(payload)):
+        rows = [r for r in payload["results"] if r["model"] == name and r["threads"] == threads]
         tokens = f" x {shape['seq']} tokens" if shape["seq"] else ""
         parts += [f"## {name}: {shape['params'] / 1e6:.2f} M parameters, {shape['tensors']} tensors, "
-                  f"{shape['dtype']}, batch {shape['batch']}{tokens}", ""]
+                  f"{shape['dtype']}, batch {shape['batch']}{tokens}, {threads} thread(s)", ""]
         header = ["method", "perturb+restore ms", "overhead ms", "update ms", "full ms", "state B/param",
                   "extra B/param", "x loop (p+r / overhead / update)"]
         if any("peak_step_bytes" in r for r in rows):
@@ -366,7 +420,8 @@ def plot(payload: dict[str, Any], out: Path) -> None:
                 values = [(_median(r, key) or math.nan) * 1e3 if key in PHASES else r.get(key) or 0.0
                           for r in rows]
                 ax.barh([v + 0.4 * i for v in y], values, height=0.4, label=label)
-            ax.set_yticks([v + 0.2 * (len(series) - 1) for v in y], [r["method"] for r in rows], fontsize=7)
+            labels = [f"{r['method']} {r['threads']}t" for r in rows]
+            ax.set_yticks([v + 0.2 * (len(series) - 1) for v in y], labels, fontsize=7)
             ax.invert_yaxis()
             shape = meta["model_shapes"][name]
             ax.set_title(f"{name} ({shape['params'] / 1e6:.1f} M, {shape['dtype']})", fontsize=9)
@@ -382,9 +437,11 @@ def plot(payload: dict[str, Any], out: Path) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], conflict_handler="resolve",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     harness.add_common_arguments(p)
+    p.add_argument("--threads", default=None, help="comma list of CPU thread counts, one pass of every "
+                   "method per count, side by side (e.g. 1,2; default: torch's choice)")
     p.add_argument("--models", default=None, help=f"comma list of {sorted(MODELS)} (default: all on GPU, "
                    "all but gpt_1.3b on CPU)")
     p.add_argument("--scale", type=float, default=None, help="width factor (default 1 on GPU, 0.0625 on CPU)")

@@ -86,26 +86,38 @@ void check_offsets_match_mask(const MaskView& mask, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// grad_sq_norm: Σ g_i² (or Σ (g_i·w_i)²) in double, as partial sums over fixed blocks of kNormBlock
-// entries (8 interleaved accumulators each) added in block order: the result depends on N only, never
-// on the thread count.
+// grad_sq_norm and fisher_accumulate_: streaming loops over fp32/bf16/fp16/fp64 lanes widened to float64.
+//
+// The loops are written so the compiler vectorises them (independent accumulator lanes, restrict
+// pointers, no branch in the body) and are compiled several times by target_clones: the AVX-512 / AVX2
+// clone is picked at load time on CPUs that have it, the baseline x86-64 (SSE2) one elsewhere. Without
+// -ffast-math and with -ffp-contract=off the compiler may neither reorder the sums nor fuse a multiply
+// and an add, so every clone gives the same bits.
 // ---------------------------------------------------------------------------------------------------
 
-template <typename T>
-double block_sq_sum(const T* g, const T* w, int64_t begin, int64_t end) {
-  constexpr int kLanes = 8;
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)  // GCC ifunc clones
+#define SSAM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SSAM_CPU_CLONES
+#endif
+
+// Σ g_i² (kWeighted: Σ (g_i·w_i)²) over [0, n), products and sums in float64, in kLanes interleaved
+// accumulators added in lane order at the end: the result depends on the data and n only.
+template <typename T, bool kWeighted>
+inline double sq_sum(const T* __restrict g, const T* __restrict w, int64_t n) {
+  constexpr int kLanes = 16;
   double acc[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       double v = widen(g[i + l]);
-      if (w != nullptr) v *= widen(w[i + l]);
+      if constexpr (kWeighted) v *= widen(w[i + l]);
       acc[l] += v * v;
     }
   }
-  for (int l = 0; i < end; ++i, ++l) {
+  for (int l = 0; i < n; ++i, ++l) {
     double v = widen(g[i]);
-    if (w != nullptr) v *= widen(w[i]);
+    if constexpr (kWeighted) v *= widen(w[i]);
     acc[l] += v * v;
   }
   double total = 0.0;
@@ -113,19 +125,52 @@ double block_sq_sum(const T* g, const T* w, int64_t begin, int64_t end) {
   return total;
 }
 
+// f_i = f_i + alpha·g_i² in float64, rounded once to fp32 (ssam_math.h: fisher_update).
+template <typename T>
+inline void fisher_run(float* __restrict f, const T* __restrict g, int64_t n, double alpha) {
+  for (int64_t i = 0; i < n; ++i) f[i] = fisher_update(f[i], widen(g[i]), alpha);
+}
+
+// The cloned entry points, one per storage type (target_clones applies to plain functions only).
+SSAM_CPU_CLONES double sq_sum_block(const float* g, const float* w, int64_t n) {
+  return w == nullptr ? sq_sum<float, false>(g, w, n) : sq_sum<float, true>(g, w, n);
+}
+SSAM_CPU_CLONES double sq_sum_block(const c10::BFloat16* g, const c10::BFloat16* w, int64_t n) {
+  return w == nullptr ? sq_sum<c10::BFloat16, false>(g, w, n) : sq_sum<c10::BFloat16, true>(g, w, n);
+}
+SSAM_CPU_CLONES double sq_sum_block(const c10::Half* g, const c10::Half* w, int64_t n) {
+  return w == nullptr ? sq_sum<c10::Half, false>(g, w, n) : sq_sum<c10::Half, true>(g, w, n);
+}
+SSAM_CPU_CLONES double sq_sum_block(const double* g, const double* w, int64_t n) {
+  return w == nullptr ? sq_sum<double, false>(g, w, n) : sq_sum<double, true>(g, w, n);
+}
+SSAM_CPU_CLONES void fisher_block(float* f, const float* g, int64_t n, double alpha) { fisher_run(f, g, n, alpha); }
+SSAM_CPU_CLONES void fisher_block(float* f, const c10::BFloat16* g, int64_t n, double alpha) {
+  fisher_run(f, g, n, alpha);
+}
+SSAM_CPU_CLONES void fisher_block(float* f, const c10::Half* g, int64_t n, double alpha) {
+  fisher_run(f, g, n, alpha);
+}
+SSAM_CPU_CLONES void fisher_block(float* f, const double* g, int64_t n, double alpha) { fisher_run(f, g, n, alpha); }
+
+// Partial sums over fixed blocks of kNormBlock entries, added in block order: the result does not
+// depend on the thread count.
 at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>& W) {
   check_grad_sq_norm_args(G, W);
   const int64_t n = G.numel();
   std::vector<double> partial((n + kNormBlock - 1) / kNormBlock);
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* g = G.data_ptr<T>();
-    const T* w = W.has_value() ? W->data_ptr<T>() : nullptr;
-    at::parallel_for(0, static_cast<int64_t>(partial.size()), 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        partial[b] = block_sq_sum(g, w, b * kNormBlock, std::min((b + 1) * kNormBlock, n));
-      }
-    });
+    if constexpr (!std::is_same_v<T, int32_t>) {
+      const T* g = G.data_ptr<T>();
+      const T* w = W.has_value() ? W->data_ptr<T>() : nullptr;
+      at::parallel_for(0, static_cast<int64_t>(partial.size()), 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t begin = b * kNormBlock, size = std::min(kNormBlock, n - begin);
+          partial[b] = sq_sum_block(g + begin, w == nullptr ? nullptr : w + begin, size);
+        }
+      });
+    }
   });
   double total = 0.0;
   for (double p : partial) total += p;
@@ -190,16 +235,17 @@ void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
   });
 }
 
-// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update); G of any float dtype.
+// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update), G of any float
+// dtype, in parallel over fixed ranges of entries.
 void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
   check_fisher_args(F, G);
   float* f = F.data_ptr<float>();
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* g = G.data_ptr<T>();
-    at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) f[i] = fisher_update(f[i], widen(g[i]), alpha);
-    });
+    if constexpr (!std::is_same_v<T, int32_t>) {
+      const T* g = G.data_ptr<T>();
+      at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) { fisher_block(f + i0, g + i0, i1 - i0, alpha); });
+    }
   });
 }
 

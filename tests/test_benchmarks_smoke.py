@@ -39,11 +39,13 @@ def test_kernels_script(tmp_path: Path) -> None:
 
 
 def test_step_script(tmp_path: Path) -> None:
-    step.main([*COMMON, "--models", "resnet18", "--scale", "0.02", "--batch", "2", "--out", str(tmp_path)])
+    step.main([*COMMON, "--models", "resnet18", "--scale", "0.02", "--batch", "2", "--out", str(tmp_path),
+               "--threads", "1,2"])
     payload = json.loads((tmp_path / "step.json").read_text())
     shape = payload["meta"]["model_shapes"]["resnet18"]
     assert shape["tensors"] == 62
-    rows = {r["method"]: r for r in payload["results"]}
+    assert payload["meta"]["thread_counts"] == [1, 2] and {r["threads"] for r in payload["results"]} == {1, 2}
+    rows = {r["method"]: r for r in payload["results"] if r["threads"] == 1}
     assert {"SGD", "AdamW", "loop SAM", "refcode SSAM-F s=0.5", "sk.SAM[reference]",
             "sk.SSAM-D[reference] s=0.9"} <= set(rows)
     for r in rows.values():
@@ -56,3 +58,4 @@ def test_step_script(tmp_path: Path) -> None:
     assert rows["sk.SSAM-F[reference] s=0.5"]["x_vs_loop"]["overhead"] > 0
     md = (tmp_path / "step.md").read_text()
     assert "## resnet18" in md and "| method |" in md and "sk.SSAM-F[reference] s=0.9" in md
+    assert "## Against the published code" in md and "overhead x, 2t" in md and "SSAM-D refresh x, 1t" in md

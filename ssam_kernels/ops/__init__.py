@@ -1,10 +1,10 @@
 """The SSAM op contract (``shared/DESIGN.md``): one public function per op, one meaning, any backend.
 
 Each function validates its inputs (errors name the argument), picks a backend for the tensors'
-device and calls that backend's primitive. Backends: ``"reference"`` (pure PyTorch, the oracle),
-``"triton"`` and ``"native"`` (the compiled extension). ``backend=None`` reads the environment variable
-``SSAM_KERNELS_BACKEND`` and defaults to ``"auto"``: on CUDA native, else Triton, else reference; on CPU
-native, else reference.
+device and calls that backend's primitive. Backends: ``"reference"`` (pure PyTorch, the simple oracle),
+``"vectorized"`` (pure PyTorch written for speed, same results, any device), ``"triton"`` and ``"native"``
+(the compiled extension). ``backend=None`` reads the environment variable ``SSAM_KERNELS_BACKEND`` and
+defaults to ``"auto"``: native, else Triton (CUDA only), else vectorized; ``reference`` only by name.
 
 Masks are int32 bit-packed words with per-chunk offsets (:mod:`ssam_kernels.ops.bitmask`); a dense
 perturbation is ``mask=None``.
@@ -38,7 +38,7 @@ __all__ = [
     "select_topk",
 ]
 
-BACKENDS = ("reference", "triton", "native")
+BACKENDS = ("reference", "vectorized", "triton", "native")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ENV_VAR = "SSAM_KERNELS_BACKEND"
 
@@ -77,7 +77,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
     """The backend module that runs ops on ``device`` tensors for the requested ``backend``."""
     name = _requested(backend)
     if name == "auto":
-        order = ("native", "triton", "reference") if device.type == "cuda" else ("native", "reference")
+        order = ("native", "triton", "vectorized") if device.type == "cuda" else ("native", "vectorized")
         for candidate in order:
             if _unavailable(candidate, device.type) is None:
                 return _load(candidate)[0]
@@ -89,7 +89,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
                       "'Build from source')",
             "triton": "pip install triton (on CPU, also set TRITON_INTERPRET=1)",
         }.get(name, "")
-        raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {why}. {hint}")
+        raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {why}. {hint}; "
+                           "or use backend='vectorized' (pure PyTorch, any device)")
     return _load(name)[0]
 
 

@@ -1,0 +1,346 @@
+"""The ``vectorized`` backend: the op contract in device-agnostic PyTorch tensor ops, written for speed.
+
+It is what runs when no compiled backend can (no C++ build, MPS, XPU, ROCm without Triton...), so it
+gives the results of :mod:`.reference` bit for bit (perturbation and Fisher update in float64 rounded
+once, masks identical; the norm is accumulated in float64 over other blocks, so it agrees to rounding)
+at a fraction of its cost. What differs from the reference is only how the work is laid out:
+
+- Every op walks its buffers in chunks of ``CHUNK_ENTRIES`` entries (a multiple of 1024): temporaries
+  stay bounded and cache-resident whatever the size, and no op allocates a buffer-sized temporary.
+- Nothing indexes with booleans or ``nonzero`` (slow and host-synchronising): a mask is unpacked into
+  all-ones/all-zeros integer lanes with two shifts, ranks come from one ``cumsum``, the backup is
+  compacted by ``index_add_`` of bit patterns into zeroed slots and expanded by ``index_select``, and
+  the new values are blended in with ``xor``/``and`` on the bit patterns, so every value (NaN payloads,
+  ``-0.0``) is moved bit-exactly.
+- Selection keys are computed once per chunk and pass in int32 (a sign-flipped image of the unsigned key,
+  so signed comparisons order them as the unsigned keys), histograms by ``bincount`` on CPU and
+  ``index_add_`` elsewhere (``bincount`` synchronises on CUDA to size its output).
+
+``perturb_`` and ``restore_`` with a mask read the per-chunk live counts on the host once per call (the
+backup slice of each chunk starts at the count before it). Memory safety: mask bits past ``N`` are
+ignored, and an entry whose rank is at or past ``backup.numel()`` is neither backed up nor changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from . import bitmask
+
+CHUNK_ENTRIES = 1 << 16
+"""Entries per chunk (a multiple of ``bitmask.CHUNK``): int32/float64 temporaries of 256-512 KiB."""
+
+_INT_MIN = -(1 << 31)
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+             torch.float16: torch.int16}
+_CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
+BINCOUNT_DEVICES = ("cpu",)
+"""Device types whose histograms use ``torch.bincount`` (elsewhere ``index_add_``: on CUDA, ``bincount``
+reads its input's maximum on the host to size the output)."""
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    """Always None: plain PyTorch ops run on every device type."""
+    del device_type
+    return None
+
+
+def _constant(name: str, device: torch.device) -> torch.Tensor:
+    """Small per-device constant tensors, built once."""
+    value = _CACHE.get((name, device))
+    if value is None:
+        if name == "lane_shift":  # unpack: bit b of a word moved to the sign bit
+            value = 31 - torch.arange(32, dtype=torch.int32, device=device)
+        elif name == "bit_value":  # pack: value of bits 0..30 (bit 31 is handled apart)
+            value = torch.bitwise_left_shift(torch.ones(31, dtype=torch.int32, device=device),
+                                             torch.arange(31, dtype=torch.int32, device=device))
+        _CACHE[(name, device)] = value
+    return value
+
+
+def _chunks(n: int) -> range:
+    return range(0, n, CHUNK_ENTRIES)
+
+
+def _lanes(words: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Entries ``[start, stop)`` of a mask as int32 lanes: -1 (all ones) for a set bit, else 0.
+
+    ``start`` is a multiple of 32; bits at or past ``stop`` are dropped, so bits past N never count.
+    """
+    block = words[start // 32: (stop + 31) // 32]
+    shift = _constant("lane_shift", words.device)
+    return ((block.unsqueeze(1) << shift) >> 31).view(-1)[: stop - start]
+
+
+def _as_bool(words: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return _lanes(words, start, stop) != 0
+
+
+def _pack(selected: torch.Tensor) -> torch.Tensor:
+    """Bool entries (a multiple of 32 of them, or fewer at the end) packed into int32 mask words."""
+    n = selected.numel()
+    pad = bitmask.num_words(n) * 32 - n
+    bits = selected.to(torch.int32)
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    bits = bits.view(-1, 32)
+    # Bits 0..30 sum without overflow; bit 31 is the sign, set by multiplying the top bit by INT_MIN.
+    low = (bits[:, :31] * _constant("bit_value", selected.device)).sum(dim=1, dtype=torch.int32)
+    return low | (bits[:, 31] * _INT_MIN)
+
+
+def _chunk_counts(words: torch.Tensor, n: int) -> list[int]:
+    """Set bits of each chunk of ``CHUNK_ENTRIES`` entries (bits past ``n`` not counted), on the host."""
+    if n == 0:
+        return []
+    words_per_chunk = CHUNK_ENTRIES // 32
+    counts = bitmask.popcount(words).to(torch.int64)
+    tail = n % 32
+    if tail:  # the last word's bits past n are not entries
+        last = words[-1:] & ((1 << tail) - 1)
+        counts = torch.cat([counts[:-1], bitmask.popcount(last).to(torch.int64)])
+    chunks = (n + CHUNK_ENTRIES - 1) // CHUNK_ENTRIES
+    pad = chunks * words_per_chunk - counts.numel()
+    if pad:
+        counts = torch.cat([counts, counts.new_zeros(pad)])
+    return counts.view(chunks, words_per_chunk).sum(dim=1).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Element-wise ops
+# ----------------------------------------------------------------------------------------------------
+
+def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ g_i²`` (or ``Σ (g_i · w_i)²`` with ``W``): float64 products, float64 partial sums per chunk
+    added in chunk order (deterministic); a float64 0-d tensor on ``G``'s device."""
+    total = torch.zeros((), dtype=torch.float64, device=G.device)
+    for start in _chunks(G.numel()):
+        g = G[start: start + CHUNK_ENTRIES].to(torch.float64)
+        if W is not None:
+            g = g * W[start: start + CHUNK_ENTRIES].to(torch.float64)
+        total += torch.dot(g, g)
+    return total
+
+
+class _Perturbation:
+    """``w + scale·g`` (adaptive ``w + scale·w²·g``) chunk by chunk: the reference's float64 expression in
+    its evaluation order (products commute bit-exactly), rounded once to ``w``'s dtype, in buffers
+    allocated once per call."""
+
+    def __init__(self, W: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
+        size = min(CHUNK_ENTRIES, W.numel())
+        self.scale64, self.adaptive = scale.to(torch.float64), adaptive
+        self.w64, self.g64 = (torch.empty(size, dtype=torch.float64, device=W.device) for _ in range(2))
+        self.step = torch.empty(size, dtype=torch.float64, device=W.device) if adaptive else self.g64
+        self.out = torch.empty(size, dtype=W.dtype, device=W.device)
+        # -1 where the perturbation applies (scale finite and non-zero), else 0: read on the device only.
+        self.active = -(torch.isfinite(scale) & (scale != 0)).to(_INT_VIEW[W.dtype])
+
+    def bits(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Bit patterns of the perturbed values of the chunk ``w`` (gradient ``g``)."""
+        size = w.numel()
+        w64, g64, step = self.w64[:size], self.g64[:size], self.step[:size]
+        w64.copy_(w)
+        g64.copy_(g)
+        if self.adaptive:
+            torch.mul(w64, w64, out=step).mul_(g64)
+        step.mul_(self.scale64)
+        return self.out[:size].copy_(w64.add_(step)).view(_INT_VIEW[w.dtype])
+
+
+def _masked_chunks(mask: torch.Tensor, n: int, room: int
+                   ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
+    """``(start, stop, rank, count, lanes, slot)`` for each chunk with set bits of rank below ``room``.
+
+    ``rank``: set bits before the chunk; ``count``: those handled in it (``rank + count <= room``);
+    ``lanes``: -1 for the entries handled, else 0; ``slot``: for every entry, the number of set bits up to
+    and including it in the chunk (``1 + `` chunk-local rank for a set bit), in ``[0, count]`` for handled
+    entries and at most the chunk's count for the others.
+    """
+    rank = 0
+    for count, start in zip(_chunk_counts(mask, n), _chunks(n), strict=True):
+        if rank >= room:
+            return
+        if count == 0:
+            continue
+        stop = min(start + CHUNK_ENTRIES, n)
+        lanes = _lanes(mask, start, stop)
+        slot = torch.cumsum(lanes, 0, dtype=torch.int32).neg_()
+        if rank + count > room:
+            lanes, count = lanes & -(slot <= room - rank).to(torch.int32), room - rank
+        yield start, stop, rank, count, lanes, slot
+        rank += count
+
+
+def _slots(W: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
+    """Per-chunk staging of backup values: slot 0 takes the unset entries' zeros, slots 1.. the values."""
+    return torch.empty(min(CHUNK_ENTRIES, W.numel()) + 1, dtype=int_dtype, device=W.device)
+
+
+def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
+    """For every set bit ``i`` of rank below ``backup.numel()`` (every ``i`` when ``mask`` is None):
+    ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
+    (adaptive: ``+ scale·w_i²·g_i``) in float64, rounded once."""
+    del offsets  # ranks come from the mask itself
+    int_dtype = _INT_VIEW[W.dtype]
+    bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
+    n = W.numel()
+    perturbation = _Perturbation(W, scale, adaptive)
+    if mask is None:
+        for start in _chunks(n):
+            stop = min(start + CHUNK_ENTRIES, n)
+            w = bits_w[start:stop]
+            bits_b[start:stop].copy_(w)
+            new = perturbation.bits(W[start:stop], G[start:stop])
+            w ^= new.bitwise_xor_(w).bitwise_and_(perturbation.active)
+        return
+    slots = _slots(W, int_dtype)
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, n, backup.numel()):
+        lanes = lanes.to(int_dtype)
+        w = bits_w[start:stop]
+        # Compaction: every entry adds its bits, 0 unless handled, into its slot (integer adds are exact).
+        slots.zero_().index_add_(0, slot, w & lanes)
+        bits_b[rank: rank + count].copy_(slots[1: count + 1])
+        new = perturbation.bits(W[start:stop], G[start:stop])
+        w ^= new.bitwise_xor_(w).bitwise_and_(lanes.bitwise_and_(perturbation.active))
+
+
+def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
+             backup: torch.Tensor) -> None:
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` of rank below ``backup.numel()`` (bit-exact)."""
+    del offsets
+    if mask is None:
+        W.copy_(backup)
+        return
+    int_dtype = _INT_VIEW[W.dtype]
+    bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
+    slots = _slots(W, int_dtype)
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, W.numel(), backup.numel()):
+        # Expansion: every entry reads its slot; only handled entries keep what they read.
+        slots[1: count + 1].copy_(bits_b[rank: rank + count])
+        w = bits_w[start:stop]
+        w ^= slots.index_select(0, slot).bitwise_xor_(w).bitwise_and_(lanes.to(int_dtype))
+
+
+def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
+    """``F += alpha · G²`` with ``F`` float32, computed in float64 and rounded once."""
+    for start in _chunks(F.numel()):
+        f, g = F[start: start + CHUNK_ENTRIES], G[start: start + CHUNK_ENTRIES].to(torch.float64)
+        f.copy_(f.to(torch.float64) + alpha * (g * g))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selection primitives
+# ----------------------------------------------------------------------------------------------------
+
+def _signed_keys(scores: torch.Tensor, largest: bool) -> torch.Tensor:
+    """``reference.score_keys`` with its top bit flipped, as int32: signed order = unsigned key order.
+
+    For a float (as its fp32 value, ``-0.0`` made ``+0.0``) with bits ``b``: ``b`` when ``b >= 0``,
+    ``b ^ 0x7FFFFFFF`` when negative, INT_MIN for NaN; an int32 score ``x`` gives ``x ^ INT_MIN``.
+    ``largest=False`` complements the key.
+    """
+    if scores.dtype == torch.int32:
+        keys = scores ^ _INT_MIN
+    else:
+        x = scores.to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0; a new tensor, never the caller's
+        bits = x.view(torch.int32)
+        keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys.masked_fill_(torch.isnan(x), _INT_MIN)
+    return keys if largest else keys.bitwise_not_()
+
+
+def _to_signed(key: torch.Tensor) -> torch.Tensor:
+    """An int64 0-d unsigned key in ``[0, 2^32)`` as the int32 signed key (on the device)."""
+    return (key - (1 << 31)).to(torch.int32)
+
+
+def _eligible(filter_words: torch.Tensor | None, filter_value: bool, start: int, stop: int
+              ) -> torch.Tensor | None:
+    if filter_words is None:
+        return None
+    bits = _as_bool(filter_words, start, stop)
+    return bits if filter_value else bits.logical_not_()
+
+
+def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
+                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+    """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
+    ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys: ``reference.score_keys``)."""
+    device = scores.device
+    bins, high = 1 << bits, shift + bits
+    # Ignored entries are counted in bins + their digit (spread out: one shared bin would serialise the
+    # counting on its one counter); the second half of the histogram is dropped.
+    hist = torch.zeros(2 * bins, dtype=torch.int64, device=device)
+    # keys ^ prefix_s is the unsigned key ^ the prefix: 0 above bit `high` exactly when the prefix matches.
+    prefix_s = _to_signed((prefix >> high) << high)
+    for start in _chunks(scores.numel()):
+        stop = min(start + CHUNK_ENTRIES, scores.numel())
+        digit = (_signed_keys(scores[start:stop], largest) ^ prefix_s) >> shift
+        ignored = (digit >> bits).ne_(0) if high < 32 else None  # 0/1 lanes
+        digit &= bins - 1
+        if filter_words is not None:
+            lanes = _lanes(filter_words, start, stop)  # -1 where the filter bit is set
+            ineligible = lanes.add_(1) if filter_value else lanes.neg_()
+            ignored = ineligible if ignored is None else ignored.bitwise_or_(ineligible)
+        if ignored is not None:
+            digit |= ignored.bitwise_left_shift_(bits)
+        if device.type in BINCOUNT_DEVICES:
+            hist += torch.bincount(digit, minlength=2 * bins)
+        else:
+            hist.index_add_(0, digit, torch.ones((), dtype=torch.int64, device=device).expand(stop - start))
+    return hist[:bins]
+
+
+def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
+                   filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+    """Mask words selecting the eligible entries with key > ``threshold``, plus the first ``tie_quota``
+    eligible entries (index order) with key == ``threshold``."""
+    n = scores.numel()
+    words = torch.empty(bitmask.num_words(n), dtype=torch.int32, device=scores.device)
+    threshold_s = _to_signed(threshold)
+    # Ties still to take before each chunk; clamped so the int32 comparison below cannot wrap.
+    remaining = tie_quota.clone()
+    for start in _chunks(n):
+        stop = min(start + CHUNK_ENTRIES, n)
+        keys = _signed_keys(scores[start:stop], largest)
+        greater, equal = keys > threshold_s, keys == threshold_s
+        eligible = _eligible(filter_words, filter_value, start, stop)
+        if eligible is not None:
+            greater &= eligible
+            equal &= eligible
+        tie_number = torch.cumsum(equal, 0, dtype=torch.int32)  # 1 for the chunk's first tie
+        greater |= equal & (tie_number <= remaining.clamp(max=(1 << 31) - 1).to(torch.int32))
+        remaining -= equal.sum(dtype=torch.int64)
+        words[start // 32: (stop + 31) // 32] = _pack(greater)
+    return words
+
+
+def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
+    """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
+    (``reference.hash_scores``: the same unsigned 32-bit arithmetic, here in int64 lanes)."""
+    from .reference import _mix32, hash_key
+
+    key = hash_key(seed, step)
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    u32 = 0xFFFFFFFF
+    for start in _chunks(n):
+        stop = min(start + CHUNK_ENTRIES, n)
+        first, last = base + start, base + stop - 1
+        j = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+        if first >> 32 == last >> 32:  # one high word in the chunk: its mix is a host constant
+            x = (j & u32) ^ _mix32((first >> 32) ^ key)
+        else:
+            x = (j & u32) ^ _mix32((j >> 32) ^ key)
+        x ^= x >> 16
+        x *= 0x7FEB352D
+        x &= u32
+        x ^= x >> 15
+        x *= 0x846CA68B
+        x &= u32
+        x ^= x >> 16
+        out[start:stop] = x.to(torch.int32)  # int64 -> int32 keeps the low 32 bits
+    return out
