@@ -1,6 +1,6 @@
 """ssam_kernels: Sparse SAM (SSAM) for PyTorch with fused kernels.
 
-See README.md for usage and ``shared/DESIGN.md`` for the op contract.
+See README.md for usage and ``docs/DESIGN.md`` for the design and the op contract.
 """
 
 from . import ops

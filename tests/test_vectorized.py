@@ -8,6 +8,8 @@ whole optimizer trajectories. ``CHUNK_ENTRIES`` is shrunk so that small inputs s
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -287,8 +289,15 @@ def test_auto_prefers_compiled_then_vectorized(monkeypatch):
     if native.unavailable_reason("cpu") is None:
         assert ops.resolve_backend("auto", cpu) is native
     monkeypatch.setattr(native, "unavailable_reason", lambda device_type: "not built (simulated)")
-    assert ops.resolve_backend("auto", cpu) is vectorized
-    assert ops.resolve_backend(None, torch.device("mps")) is vectorized  # any device without kernels
+    monkeypatch.setattr(ops, "_WARNED_FALLBACK", set())
+    # a failed or skipped build is silent at pip's normal verbosity: the first fallback says so, once
+    with pytest.warns(UserWarning, match=r"not built \(simulated\).*pip install --no-build-isolation"):
+        assert ops.resolve_backend("auto", cpu) is vectorized
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.resolve_backend("auto", cpu) is vectorized  # once per process and device type
+        assert ops.resolve_backend("vectorized", cpu) is vectorized  # chosen by name: no warning
+        assert ops.resolve_backend(None, torch.device("mps")) is vectorized  # nothing to build there
     assert ops.resolve_backend("reference", cpu) is reference  # the oracle only when asked by name
     assert vectorized.unavailable_reason("xpu") is None
     with pytest.raises(RuntimeError, match="backend='vectorized'"):

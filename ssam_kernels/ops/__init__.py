@@ -1,4 +1,4 @@
-"""The SSAM op contract (``shared/DESIGN.md``): one public function per op, one meaning, any backend.
+"""The SSAM op contract (``docs/DESIGN.md``): one public function per op, one meaning, any backend.
 
 Each function validates its inputs (errors name the argument), picks a backend for the tensors'
 device and calls that backend's primitive. Backends: ``"reference"`` (pure PyTorch, the simple oracle),
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -80,6 +81,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
         order = ("native", "triton", "vectorized") if device.type == "cuda" else ("native", "vectorized")
         for candidate in order:
             if _unavailable(candidate, device.type) is None:
+                if candidate == "vectorized":
+                    _warn_fallback(device.type)
                 return _load(candidate)[0]
         raise RuntimeError(f"no backend can run on {device.type} tensors")
     why = _unavailable(name, device.type)
@@ -92,6 +95,23 @@ def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
         raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {why}. {hint}; "
                            "or use backend='vectorized' (pure PyTorch, any device)")
     return _load(name)[0]
+
+
+_WARNED_FALLBACK: set[str] = set()
+
+
+def _warn_fallback(device_type: str) -> None:
+    """Warn once per device type when ``auto`` runs the pure-PyTorch backend where a compiled one could:
+    a failed or skipped extension build is silent at pip's normal verbosity, and the step is slower."""
+    if device_type in _WARNED_FALLBACK or device_type not in ("cpu", "cuda"):
+        return  # other devices (MPS, XPU, ...) have no compiled backend to build
+    _WARNED_FALLBACK.add(device_type)
+    fix = "pip install triton, or " if device_type == "cuda" else ""
+    warnings.warn(f"ssam_kernels: no compiled backend for {device_type} tensors "
+                  f"({_unavailable('native', device_type)}); backend='auto' runs the pure-PyTorch "
+                  f"'vectorized' backend, which is several times slower. To fix: {fix}build the extension "
+                  "with pip install --no-build-isolation . (README, 'Build from source'); pass "
+                  "backend='vectorized' to choose it and silence this warning.", stacklevel=3)
 
 
 def available_backends() -> dict[str, list[str]]:
