@@ -445,6 +445,51 @@ void hash_fill_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t b
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The list forms. For now one C++ call runs the single-tensor kernels tensor by tensor (one launch per
+// tensor and op, no Python in between); a chunk-table kernel (one launch per op) is the next step.
+// ---------------------------------------------------------------------------------------------------
+
+at::Tensor grad_sq_norm_multi_cuda(at::TensorList G, const OptionalTensors& W) {
+  TORCH_CHECK_VALUE(!G.empty(), "G: expected at least one tensor");
+  check_list_lengths(G.size(), {{"W", W.size()}});
+  for (size_t j = 0; j < G.size(); ++j) check_same_kind(G[j], G[0], "G", j);
+  at::Tensor total = grad_sq_norm_cuda(G[0], W.get(0));
+  for (size_t j = 1; j < G.size(); ++j) total = total + grad_sq_norm_cuda(G[j], W.get(j));  // list order
+  return total;
+}
+
+void perturb_multi_cuda(at::TensorList W, at::TensorList G, const OptionalTensors& mask,
+                        const OptionalTensors& offsets, at::TensorList backup, const at::Tensor& scale,
+                        bool adaptive) {
+  check_list_lengths(W.size(), {{"G", G.size()}, {"mask", mask.size()}, {"offsets", offsets.size()},
+                                {"backup", backup.size()}});
+  for (size_t j = 0; j < W.size(); ++j) {
+    check_same_kind(W[j], W[0], "W", j);
+    check_perturb_args(W[j], G[j], mask.get(j), offsets.get(j), backup[j]);
+  }
+  for (size_t j = 0; j < W.size(); ++j) perturb_cuda(W[j], G[j], mask.get(j), offsets.get(j), backup[j], scale, adaptive);
+}
+
+void restore_multi_cuda(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
+                        at::TensorList backup) {
+  check_list_lengths(W.size(), {{"mask", mask.size()}, {"offsets", offsets.size()}, {"backup", backup.size()}});
+  for (size_t j = 0; j < W.size(); ++j) {
+    check_same_kind(W[j], W[0], "W", j);
+    check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]);
+  }
+  for (size_t j = 0; j < W.size(); ++j) restore_cuda(W[j], mask.get(j), offsets.get(j), backup[j]);
+}
+
+void fisher_accumulate_multi_cuda(at::TensorList F, at::TensorList G, double alpha) {
+  check_list_lengths(F.size(), {{"G", G.size()}});
+  for (size_t j = 0; j < F.size(); ++j) {
+    check_fisher_args(F[j], G[j]);
+    check_same_kind(G[j], G[0], "G", j);
+  }
+  for (size_t j = 0; j < F.size(); ++j) fisher_accumulate_cuda(F[j], G[j], alpha);
+}
+
 }  // namespace
 }  // namespace ssam
 
@@ -453,6 +498,10 @@ TORCH_LIBRARY_IMPL(ssam_kernels, CUDA, m) {
   m.impl("perturb_", &ssam::perturb_cuda);
   m.impl("restore_", &ssam::restore_cuda);
   m.impl("fisher_accumulate_", &ssam::fisher_accumulate_cuda);
+  m.impl("grad_sq_norm_multi", &ssam::grad_sq_norm_multi_cuda);
+  m.impl("perturb_multi_", &ssam::perturb_multi_cuda);
+  m.impl("restore_multi_", &ssam::restore_multi_cuda);
+  m.impl("fisher_accumulate_multi_", &ssam::fisher_accumulate_multi_cuda);
   m.impl("radix_histogram", &ssam::radix_histogram_cuda);
   m.impl("threshold_mask", &ssam::threshold_mask_cuda);
   m.impl("hash_fill_", &ssam::hash_fill_cuda);

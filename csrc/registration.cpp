@@ -14,6 +14,14 @@ TORCH_LIBRARY(ssam_kernels, m) {
         "bool adaptive) -> ()");
   m.def("restore_(Tensor(a!) W, Tensor? mask, Tensor? offsets, Tensor backup) -> ()");
   m.def("fisher_accumulate_(Tensor(a!) F, Tensor G, float alpha) -> ()");
+  // The list forms (issue 15): entry j of every list belongs together, all tensors of one call share a
+  // device and (F excepted) a dtype; one call covers the whole list. A None in W / mask / offsets makes
+  // that entry plain (no ASAM) / dense.
+  m.def("grad_sq_norm_multi(Tensor[] G, Tensor?[] W) -> Tensor");
+  m.def("perturb_multi_(Tensor(a!)[] W, Tensor[] G, Tensor?[] mask, Tensor?[] offsets, Tensor(b!)[] backup, "
+        "Tensor scale, bool adaptive) -> ()");
+  m.def("restore_multi_(Tensor(a!)[] W, Tensor?[] mask, Tensor?[] offsets, Tensor[] backup) -> ()");
+  m.def("fisher_accumulate_multi_(Tensor(a!)[] F, Tensor[] G, float alpha) -> ()");
   m.def("radix_histogram(Tensor scores, Tensor prefix, int shift, int bits, bool largest, "
         "Tensor? filter_words, bool filter_value) -> Tensor");
   m.def("threshold_mask(Tensor scores, Tensor threshold, Tensor tie_quota, bool largest, "
