@@ -218,3 +218,25 @@ def test_native_calls_per_step_independent_of_parameter_count(sparsity):
     assert few == many
     assert few == {"ssam_kernels::grad_sq_norm_multi": 1, "ssam_kernels::perturb_multi_": 1,
                    "ssam_kernels::restore_multi_": 1}
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="triton not available")
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_triton_launches_per_step_independent_of_parameter_count(monkeypatch, sparsity):
+    from ssam_kernels.ops.triton import _config
+
+    launches: list[str] = []
+    launch = _config.launch
+
+    def counted(kernel, grid, *args, **kwargs):
+        launches.append(kernel.__name__)
+        launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(_config, "launch", counted)
+
+    def per_step(count: int) -> list[str]:
+        launches.clear()
+        _step_ops(count, "triton", sparsity)  # the profiled step is the second of two
+        return sorted(launches)
+    few, many = per_step(10), per_step(200)
+    assert few == many
+    assert few == sorted(2 * ["_sq_norm_kernel", "_perturb_kernel", "_restore_kernel"])

@@ -214,14 +214,14 @@ def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, 
     """Every entry of the lists of ``perturb_`` (``Gs`` given, all on ``device``) or ``restore_``.
     The predicate is written out (no helper calls): it runs for every tensor of every step."""
     tensor, strided, floats, offset_dtypes = torch.Tensor, torch.strided, FLOAT_DTYPES, _OFFSET_DTYPES
-    int32 = torch.int32
+    int32, unit = torch.int32, (1,)
     for i, (w, m, o, b) in enumerate(zip(Ws, masks, offs, backups, strict=True)):
         g = Gs[i] if Gs is not None else w
+        # stride (1,): 1-D and contiguous in one call (stricter than contiguity for sizes 0 and 1).
         ok = (isinstance(w, tensor) and isinstance(g, tensor) and isinstance(b, tensor)
               and w.layout is strided and g.layout is strided and b.layout is strided
               and w.dtype in floats and g.dtype is w.dtype and b.dtype is w.dtype
-              and w.dim() == 1 and g.dim() == 1 and b.dim() == 1
-              and w.is_contiguous() and g.is_contiguous() and b.is_contiguous())
+              and w.stride() == unit and g.stride() == unit and b.stride() == unit)
         if ok:
             n, here = w.numel(), w.device
             ok = (g.numel() == n and (device is None or here == device) and g.device == here
@@ -229,7 +229,7 @@ def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, 
                   and (b.numel() == n if m is None else
                        isinstance(m, tensor) and isinstance(o, tensor) and m.layout is strided
                        and o.layout is strided and m.dtype is int32 and o.dtype in offset_dtypes
-                       and m.dim() == 1 and o.dim() == 1 and m.is_contiguous() and o.is_contiguous()
+                       and m.stride() == unit and o.stride() == unit
                        and m.numel() == (n + 31) // 32 and o.numel() == (n + CHUNK - 1) // CHUNK + 1
                        and b.numel() <= n and m.device == here and o.device == here))
         if not ok:
@@ -316,9 +316,11 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
     list of the same length whose entries are tensors (ASAM for that entry) or None. A list is validated
     once and runs in one call per (device, dtype) group of its tensors (one kernel launch, or two, on
     the fast backends). The list's total is the sum, over the groups in order of first appearance, of
-    each group's total, moved to ``G[0]``'s device; a group's total is the float64 sum, in list order,
-    of what the single-tensor op gives for each tensor on the reference and native CPU backends
-    (bit for bit), and a deterministic float64 sum of fixed per-block partials on Triton and CUDA.
+    each group's total, moved to ``G[0]``'s device. A group's total is, on the reference and native
+    backends, the float64 sum in list order of what the single-tensor op gives for each tensor (bit for
+    bit); on Triton, ``torch.sum`` of the fixed per-tile partials of all its tensors (deterministic,
+    equal to the in-order sum up to float64 rounding). Either way it depends only on the values and the
+    list, so the same list gives the same bits on every call.
     """
     if isinstance(G, torch.Tensor):
         G = _check_vector("G", G)

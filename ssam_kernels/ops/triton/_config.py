@@ -71,3 +71,25 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context every launch runs in: Triton launches on the *current* CUDA device and its current
     stream, so the device of the op's tensors ``t`` is made current for the launch (a no-op on CPU)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel: object, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
+    """``kernel[grid](*args, **kwargs)`` with :func:`launch_options`: the launch helper of the list
+    kernels (tests count launches by wrapping it)."""
+    kernel[grid](*args, **kwargs, **launch_options())
+
+
+def launch_table(columns: list[tuple[int, ...]], sizes: list[int], tile: int, device: torch.device
+                 ) -> tuple[torch.Tensor, int, int]:
+    """The launch table of a kernel over a list of tensors: an int64 tensor on ``device`` with one
+    ``(tensor, tile)`` row per program (``sizes[j]`` units of tensor ``j``, ``tile`` units per program;
+    an empty tensor has none), then ``columns[j]`` (addresses, then sizes) per tensor. Each program loads
+    its row, then its tensor's: one launch covers the list and a tile never spans two tensors.
+    Returns ``(table, programs, entries_at)``, ``entries_at`` the index of the first tensor row."""
+    programs: list[int] = []
+    for j, n in enumerate(sizes):
+        for t in range(cdiv(n, tile)):
+            programs += (j, t)
+    entries = [value for row in columns for value in row]
+    table = torch.tensor(programs + entries, dtype=torch.int64).to(device, non_blocking=True)
+    return table, len(programs) // 2, len(programs)
