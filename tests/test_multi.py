@@ -134,7 +134,14 @@ def test_backend_without_list_primitives_is_looped(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
-def test_list_validation_names_the_entry(backend):
+@pytest.mark.parametrize("compiled_checks", [True, False])
+def test_list_validation_names_the_entry(monkeypatch, backend, compiled_checks):
+    """Every bad entry raises the error naming it, whether the extension's one-pass check
+    (``_C.first_invalid_entry``) or the Python predicate screens the lists first."""
+    if not compiled_checks:
+        monkeypatch.setattr(ops, "_C", None)
+    elif ops._C is None:
+        pytest.skip("the compiled extension is not built")
     case = _case([33, 1025, 40], [torch.float32] * 3, 0.5, seed=2)
     W, G, M, Off, B = (case[k] for k in ("W", "G", "mask", "offsets", "backup"))
     s = torch.tensor(1.0)
@@ -156,6 +163,19 @@ def test_list_validation_names_the_entry(backend):
     expect(ValueError, r"W\[1\]", lambda: ops.perturb_([W[0], torch.randn(2050)[::2], W[2]],
                                                        G, M, Off, B, s, backend=backend))
     expect(ValueError, "backup: expected 3 tensors", lambda: ops.restore_(W, M, Off, B[:2], backend=backend))
+    expect(TypeError, r"mask\[0\]", lambda: ops.restore_(W, [M[0].long(), *M[1:]], Off, B, backend=backend))
+    expect(ValueError, r"offsets\[1\]", lambda: ops.restore_(W, M, [Off[0], Off[1][:-1], Off[2]], B,
+                                                              backend=backend))
+    expect(TypeError, r"backup\[1\]", lambda: ops.restore_(W, M, Off, [B[0], B[1].double(), B[2]],
+                                                            backend=backend))
+    expect(ValueError, r"backup\[0\]", lambda: ops.restore_(W, M, Off, [torch.zeros(34), *B[1:]],
+                                                             backend=backend))
+    meta = [torch.zeros(40, device="meta") for _ in range(3)]  # entry 2 is dense
+    expect(ValueError, r"W\[2\]: expected device", lambda: ops.perturb_(
+        [*W[:2], meta[0]], [*G[:2], meta[1]], M, Off, [*B[:2], meta[2]], s, backend=backend))
+    expect(TypeError, r"W\[0\]", lambda: ops.restore_([W[0].numpy(), *W[1:]], M, Off, B, backend=backend))
+    expect(ValueError, r"W\[1\]", lambda: ops.grad_sq_norm(G, [None, W[0], None], backend=backend))
+    expect(TypeError, r"G\[2\]", lambda: ops.grad_sq_norm([*G[:2], G[2].int()], backend=backend))
     expect(TypeError, "G: expected a list", lambda: ops.perturb_(W, G[0], M, Off, B, s, backend=backend))
     expect(TypeError, "scale", lambda: ops.perturb_(W, G, M, Off, B, 1.0, backend=backend))
     expect(ValueError, "G: expected at least one tensor", lambda: ops.grad_sq_norm([], backend=backend))

@@ -37,6 +37,11 @@ from types import ModuleType
 import torch
 
 from . import bitmask, reference
+
+try:
+    from .. import _C  # its first_invalid_entry speeds up the checks of long lists
+except ImportError:
+    _C = None
 from .bitmask import CHUNK
 from .select import Communicator, select
 
@@ -209,13 +214,27 @@ def _optional_list(name: str, value: object, length: int) -> list[torch.Tensor |
     return [None] * length if value is None else _as_list(name, value, length)
 
 
+def _first_to_check(*lists: object) -> int:
+    """Where the Python checks of a list must start: the compiled extension's one pass over the entries
+    (``_C.first_invalid_entry``, the same acceptance as the predicates here, never wider) finds the first
+    entry it rejects (the list's length when none); without the extension, 0."""
+    if _C is None:
+        return 0
+    first = _C.first_invalid_entry(*lists)
+    return len(lists[0]) if first < 0 else first
+
+
 def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, masks: list,
-                         offs: list, backups: list, device: torch.device | None) -> None:
-    """Every entry of the lists of ``perturb_`` (``Gs`` given, all on ``device``) or ``restore_``.
-    The predicate is written out (no helper calls): it runs for every tensor of every step."""
+                         offs: list, backups: list, scale: torch.Tensor | None) -> None:
+    """Every entry of the lists of ``perturb_`` (``Gs`` given, all on ``scale``'s device) or
+    ``restore_``. The predicate is written out (no helper calls): without the extension it runs for
+    every tensor of every step."""
+    device = scale.device if scale is not None else None
+    start = _first_to_check(Ws, Gs, False, masks, offs, backups, scale)
     tensor, strided, floats, offset_dtypes = torch.Tensor, torch.strided, FLOAT_DTYPES, _OFFSET_DTYPES
     int32, unit = torch.int32, (1,)
-    for i, (w, m, o, b) in enumerate(zip(Ws, masks, offs, backups, strict=True)):
+    for i in range(start, len(Ws)):
+        w, m, o, b = Ws[i], masks[i], offs[i], backups[i]
         g = Gs[i] if Gs is not None else w
         # stride (1,): 1-D and contiguous in one call (stricter than contiguity for sizes 0 and 1).
         ok = (isinstance(w, tensor) and isinstance(g, tensor) and isinstance(b, tensor)
@@ -242,27 +261,35 @@ def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, 
                 raise ValueError(f"W{at}: expected device {device} (that of scale), got {w.device}")
 
 
-def _check_lists(*named: tuple[str, list], like: tuple[tuple[str, str], ...] = ()) -> None:
-    """Lists of float vectors (None entries allowed after the first list); ``like`` pairs
-    ``(name, ref)``: each non-None entry of list ``name`` has the device, dtype and size of ``ref``'s."""
-    lists = dict(named)
-    for name, items in named:
-        for i, t in enumerate(items):
-            if t is not None and not _is_vector(t):
-                _check_vector(f"{name}[{i}]", t)
-    for name, ref in like:
-        for i, (t, r) in enumerate(zip(lists[name], lists[ref], strict=True)):
-            if t is not None and not (t.dtype is r.dtype and t.numel() == r.numel() and t.device == r.device):
-                _check_like(f"{name}[{i}]", t, f"{ref}[{i}]", r)
+def _check_norm_lists(Gs: list[torch.Tensor], Ws: list[torch.Tensor | None]) -> None:
+    """``grad_sq_norm``'s lists: float vectors ``G``; each ``W`` None or of its ``G``'s dtype, size and
+    device."""
+    for i in range(_first_to_check(Gs, Ws, True, None, None, None, None), len(Gs)):
+        g, w = Gs[i], Ws[i]
+        if not _is_vector(g):
+            _check_vector(f"G[{i}]", g)
+        if w is not None and not (_is_vector(w) and w.dtype is g.dtype and w.numel() == g.numel()
+                                  and w.device == g.device):
+            _check_like(f"W[{i}]", _check_vector(f"W[{i}]", w), f"G[{i}]", g)
 
 
 def _groups(backend: str | None, tensors: list[torch.Tensor]) -> list[tuple[ModuleType, list[int]]]:
     """The indices of ``tensors`` grouped by (device, dtype), in order of first appearance, each with
     the backend module that runs it."""
+    keys = [(t.device, t.dtype) for t in tensors]
+    if not keys:
+        return []
+    if keys.count(keys[0]) == len(keys):  # the usual case: one group, the whole list
+        return [(resolve_backend(backend, keys[0][0]), list(range(len(keys))))]
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     return [(resolve_backend(backend, device), index) for (device, _), index in groups.items()]
+
+
+def _pick(items: list, index: list[int]) -> list:
+    """``items[i]`` for ``i`` in ``index``; the list itself when ``index`` is all of it (one group)."""
+    return items if len(index) == len(items) else [items[i] for i in index]
 
 
 def _check_offsets_first(index: list[int], Ws: list[torch.Tensor], masks: list, offs: list) -> None:
@@ -329,11 +356,11 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
         return resolve_backend(backend, G.device).grad_sq_norm(G, W)
     Gs = _as_list("G", G, allow_empty=False)
     Ws = _optional_list("W", W, len(Gs))
-    _check_lists(("G", Gs), ("W", Ws), like=(("W", "G"),))
+    _check_norm_lists(Gs, Ws)
     home = Gs[0].device
     total = None
     for module, index in _groups(backend, Gs):
-        gs, ws = [Gs[i] for i in index], [Ws[i] for i in index]
+        gs, ws = _pick(Gs, index), _pick(Ws, index)
         multi = getattr(module, "grad_sq_norm_multi", None)
         part = multi(gs, ws) if multi is not None else _sum_in_order(module.grad_sq_norm(g, w)
                                                                     for g, w in zip(gs, ws, strict=True))
@@ -382,9 +409,9 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
     masks, offs = _optional_list("mask", mask, len(Ws)), _optional_list("offsets", offsets, len(Ws))
     if Ws:
         _check_scale(scale, Ws[0].device)
-    _check_element_lists(Ws, Gs, masks, offs, backups, scale.device if Ws else None)
+    _check_element_lists(Ws, Gs, masks, offs, backups, scale if Ws else None)
     for module, index in _groups(backend, Ws):
-        args = [[t[i] for i in index] for t in (Ws, Gs, masks, offs, backups)]
+        args = [_pick(t, index) for t in (Ws, Gs, masks, offs, backups)]
         multi = getattr(module, "perturb_multi_", None)
         if multi is not None:
             multi(*args, scale, bool(adaptive))
@@ -412,7 +439,7 @@ def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorLis
     masks, offs = _optional_list("mask", mask, len(Ws)), _optional_list("offsets", offsets, len(Ws))
     _check_element_lists(Ws, None, masks, offs, backups, None)
     for module, index in _groups(backend, Ws):
-        args = [[t[i] for i in index] for t in (Ws, masks, offs, backups)]
+        args = [_pick(t, index) for t in (Ws, masks, offs, backups)]
         multi = getattr(module, "restore_multi_", None)
         if multi is not None:
             multi(*args)
@@ -445,7 +472,7 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
             _check_vector(f"F[{i}]", f, _F32)
             _check_like(f"G[{i}]", _check_vector(f"G[{i}]", g), f"F[{i}]", f, dtype=False)
     for module, index in _groups(backend, Gs):
-        fs, gs = [Fs[i] for i in index], [Gs[i] for i in index]
+        fs, gs = _pick(Fs, index), _pick(Gs, index)
         multi = getattr(module, "fisher_accumulate_multi_", None)
         if multi is not None:
             multi(fs, gs, float(alpha))

@@ -108,15 +108,14 @@ def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torc
                    offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
                    adaptive: bool = False) -> None:
     """:func:`perturb_` on every entry of the lists (one device and dtype) in one call."""
-    offsets = [_offsets(m, o, w) for m, o, w in zip(mask, offsets, W, strict=True)]
+    offsets = _offsets_list(mask, offsets, W)
     torch.ops.ssam_kernels.perturb_multi_(W, G, mask, offsets, backup, scale, adaptive)
 
 
 def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                    backup: list[torch.Tensor]) -> None:
     """:func:`restore_` on every entry of the lists (one device and dtype) in one call."""
-    offsets = [_offsets(m, o, w) for m, o, w in zip(mask, offsets, W, strict=True)]
-    torch.ops.ssam_kernels.restore_multi_(W, mask, offsets, backup)
+    torch.ops.ssam_kernels.restore_multi_(W, mask, _offsets_list(mask, offsets, W), backup)
 
 
 def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0) -> None:
@@ -153,6 +152,14 @@ def _offsets(mask: torch.Tensor | None, offsets: torch.Tensor | None, W: torch.T
     if mask is None or offsets is not None:
         return offsets
     return bitmask.offsets(mask, W.numel())
+
+
+def _offsets_list(mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None], W: list[torch.Tensor]
+                  ) -> list[torch.Tensor | None]:
+    """:func:`_offsets` for each entry (the ops layer always gives them: then the list as it is)."""
+    if all(o is not None or m is None for m, o in zip(mask, offsets, strict=True)):
+        return offsets
+    return [_offsets(m, o, w) for m, o, w in zip(mask, offsets, W, strict=True)]
 
 
 if _C is not None:
