@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -59,11 +60,12 @@ inline uint32_t swar_popcount(uint32_t v) {
 // On CPU the offsets' contents are checked before any write: offsets[0] = 0 and offsets[c + 1] -
 // offsets[c] = the set bits (below n) of chunk c, i.e. offsets = bitmask.offsets(mask, n). One parallel
 // popcount pass over the words, ~1/32 of the entries.
-void check_offsets_match_mask(const MaskView& mask, int64_t n) {
+// `name` is the argument in the messages ("offsets", or "offsets[j]" for entry j of a list).
+void check_offsets_match_mask(const MaskView& mask, int64_t n, const std::string& name) {
   const int64_t chunks = num_chunks(n);
   const int64_t words = num_words(n);
   std::atomic<int64_t> first_bad{chunks};
-  TORCH_CHECK_VALUE(load_offset(mask.offsets, mask.offsets64, 0) == 0, "offsets: expected offsets[0] = 0, got ",
+  TORCH_CHECK_VALUE(load_offset(mask.offsets, mask.offsets64, 0) == 0, name, ": expected ", name, "[0] = 0, got ",
                     load_offset(mask.offsets, mask.offsets64, 0));
   at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -81,7 +83,7 @@ void check_offsets_match_mask(const MaskView& mask, int64_t n) {
       }
     }
   });
-  TORCH_CHECK_VALUE(first_bad.load() == chunks, "offsets: do not match the mask (expected the exclusive prefix "
+  TORCH_CHECK_VALUE(first_bad.load() == chunks, name, ": do not match the mask (expected the exclusive prefix "
                     "counts of its set bits below N, bitmask.offsets(mask, N)); first wrong at chunk ",
                     first_bad.load());
 }
@@ -206,10 +208,14 @@ std::vector<Task> make_tasks(const std::vector<Entry>& entries, int64_t* units) 
 
 // backup[rank(i)] = w[i] and, unless restore, w[i] = perturbed(w[i], g[i]) for the entries of every
 // tensor (restore: w[i] = backup[rank(i)]). scale is read once (a host scalar on CPU).
-void perturb_restore_cpu(const std::vector<Entry>& entries, const at::Tensor* scale, bool adaptive, bool restore) {
+void perturb_restore_cpu(const std::vector<Entry>& entries, const at::Tensor* scale, bool adaptive, bool restore,
+                         bool list) {
   if (entries.empty()) return;
-  for (const Entry& e : entries) {
-    if (e.view.words != nullptr) check_offsets_match_mask(e.view, e.W->numel());
+  for (size_t j = 0; j < entries.size(); ++j) {
+    const Entry& e = entries[j];
+    if (e.view.words != nullptr) {
+      check_offsets_match_mask(e.view, e.W->numel(), list ? "offsets[" + std::to_string(j) + "]" : "offsets");
+    }
   }
   double s = 0.0;
   if (!restore) {
@@ -264,7 +270,7 @@ void perturb_multi_cpu(at::TensorList W, at::TensorList G, const OptionalTensors
     entries.push_back({&W[j], &G[j], check_perturb_args(W[j], G[j], mask.get(j), offsets.get(j), backup[j]),
                        &backup[j]});
   }
-  perturb_restore_cpu(entries, &scale, adaptive, false);
+  perturb_restore_cpu(entries, &scale, adaptive, false, true);
 }
 
 void restore_multi_cpu(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
@@ -275,18 +281,20 @@ void restore_multi_cpu(at::TensorList W, const OptionalTensors& mask, const Opti
     check_same_kind(W[j], W[0], "W", j);
     entries.push_back({&W[j], nullptr, check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]), &backup[j]});
   }
-  perturb_restore_cpu(entries, nullptr, false, true);
+  perturb_restore_cpu(entries, nullptr, false, true, true);
 }
 
 void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
                  bool adaptive) {
-  perturb_restore_cpu({{&W, &G, check_perturb_args(W, G, mask, offsets, backup), &backup}}, &scale, adaptive, false);
+  perturb_restore_cpu({{&W, &G, check_perturb_args(W, G, mask, offsets, backup), &backup}}, &scale, adaptive, false,
+                      false);
 }
 
 void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
-  perturb_restore_cpu({{&W, nullptr, check_restore_args(W, mask, offsets, backup), &backup}}, nullptr, false, true);
+  perturb_restore_cpu({{&W, nullptr, check_restore_args(W, mask, offsets, backup), &backup}}, nullptr, false, true,
+                      false);
 }
 
 // F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update); G of any float dtype.

@@ -166,16 +166,14 @@ def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torc
                    adaptive: bool = False) -> None:
     """:func:`perturb_` on every entry of the lists (one device and dtype): one launch for the masked
     entries and one for the dense ones, over a table of the tensors' addresses and tiles."""
-    for w, m, o in zip(W, mask, offsets, strict=True):
-        _check_offsets_on_cpu(w, m, o)
+    _check_offsets_on_cpu(W, mask, offsets)
     _perturb_multi_(W, G, mask, offsets, backup, scale, bool(adaptive))
 
 
 def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                    backup: list[torch.Tensor]) -> None:
     """:func:`restore_` on every entry of the lists (one device and dtype), as :func:`perturb_multi_`."""
-    for w, m, o in zip(W, mask, offsets, strict=True):
-        _check_offsets_on_cpu(w, m, o)
+    _check_offsets_on_cpu(W, mask, offsets)
     _restore_multi_(W, mask, offsets, backup)
 
 
@@ -194,8 +192,10 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
     restore_multi_([W], [mask], [offsets], [backup])
 
 
-def _check_offsets_on_cpu(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None) -> None:
-    """Offsets that do not match the mask raise on CPU tensors, as on every backend (free there)."""
-    if mask is not None and offsets is not None and W.device.type == "cpu":
-        check_offsets(mask, offsets, W.numel())
-
+def _check_offsets_on_cpu(W: list[torch.Tensor], mask: list[torch.Tensor | None],
+                          offsets: list[torch.Tensor | None]) -> None:
+    """Offsets that do not match the mask raise on CPU tensors, as on every backend (free there), for
+    every entry before anything is written; the error names the entry (``offsets[j]``) of a list."""
+    for j, (w, m, o) in enumerate(zip(W, mask, offsets, strict=True)):
+        if m is not None and o is not None and w.device.type == "cpu":
+            check_offsets(m, o, w.numel(), name=f"offsets[{j}]" if len(W) > 1 else "offsets")
