@@ -86,10 +86,11 @@ def launch_table(columns: list[tuple[int, ...]], sizes: list[int], tile: int, de
     an empty tensor has none), then ``columns[j]`` (addresses, then sizes) per tensor. Each program loads
     its row, then its tensor's: one launch covers the list and a tile never spans two tensors.
     Returns ``(table, programs, entries_at)``, ``entries_at`` the index of the first tensor row."""
-    programs: list[int] = []
-    for j, n in enumerate(sizes):
-        for t in range(cdiv(n, tile)):
-            programs += (j, t)
-    entries = [value for row in columns for value in row]
-    table = torch.tensor(programs + entries, dtype=torch.int64).to(device, non_blocking=True)
-    return table, len(programs) // 2, len(programs)
+    # Built with tensor ops on the host: a 100M-entry list has tens of thousands of programs.
+    tiles = torch.tensor([cdiv(n, tile) for n in sizes], dtype=torch.int64)
+    count = int(tiles.sum())
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), tiles)
+    first = torch.repeat_interleave(torch.cumsum(tiles, 0) - tiles, tiles)
+    rows = torch.stack([owner, torch.arange(count) - first], dim=1).view(-1)
+    table = torch.cat([rows, torch.tensor(columns, dtype=torch.int64).view(-1)])
+    return table.to(device, non_blocking=True), count, 2 * count
