@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -58,11 +60,12 @@ inline uint32_t swar_popcount(uint32_t v) {
 // On CPU the offsets' contents are checked before any write: offsets[0] = 0 and offsets[c + 1] -
 // offsets[c] = the set bits (below n) of chunk c, i.e. offsets = bitmask.offsets(mask, n). One parallel
 // popcount pass over the words, ~1/32 of the entries.
-void check_offsets_match_mask(const MaskView& mask, int64_t n) {
+// `name` is the argument in the messages ("offsets", or "offsets[j]" for entry j of a list).
+void check_offsets_match_mask(const MaskView& mask, int64_t n, const std::string& name) {
   const int64_t chunks = num_chunks(n);
   const int64_t words = num_words(n);
   std::atomic<int64_t> first_bad{chunks};
-  TORCH_CHECK_VALUE(load_offset(mask.offsets, mask.offsets64, 0) == 0, "offsets: expected offsets[0] = 0, got ",
+  TORCH_CHECK_VALUE(load_offset(mask.offsets, mask.offsets64, 0) == 0, name, ": expected ", name, "[0] = 0, got ",
                     load_offset(mask.offsets, mask.offsets64, 0));
   at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -80,7 +83,7 @@ void check_offsets_match_mask(const MaskView& mask, int64_t n) {
       }
     }
   });
-  TORCH_CHECK_VALUE(first_bad.load() == chunks, "offsets: do not match the mask (expected the exclusive prefix "
+  TORCH_CHECK_VALUE(first_bad.load() == chunks, name, ": do not match the mask (expected the exclusive prefix "
                     "counts of its set bits below N, bitmask.offsets(mask, N)); first wrong at chunk ",
                     first_bad.load());
 }
@@ -153,86 +156,172 @@ SSAM_CPU_CLONES void fisher_block(float* f, const c10::Half* g, int64_t n, doubl
 }
 SSAM_CPU_CLONES void fisher_block(float* f, const double* g, int64_t n, double alpha) { fisher_run(f, g, n, alpha); }
 
-// Partial sums over fixed blocks of kNormBlock entries, added in block order: the result does not
-// depend on the thread count.
-at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>& W) {
-  check_grad_sq_norm_args(G, W);
-  const int64_t n = G.numel();
-  std::vector<double> partial((n + kNormBlock - 1) / kNormBlock);
-  dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
+// Partial sums over fixed blocks of kNormBlock entries of every tensor in one parallel pass, then each
+// tensor's total in block order and the tensors' totals added in list order: the result depends on the
+// data only (never on the thread count), and a list's total is bit-identical to adding the single-tensor
+// results (the single-tensor op is a list of one) one by one.
+at::Tensor grad_sq_norm_multi_cpu(at::TensorList G, const OptionalTensors& W) {
+  TORCH_CHECK_VALUE(!G.empty(), "G: expected at least one tensor");
+  check_list_lengths(G.size(), {{"W", W.size()}});
+  std::vector<int64_t> first_block(G.size() + 1, 0);
+  for (size_t j = 0; j < G.size(); ++j) {
+    const std::optional<at::Tensor> w = W.get(j);
+    check_grad_sq_norm_args(G[j], w);
+    check_same_kind(G[j], G[0], "G", j);
+    first_block[j + 1] = first_block[j] + (G[j].numel() + kNormBlock - 1) / kNormBlock;
+  }
+  std::vector<double> partial(first_block.back());
+  dispatch_dtype(G[0].scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, int32_t>) {
-      const T* g = G.data_ptr<T>();
-      const T* w = W.has_value() ? W->data_ptr<T>() : nullptr;
       at::parallel_for(0, static_cast<int64_t>(partial.size()), 1, [&](int64_t b0, int64_t b1) {
+        // The tensor of block b0, then walk forward: blocks are numbered tensor after tensor.
+        size_t j = std::upper_bound(first_block.begin(), first_block.end(), b0) - first_block.begin() - 1;
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t begin = b * kNormBlock, size = std::min(kNormBlock, n - begin);
-          partial[b] = sq_sum_block(g + begin, w == nullptr ? nullptr : w + begin, size);
+          while (b >= first_block[j + 1]) ++j;
+          const std::optional<at::Tensor> w = W.get(j);
+          const int64_t begin = (b - first_block[j]) * kNormBlock;
+          partial[b] = sq_sum_block(G[j].data_ptr<T>() + begin, w.has_value() ? w->data_ptr<T>() + begin : nullptr,
+                                    std::min(kNormBlock, G[j].numel() - begin));
         }
       });
     }
   });
   double total = 0.0;
-  for (double p : partial) total += p;
-  return at::scalar_tensor(total, G.options().dtype(at::kDouble));
+  for (size_t j = 0; j < G.size(); ++j) {
+    double sum = 0.0;
+    for (int64_t b = first_block[j]; b < first_block[j + 1]; ++b) sum += partial[b];
+    total += sum;
+  }
+  return at::scalar_tensor(total, G[0].options().dtype(at::kDouble));
+}
+
+at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>& W) {
+  return grad_sq_norm_multi_cpu({G}, OptionalTensors({W}));
 }
 
 // ---------------------------------------------------------------------------------------------------
-// perturb_ / restore_
+// perturb_ / restore_, for a list of tensors (the single-tensor ops are lists of one). The work is cut
+// into tasks of at most kChunkGrain mask chunks (masked entries) or kGrain entries (dense ones), and one
+// parallel loop runs the tasks of all tensors, so many small tensors cost one parallel region.
 // ---------------------------------------------------------------------------------------------------
+
+// One tensor of a perturb_/restore_ list, checked.
+struct Entry {
+  const at::Tensor* W;
+  const at::Tensor* G;  // nullptr for restore_
+  MaskView view;
+  const at::Tensor* backup;
+};
+
+struct Task {
+  size_t entry;
+  int64_t begin, end;  // chunks (masked entry) or entries (dense entry)
+};
+
+std::vector<Task> make_tasks(const std::vector<Entry>& entries, int64_t* units) {
+  std::vector<Task> tasks;
+  *units = 0;
+  for (size_t j = 0; j < entries.size(); ++j) {
+    const int64_t n = entries[j].W->numel();
+    const bool masked = entries[j].view.words != nullptr;
+    const int64_t size = masked ? num_chunks(n) : n;
+    const int64_t grain = masked ? kChunkGrain : kGrain;
+    for (int64_t b = 0; b < size; b += grain) tasks.push_back({j, b, std::min(b + grain, size)});
+    *units += masked ? n : size;
+  }
+  return tasks;
+}
+
+// backup[rank(i)] = w[i] and, unless restore, w[i] = perturbed(w[i], g[i]) for the entries of every
+// tensor (restore: w[i] = backup[rank(i)]). scale is read once (a host scalar on CPU).
+void perturb_restore_cpu(const std::vector<Entry>& entries, const at::Tensor* scale, bool adaptive, bool restore,
+                         bool list) {
+  if (entries.empty()) return;
+  for (size_t j = 0; j < entries.size(); ++j) {
+    const Entry& e = entries[j];
+    if (e.view.words != nullptr) {
+      check_offsets_match_mask(e.view, e.W->numel(), list ? "offsets[" + std::to_string(j) + "]" : "offsets");
+    }
+  }
+  double s = 0.0;
+  if (!restore) {
+    const ScaleView scale_ptr = scale_view(*scale, *entries[0].W);
+    s = load_scale(scale_ptr.data, scale_ptr.is64);
+  }
+  const bool active = !restore && scale_active(s);
+  int64_t units = 0;
+  const std::vector<Task> tasks = make_tasks(entries, &units);
+  // Tasks per parallel piece: about kGrain entries' worth (all inline when the list is small).
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) * kGrain / std::max<int64_t>(units, 1));
+  dispatch_dtype(entries[0].W->scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const Task& task = tasks[t];
+        const Entry& e = entries[task.entry];
+        T* w = e.W->data_ptr<T>();
+        const T* g = restore ? nullptr : e.G->data_ptr<T>();
+        T* b = e.backup->data_ptr<T>();
+        if (e.view.words == nullptr) {
+          if (restore) {
+            std::copy(b + task.begin, b + task.end, w + task.begin);
+            continue;
+          }
+          std::copy(w + task.begin, w + task.end, b + task.begin);
+          if (active) {
+            for (int64_t i = task.begin; i < task.end; ++i) w[i] = perturbed(w[i], g[i], s, adaptive);
+          }
+        } else if (restore) {
+          for_each_set_bit(e.view, e.W->numel(), e.backup->numel(), task.begin, task.end,
+                           [&](int64_t i, int64_t r) { w[i] = b[r]; });
+        } else {
+          for_each_set_bit(e.view, e.W->numel(), e.backup->numel(), task.begin, task.end, [&](int64_t i, int64_t r) {
+            const T wi = w[i];
+            b[r] = wi;
+            w[i] = active ? perturbed(wi, g[i], s, adaptive) : wi;
+          });
+        }
+      }
+    });
+  });
+}
+
+void perturb_multi_cpu(at::TensorList W, at::TensorList G, const OptionalTensors& mask, const OptionalTensors& offsets,
+                       at::TensorList backup, const at::Tensor& scale, bool adaptive) {
+  check_list_lengths(W.size(), {{"G", G.size()}, {"mask", mask.size()}, {"offsets", offsets.size()},
+                                {"backup", backup.size()}});
+  std::vector<Entry> entries;
+  for (size_t j = 0; j < W.size(); ++j) {
+    check_same_kind(W[j], W[0], "W", j);
+    entries.push_back({&W[j], &G[j], check_perturb_args(W[j], G[j], mask.get(j), offsets.get(j), backup[j]),
+                       &backup[j]});
+  }
+  perturb_restore_cpu(entries, &scale, adaptive, false, true);
+}
+
+void restore_multi_cpu(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
+                       at::TensorList backup) {
+  check_list_lengths(W.size(), {{"mask", mask.size()}, {"offsets", offsets.size()}, {"backup", backup.size()}});
+  std::vector<Entry> entries;
+  for (size_t j = 0; j < W.size(); ++j) {
+    check_same_kind(W[j], W[0], "W", j);
+    entries.push_back({&W[j], nullptr, check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]), &backup[j]});
+  }
+  perturb_restore_cpu(entries, nullptr, false, true, true);
+}
 
 void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
                  bool adaptive) {
-  const MaskView view = check_perturb_args(W, G, mask, offsets, backup);
-  const ScaleView scale_ptr = scale_view(scale, W);
-  const int64_t n = W.numel();
-  if (view.words != nullptr) check_offsets_match_mask(view, n);
-  const double s = load_scale(scale_ptr.data, scale_ptr.is64);
-  const bool active = scale_active(s);
-  const int64_t capacity = backup.numel();
-  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* w = W.data_ptr<T>();
-    const T* g = G.data_ptr<T>();
-    T* b = backup.data_ptr<T>();
-    if (view.words == nullptr) {
-      at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-        std::copy(w + i0, w + i1, b + i0);
-        if (active) {
-          for (int64_t i = i0; i < i1; ++i) w[i] = perturbed(w[i], g[i], s, adaptive);
-        }
-      });
-    } else {
-      at::parallel_for(0, num_chunks(n), kChunkGrain, [&](int64_t c0, int64_t c1) {
-        for_each_set_bit(view, n, capacity, c0, c1, [&](int64_t i, int64_t r) {
-          const T wi = w[i];
-          b[r] = wi;
-          w[i] = active ? perturbed(wi, g[i], s, adaptive) : wi;
-        });
-      });
-    }
-  });
+  perturb_restore_cpu({{&W, &G, check_perturb_args(W, G, mask, offsets, backup), &backup}}, &scale, adaptive, false,
+                      false);
 }
 
 void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
-  const MaskView view = check_restore_args(W, mask, offsets, backup);
-  const int64_t n = W.numel();
-  if (view.words != nullptr) check_offsets_match_mask(view, n);
-  const int64_t capacity = backup.numel();
-  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* w = W.data_ptr<T>();
-    const T* b = backup.data_ptr<T>();
-    if (view.words == nullptr) {
-      at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) { std::copy(b + i0, b + i1, w + i0); });
-    } else {
-      at::parallel_for(0, num_chunks(n), kChunkGrain, [&](int64_t c0, int64_t c1) {
-        for_each_set_bit(view, n, capacity, c0, c1, [&](int64_t i, int64_t r) { w[i] = b[r]; });
-      });
-    }
-  });
+  perturb_restore_cpu({{&W, nullptr, check_restore_args(W, mask, offsets, backup), &backup}}, nullptr, false, true,
+                      false);
 }
 
 // F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update), G of any float
@@ -247,6 +336,17 @@ void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alph
       at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) { fisher_block(f + i0, g + i0, i1 - i0, alpha); });
     }
   });
+}
+
+// The list form: one C++ call; each tensor runs the single-tensor loop (parallel within the tensor). Not
+// on the per-step path (the Fisher pass accumulates once per sample batch).
+void fisher_accumulate_multi_cpu(at::TensorList F, at::TensorList G, double alpha) {
+  check_list_lengths(F.size(), {{"G", G.size()}});
+  for (size_t j = 0; j < F.size(); ++j) {
+    check_fisher_args(F[j], G[j]);
+    check_same_kind(G[j], G[0], "G", j);
+  }
+  for (size_t j = 0; j < F.size(); ++j) fisher_accumulate_cpu(F[j], G[j], alpha);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -358,6 +458,10 @@ TORCH_LIBRARY_IMPL(ssam_kernels, CPU, m) {
   m.impl("perturb_", &ssam::perturb_cpu);
   m.impl("restore_", &ssam::restore_cpu);
   m.impl("fisher_accumulate_", &ssam::fisher_accumulate_cpu);
+  m.impl("grad_sq_norm_multi", &ssam::grad_sq_norm_multi_cpu);
+  m.impl("perturb_multi_", &ssam::perturb_multi_cpu);
+  m.impl("restore_multi_", &ssam::restore_multi_cpu);
+  m.impl("fisher_accumulate_multi_", &ssam::fisher_accumulate_multi_cpu);
   m.impl("radix_histogram", &ssam::radix_histogram_cpu);
   m.impl("threshold_mask", &ssam::threshold_mask_cpu);
   m.impl("hash_fill_", &ssam::hash_fill_cpu);

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "ssam_ops.h"
 
@@ -154,45 +155,60 @@ __global__ void perturb_dense_kernel(T* w, const T* g, T* backup, ScaleView scal
 // past n are dropped when the words are loaded; a rank outside [0, capacity) (a short backup, offsets
 // that do not match the mask: not checked on the host, that would synchronise) is skipped, so no access
 // leaves W or the backup.
+// Chunk c of a masked perturb_ (restore = false) or restore_ (restore = true), run by one whole warp
+// (warp-uniform arguments). Bits past n are dropped when the words are loaded; a rank outside
+// [0, capacity) (a short backup, offsets that do not match the mask: not checked on the host, that would
+// synchronise) is skipped, so no access leaves W or the backup.
+template <typename T>
+__device__ void masked_chunk(T* w, const T* g, T* backup, int64_t capacity, double s, bool active, bool adaptive,
+                             bool restore, const int32_t* words, const void* offsets, bool offsets64, int64_t n,
+                             int64_t c) {
+  const int lane = lane_id();
+  const int64_t nwords = (n + 31) / 32;
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  const int64_t wi = c * kWordsPerChunk + lane;
+  const uint32_t word = wi < nwords ? mask_word(words, wi, n) : 0u;
+  // Inclusive warp scan of the popcounts: the rank of this word's first set bit within the chunk.
+  int below = popcount32(word);
+  for (int d = 1; d < 32; d *= 2) {
+    const int up = __shfl_up_sync(kFullWarp, below, d);
+    if (lane >= d) below += up;
+  }
+  below -= popcount32(word);
+  const int64_t base = load_offset(offsets, offsets64, c);
+  for (int k = 0; k < 32; ++k) {
+    const uint32_t wk = __shfl_sync(kFullWarp, word, k);
+    const int first = __shfl_sync(kFullWarp, below, k);
+    const int64_t i = (c * kWordsPerChunk + k) * 32 + lane;
+    const int64_t r = base + first + popcount32(wk & lanes_below);
+    if (((wk >> lane) & 1u) == 0 || !rank_in_range(r, capacity)) continue;  // wk has no bit past n
+    if (restore) {
+      w[i] = backup[r];
+    } else {
+      const T wv = w[i];
+      backup[r] = wv;
+      if (active) w[i] = perturbed(wv, g[i], s, adaptive);
+    }
+  }
+}
+
+// The scale of perturb_ (restore_: none) and whether it applies.
+__device__ void read_scale(const ScaleView& scale, bool restore, double& s, bool& active) {
+  s = restore ? 0.0 : load_scale(scale.data, scale.is64);
+  active = !restore && scale_active(s);
+}
+
+// Masked perturb_ / restore_ of one tensor: one warp per 1024-entry chunk.
 template <typename T>
 __global__ void masked_kernel(T* w, const T* g, T* backup, int64_t capacity, ScaleView scale, bool adaptive,
                               bool restore, const int32_t* words, const void* offsets, bool offsets64, int64_t n) {
-  const int lane = lane_id();
-  const int64_t nwords = (n + 31) / 32;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  double s = 0.0;
-  bool active = false;
-  if (!restore) {
-    s = load_scale(scale.data, scale.is64);
-    active = scale_active(s);
-  }
-  const uint32_t lanes_below = (1u << lane) - 1u;
+  double s;
+  bool active;
+  read_scale(scale, restore, s, active);
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < chunks; c += warps) {
-    const int64_t wi = c * kWordsPerChunk + lane;
-    const uint32_t word = wi < nwords ? mask_word(words, wi, n) : 0u;
-    // Inclusive warp scan of the popcounts: the rank of this word's first set bit within the chunk.
-    int below = popcount32(word);
-    for (int d = 1; d < 32; d *= 2) {
-      const int up = __shfl_up_sync(kFullWarp, below, d);
-      if (lane >= d) below += up;
-    }
-    below -= popcount32(word);
-    const int64_t base = load_offset(offsets, offsets64, c);
-    for (int k = 0; k < 32; ++k) {
-      const uint32_t wk = __shfl_sync(kFullWarp, word, k);
-      const int first = __shfl_sync(kFullWarp, below, k);
-      const int64_t i = (c * kWordsPerChunk + k) * 32 + lane;
-      const int64_t r = base + first + popcount32(wk & lanes_below);
-      if (((wk >> lane) & 1u) == 0 || !rank_in_range(r, capacity)) continue;  // wk has no bit past n
-      if (restore) {
-        w[i] = backup[r];
-      } else {
-        const T wv = w[i];
-        backup[r] = wv;
-        if (active) w[i] = perturbed(wv, g[i], s, adaptive);
-      }
-    }
+    masked_chunk(w, g, backup, capacity, s, active, adaptive, restore, words, offsets, offsets64, n, c);
   }
 }
 
@@ -445,6 +461,234 @@ void hash_fill_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t b
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The list forms: one launch per op for any number of tensors (issue 15). The host writes a table of the
+// tensors (addresses and sizes, kColumns int64 per tensor, then each tensor's first global chunk) into
+// pinned memory and copies it to the device on the op's stream; the kernels walk the global chunk
+// numbers 0 .. total - 1 (1024-entry chunks, so mask offsets stay per chunk) and find each chunk's tensor
+// by binary search in the table. A chunk never spans two tensors.
+// ---------------------------------------------------------------------------------------------------
+
+enum Column : int { kColW, kColG, kColMask, kColOffsets, kColBackup, kColN, kColCapacity, kColOffsets64, kColumns };
+
+// The device copy of a list's table: rows of kColumns, then first_chunk[entries + 1].
+struct ListTable {
+  const int64_t* rows;
+  const int64_t* first_chunk;
+  int64_t entries;
+  int64_t chunks;  // first_chunk[entries], known on the host
+};
+
+// The tensor of global chunk c: the last j with first_chunk[j] <= c (empty tensors own no chunk).
+__device__ int64_t entry_of(const ListTable& t, int64_t c) {
+  int64_t lo = 0, hi = t.entries - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (t.first_chunk[mid] <= c) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename P>
+__device__ P* column_ptr(const int64_t* row, int col) {
+  return reinterpret_cast<P*>(static_cast<uintptr_t>(row[col]));
+}
+
+// Builds the table of `rows` (kColumns values per tensor) on the host and copies it to `device`
+// asynchronously (pinned memory: the caching host allocator keeps it until the copy has run).
+ListTable upload_table(const std::vector<int64_t>& rows, const at::Device& device, at::Tensor& keep) {
+  const int64_t entries = static_cast<int64_t>(rows.size()) / kColumns;
+  at::Tensor host = at::empty({entries * kColumns + entries + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.data_ptr<int64_t>();
+  std::copy(rows.begin(), rows.end(), h);
+  int64_t* first = h + entries * kColumns;
+  first[0] = 0;
+  for (int64_t j = 0; j < entries; ++j) first[j + 1] = first[j] + num_chunks(rows[j * kColumns + kColN]);
+  keep = host.to(device, /*non_blocking=*/true);
+  const int64_t* d = keep.data_ptr<int64_t>();
+  return {d, d + entries * kColumns, entries, first[entries]};
+}
+
+// perturb_ (restore = false) / restore_ of every tensor of the table: one warp per global chunk, masked
+// or dense by the tensor's row (warp-uniform).
+template <typename T>
+__global__ void element_list_kernel(ListTable t, ScaleView scale, bool adaptive, bool restore) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  double s;
+  bool active;
+  read_scale(scale, restore, s, active);
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
+    const int64_t j = entry_of(t, c);
+    const int64_t* row = t.rows + j * kColumns;
+    const int64_t local = c - t.first_chunk[j];
+    T* w = column_ptr<T>(row, kColW);
+    const T* g = column_ptr<const T>(row, kColG);
+    T* backup = column_ptr<T>(row, kColBackup);
+    const int64_t n = row[kColN];
+    const int32_t* words = column_ptr<const int32_t>(row, kColMask);
+    if (words != nullptr) {
+      masked_chunk(w, g, backup, row[kColCapacity], s, active, adaptive, restore, words,
+                   column_ptr<const void>(row, kColOffsets), row[kColOffsets64] != 0, n, local);
+      continue;
+    }
+    for (int64_t i = local * kChunk + lane_id(), end = std::min((local + 1) * kChunk, n); i < end; i += 32) {
+      if (restore) {
+        w[i] = backup[i];
+      } else {
+        const T wi = w[i];
+        backup[i] = wi;
+        if (active) w[i] = perturbed(wi, g[i], s, adaptive);
+      }
+    }
+  }
+}
+
+// Stage 1 of the list norm: kNormBlocks blocks take the global chunks in a grid stride, each thread adds
+// the squares of a fixed share, the block reduces in a fixed tree order: deterministic for the list.
+template <typename T>
+__global__ void sq_norm_list_kernel(ListTable t, double* partial) {
+  __shared__ double shared[kThreads];
+  double acc = 0.0;
+  for (int64_t c = blockIdx.x; c < t.chunks; c += gridDim.x) {
+    const int64_t j = entry_of(t, c);
+    const int64_t* row = t.rows + j * kColumns;
+    const T* g = column_ptr<const T>(row, kColG);
+    const T* w = column_ptr<const T>(row, kColW);  // null: no ASAM for this tensor
+    const int64_t local = c - t.first_chunk[j];
+    for (int64_t i = local * kChunk + threadIdx.x, end = std::min((local + 1) * kChunk, row[kColN]); i < end;
+         i += blockDim.x) {
+      acc += square_term(g[i], w, i);
+    }
+  }
+  const double total = block_sum(acc, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// F += alpha · g² for every (F, G) of the table (F at kColW, G at kColG): one warp per global chunk.
+template <typename T>
+__global__ void fisher_list_kernel(ListTable t, double alpha) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
+    const int64_t j = entry_of(t, c);
+    const int64_t* row = t.rows + j * kColumns;
+    float* f = column_ptr<float>(row, kColW);
+    const T* g = column_ptr<const T>(row, kColG);
+    const int64_t local = c - t.first_chunk[j];
+    for (int64_t i = local * kChunk + lane_id(), end = std::min((local + 1) * kChunk, row[kColN]); i < end; i += 32) {
+      f[i] = fisher_update(f[i], widen(g[i]), alpha);
+    }
+  }
+}
+
+int64_t address(const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
+int64_t address(const std::optional<at::Tensor>& t) { return t.has_value() ? address(*t) : 0; }
+
+at::Tensor grad_sq_norm_multi_cuda(at::TensorList G, const OptionalTensors& W) {
+  TORCH_CHECK_VALUE(!G.empty(), "G: expected at least one tensor");
+  check_list_lengths(G.size(), {{"W", W.size()}});
+  std::vector<int64_t> rows(G.size() * kColumns, 0);
+  for (size_t j = 0; j < G.size(); ++j) {
+    const std::optional<at::Tensor> w = W.get(j);
+    check_grad_sq_norm_args(G[j], w);
+    check_same_kind(G[j], G[0], "G", j);
+    rows[j * kColumns + kColW] = address(w);
+    rows[j * kColumns + kColG] = address(G[j]);
+    rows[j * kColumns + kColN] = G[j].numel();
+  }
+  const c10::cuda::CUDAGuard guard(G[0].device());
+  at::Tensor keep;
+  const ListTable table = upload_table(rows, G[0].device(), keep);
+  at::Tensor out = at::empty({}, G[0].options().dtype(at::kDouble));
+  at::Tensor partial = at::empty({kNormBlocks}, out.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(G[0].scalar_type(), "G", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    sq_norm_list_kernel<T><<<kNormBlocks, kThreads, 0, stream>>>(table, partial.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  sq_norm_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), kNormBlocks, out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// The table of a perturb_ / restore_ list (G null for restore_), after the per-tensor checks.
+std::vector<int64_t> element_rows(at::TensorList W, const at::Tensor* const* G, const OptionalTensors& mask,
+                                  const OptionalTensors& offsets, at::TensorList backup) {
+  std::vector<int64_t> rows(W.size() * kColumns, 0);
+  for (size_t j = 0; j < W.size(); ++j) {
+    check_same_kind(W[j], W[0], "W", j);
+    const MaskView view = G != nullptr ? check_perturb_args(W[j], *G[j], mask.get(j), offsets.get(j), backup[j])
+                                       : check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]);
+    int64_t* row = rows.data() + j * kColumns;
+    row[kColW] = address(W[j]);
+    row[kColG] = G != nullptr ? address(*G[j]) : 0;
+    row[kColMask] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(view.words));
+    row[kColOffsets] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(view.offsets));
+    row[kColOffsets64] = view.offsets64;
+    row[kColBackup] = address(backup[j]);
+    row[kColN] = W[j].numel();
+    row[kColCapacity] = backup[j].numel();
+  }
+  return rows;
+}
+
+void launch_element_list(at::TensorList W, const std::vector<int64_t>& rows, ScaleView scale, bool adaptive,
+                         bool restore) {
+  if (W.empty()) return;
+  const c10::cuda::CUDAGuard guard(W[0].device());
+  at::Tensor keep;
+  const ListTable table = upload_table(rows, W[0].device(), keep);
+  if (table.chunks == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(W[0].scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    element_list_kernel<T><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table, scale, adaptive,
+                                                                                              restore);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void perturb_multi_cuda(at::TensorList W, at::TensorList G, const OptionalTensors& mask,
+                        const OptionalTensors& offsets, at::TensorList backup, const at::Tensor& scale,
+                        bool adaptive) {
+  check_list_lengths(W.size(), {{"G", G.size()}, {"mask", mask.size()}, {"offsets", offsets.size()},
+                                {"backup", backup.size()}});
+  if (W.empty()) return;
+  std::vector<const at::Tensor*> grads;
+  for (const at::Tensor& g : G) grads.push_back(&g);
+  const std::vector<int64_t> rows = element_rows(W, grads.data(), mask, offsets, backup);
+  launch_element_list(W, rows, scale_view(scale, W[0]), adaptive, false);
+}
+
+void restore_multi_cuda(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
+                        at::TensorList backup) {
+  check_list_lengths(W.size(), {{"mask", mask.size()}, {"offsets", offsets.size()}, {"backup", backup.size()}});
+  launch_element_list(W, element_rows(W, nullptr, mask, offsets, backup), ScaleView{}, false, true);
+}
+
+void fisher_accumulate_multi_cuda(at::TensorList F, at::TensorList G, double alpha) {
+  check_list_lengths(F.size(), {{"G", G.size()}});
+  if (F.empty()) return;
+  std::vector<int64_t> rows(F.size() * kColumns, 0);
+  for (size_t j = 0; j < F.size(); ++j) {
+    check_fisher_args(F[j], G[j]);
+    check_same_kind(G[j], G[0], "G", j);
+    rows[j * kColumns + kColW] = address(F[j]);
+    rows[j * kColumns + kColG] = address(G[j]);
+    rows[j * kColumns + kColN] = F[j].numel();
+  }
+  const c10::cuda::CUDAGuard guard(F[0].device());
+  at::Tensor keep;
+  const ListTable table = upload_table(rows, F[0].device(), keep);
+  if (table.chunks == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(G[0].scalar_type(), "G", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    fisher_list_kernel<T><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table, alpha);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 }  // namespace ssam
 
@@ -453,6 +697,10 @@ TORCH_LIBRARY_IMPL(ssam_kernels, CUDA, m) {
   m.impl("perturb_", &ssam::perturb_cuda);
   m.impl("restore_", &ssam::restore_cuda);
   m.impl("fisher_accumulate_", &ssam::fisher_accumulate_cuda);
+  m.impl("grad_sq_norm_multi", &ssam::grad_sq_norm_multi_cuda);
+  m.impl("perturb_multi_", &ssam::perturb_multi_cuda);
+  m.impl("restore_multi_", &ssam::restore_multi_cuda);
+  m.impl("fisher_accumulate_multi_", &ssam::fisher_accumulate_multi_cuda);
   m.impl("radix_histogram", &ssam::radix_histogram_cuda);
   m.impl("threshold_mask", &ssam::threshold_mask_cuda);
   m.impl("hash_fill_", &ssam::hash_fill_cuda);

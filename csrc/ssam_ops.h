@@ -9,7 +9,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 #include "ssam_math.h"
 
@@ -162,6 +164,22 @@ inline void check_fisher_args(const at::Tensor& F, const at::Tensor& G) {
   check_vector(G, "G", F);
   TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
   TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
+}
+
+// The list ops: entry j of every list belongs together; all entries share the first W's device and dtype.
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+inline void check_list_lengths(size_t n, std::initializer_list<std::pair<const char*, size_t>> others) {
+  for (const auto& [name, size] : others) {
+    TORCH_CHECK_VALUE(size == n, name, ": expected ", n, " tensors (one per tensor of the first list), got ", size);
+  }
+}
+
+inline void check_same_kind(const at::Tensor& t, const at::Tensor& first, const char* name, size_t j) {
+  TORCH_CHECK_VALUE(t.device() == first.device(), name, "[", j, "]: expected device ", first.device(), " (that of ",
+                    name, "[0]), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), name, "[", j, "]: expected dtype ", first.scalar_type(),
+                   " (that of ", name, "[0]), got ", t.scalar_type());
 }
 
 inline void check_radix_histogram_args(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift,

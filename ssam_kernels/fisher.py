@@ -460,10 +460,13 @@ def _loop_step(batch_loss: _BatchLoss, params: list[nn.Parameter], fisher: list[
             grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
         else:  # autograd.grad, not backward(): the parameters' .grad stay as the caller left them.
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+        fs, gs = [], []  # one list op per sample for all parameters (one call per dtype)
         for f, g in zip(fisher, grads, strict=True):
             if g is None:
                 continue  # unused parameter: zero gradient
             if g.dtype in FLOAT_DTYPES:
-                ops.fisher_accumulate_(f.view(-1), g.reshape(-1), backend=backend)
-            else:  # float64: outside the op contract's dtypes; square in float64, round once into F
+                fs.append(f.view(-1))
+                gs.append(g.reshape(-1))
+            else:  # outside the op contract's dtypes: square, round once into F
                 f.add_(g.square())
+        ops.fisher_accumulate_(fs, gs, backend=backend)

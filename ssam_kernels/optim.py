@@ -304,25 +304,28 @@ class SSAM(torch.optim.Optimizer):
             run.pending = self._policy_masks(policy.refresh, run.steps + 1)
         if segments:
             home = segments[0].device
-            totals = [ops.grad_sq_norm(G, s.weight if g["adaptive"] else None, backend=self.backend)
-                      for s, G, g in zip(segments, grads, groups, strict=True)]
-            total = torch.stack([t.to(home) for t in totals]).sum()
+            # One list op for every segment (one call per (device, dtype) on the fast backends).
+            total = ops.grad_sq_norm(grads, [s.weight if g["adaptive"] else None
+                                             for s, g in zip(segments, groups, strict=True)],
+                                     backend=self.backend).to(home)
             if self.comm is not None:
                 self.comm.all_reduce_(total)
             run.grad_norm = total.sqrt()
             # One scale per (rho, device, precision): float64 segments get the float64 scale, the
             # others float32 (the op contract). A non-finite norm gives a non-finite scale, which
             # perturb_ treats as "leave W as it is" (the step is skipped, the backup still written).
-            scales: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
+            # One perturb_ list per (rho, adaptive, device, precision): the segments sharing a scale.
+            calls: dict[tuple[float, bool, torch.device, torch.dtype], list[list[Any]]] = {}
             for segment, G, group, (words, offsets), backup in zip(
                     segments, grads, groups, self._segment_masks(), run.backups, strict=True):
                 precision = torch.float64 if segment.dtype == torch.float64 else torch.float32
-                key = (group["rho"], segment.device, precision)
-                if key not in scales:
-                    scale = group["rho"] / (run.grad_norm + self.eps)
-                    scales[key] = scale.to(segment.device, precision)
-                ops.perturb_(segment.weight, G, words, offsets, backup, scales[key], group["adaptive"],
-                             backend=self.backend)
+                key = (group["rho"], group["adaptive"], segment.device, precision)
+                lists = calls.setdefault(key, [[], [], [], [], []])
+                for items, item in zip(lists, (segment.weight, G, words, offsets, backup), strict=True):
+                    items.append(item)
+            for (rho, adaptive, device, precision), lists in calls.items():
+                scale = (rho / (run.grad_norm + self.eps)).to(device, precision)
+                ops.perturb_(*lists, scale, adaptive, backend=self.backend)
         run.phase = _PERTURBED
         if zero_grad:
             self.zero_grad()
@@ -334,9 +337,9 @@ class SSAM(torch.optim.Optimizer):
         run = self._run
         if run.phase != _PERTURBED:
             return
-        segments = zip(self.layout.segments, self._segment_masks(), run.backups, strict=True)
-        for segment, (words, offsets), backup in segments:
-            ops.restore_(segment.weight, words, offsets, backup, backend=self.backend)
+        masks = self._segment_masks()
+        ops.restore_([s.weight for s in self.layout.segments], [m for m, _ in masks], [o for _, o in masks],
+                     run.backups, backend=self.backend)
         run.phase = _RESTORED
 
     @torch.compiler.disable

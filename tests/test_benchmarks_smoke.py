@@ -1,6 +1,6 @@
-"""Smoke test of the benchmark scripts (benchmarks/kernels.py, benchmarks/step.py): tiny sizes, one or
-two runs, outputs into a temporary directory; checks the JSON and Markdown structure so the scripts
-cannot rot. Timings are not checked."""
+"""Smoke test of the benchmark scripts (benchmarks/kernels.py, benchmarks/step.py,
+benchmarks/layouts.py): tiny sizes, one or two runs, outputs into a temporary directory; checks the JSON
+and Markdown structure so the scripts cannot rot. Timings are not checked."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
 
 pytest.importorskip("tqdm", reason="the benchmarks need the 'bench' extra")
-from benchmarks import kernels, step
+from benchmarks import kernels, layouts, step
 
 COMMON = ["--device", "cpu", "--runs", "2", "--warmup", "1", "--quiet", "--no-plots", "--threads", "1"]
 
@@ -59,3 +59,12 @@ def test_step_script(tmp_path: Path) -> None:
     md = (tmp_path / "step.md").read_text()
     assert "## resnet18" in md and "| method |" in md and "sk.SSAM-F[reference] s=0.9" in md
     assert "## Against the published code" in md and "overhead x, 2t" in md and "SSAM-D refresh x, 1t" in md
+
+
+@pytest.mark.parametrize("base", ["sgd", "sgd-foreach"])
+def test_layouts_script(base: str) -> None:
+    results = layouts.main(["--tensors", "12", "--rounds", "1", "--runs", "2", "--threads", "1",
+                            "--base", base, "--backend", "reference"])
+    assert results["flat_ms"] > 0 and results["tensors_ms"] > 0
+    assert results["ratio"] == results["tensors_ms"] / results["flat_ms"]
+    assert results["base"] == base and results["tensors"] == 12

@@ -113,11 +113,14 @@ def test_custom_ops_registered() -> None:
     scale = torch.tensor(0.25, device=DEVICE)
     F = _randn(100, torch.float32, gen).abs()
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.ssam_triton.grad_sq_norm, (G, W), test_utils=checks)
-    torch.library.opcheck(torch.ops.ssam_triton.perturb_, (W, G, mask, offsets, backup, scale, True),
+    torch.library.opcheck(torch.ops.ssam_triton.grad_sq_norm_multi, ([G, G[:7]], [W, None]),
                           test_utils=checks)
-    torch.library.opcheck(torch.ops.ssam_triton.restore_, (W, mask, offsets, backup), test_utils=checks)
-    torch.library.opcheck(torch.ops.ssam_triton.fisher_accumulate_, (F, G, 0.5), test_utils=checks)
+    W2, G2 = _randn(40, torch.float32, gen), _randn(40, torch.float32, gen)  # a dense entry
+    lists = ([W, W2], [G, G2], [mask, None], [offsets, None], [backup, torch.empty(40, device=DEVICE)])
+    torch.library.opcheck(torch.ops.ssam_triton.perturb_multi_, (*lists, scale, True), test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_triton.restore_multi_, ([W], [mask], [offsets], [backup]),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_triton.fisher_accumulate_multi_, ([F], [G], 0.5), test_utils=checks)
 
 
 def test_torch_compile_keeps_semantics() -> None:
@@ -127,9 +130,9 @@ def test_torch_compile_keeps_semantics() -> None:
     mask, offsets, k = _mask(3000, 0.9, gen)
 
     def step(W: torch.Tensor, backup: torch.Tensor) -> torch.Tensor:
-        total = torch.ops.ssam_triton.grad_sq_norm(G, None)
+        total = torch.ops.ssam_triton.grad_sq_norm_multi([G], [None])
         scale = (0.05 / (total.sqrt() + 1e-12)).float()
-        torch.ops.ssam_triton.perturb_(W, G, mask, offsets, backup, scale, False)
+        torch.ops.ssam_triton.perturb_multi_([W], [G], [mask], [offsets], [backup], scale, False)
         return W * 2
 
     eager_W, eager_backup = W0.clone(), torch.full((k,), float("nan"), device=DEVICE)
@@ -496,20 +499,20 @@ def _compile_for_sm90() -> None:
 
     n = {"N": "i64"}
     for dt in ("fp32", "fp64", "bf16", "fp16"):
-        build(norm._sq_norm_kernel, {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "partial_ptr": "*fp64"}, n,
-              {"ADAPTIVE": True, "BLOCK": 2048, "TILES": 8})
-        build(fisher._fisher_kernel, {"f_ptr": "*fp32", "g_ptr": f"*{dt}", "alpha_ptr": "*fp64"}, n,
+        table = {"table_ptr": "*i64", "g_like": f"*{dt}"}
+        for adaptive in (False, True):
+            build(norm._sq_norm_kernel, {**table, "partial_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
+                  {"ADAPTIVE": adaptive, "BLOCK": 2048, "TILES": 8})
+        build(fisher._fisher_kernel, {**table, "alpha_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
               {"BLOCK": 2048, "TILES": 8})
         for has_mask in (True, False):
-            mask = {"mask_ptr": "*i32", "offsets_ptr": "*i32"} if has_mask else {}
-            dense = {} if has_mask else {"mask_ptr": None, "offsets_ptr": None}
-            for scale in ("fp32", "fp64"):
-                build(perturb._perturb_kernel, {"w_ptr": f"*{dt}", "g_ptr": f"*{dt}", **mask,
-                                                "backup_ptr": f"*{dt}", "scale_ptr": f"*{scale}"},
-                      {**n, "CAPACITY": "i64"},
-                      {**dense, "HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
-            build(perturb._restore_kernel, {"w_ptr": f"*{dt}", **mask, "backup_ptr": f"*{dt}"},
-                  {**n, "CAPACITY": "i64"}, {**dense, "HAS_MASK": has_mask, "CHUNKS": 4})
+            for offsets in ("i32", "i64"):
+                table = {"table_ptr": "*i64", "w_like": f"*{dt}", "off_like": f"*{offsets}"}
+                for scale in ("fp32", "fp64"):
+                    build(perturb._perturb_kernel, {**table, "scale_ptr": f"*{scale}"},
+                          {"ENTRIES_AT": "i64"}, {"HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
+                build(perturb._restore_kernel, table, {"ENTRIES_AT": "i64"},
+                      {"HAS_MASK": has_mask, "CHUNKS": 4})
     for st in ("fp32", "fp64", "bf16", "i32"):
         flags = {"LARGEST": False, "INT_SCORES": st == "i32", "HAS_FILTER": True, "FILTER_VALUE": False,
                  "BLOCK": 2048}

@@ -9,6 +9,14 @@ defaults to ``"auto"``: native, else Triton (CUDA only), else vectorized; ``refe
 Masks are int32 bit-packed words with per-chunk offsets (:mod:`ssam_kernels.ops.bitmask`); a dense
 perturbation is ``mask=None``.
 
+Lists (issue 15): ``grad_sq_norm``, ``perturb_``, ``restore_`` and ``fisher_accumulate_`` also take lists
+of tensors (the first tensor argument a list), with the meaning of the single-tensor op applied to each
+entry. A list is validated once, in one cheap pass, and split into (device, dtype) groups; each group
+goes to its backend's list primitive (``grad_sq_norm_multi``, ``perturb_multi_``, ``restore_multi_``,
+``fisher_accumulate_multi_``: the same arguments as the single primitive, with lists of one device and
+dtype) when it has one (native: one C++ call; Triton: one launch over a table of the tensors), else the
+single primitive is called for each tensor, so a backend needs only the single-tensor primitives.
+
 Memory safety: no input reads or writes outside the tensors given, on any backend or device. What is
 free to check is checked (sizes, dtypes, devices; on CPU tensors also that ``offsets`` match the mask);
 what would need a host synchronisation on CUDA is bounded in the kernels instead: mask bits at or past
@@ -24,12 +32,17 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 import torch
 
 from . import bitmask, reference
+
+try:
+    from .. import _C  # its first_invalid_entry speeds up the checks of long lists
+except ImportError:
+    _C = None
 from .bitmask import CHUNK
 from .select import Communicator, select
 
@@ -42,6 +55,10 @@ __all__ = [
 BACKENDS = ("reference", "vectorized", "triton", "native")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ENV_VAR = "SSAM_KERNELS_BACKEND"
+
+TensorList = torch.Tensor | Sequence[torch.Tensor]
+"""One 1-D tensor, or a list of them (the list form of an op)."""
+OptionalTensorList = torch.Tensor | Sequence[torch.Tensor | None] | None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,18 +176,159 @@ def _check_mask(mask: object, offsets: object, W: torch.Tensor, mask_name: str =
         _check_like(offsets_name, offsets, "W", W, numel=bitmask.num_chunks(W.numel()) + 1, dtype=False)
 
 
-def _check_mask_and_backup(W: torch.Tensor, mask: object, offsets: object, backup: object) -> None:
-    backup = _check_vector("backup", backup)
+def _check_mask_and_backup(W: torch.Tensor, mask: object, offsets: object, backup: object,
+                           at: str = "") -> None:
+    """The mask, offsets and backup of ``perturb_``/``restore_`` over ``W``; ``at`` (e.g. ``"[3]"``)
+    follows every argument name in the messages."""
+    backup = _check_vector(f"backup{at}", backup)
     if mask is None:
-        _check_like("backup", backup, "W", W)
+        _check_like(f"backup{at}", backup, f"W{at}", W)
         return
     if offsets is None:
-        raise ValueError("offsets: required when mask is given")
-    _check_mask(mask, offsets, W)
-    _check_like("backup", backup, "W", W, numel=backup.numel())
+        raise ValueError(f"offsets{at}: required when mask{at} is given")
+    _check_mask(mask, offsets, W, f"mask{at}", f"offsets{at}")
+    _check_like(f"backup{at}", backup, f"W{at}", W, numel=backup.numel())
     if backup.numel() > W.numel():
-        raise ValueError(f"backup: expected at most {W.numel()} elements (one per set bit), "
+        raise ValueError(f"backup{at}: expected at most {W.numel()} elements (one per set bit), "
                          f"got {backup.numel()}")
+
+
+def _check_scale(scale: object, device: torch.device) -> None:
+    if (not isinstance(scale, torch.Tensor) or scale.dtype not in (torch.float32, torch.float64)
+            or scale.dim() != 0):
+        raise TypeError("scale: expected a float32 or float64 0-d tensor")
+    if scale.device != device:
+        raise ValueError(f"scale: expected device {device} (that of W), got {scale.device}")
+
+
+# Lists of tensors. The checks above cost microseconds per tensor in Python; a list op must not pay
+# them for every tensor of every step, so each entry first goes through one cheap predicate that
+# accepts only what the full checks accept, and only an entry it rejects goes through the full checks,
+# which raise the error naming it (e.g. ``W[3]``).
+
+_F32 = (torch.float32,)
+_OFFSET_DTYPES = (torch.int32, torch.int64)
+
+
+def _is_vector(t: object, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> bool:
+    return (isinstance(t, torch.Tensor) and t.layout is torch.strided and t.dtype in dtypes and t.dim() == 1
+            and t.is_contiguous())
+
+
+def _as_list(name: str, value: object, length: int | None = None, allow_empty: bool = True
+             ) -> list[torch.Tensor]:
+    """``value`` as a list of the expected ``length`` (the entries are checked by the op)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        kind = "a single tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"{name}: expected a list of 1-D tensors (the first tensor argument is a list), "
+                        f"got {kind}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name}: expected {length} tensors (one per tensor of the first list), "
+                         f"got {len(value)}")
+    if not allow_empty and len(value) == 0:
+        raise ValueError(f"{name}: expected at least one tensor")
+    return list(value)
+
+
+def _optional_list(name: str, value: object, length: int) -> list[torch.Tensor | None]:
+    """None (no tensor for any entry) or a list of tensors and Nones."""
+    return [None] * length if value is None else _as_list(name, value, length)
+
+
+def _first_to_check(*lists: object) -> int:
+    """Where the Python checks of a list must start: the compiled extension's one pass over the entries
+    (``_C.first_invalid_entry``, the same acceptance as the predicates here, never wider) finds the first
+    entry it rejects (the list's length when none); without the extension, 0."""
+    if _C is None:
+        return 0
+    first = _C.first_invalid_entry(*lists)
+    return len(lists[0]) if first < 0 else first
+
+
+def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, masks: list,
+                         offs: list, backups: list, scale: torch.Tensor | None) -> None:
+    """Every entry of the lists of ``perturb_`` (``Gs`` given, all on ``scale``'s device) or
+    ``restore_``. The predicate is written out (no helper calls): without the extension it runs for
+    every tensor of every step."""
+    device = scale.device if scale is not None else None
+    start = _first_to_check(Ws, Gs, False, masks, offs, backups, scale)
+    tensor, strided, floats, offset_dtypes = torch.Tensor, torch.strided, FLOAT_DTYPES, _OFFSET_DTYPES
+    int32, unit = torch.int32, (1,)
+    for i in range(start, len(Ws)):
+        w, m, o, b = Ws[i], masks[i], offs[i], backups[i]
+        g = Gs[i] if Gs is not None else w
+        # stride (1,): 1-D and contiguous in one call (stricter than contiguity for sizes 0 and 1).
+        ok = (isinstance(w, tensor) and isinstance(g, tensor) and isinstance(b, tensor)
+              and w.layout is strided and g.layout is strided and b.layout is strided
+              and w.dtype in floats and g.dtype is w.dtype and b.dtype is w.dtype
+              and w.stride() == unit and g.stride() == unit and b.stride() == unit)
+        if ok:
+            n, here = w.numel(), w.device
+            ok = (g.numel() == n and (device is None or here == device) and g.device == here
+                  and b.device == here
+                  and (b.numel() == n if m is None else
+                       isinstance(m, tensor) and isinstance(o, tensor) and m.layout is strided
+                       and o.layout is strided and m.dtype is int32 and o.dtype in offset_dtypes
+                       and m.stride() == unit and o.stride() == unit
+                       and m.numel() == (n + 31) // 32 and o.numel() == (n + CHUNK - 1) // CHUNK + 1
+                       and b.numel() <= n and m.device == here and o.device == here))
+        if not ok:
+            at = f"[{i}]"
+            _check_vector(f"W{at}", w)
+            if Gs is not None:
+                _check_like(f"G{at}", _check_vector(f"G{at}", g), f"W{at}", w)
+            _check_mask_and_backup(w, m, o, b, at)
+            if device is not None and w.device != device:
+                raise ValueError(f"W{at}: expected device {device} (that of scale), got {w.device}")
+
+
+def _check_norm_lists(Gs: list[torch.Tensor], Ws: list[torch.Tensor | None]) -> None:
+    """``grad_sq_norm``'s lists: float vectors ``G``; each ``W`` None or of its ``G``'s dtype, size and
+    device."""
+    for i in range(_first_to_check(Gs, Ws, True, None, None, None, None), len(Gs)):
+        g, w = Gs[i], Ws[i]
+        if not _is_vector(g):
+            _check_vector(f"G[{i}]", g)
+        if w is not None and not (_is_vector(w) and w.dtype is g.dtype and w.numel() == g.numel()
+                                  and w.device == g.device):
+            _check_like(f"W[{i}]", _check_vector(f"W[{i}]", w), f"G[{i}]", g)
+
+
+def _groups(backend: str | None, tensors: list[torch.Tensor]) -> list[tuple[ModuleType, list[int]]]:
+    """The indices of ``tensors`` grouped by (device, dtype), in order of first appearance, each with
+    the backend module that runs it."""
+    keys = [(t.device, t.dtype) for t in tensors]
+    if not keys:
+        return []
+    if keys.count(keys[0]) == len(keys):  # the usual case: one group, the whole list
+        return [(resolve_backend(backend, keys[0][0]), list(range(len(keys))))]
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [(resolve_backend(backend, device), index) for (device, _), index in groups.items()]
+
+
+def _pick(items: list, index: list[int]) -> list:
+    """``items[i]`` for ``i`` in ``index``; the list itself when ``index`` is all of it (one group)."""
+    return items if len(index) == len(items) else [items[i] for i in index]
+
+
+def _check_offsets_first(index: list[int], Ws: list[torch.Tensor], masks: list, offs: list) -> None:
+    """Offsets of CPU tensors checked against their masks for the whole list before a backend without
+    list primitives runs it tensor by tensor: wrong offsets anywhere leave every tensor unwritten (as
+    the list primitives guarantee)."""
+    for j, w, m, o in zip(index, Ws, masks, offs, strict=True):
+        if m is not None and w.device.type == "cpu":
+            bitmask.check_offsets(m, o, w.numel(), name=f"offsets[{j}]")
+
+
+def _sum_in_order(totals: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The float64 sum of 0-d tensors, added one by one in order (what a backend without a list
+    primitive gives; the native CPU one adds its per-tensor totals the same way)."""
+    total = None
+    for t in totals:
+        total = t if total is None else total + t
+    return total
 
 
 def _check_count(name: str, value: object, upper: int | None = None) -> int:
@@ -195,21 +353,44 @@ def _check_scores(name: str, scores: object, dtypes: Sequence[torch.dtype] = FLO
 # The ops
 # ----------------------------------------------------------------------------------------------------
 
-def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None, *, backend: str | None = None
+def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | None = None
                  ) -> torch.Tensor:
-    """Squared gradient norm of one segment: ``Σ g_i²``, or ``Σ (g_i · |w_i|)²`` when ``W`` is given
-    (ASAM). Returns a float64 0-d tensor on ``G``'s device; the sum is accumulated in float64 and is
-    deterministic for the same input on the same device. Totals of several segments (and ranks) add
-    without another rounding, so the flat and per-tensor layouts give the same norm.
+    """Squared gradient norm: ``Σ g_i²``, or ``Σ (g_i · |w_i|)²`` when ``W`` is given (ASAM). Returns a
+    float64 0-d tensor; the sum is accumulated in float64 and is deterministic for the same input on
+    the same device. Totals of several segments (and ranks) add without another rounding, so the flat
+    and per-tensor layouts give the same norm.
+
+    ``G`` is one 1-D tensor or a list of them (any devices and float dtypes); ``W`` then is None or a
+    list of the same length whose entries are tensors (ASAM for that entry) or None. A list is validated
+    once and runs in one call per (device, dtype) group of its tensors (one kernel launch, or two, on
+    the fast backends). The list's total is the sum, over the groups in order of first appearance, of
+    each group's total, moved to ``G[0]``'s device. A group's total is, on the reference and native
+    backends, the float64 sum in list order of what the single-tensor op gives for each tensor (bit for
+    bit); on Triton, ``torch.sum`` of the fixed per-tile partials of all its tensors (deterministic,
+    equal to the in-order sum up to float64 rounding). Either way it depends only on the values and the
+    list, so the same list gives the same bits on every call.
     """
-    G = _check_vector("G", G)
-    if W is not None:
-        _check_like("W", _check_vector("W", W), "G", G)
-    return resolve_backend(backend, G.device).grad_sq_norm(G, W)
+    if isinstance(G, torch.Tensor):
+        G = _check_vector("G", G)
+        if W is not None:
+            _check_like("W", _check_vector("W", W), "G", G)
+        return resolve_backend(backend, G.device).grad_sq_norm(G, W)
+    Gs = _as_list("G", G, allow_empty=False)
+    Ws = _optional_list("W", W, len(Gs))
+    _check_norm_lists(Gs, Ws)
+    home = Gs[0].device
+    total = None
+    for module, index in _groups(backend, Gs):
+        gs, ws = _pick(Gs, index), _pick(Ws, index)
+        multi = getattr(module, "grad_sq_norm_multi", None)
+        part = multi(gs, ws) if multi is not None else _sum_in_order(module.grad_sq_norm(g, w)
+                                                                    for g, w in zip(gs, ws, strict=True))
+        total = part.to(home) if total is None else total + part.to(home)
+    return total
 
 
-def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False, *,
+def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: OptionalTensorList,
+             backup: TensorList, scale: torch.Tensor, adaptive: bool = False, *,
              backend: str | None = None) -> None:
     """Perturb the masked entries of ``W`` in place and keep their old values in ``backup``.
 
@@ -230,41 +411,95 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
     backend checks it (``ValueError``); on CUDA it is not checked, and wrong offsets give wrong ranks but
     every access stays inside ``W``, ``G`` and ``backup`` (a rank outside ``[0, backup.numel())`` is
     skipped).
+
+    Lists: ``W``, ``G`` and ``backup`` may be lists of the same length (tensor ``j`` of each belongs
+    together), ``mask`` and ``offsets`` then None (all dense) or lists whose entries may be None (that
+    entry dense). Every entry is perturbed exactly as the single-tensor op would, with the one ``scale``
+    and ``adaptive``; all ``W`` on ``scale``'s device, any float dtypes. Validated once, one call per
+    dtype group (one kernel launch per group on the fast backends).
     """
-    W = _check_vector("W", W)
-    _check_like("G", _check_vector("G", G), "W", W)
-    _check_mask_and_backup(W, mask, offsets, backup)
-    if (not isinstance(scale, torch.Tensor) or scale.dtype not in (torch.float32, torch.float64)
-            or scale.dim() != 0):
-        raise TypeError("scale: expected a float32 or float64 0-d tensor")
-    if scale.device != W.device:
-        raise ValueError(f"scale: expected device {W.device} (that of W), got {scale.device}")
-    resolve_backend(backend, W.device).perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
+    if isinstance(W, torch.Tensor):
+        W = _check_vector("W", W)
+        _check_like("G", _check_vector("G", G), "W", W)
+        _check_mask_and_backup(W, mask, offsets, backup)
+        _check_scale(scale, W.device)
+        resolve_backend(backend, W.device).perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
+        return
+    Ws = _as_list("W", W)
+    Gs, backups = _as_list("G", G, len(Ws)), _as_list("backup", backup, len(Ws))
+    masks, offs = _optional_list("mask", mask, len(Ws)), _optional_list("offsets", offsets, len(Ws))
+    if Ws:
+        _check_scale(scale, Ws[0].device)
+    _check_element_lists(Ws, Gs, masks, offs, backups, scale if Ws else None)
+    for module, index in _groups(backend, Ws):
+        args = [_pick(t, index) for t in (Ws, Gs, masks, offs, backups)]
+        multi = getattr(module, "perturb_multi_", None)
+        if multi is not None:
+            multi(*args, scale, bool(adaptive))
+        else:
+            _check_offsets_first(index, args[0], args[2], args[3])
+            for w, g, m, o, b in zip(*args, strict=True):
+                module.perturb_(w, g, m, o, b, scale, bool(adaptive))
 
 
-def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor, *, backend: str | None = None) -> None:
+def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorList, backup: TensorList, *,
+             backend: str | None = None) -> None:
     """``W[i] = backup[rank(i)]`` for every set bit ``i`` (every ``i`` when ``mask`` is None): bit-exact.
 
     Bounds as in :func:`perturb_`: bits at or past ``N`` are ignored, only ranks in
     ``[0, backup.numel())`` are restored, and ``offsets`` are checked against the mask on CPU tensors.
+    Lists as in :func:`perturb_` (any devices: one call per (device, dtype) group).
     """
-    W = _check_vector("W", W)
-    _check_mask_and_backup(W, mask, offsets, backup)
-    resolve_backend(backend, W.device).restore_(W, mask, offsets, backup)
+    if isinstance(W, torch.Tensor):
+        W = _check_vector("W", W)
+        _check_mask_and_backup(W, mask, offsets, backup)
+        resolve_backend(backend, W.device).restore_(W, mask, offsets, backup)
+        return
+    Ws = _as_list("W", W)
+    backups = _as_list("backup", backup, len(Ws))
+    masks, offs = _optional_list("mask", mask, len(Ws)), _optional_list("offsets", offsets, len(Ws))
+    _check_element_lists(Ws, None, masks, offs, backups, None)
+    for module, index in _groups(backend, Ws):
+        args = [_pick(t, index) for t in (Ws, masks, offs, backups)]
+        multi = getattr(module, "restore_multi_", None)
+        if multi is not None:
+            multi(*args)
+        else:
+            _check_offsets_first(index, *args[:3])
+            for w, m, o, b in zip(*args, strict=True):
+                module.restore_(w, m, o, b)
 
 
-def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *,
+def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
                        backend: str | None = None) -> None:
     """``F += alpha · G²`` element-wise: ``f + alpha · (g · g)`` in float64 (``g`` of any float dtype,
     float64 included, at its exact value; ``alpha`` a Python float, float64), each operation rounded
     once, then rounded once to fp32. ``F`` is always a float32 accumulator, also for float64 ``G``: the
-    Fisher scores only rank entries, and the selection compares fp32 keys anyway."""
-    F = _check_vector("F", F, (torch.float32,))
-    _check_like("G", _check_vector("G", G), "F", F, dtype=False)
+    Fisher scores only rank entries, and the selection compares fp32 keys anyway.
+
+    Lists: ``F`` and ``G`` lists of the same length, each pair as above; one call per (device, dtype
+    of ``G``) group."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha: expected a float, got {type(alpha).__name__}")
-    resolve_backend(backend, F.device).fisher_accumulate_(F, G, float(alpha))
+    if isinstance(F, torch.Tensor):
+        F = _check_vector("F", F, (torch.float32,))
+        _check_like("G", _check_vector("G", G), "F", F, dtype=False)
+        resolve_backend(backend, F.device).fisher_accumulate_(F, G, float(alpha))
+        return
+    Fs = _as_list("F", F)
+    Gs = _as_list("G", G, len(Fs))
+    for i, (f, g) in enumerate(zip(Fs, Gs, strict=True)):
+        if not (_is_vector(f, _F32) and _is_vector(g) and f.numel() == g.numel() and f.device == g.device):
+            _check_vector(f"F[{i}]", f, _F32)
+            _check_like(f"G[{i}]", _check_vector(f"G[{i}]", g), f"F[{i}]", f, dtype=False)
+    for module, index in _groups(backend, Gs):
+        fs, gs = _pick(Fs, index), _pick(Gs, index)
+        multi = getattr(module, "fisher_accumulate_multi_", None)
+        if multi is not None:
+            multi(fs, gs, float(alpha))
+        else:
+            for f, g in zip(fs, gs, strict=True):
+                module.fisher_accumulate_(f, g, float(alpha))
 
 
 def _with_offsets(words: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -98,6 +98,31 @@ def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> 
     torch.ops.ssam_kernels.fisher_accumulate_(F, G, alpha)
 
 
+def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+    """The list form of :func:`grad_sq_norm` (one device and dtype): one call, one parallel pass on CPU;
+    the per-tensor totals added in list order (bit-identical to adding the single results)."""
+    return torch.ops.ssam_kernels.grad_sq_norm_multi(G, W)
+
+
+def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
+                   offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
+                   adaptive: bool = False) -> None:
+    """:func:`perturb_` on every entry of the lists (one device and dtype) in one call."""
+    offsets = _offsets_list(mask, offsets, W)
+    torch.ops.ssam_kernels.perturb_multi_(W, G, mask, offsets, backup, scale, adaptive)
+
+
+def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
+                   backup: list[torch.Tensor]) -> None:
+    """:func:`restore_` on every entry of the lists (one device and dtype) in one call."""
+    torch.ops.ssam_kernels.restore_multi_(W, mask, _offsets_list(mask, offsets, W), backup)
+
+
+def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0) -> None:
+    """:func:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype) in one call."""
+    torch.ops.ssam_kernels.fisher_accumulate_multi_(F, G, alpha)
+
+
 def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
                     filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
     """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
@@ -129,6 +154,14 @@ def _offsets(mask: torch.Tensor | None, offsets: torch.Tensor | None, W: torch.T
     return bitmask.offsets(mask, W.numel())
 
 
+def _offsets_list(mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None], W: list[torch.Tensor]
+                  ) -> list[torch.Tensor | None]:
+    """:func:`_offsets` for each entry (the ops layer always gives them: then the list as it is)."""
+    if all(o is not None or m is None for m, o in zip(mask, offsets, strict=True)):
+        return offsets
+    return [_offsets(m, o, w) for m, o, w in zip(mask, offsets, W, strict=True)]
+
+
 if _C is not None:
     @torch.library.register_fake("ssam_kernels::grad_sq_norm")
     def _grad_sq_norm_fake(G: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
@@ -147,6 +180,25 @@ if _C is not None:
 
     @torch.library.register_fake("ssam_kernels::fisher_accumulate_")
     def _fisher_accumulate_fake(F: torch.Tensor, G: torch.Tensor, alpha: float) -> None:
+        return None
+
+    @torch.library.register_fake("ssam_kernels::grad_sq_norm_multi")
+    def _grad_sq_norm_multi_fake(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+        return G[0].new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake("ssam_kernels::perturb_multi_")
+    def _perturb_multi_fake(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
+                            offsets: list[torch.Tensor | None], backup: list[torch.Tensor],
+                            scale: torch.Tensor, adaptive: bool) -> None:
+        return None
+
+    @torch.library.register_fake("ssam_kernels::restore_multi_")
+    def _restore_multi_fake(W: list[torch.Tensor], mask: list[torch.Tensor | None],
+                            offsets: list[torch.Tensor | None], backup: list[torch.Tensor]) -> None:
+        return None
+
+    @torch.library.register_fake("ssam_kernels::fisher_accumulate_multi_")
+    def _fisher_accumulate_multi_fake(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float) -> None:
         return None
 
     @torch.library.register_fake("ssam_kernels::radix_histogram")

@@ -24,13 +24,14 @@ except ImportError as exc:
 else:
     _IMPORT_ERROR = None
     from ._config import INTERPRET
-    from .fisher import fisher_accumulate_
+    from .fisher import fisher_accumulate_, fisher_accumulate_multi_
     from .hashing import hash_scores
-    from .norm import grad_sq_norm
-    from .perturb import perturb_, restore_
+    from .norm import grad_sq_norm, grad_sq_norm_multi
+    from .perturb import perturb_, perturb_multi_, restore_, restore_multi_
     from .radix import radix_histogram, threshold_mask
 
-__all__ = ["fisher_accumulate_", "grad_sq_norm", "hash_scores", "perturb_", "radix_histogram", "restore_",
+__all__ = ["fisher_accumulate_", "fisher_accumulate_multi_", "grad_sq_norm", "grad_sq_norm_multi",
+           "hash_scores", "perturb_", "perturb_multi_", "radix_histogram", "restore_", "restore_multi_",
            "threshold_mask", "unavailable_reason"]
 
 

@@ -71,3 +71,26 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context every launch runs in: Triton launches on the *current* CUDA device and its current
     stream, so the device of the op's tensors ``t`` is made current for the launch (a no-op on CPU)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel: object, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
+    """``kernel[grid](*args, **kwargs)`` with :func:`launch_options`: the launch helper of the list
+    kernels (tests count launches by wrapping it)."""
+    kernel[grid](*args, **kwargs, **launch_options())
+
+
+def launch_table(columns: list[tuple[int, ...]], sizes: list[int], tile: int, device: torch.device
+                 ) -> tuple[torch.Tensor, int, int]:
+    """The launch table of a kernel over a list of tensors: an int64 tensor on ``device`` with one
+    ``(tensor, tile)`` row per program (``sizes[j]`` units of tensor ``j``, ``tile`` units per program;
+    an empty tensor has none), then ``columns[j]`` (addresses, then sizes) per tensor. Each program loads
+    its row, then its tensor's: one launch covers the list and a tile never spans two tensors.
+    Returns ``(table, programs, entries_at)``, ``entries_at`` the index of the first tensor row."""
+    # Built with tensor ops on the host: a 100M-entry list has tens of thousands of programs.
+    tiles = torch.tensor([cdiv(n, tile) for n in sizes], dtype=torch.int64)
+    count = int(tiles.sum())
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), tiles)
+    first = torch.repeat_interleave(torch.cumsum(tiles, 0) - tiles, tiles)
+    rows = torch.stack([owner, torch.arange(count) - first], dim=1).view(-1)
+    table = torch.cat([rows, torch.tensor(columns, dtype=torch.int64).view(-1)])
+    return table.to(device, non_blocking=True), count, 2 * count

@@ -11,14 +11,20 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._config import CONFIG, cdiv, launch_options
+from ._config import CONFIG, launch_table
 from ._convert import to_float64
 
 
 @triton.jit
-def _fisher_kernel(f_ptr, g_ptr, alpha_ptr, N, BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """``F[i] = F[i] + alpha · (g_i · g_i)`` in float64, rounded once to fp32 (as the reference)."""
-    first = tl.program_id(0).to(tl.int64) * (TILES * BLOCK)
+def _fisher_kernel(table_ptr, ENTRIES_AT, g_like, alpha_ptr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """``F[i] = F[i] + alpha · (g_i · g_i)`` in float64, rounded once to fp32 (as the reference), on the
+    tile of the tensor that program's row of the launch table (:func:`._config.launch_table`) names."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = table_ptr + ENTRIES_AT + tl.load(table_ptr + 2 * pid) * 3
+    f_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(g_like.dtype.element_ty))
+    N = tl.load(row + 2)
+    first = tl.load(table_ptr + 2 * pid + 1) * (TILES * BLOCK)
     alpha = tl.load(alpha_ptr)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
@@ -28,18 +34,26 @@ def _fisher_kernel(f_ptr, g_ptr, alpha_ptr, N, BLOCK: tl.constexpr, TILES: tl.co
         tl.store(f_ptr + idx, (f.to(tl.float64) + alpha * (g64 * g64)).to(tl.float32), mask=inside)
 
 
-@torch.library.custom_op("ssam_triton::fisher_accumulate_", mutates_args=("F",))
-def _fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float) -> None:
-    n = F.numel()
-    if n == 0:
+@torch.library.custom_op("ssam_triton::fisher_accumulate_multi_", mutates_args=("F",))
+def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float) -> None:
+    index = [j for j, f in enumerate(F) if f.numel() > 0]
+    if not index:
         return
-    tile = CONFIG.block * CONFIG.tiles
-    alpha64 = torch.full((1,), alpha, dtype=torch.float64, device=F.device)
-    with _config.on_device(F):
-        _fisher_kernel[(cdiv(n, tile),)](F, G, alpha64, n, BLOCK=CONFIG.block, TILES=CONFIG.tiles,
-                                         **launch_options())
+    device = F[index[0]].device
+    columns = [(F[j].data_ptr(), G[j].data_ptr(), F[j].numel()) for j in index]
+    table, programs, entries_at = launch_table(columns, [F[j].numel() for j in index],
+                                               CONFIG.block * CONFIG.tiles, device)
+    alpha64 = torch.full((1,), alpha, dtype=torch.float64, device=device)
+    with _config.on_device(F[index[0]]):
+        _config.launch(_fisher_kernel, (programs,), table, entries_at, G[index[0]], alpha64,
+                       BLOCK=CONFIG.block, TILES=CONFIG.tiles)
+
+
+def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0) -> None:
+    """:func:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype), one launch."""
+    _fisher_accumulate_multi_(list(F), list(G), float(alpha))
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
     """``F += alpha · G²`` element-wise in float64, rounded once; ``F`` is a float32 accumulator."""
-    _fisher_accumulate_(F, G, float(alpha))
+    _fisher_accumulate_multi_([F], [G], float(alpha))

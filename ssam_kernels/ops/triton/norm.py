@@ -3,7 +3,8 @@
 Each program squares its entries in float64 (the product of two exact fp32→fp64 values, so a plain
 fp32 gradient's squares are exact; float64 gradients are read as they are) and writes one float64
 partial; the partials, a fixed-size buffer for a given ``N``, are then summed by ``torch.sum``. No
-float atomics: the same input on the same device always gives the same bits.
+float atomics: the same input on the same device always gives the same bits. A list of tensors is one
+launch over a table of (tensor, tile) rows (:func:`._config.launch_table`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,22 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._config import CONFIG, cdiv, launch_options
+from ._config import CONFIG, launch_table
 from ._convert import to_float64
 
 
 @triton.jit
-def _sq_norm_kernel(g_ptr, w_ptr, partial_ptr, N, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr,
-                    TILES: tl.constexpr):
-    """``partial[p] = Σ (g_i·|w_i|)²`` (or ``Σ g_i²``) over the ``TILES · BLOCK`` entries of program ``p``."""
-    first = tl.program_id(0).to(tl.int64) * (TILES * BLOCK)
+def _sq_norm_kernel(table_ptr, ENTRIES_AT, g_like, partial_ptr, ADAPTIVE: tl.constexpr,
+                    BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """``partial[p] = Σ (g_i·|w_i|)²`` (or ``Σ g_i²``) over the ``TILES · BLOCK`` entries of tile ``t``
+    of tensor ``j``, where ``(j, t)`` is program ``p``'s row of the launch table
+    (:func:`._config.launch_table`)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = table_ptr + ENTRIES_AT + tl.load(table_ptr + 2 * pid) * 3
+    g_ptr = tl.load(row).to(tl.pointer_type(g_like.dtype.element_ty))
+    w_ptr = tl.load(row + 1).to(tl.pointer_type(g_like.dtype.element_ty))
+    N = tl.load(row + 2)
+    first = tl.load(table_ptr + 2 * pid + 1) * (TILES * BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
@@ -30,31 +38,45 @@ def _sq_norm_kernel(g_ptr, w_ptr, partial_ptr, N, ADAPTIVE: tl.constexpr, BLOCK:
         if ADAPTIVE:
             v = v * to_float64(tl.load(w_ptr + idx, mask=inside, other=0.0))
         acc += v * v
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
-@torch.library.custom_op("ssam_triton::grad_sq_norm", mutates_args=())
-def _grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
-    n = G.numel()
-    if n == 0:
-        return torch.zeros((), dtype=torch.float64, device=G.device)
+@torch.library.custom_op("ssam_triton::grad_sq_norm_multi", mutates_args=())
+def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
     tile = CONFIG.block * CONFIG.tiles
-    partials = torch.empty(cdiv(n, tile), dtype=torch.float64, device=G.device)
-    with _config.on_device(G):
-        _sq_norm_kernel[(partials.numel(),)](G, W if W is not None else G, partials, n,
-                                             ADAPTIVE=W is not None, BLOCK=CONFIG.block, TILES=CONFIG.tiles,
-                                             **launch_options())
-    return partials.sum()
+    partials = []
+    for adaptive in (False, True):  # one launch for the plain entries, one for the ASAM ones
+        index = [j for j, w in enumerate(W) if (w is not None) == adaptive and G[j].numel() > 0]
+        if not index:
+            continue
+        columns = [(G[j].data_ptr(), W[j].data_ptr() if adaptive else 0, G[j].numel()) for j in index]
+        table, programs, entries_at = launch_table(columns, [G[j].numel() for j in index], tile, G[0].device)
+        partial = torch.empty(programs, dtype=torch.float64, device=G[0].device)
+        with _config.on_device(G[0]):
+            _config.launch(_sq_norm_kernel, (programs,), table, entries_at, G[index[0]], partial,
+                           ADAPTIVE=adaptive, BLOCK=CONFIG.block, TILES=CONFIG.tiles)
+        partials.append(partial)
+    if not partials:
+        return torch.zeros((), dtype=torch.float64, device=G[0].device)
+    return torch.cat(partials).sum() if len(partials) > 1 else partials[0].sum()
 
 
-@_grad_sq_norm.register_fake
-def _(G: torch.Tensor, W: torch.Tensor | None) -> torch.Tensor:
-    return G.new_empty((), dtype=torch.float64)
+@_grad_sq_norm_multi.register_fake
+def _(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+    return G[0].new_empty((), dtype=torch.float64)
+
+
+def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+    """The list form of :func:`grad_sq_norm` (one device and dtype): one launch for the entries without
+    ``W`` and one for those with it, each program writing one float64 partial of one tensor's tile; the
+    partials (plain ones first) summed by ``torch.sum``: deterministic, a function of the sizes only."""
+    return _grad_sq_norm_multi(list(G), list(W))
 
 
 def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ g_i²``, or ``Σ (g_i · |w_i|)²`` when ``W`` is given; a float64 0-d tensor on ``G``'s device.
 
     Squares are formed and summed in float64; deterministic (fixed partials, fixed reduction order).
+    A list of one: the same tiles and partials as the list form.
     """
-    return _grad_sq_norm(G, W)
+    return _grad_sq_norm_multi([G], [W])

@@ -1,0 +1,92 @@
+"""The step of the two layouts side by side: ``first_step()`` + ``second_step()`` (no forward/backward,
+no mask update) of :class:`ssam_kernels.SSAM` over many small tensors, ``layout="flat"`` against
+``layout="tensors"``, and the ratio of their medians (issue 15: one launch per op for any number of
+tensors makes the per-tensor layout as fast as the flat one).
+
+Both optimizers are built over copies of the same parameters with the same gradients; the timings
+alternate between them (flat, tensors, flat, ...) in rounds so that load changes on a shared machine
+hit both alike. Reported: the median over rounds of each layout's per-round median.
+
+Run from the repository root: ``python -m benchmarks.layouts --tensors 600 --backend native``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+import torch
+
+import ssam_kernels as sk
+
+from . import harness
+
+LR, RHO, MOMENTUM = 1e-3, 0.05, 0.9
+
+
+def make_params(count: int, seed: int, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
+    """``count`` parameters of small, varied sizes (1 to ~4k entries, like biases, norms and small
+    weights), each with a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 4096, (count,), generator=gen).tolist()
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(device, dtype))
+        p.grad = torch.randn(n, generator=gen).to(device, dtype)
+        params.append(p)
+    return params
+
+
+def build(layout: str, params: list[torch.nn.Parameter], sparsity: float, backend: str,
+          foreach: bool | None = None) -> sk.SSAM:
+    mask: Any = sk.DynamicMask(interval=1 << 30) if sparsity > 0 else None
+    return sk.SSAM(params, torch.optim.SGD, rho=RHO, sparsity=sparsity, mask=mask, backend=backend,
+                   layout=layout, lr=LR, momentum=MOMENTUM, foreach=foreach)
+
+
+def step_fn(opt: sk.SSAM) -> Any:
+    def step() -> None:
+        opt.first_step()
+        opt.second_step()
+    return step
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = harness.parse_device(args.device, args.threads)
+    dtype = getattr(torch, args.dtype)
+    results: dict[str, Any] = {"tensors": args.tensors, "dtype": args.dtype, "backend": args.backend,
+                               "threads": torch.get_num_threads(), "base": args.base,
+                               "sparsity": args.sparsity, "rounds": args.rounds, "runs": args.runs}
+    foreach = True if args.base == "sgd-foreach" else None
+    opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device), args.sparsity, args.backend,
+                          foreach) for layout in ("flat", "tensors")}
+    medians: dict[str, list[float]] = {layout: [] for layout in opts}
+    for _ in range(args.rounds):
+        for layout, opt in opts.items():
+            medians[layout].append(harness.measure(step_fn(opt), device, runs=args.runs, warmup=3).median_s)
+    for layout, values in medians.items():
+        results[f"{layout}_ms"] = statistics.median(values) * 1e3
+    results["ratio"] = results["tensors_ms"] / results["flat_ms"]
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--backend", default="native")
+    p.add_argument("--tensors", type=int, default=600)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--base", choices=("sgd", "sgd-foreach"), default="sgd",
+                   help="base optimizer: SGD(momentum) as torch picks it on the device, or with foreach=True")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--runs", type=int, default=20)
+    results = run(p.parse_args(argv))
+    print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+    return results
+
+
+if __name__ == "__main__":
+    main()
