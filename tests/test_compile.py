@@ -5,20 +5,12 @@ SSAM's methods, which run eagerly (refreshes included)."""
 from __future__ import annotations
 
 import torch
+from helpers import seeded_mlp as make_model
 from torch import nn
 
 from ssam_kernels import SSAM, DynamicMask, FisherMask
 
 STEPS = 6
-
-
-def make_model() -> nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
 
 
 def batches(count: int = STEPS, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:

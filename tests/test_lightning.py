@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import seeded_mlp as make_model
 from torch import nn
 
 import ssam_kernels as sk
@@ -13,15 +14,6 @@ import ssam_kernels as sk
 lightning = pytest.importorskip("lightning")
 
 STEPS = 4
-
-
-def make_model() -> nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:

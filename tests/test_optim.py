@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_same, weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -137,16 +138,6 @@ def assert_topk_of(mask: torch.Tensor, scores64: torch.Tensor, k: int, rtol: flo
 
 def mask_count(opt) -> int:
     return int(sum(int(m.sum()) for m in opt.get_mask()))
-
-
-def weights(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_same(a, b) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y)
 
 
 # ----------------------------------------------------------------------------------------------------

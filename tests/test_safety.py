@@ -10,6 +10,7 @@ import io
 
 import pytest
 import torch
+from helpers import assert_same, weights
 from torch import nn
 
 from ssam_kernels import SAM, SSAM, DynamicMask, FisherMask, RandomMask, topk_mask
@@ -43,16 +44,6 @@ def train(model, opt, steps, start=0):
         opt.first_step(zero_grad=True)
         backward(model, x, y)
         opt.second_step(zero_grad=True)
-
-
-def weights(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_same(a, b) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y)
 
 
 def assert_state_equal(a, b) -> None:
