@@ -77,6 +77,7 @@ KERNEL_CLASSES: tuple[KernelClass, ...] = (
     KernelClass(r"sq_norm_final", "grad_sq_norm", False, ("fp64",)),  # adds the fixed partials once
     KernelClass(r"sq_norm", "grad_sq_norm", True, FLOAT),
     KernelClass(r"masked_kernel", "perturb_/restore_", True, FLOAT),
+    KernelClass(r"element_list", "perturb_/restore_", True, FLOAT),  # the list form: masked and dense
     KernelClass(r"perturb", "perturb_", True, FLOAT),
     KernelClass(r"restore", "restore_", True, FLOAT),
     KernelClass(r"fisher", "fisher_accumulate_", True, FLOAT),
