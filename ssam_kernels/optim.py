@@ -311,10 +311,10 @@ class SSAM(torch.optim.Optimizer):
             if self.comm is not None:
                 self.comm.all_reduce_(total)
             run.grad_norm = total.sqrt()
-            # One scale per (rho, device, precision): float64 segments get the float64 scale, the
-            # others float32 (the op contract). A non-finite norm gives a non-finite scale, which
-            # perturb_ treats as "leave W as it is" (the step is skipped, the backup still written).
-            # One perturb_ list per (rho, adaptive, device, precision): the segments sharing a scale.
+            # One perturb_ list per (rho, adaptive, device, precision), the segments sharing a scale:
+            # float64 segments get a float64 scale, the others float32 (the op contract). A non-finite
+            # norm gives a non-finite scale, which perturb_ treats as "leave W as it is" (the step is
+            # skipped, the backup still written).
             calls: dict[tuple[float, bool, torch.device, torch.dtype], list[list[Any]]] = {}
             for segment, G, group, (words, offsets), backup in zip(
                     segments, grads, groups, self._segment_masks(), run.backups, strict=True):
