@@ -27,6 +27,7 @@ hooks); :meth:`ParamLayout.hide_missing_grads` shows the others as ``None`` to t
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import operator
 from collections.abc import Iterator, Sequence
@@ -38,13 +39,20 @@ LAYOUTS = ("auto", "flat", "tensors")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a DTensor (e.g. an FSDP2 parameter shard)."""
+@functools.cache
+def _dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor``, imported once (the step asks for every parameter)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (e.g. an FSDP2 parameter shard)."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
