@@ -24,6 +24,7 @@ ignored, and an entry whose rank is at or past ``backup.numel()`` is neither bac
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -72,10 +73,6 @@ def _lanes(words: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     block = words[start // 32: (stop + 31) // 32]
     shift = _constant("lane_shift", words.device)
     return ((block.unsqueeze(1) << shift) >> 31).view(-1)[: stop - start]
-
-
-def _as_bool(words: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return _lanes(words, start, stop) != 0
 
 
 def _pack(selected: torch.Tensor) -> torch.Tensor:
@@ -258,32 +255,87 @@ def _to_signed(key: torch.Tensor) -> torch.Tensor:
     return (key - (1 << 31)).to(torch.int32)
 
 
-def _eligible(filter_words: torch.Tensor | None, filter_value: bool, start: int, stop: int
-              ) -> torch.Tensor | None:
-    if filter_words is None:
-        return None
-    bits = _as_bool(filter_words, start, stop)
-    return bits if filter_value else bits.logical_not_()
+@dataclass
+class _Piece:
+    """Entries of a selection list processed together: ``x``, the scores of entries ``[start, stop)`` of
+    one segment (``start`` a multiple of 32), or of several whole small segments concatenated; ``lanes``,
+    int32 lanes -1 where the entry's filter bit is set (None without filters); ``pos``, for a pack of
+    several segments, each entry's position in the concatenation of the segments' words' bits (None
+    otherwise), and ``word_counts``, the segments' word counts."""
+
+    segments: list[int]
+    start: int
+    stop: int
+    x: torch.Tensor
+    lanes: torch.Tensor | None
+    pos: torch.Tensor | None
+    word_counts: list[int]
 
 
-def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
-                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
-    """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
-    ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys: ``reference.score_keys``)."""
-    device = scores.device
+def _pieces(scores: list[torch.Tensor], filters: list[torch.Tensor | None]) -> Iterator[_Piece]:
+    """The list in entry order as pieces of at most ``CHUNK_ENTRIES`` entries: a segment of at least
+    that many in chunks of its own, consecutive smaller ones concatenated into packs (so many small
+    segments cost a few tensor ops per pack, not per segment)."""
+    pack: list[int] = []
+    packed = 0
+    for i, s in enumerate(scores):
+        n = s.numel()
+        if pack and (n >= CHUNK_ENTRIES or packed + n > CHUNK_ENTRIES):
+            yield _pack_piece(pack, scores, filters)
+            pack, packed = [], 0
+        if n >= CHUNK_ENTRIES:
+            for start in _chunks(n):
+                stop = min(start + CHUNK_ENTRIES, n)
+                lanes = _lanes(filters[i], start, stop) if filters[i] is not None else None
+                yield _Piece([i], start, stop, s[start:stop], lanes, None, [])
+        else:
+            pack.append(i)
+            packed += n
+    if pack:
+        yield _pack_piece(pack, scores, filters)
+
+
+def _pack_piece(pack: list[int], scores: list[torch.Tensor], filters: list[torch.Tensor | None]) -> _Piece:
+    sizes = [scores[i].numel() for i in pack]
+    word_counts = [bitmask.num_words(n) for n in sizes]
+    filtered = filters[pack[0]] is not None
+    if len(pack) == 1:
+        n = sizes[0]
+        return _Piece(pack, 0, n, scores[pack[0]], _lanes(filters[pack[0]], 0, n) if filtered else None, None,
+                      word_counts)
+    device = scores[pack[0]].device
+    # Entry e of segment j sits at bit 32·(words before j) + e of the concatenated words.
+    shift, words_before, entries_before = [], 0, 0
+    for n, w in zip(sizes, word_counts, strict=True):
+        shift.append(32 * words_before - entries_before)
+        words_before, entries_before = words_before + w, entries_before + n
+    pos = torch.arange(entries_before, device=device) + torch.repeat_interleave(
+        torch.tensor(shift, device=device), torch.tensor(sizes, device=device), output_size=entries_before)
+    x = torch.cat([scores[i] for i in pack])
+    lanes = None
+    if filtered:
+        lanes = _lanes(torch.cat([filters[i] for i in pack]), 0, 32 * words_before).index_select(0, pos)
+    return _Piece(pack, 0, entries_before, x, lanes, pos, word_counts)
+
+
+def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
+                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
+                          ) -> torch.Tensor:
+    """The sum over the list of :func:`radix_histogram` (one device and dtype), computed over pieces of
+    at most ``CHUNK_ENTRIES`` entries (small segments packed together)."""
+    device = scores[0].device
     bins, high = 1 << bits, shift + bits
     # Ignored entries are counted in bins + their digit (spread out: one shared bin would serialise the
     # counting on its one counter); the second half of the histogram is dropped.
     hist = torch.zeros(2 * bins, dtype=torch.int64, device=device)
     # keys ^ prefix_s is the unsigned key ^ the prefix: 0 above bit `high` exactly when the prefix matches.
     prefix_s = _to_signed((prefix >> high) << high)
-    for start in _chunks(scores.numel()):
-        stop = min(start + CHUNK_ENTRIES, scores.numel())
-        digit = (_signed_keys(scores[start:stop], largest) ^ prefix_s) >> shift
+    for piece in _pieces(scores, filters):
+        digit = (_signed_keys(piece.x, largest) ^ prefix_s) >> shift
         ignored = (digit >> bits).ne_(0) if high < 32 else None  # 0/1 lanes
         digit &= bins - 1
-        if filter_words is not None:
-            lanes = _lanes(filter_words, start, stop)  # -1 where the filter bit is set
+        if piece.lanes is not None:
+            lanes = piece.lanes.clone()  # -1 where the filter bit is set
             ineligible = lanes.add_(1) if filter_value else lanes.neg_()
             ignored = ineligible if ignored is None else ignored.bitwise_or_(ineligible)
         if ignored is not None:
@@ -291,32 +343,55 @@ def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits
         if device.type in BINCOUNT_DEVICES:
             hist += torch.bincount(digit, minlength=2 * bins)
         else:
-            hist.index_add_(0, digit, torch.ones((), dtype=torch.int64, device=device).expand(stop - start))
+            hist.index_add_(0, digit, torch.ones((), dtype=torch.int64, device=device).expand(digit.numel()))
     return hist[:bins]
+
+
+def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
+                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+    """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
+    ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys: ``reference.score_keys``)."""
+    return radix_histogram_multi([scores], prefix, shift, bits, largest, [filter_words], filter_value)
+
+
+def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, tie_quota: torch.Tensor,
+                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The mask words of each segment: eligible entries with key > ``threshold``, plus the first
+    ``tie_quota`` eligible entries of the list (segments in order, then index) with key == ``threshold``;
+    and the quota left, ``max(tie_quota - ties, 0)`` (``ops.select.ListBackend``)."""
+    device = scores[0].device
+    words = [torch.empty(bitmask.num_words(s.numel()), dtype=torch.int32, device=device) for s in scores]
+    threshold_s = _to_signed(threshold)
+    # Ties still to take before each piece; clamped so the int32 comparison below cannot wrap.
+    remaining = tie_quota.clone()
+    for piece in _pieces(scores, filters):
+        keys = _signed_keys(piece.x, largest)
+        greater, equal = keys > threshold_s, keys == threshold_s
+        if piece.lanes is not None:
+            eligible = piece.lanes != 0
+            if not filter_value:
+                eligible.logical_not_()
+            greater &= eligible
+            equal &= eligible
+        tie_number = torch.cumsum(equal, 0, dtype=torch.int32)  # 1 for the piece's first tie
+        greater |= equal & (tie_number <= remaining.clamp(max=(1 << 31) - 1).to(torch.int32))
+        remaining -= equal.sum(dtype=torch.int64)
+        if piece.pos is None:
+            words[piece.segments[0]][piece.start // 32: (piece.stop + 31) // 32] = _pack(greater)
+            continue
+        padded = torch.zeros(32 * sum(piece.word_counts), dtype=torch.bool, device=device)
+        padded[piece.pos] = greater
+        for i, w in zip(piece.segments, _pack(padded).split(piece.word_counts), strict=True):
+            words[i].copy_(w)
+    return words, remaining.clamp(min=0)
 
 
 def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
     """Mask words selecting the eligible entries with key > ``threshold``, plus the first ``tie_quota``
     eligible entries (index order) with key == ``threshold``."""
-    n = scores.numel()
-    words = torch.empty(bitmask.num_words(n), dtype=torch.int32, device=scores.device)
-    threshold_s = _to_signed(threshold)
-    # Ties still to take before each chunk; clamped so the int32 comparison below cannot wrap.
-    remaining = tie_quota.clone()
-    for start in _chunks(n):
-        stop = min(start + CHUNK_ENTRIES, n)
-        keys = _signed_keys(scores[start:stop], largest)
-        greater, equal = keys > threshold_s, keys == threshold_s
-        eligible = _eligible(filter_words, filter_value, start, stop)
-        if eligible is not None:
-            greater &= eligible
-            equal &= eligible
-        tie_number = torch.cumsum(equal, 0, dtype=torch.int32)  # 1 for the chunk's first tie
-        greater |= equal & (tie_number <= remaining.clamp(max=(1 << 31) - 1).to(torch.int32))
-        remaining -= equal.sum(dtype=torch.int64)
-        words[start // 32: (stop + 31) // 32] = _pack(greater)
-    return words
+    return threshold_mask_multi([scores], threshold, tie_quota, largest, [filter_words], filter_value)[0][0]
 
 
 def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
