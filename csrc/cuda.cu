@@ -6,11 +6,13 @@
 // warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank, and the warp then
 // walks the chunk word by word with lane l on bit l, so global accesses stay coalesced.
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "ssam_ops.h"
@@ -302,150 +304,6 @@ void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alp
   });
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Selection primitives
-// ---------------------------------------------------------------------------------------------------
-
-// Each block counts into a shared-memory histogram, then adds it to the global one with integer
-// atomics (exact, so the result does not depend on the order).
-template <typename T>
-__global__ void radix_histogram_kernel(const T* x, int64_t n, const int64_t* prefix, int shift, int bits,
-                                       bool largest, const int32_t* filter, bool filter_value,
-                                       unsigned long long* out) {
-  extern __shared__ unsigned int hist[];
-  const int bins = 1 << bits;
-  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
-  for (int d = threadIdx.x; d < bins; d += blockDim.x) hist[d] = 0;
-  __syncthreads();
-  const uint64_t pre = static_cast<uint64_t>(*prefix);
-  const int high = shift + bits;
-  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    const uint32_t key = score_key(x[i], largest);
-    if (prefix_matches(key, pre, high) && eligible(filter, filter_value, i)) {
-      atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
-    }
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < bins; d += blockDim.x) {
-    if (hist[d] != 0) atomicAdd(&out[d], static_cast<unsigned long long>(hist[d]));
-  }
-}
-
-at::Tensor radix_histogram_cuda(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
-                                bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_radix_histogram_args(scores, prefix, shift, bits);
-  const int32_t* filter = filter_view(filter_words, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  at::Tensor out = at::zeros({int64_t{1} << bits}, scores.options().dtype(at::kLong));
-  const int64_t n = scores.numel();
-  if (n == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // At least 16 entries per thread, so the per-block flush stays small next to the counting.
-  const int64_t blocks = std::min<int64_t>(grid_for(n, kThreads * 16), 1024);
-  const size_t shared = sizeof(unsigned int) << bits;
-  dispatch_dtype(scores.scalar_type(), "scores", true, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    radix_histogram_kernel<T><<<blocks, kThreads, shared, stream>>>(
-        scores.data_ptr<T>(), n, prefix.data_ptr<int64_t>(), static_cast<int>(shift), static_cast<int>(bits),
-        largest, filter, filter_value, reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
-// Tie test of threshold_mask for entry i (false past the end).
-template <typename T>
-__device__ void classify(const T* x, int64_t i, int64_t n, uint32_t threshold, bool largest, const int32_t* filter,
-                         bool filter_value, bool& greater, bool& equal) {
-  greater = equal = false;
-  if (i < n && eligible(filter, filter_value, i)) {
-    const uint32_t key = score_key(x[i], largest);
-    greater = key > threshold;
-    equal = key == threshold;
-  }
-}
-
-// Pass 1 of threshold_mask: the number of ties in each 1024-entry tile (one warp per tile).
-template <typename T>
-__global__ void tie_count_kernel(const T* x, int64_t n, const int64_t* threshold, const int64_t* quota,
-                                 bool largest, const int32_t* filter, bool filter_value, int64_t* counts) {
-  const int64_t tiles = (n + kChunk - 1) / kChunk;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const uint32_t t = static_cast<uint32_t>(*threshold);
-  const bool needed = *quota > 0;  // without a quota no tie is taken: skip reading the scores
-  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; tile < tiles;
-       tile += warps) {
-    int64_t count = 0;
-    for (int k = 0; needed && k < 32; ++k) {
-      bool greater, equal;
-      classify(x, tile * kChunk + k * 32 + lane_id(), n, t, largest, filter, filter_value, greater, equal);
-      count += __popc(__ballot_sync(kFullWarp, equal));
-    }
-    if (lane_id() == 0) counts[tile] = count;
-  }
-}
-
-// Pass 2 of threshold_mask: each warp writes its tile's 32 words; ties_end[tile] is the inclusive scan of
-// the tie counts, so ties before the tile = ties_end[tile] - counts[tile]; within the tile a running
-// count plus a ballot prefix gives each tie its rank in index order.
-template <typename T>
-__global__ void threshold_write_kernel(const T* x, int64_t n, const int64_t* threshold, const int64_t* quota,
-                                       bool largest, const int32_t* filter, bool filter_value,
-                                       const int64_t* counts, const int64_t* ties_end, int32_t* words) {
-  const int lane = lane_id();
-  const int64_t tiles = (n + kChunk - 1) / kChunk;
-  const int64_t nwords = (n + 31) / 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const uint32_t t = static_cast<uint32_t>(*threshold);
-  const int64_t q = *quota;
-  const uint32_t lanes_below = (1u << lane) - 1u;
-  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; tile < tiles;
-       tile += warps) {
-    int64_t ties = ties_end[tile] - counts[tile];
-    uint32_t mine = 0;
-    for (int k = 0; k < 32; ++k) {
-      bool greater, equal;
-      classify(x, tile * kChunk + k * 32 + lane, n, t, largest, filter, filter_value, greater, equal);
-      const uint32_t equal_lanes = __ballot_sync(kFullWarp, equal);
-      const bool take = greater || (equal && ties + __popc(equal_lanes & lanes_below) < q);
-      const uint32_t word = __ballot_sync(kFullWarp, take);
-      ties += __popc(equal_lanes);
-      if (lane == k) mine = word;
-    }
-    const int64_t wi = tile * kWordsPerChunk + lane;
-    if (wi < nwords) words[wi] = static_cast<int32_t>(mine);
-  }
-}
-
-at::Tensor threshold_mask_cuda(const at::Tensor& scores, const at::Tensor& threshold, const at::Tensor& tie_quota,
-                               bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_threshold_mask_args(scores, threshold, tie_quota);
-  const int32_t* filter = filter_view(filter_words, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  const int64_t n = scores.numel();
-  at::Tensor out = at::empty({num_words(n)}, scores.options().dtype(at::kInt));
-  if (n == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t tiles = num_chunks(n);
-  at::Tensor counts = at::empty({tiles}, scores.options().dtype(at::kLong));
-  const int64_t blocks = grid_for(tiles, kWarpsPerBlock);
-  dispatch_dtype(scores.scalar_type(), "scores", true, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const T* x = scores.data_ptr<T>();
-    const int64_t* t = threshold.data_ptr<int64_t>();
-    const int64_t* q = tie_quota.data_ptr<int64_t>();
-    tie_count_kernel<T><<<blocks, kThreads, 0, stream>>>(x, n, t, q, largest, filter, filter_value,
-                                                         counts.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor ties_end = at::cumsum(counts, 0);  // integer scan on the same stream
-    threshold_write_kernel<T><<<blocks, kThreads, 0, stream>>>(x, n, t, q, largest, filter, filter_value,
-                                                               counts.data_ptr<int64_t>(),
-                                                               ties_end.data_ptr<int64_t>(), out.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
 __global__ void hash_fill_kernel(int32_t* out, int64_t n, uint32_t key, uint64_t base) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = hash_value(key, base + i);
 }
@@ -689,6 +547,222 @@ void fisher_accumulate_multi_cuda(at::TensorList F, at::TensorList G, double alp
   });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Selection primitives, over a list of segments (issue 15) in one launch per pass, on the table of the
+// list forms above (a segment's scores in the G column, its filter in the mask column, its output mask
+// words in the backup column). One warp takes one 1024-entry chunk, lane l the entries 32·k + l: loads
+// are coalesced, and each lane issues kKeyLoads independent loads before it counts them. The
+// single-segment ops are lists of one.
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int kColScores = kColG;
+constexpr int kColFilter = kColMask;
+constexpr int kColWords = kColBackup;
+constexpr int kKeyLoads = 8;  // score loads in flight per lane
+
+// The chunk c of the table as a selection kernel sees it.
+template <typename T>
+struct ScoreChunk {
+  const T* x;
+  const int32_t* filter;
+  int32_t* words;
+  int64_t n, first;  // entries of the segment; the chunk's first entry in it
+};
+
+template <typename T>
+__device__ ScoreChunk<T> score_chunk(const ListTable& t, int64_t c) {
+  const int64_t j = entry_of(t, c);
+  const int64_t* row = t.rows + j * kColumns;
+  return {column_ptr<const T>(row, kColScores), column_ptr<const int32_t>(row, kColFilter),
+          column_ptr<int32_t>(row, kColWords), row[kColN], (c - t.first_chunk[j]) * kChunk};
+}
+
+// Calls fn(k, i, key, ok) for the 32 entries i = first + 32·k + lane of the lane's chunk, the keys loaded
+// kKeyLoads at a time (independent loads, then the uses); ok: i < n and the entry passes the filter.
+template <typename T, typename Fn>
+__device__ void for_chunk_keys(const ScoreChunk<T>& ch, bool largest, bool filter_value, Fn&& fn) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int k0 = 0; k0 < 32; k0 += kKeyLoads) {
+    uint32_t key[kKeyLoads];
+    bool ok[kKeyLoads];
+#pragma unroll
+    for (int u = 0; u < kKeyLoads; ++u) {
+      const int64_t i = ch.first + (k0 + u) * 32 + lane;
+      ok[u] = i < ch.n;
+      key[u] = ok[u] ? score_key(ch.x[i], largest) : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kKeyLoads; ++u) {
+      const int64_t i = ch.first + (k0 + u) * 32 + lane;
+      fn(k0 + u, key[u], ok[u] && eligible(ch.filter, filter_value, i));
+    }
+  }
+}
+
+// Each block counts its chunks into a shared-memory histogram, then adds it to the global one with
+// integer atomics (exact, so the result does not depend on the order).
+template <typename T>
+__global__ void radix_histogram_list_kernel(ListTable t, const int64_t* prefix, int shift, int bits, bool largest,
+                                            bool filter_value, unsigned long long* out) {
+  extern __shared__ unsigned int hist[];
+  const int bins = 1 << bits;
+  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
+  for (int d = threadIdx.x; d < bins; d += blockDim.x) hist[d] = 0;
+  __syncthreads();
+  const uint64_t pre = static_cast<uint64_t>(*prefix);
+  const int high = shift + bits;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
+    for_chunk_keys(score_chunk<T>(t, c), largest, filter_value, [&](int, uint32_t key, bool ok) {
+      if (ok && prefix_matches(key, pre, high)) atomicAdd(&hist[(key >> shift) & digit_mask], 1u);
+    });
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < bins; d += blockDim.x) {
+    if (hist[d] != 0) atomicAdd(&out[d], static_cast<unsigned long long>(hist[d]));
+  }
+}
+
+// Pass 1 of threshold_mask: the number of eligible ties in each chunk of the table (one warp per chunk).
+template <typename T>
+__global__ void tie_count_list_kernel(ListTable t, const int64_t* threshold, const int64_t* quota, bool largest,
+                                      bool filter_value, int64_t* counts) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const uint32_t th = static_cast<uint32_t>(*threshold);
+  const bool needed = *quota > 0;  // without a quota no tie is taken: skip reading the scores
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
+    int64_t count = 0;
+    if (needed) {
+      for_chunk_keys(score_chunk<T>(t, c), largest, filter_value, [&](int, uint32_t key, bool ok) {
+        count += __popc(__ballot_sync(kFullWarp, ok && key == th));
+      });
+    }
+    if (lane_id() == 0) counts[c] = count;
+  }
+}
+
+// Pass 2 of threshold_mask: each warp writes its chunk's 32 words. ties_end[c] is the inclusive scan of
+// the tie counts in list order, so the ties before the chunk are ties_end[c] - counts[c]; within the chunk
+// a running count plus a ballot prefix gives each tie its rank.
+template <typename T>
+__global__ void threshold_write_list_kernel(ListTable t, const int64_t* threshold, const int64_t* quota,
+                                           bool largest, bool filter_value, const int64_t* counts,
+                                           const int64_t* ties_end) {
+  const int lane = lane_id();
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const uint32_t th = static_cast<uint32_t>(*threshold);
+  const int64_t q = *quota;
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
+    const ScoreChunk<T> ch = score_chunk<T>(t, c);
+    int64_t ties = ties_end[c] - counts[c];
+    uint32_t mine = 0;
+    for_chunk_keys(ch, largest, filter_value, [&](int k, uint32_t key, bool ok) {
+      const bool equal = ok && key == th;
+      const uint32_t equal_lanes = __ballot_sync(kFullWarp, equal);
+      const bool take = (ok && key > th) || (equal && ties + __popc(equal_lanes & lanes_below) < q);
+      const uint32_t word = __ballot_sync(kFullWarp, take);
+      ties += __popc(equal_lanes);
+      if (lane == k) mine = word;
+    });
+    const int64_t w = ch.first / 32 + lane;
+    if (w < (ch.n + 31) / 32) ch.words[w] = static_cast<int32_t>(mine);
+  }
+}
+
+// The table of a selection list: scores, filter and (threshold_mask) output words per segment.
+std::vector<int64_t> score_rows(at::TensorList scores, const std::vector<const int32_t*>& filter,
+                                const std::vector<at::Tensor>* words) {
+  std::vector<int64_t> rows(scores.size() * kColumns, 0);
+  for (size_t j = 0; j < scores.size(); ++j) {
+    int64_t* row = rows.data() + j * kColumns;
+    row[kColScores] = address(scores[j]);
+    row[kColFilter] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(filter[j]));
+    row[kColWords] = words != nullptr ? address((*words)[j]) : 0;
+    row[kColN] = scores[j].numel();
+  }
+  return rows;
+}
+
+// Blocks of a selection launch: enough warps for the chunks, at most a few waves of resident blocks.
+int64_t selection_blocks(int64_t chunks) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t resident = 4 * static_cast<int64_t>(sms);
+  return std::min(grid_for(chunks, kWarpsPerBlock), resident);
+}
+
+at::Tensor radix_histogram_multi_cuda(at::TensorList scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
+                                      bool largest, const OptionalTensors& filters, bool filter_value) {
+  check_digit(shift, bits);
+  const std::vector<const int32_t*> filter = check_selection_list(scores, filters, {{"prefix", &prefix}});
+  const c10::cuda::CUDAGuard guard(prefix.device());
+  at::Tensor out = at::zeros({int64_t{1} << bits}, prefix.options().dtype(at::kLong));
+  if (scores.empty()) return out;
+  at::Tensor keep;
+  const ListTable table = upload_table(score_rows(scores, filter, nullptr), scores[0].device(), keep);
+  if (table.chunks == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const size_t shared = sizeof(unsigned int) << bits;
+  dispatch_dtype(scores[0].scalar_type(), "scores", true, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    radix_histogram_list_kernel<T><<<selection_blocks(table.chunks), kThreads, shared, stream>>>(
+        table, prefix.data_ptr<int64_t>(), static_cast<int>(shift), static_cast<int>(bits), largest, filter_value,
+        reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> threshold_mask_multi_cuda(at::TensorList scores,
+                                                                          const at::Tensor& threshold,
+                                                                          const at::Tensor& tie_quota, bool largest,
+                                                                          const OptionalTensors& filters,
+                                                                          bool filter_value) {
+  const std::vector<const int32_t*> filter =
+      check_selection_list(scores, filters, {{"threshold", &threshold}, {"tie_quota", &tie_quota}});
+  const c10::cuda::CUDAGuard guard(tie_quota.device());
+  std::vector<at::Tensor> words;
+  for (const at::Tensor& s : scores) words.push_back(at::empty({num_words(s.numel())}, s.options().dtype(at::kInt)));
+  if (scores.empty()) return {words, at::clamp_min(tie_quota, 0)};
+  at::Tensor keep;
+  const ListTable table = upload_table(score_rows(scores, filter, &words), scores[0].device(), keep);
+  if (table.chunks == 0) return {words, at::clamp_min(tie_quota, 0)};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor counts = at::empty({table.chunks}, tie_quota.options());
+  const int64_t blocks = selection_blocks(table.chunks);
+  at::Tensor ties_end;
+  dispatch_dtype(scores[0].scalar_type(), "scores", true, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int64_t* t = threshold.data_ptr<int64_t>();
+    const int64_t* q = tie_quota.data_ptr<int64_t>();
+    tie_count_list_kernel<T><<<blocks, kThreads, 0, stream>>>(table, t, q, largest, filter_value,
+                                                              counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ties_end = at::cumsum(counts, 0);  // integer scan on the same stream
+    threshold_write_list_kernel<T><<<blocks, kThreads, 0, stream>>>(table, t, q, largest, filter_value,
+                                                                    counts.data_ptr<int64_t>(),
+                                                                    ties_end.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {words, at::clamp_min(tie_quota - ties_end[-1], 0)};
+}
+
+at::Tensor radix_histogram_cuda(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
+                                bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
+  check_radix_histogram_args(scores, prefix, shift, bits);
+  return radix_histogram_multi_cuda({scores}, prefix, shift, bits, largest, OptionalTensors({filter_words}),
+                                    filter_value);
+}
+
+at::Tensor threshold_mask_cuda(const at::Tensor& scores, const at::Tensor& threshold, const at::Tensor& tie_quota,
+                               bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
+  check_threshold_mask_args(scores, threshold, tie_quota);
+  return std::get<0>(threshold_mask_multi_cuda({scores}, threshold, tie_quota, largest,
+                                               OptionalTensors({filter_words}), filter_value))[0];
+}
+
 }  // namespace
 }  // namespace ssam
 
@@ -703,5 +777,7 @@ TORCH_LIBRARY_IMPL(ssam_kernels, CUDA, m) {
   m.impl("fisher_accumulate_multi_", &ssam::fisher_accumulate_multi_cuda);
   m.impl("radix_histogram", &ssam::radix_histogram_cuda);
   m.impl("threshold_mask", &ssam::threshold_mask_cuda);
+  m.impl("radix_histogram_multi", &ssam::radix_histogram_multi_cuda);
+  m.impl("threshold_mask_multi", &ssam::threshold_mask_multi_cuda);
   m.impl("hash_fill_", &ssam::hash_fill_cuda);
 }

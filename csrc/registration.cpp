@@ -26,6 +26,12 @@ TORCH_LIBRARY(ssam_kernels, m) {
         "Tensor? filter_words, bool filter_value) -> Tensor");
   m.def("threshold_mask(Tensor scores, Tensor threshold, Tensor tie_quota, bool largest, "
         "Tensor? filter_words, bool filter_value) -> Tensor");
+  // The selection primitives over a list of segments (one device and score dtype; issue 15): the summed
+  // histogram, and the masks of the list as one sequence with the tie quota left after it.
+  m.def("radix_histogram_multi(Tensor[] scores, Tensor prefix, int shift, int bits, bool largest, "
+        "Tensor?[] filters, bool filter_value) -> Tensor");
+  m.def("threshold_mask_multi(Tensor[] scores, Tensor threshold, Tensor tie_quota, bool largest, "
+        "Tensor?[] filters, bool filter_value) -> (Tensor[], Tensor)");
   // hash_scores as an out= op: a factory op without tensor arguments would have no device to dispatch on.
   m.def("hash_fill_(Tensor(a!) out, int seed, int step, int base) -> ()");
 }

@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "ssam_math.h"
 
@@ -194,6 +195,24 @@ inline void check_threshold_mask_args(const at::Tensor& scores, const at::Tensor
   check_vector(scores, "scores", scores);
   check_scalar(threshold, "threshold", at::kLong, scores);
   check_scalar(tie_quota, "tie_quota", at::kLong, scores);
+}
+
+// The list forms of the selection primitives: filters[j] (or None) belongs to scores[j], every scores[j]
+// has scores[0]'s device and dtype, and the device scalars live there too. Returns the filter pointers
+// (nullptr: no filter).
+inline std::vector<const int32_t*> check_selection_list(at::TensorList scores, const OptionalTensors& filters,
+                                                        std::initializer_list<std::pair<const char*, const at::Tensor*>> scalars) {
+  check_list_lengths(scores.size(), {{"filters", filters.size()}});
+  std::vector<const int32_t*> filter_ptrs(scores.size(), nullptr);
+  for (size_t j = 0; j < scores.size(); ++j) {
+    check_vector(scores[j], "scores", scores[j]);
+    check_same_kind(scores[j], scores[0], "scores", j);
+    filter_ptrs[j] = filter_view(filters.get(j), scores[j]);
+  }
+  if (!scores.empty()) {
+    for (const auto& [name, t] : scalars) check_scalar(*t, name, at::kLong, scores[0]);
+  }
+  return filter_ptrs;
 }
 
 inline void check_hash_fill_args(const at::Tensor& out, int64_t base) {

@@ -139,6 +139,24 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
                                                  filter_value)
 
 
+def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
+                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
+                          ) -> torch.Tensor:
+    """The sum over the list (one device and dtype) of :func:`radix_histogram` of each segment, in one
+    call (CPU: one parallel loop over all segments; CUDA: one launch over a table of the segments)."""
+    return torch.ops.ssam_kernels.radix_histogram_multi(scores, prefix, shift, bits, largest, filters,
+                                                        filter_value)
+
+
+def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, tie_quota: torch.Tensor,
+                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The mask words of each segment (eligible keys > ``threshold``, then the first ``tie_quota`` eligible
+    ties of the list in list order) and the quota left, ``max(tie_quota - ties, 0)``, in one call."""
+    return torch.ops.ssam_kernels.threshold_mask_multi(scores, threshold, tie_quota, largest, filters,
+                                                       filter_value)
+
+
 def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
     """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
     (``reference.hash_scores``)."""
@@ -212,6 +230,19 @@ if _C is not None:
                              largest: bool, filter_words: torch.Tensor | None,
                              filter_value: bool) -> torch.Tensor:
         return scores.new_empty(bitmask.num_words(scores.numel()), dtype=torch.int32)
+
+    @torch.library.register_fake("ssam_kernels::radix_histogram_multi")
+    def _radix_histogram_multi_fake(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
+                                    largest: bool, filters: list[torch.Tensor | None],
+                                    filter_value: bool) -> torch.Tensor:
+        return prefix.new_empty(1 << bits, dtype=torch.int64)
+
+    @torch.library.register_fake("ssam_kernels::threshold_mask_multi")
+    def _threshold_mask_multi_fake(scores: list[torch.Tensor], threshold: torch.Tensor,
+                                   tie_quota: torch.Tensor, largest: bool, filters: list[torch.Tensor | None],
+                                   filter_value: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return ([s.new_empty(bitmask.num_words(s.numel()), dtype=torch.int32) for s in scores],
+                tie_quota.new_empty(()))
 
     @torch.library.register_fake("ssam_kernels::hash_fill_")
     def _hash_fill_fake(out: torch.Tensor, seed: int, step: int, base: int) -> None:
