@@ -7,6 +7,8 @@ refresh that do not grow with the number of segments.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -15,6 +17,8 @@ import ssam_kernels as sk
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference, vectorized
 from ssam_kernels.ops.select import PASSES, select
+
+select_module = sys.modules["ssam_kernels.ops.select"]
 
 LIST_BACKENDS = [b for b in ("vectorized", "native", "triton") if ops._unavailable(b, "cpu") is None]
 SCORE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32]
@@ -48,7 +52,10 @@ def _case(sizes: list[int], dtype: torch.dtype, seed: int, ties: bool, filtered:
 
 @pytest.fixture(params=[1024, 1 << 16], ids=["vchunk1k", "vchunk64k"])
 def vchunk(request, monkeypatch) -> int:
-    """The vectorized backend's pieces: many packs and chunked segments, and the production size."""
+    """The vectorized backend's pieces: many packs and chunked segments, and the production size (the
+    other backends run once)."""
+    if request.param != 1 << 16 and request.node.callspec.params.get("backend", "vectorized") != "vectorized":
+        pytest.skip("the chunk size is the vectorized backend's")
     monkeypatch.setattr(vectorized, "CHUNK_ENTRIES", request.param)
     return request.param
 
@@ -58,6 +65,8 @@ def vchunk(request, monkeypatch) -> int:
 @pytest.mark.parametrize("ties,filtered", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("largest", [True, False])
 def test_primitives_match_reference(backend, dtype, ties, filtered, largest, vchunk):
+    if backend == "triton" and not largest:
+        pytest.skip("the interpreter is slow; largest=False is the complemented key, tested in test_triton")
     module = _module(backend)
     scores, filters = _case(SIZES, dtype, seed=len(SIZES) + ties + 2 * filtered, ties=ties, filtered=filtered)
     keys = torch.cat([reference.score_keys(s, largest) for s in scores])
@@ -221,3 +230,42 @@ def test_native_refresh_calls_independent_of_parameter_count(policy):
     expected = 2 if policy == "dynamic" else 1
     assert few == {"ssam_kernels::radix_histogram_multi": 3 * expected,
                    "ssam_kernels::threshold_mask_multi": expected}
+
+
+def test_list_offsets_match_bitmask_offsets():
+    """The offsets of a list of masks in a fixed number of ops equal ``bitmask.offsets`` of each (random
+    words, bits past N set, empty and one-entry masks, chunk boundaries)."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(10):
+        count = int(torch.randint(2, 30, (1,), generator=gen))
+        sizes = torch.randint(0, 5000, (count,), generator=gen).tolist()
+        sizes += [0, 1, 31, 32, 33, 1024, 1025, 2048][trial % 8:]
+        words = [torch.randint(-2**31, 2**31, (bitmask.num_words(n),), generator=gen, dtype=torch.int64)
+                 .to(torch.int32) for n in sizes]
+        for w, n, o in zip(words, sizes, select_module.list_offsets(words, sizes), strict=True):
+            want = bitmask.offsets(w, n)
+            assert o.dtype == want.dtype and torch.equal(o, want)
+    assert select_module.list_offsets([], []) == []
+    with pytest.raises(ValueError, match="mask: expected 2 words"):
+        select_module.list_offsets([torch.zeros(1, dtype=torch.int32)] * 2, [40, 40])
+
+
+@pytest.mark.skipif("triton" not in LIST_BACKENDS, reason="triton not available")
+def test_triton_launches_per_selection_independent_of_segment_count(monkeypatch):
+    from ssam_kernels.ops.triton import _config
+
+    launches: list[str] = []
+    launch = _config.launch
+
+    def counted(kernel, grid, *args, **kwargs):
+        launches.append(kernel.__name__)
+        launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(_config, "launch", counted)
+
+    def per_select(count: int) -> list[str]:
+        launches.clear()
+        scores = _segments(count, count)
+        ops.select_topk(scores, sum(s.numel() for s in scores) // 3, backend="triton")
+        return sorted(launches)
+    assert per_select(10) == per_select(200) == sorted(3 * ["_histogram_kernel"]
+                                                       + ["_tie_count_kernel", "_threshold_mask_kernel"])

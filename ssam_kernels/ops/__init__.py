@@ -44,7 +44,7 @@ try:
 except ImportError:
     _C = None
 from .bitmask import CHUNK
-from .select import Communicator, select
+from .select import Communicator, list_offsets, select
 
 __all__ = [
     "BACKENDS", "CHUNK", "Communicator", "available_backends", "bitmask", "dynamic_update",
@@ -503,7 +503,7 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
 
 
 def _with_offsets(words: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(w, bitmask.offsets(w, n)) for w, n in zip(words, sizes, strict=True)]
+    return list(zip(words, list_offsets(words, sizes), strict=True))
 
 
 def _global_total(value: int, device: torch.device, comm: Communicator | None) -> int:

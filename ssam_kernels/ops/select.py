@@ -155,3 +155,46 @@ def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequ
         for i, w in zip(index, run_words, strict=True):
             words[i] = w
     return words
+
+
+def list_offsets(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    """``bitmask.offsets(words[s], sizes[s])`` of every mask of a list in a fixed number of tensor ops
+    (not a popcount per mask): the popcounts of all words (bits past each mask's ``N`` cleared) are added
+    per chunk, scanned over the whole list, and each mask's scan restarted at its first chunk. int64, no
+    host synchronisation; the result of each mask is a view of one buffer."""
+    device = words[0].device if words else torch.device("cpu")
+    if len(words) <= 1 or any(w.device != device for w in words):
+        return [bitmask.offsets(w, n) for w, n in zip(words, sizes, strict=True)]
+    for w, n in zip(words, sizes, strict=True):
+        if w.numel() != bitmask.num_words(n):
+            raise ValueError(f"mask: expected {bitmask.num_words(n)} words for {n} entries, got {w.numel()}")
+
+    def per(values: list[int], counts: torch.Tensor, total: int) -> torch.Tensor:
+        return torch.repeat_interleave(torch.tensor(values, device=device), counts, output_size=total)
+    n_words = [bitmask.num_words(n) for n in sizes]
+    n_chunks = [bitmask.num_chunks(n) for n in sizes]
+    total_words, total_chunks = sum(n_words), sum(n_chunks)
+    word_counts = torch.tensor(n_words, device=device)
+    chunk_counts = torch.tensor(n_chunks, device=device)
+    word_start = [0]
+    chunk_start = [0]
+    for w, c in zip(n_words, n_chunks, strict=True):
+        word_start.append(word_start[-1] + w)
+        chunk_start.append(chunk_start[-1] + c)
+    local = torch.arange(total_words, device=device) - per(word_start[:-1], word_counts, total_words)
+    # Bits of each word below its mask's N: 32, except in a mask's last word.
+    valid = (per(list(sizes), word_counts, total_words) - 32 * local).clamp(max=32)
+    kept = bitmask.to_uint(torch.cat(list(words))) & ((1 << valid) - 1)
+    bits = bitmask.popcount(bitmask.to_int32(kept)).to(torch.int64)
+    chunk = per(chunk_start[:-1], word_counts, total_words) + local // bitmask.WORDS_PER_CHUNK
+    per_chunk = torch.zeros(total_chunks, dtype=torch.int64, device=device).index_add_(0, chunk, bits)
+    scan = torch.cumsum(per_chunk, 0)
+    first = per(chunk_start[:-1], chunk_counts, total_chunks)  # each chunk's mask's first chunk
+    within = scan - (scan - per_chunk).gather(0, first)
+    # Mask s's offsets are entries chunk_start[s] + s ... of the output: a 0, then its scan.
+    owner = torch.repeat_interleave(torch.arange(len(sizes), device=device), chunk_counts,
+                                    output_size=total_chunks)
+    out = torch.zeros(total_chunks + len(sizes), dtype=torch.int64, device=device)
+    out[torch.arange(total_chunks, device=device) + owner + 1] = within
+    return list(out.split([c + 1 for c in n_chunks]))
+

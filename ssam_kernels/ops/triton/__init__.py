@@ -28,11 +28,11 @@ else:
     from .hashing import hash_scores
     from .norm import grad_sq_norm, grad_sq_norm_multi
     from .perturb import perturb_, perturb_multi_, restore_, restore_multi_
-    from .radix import radix_histogram, threshold_mask
+    from .radix import radix_histogram, radix_histogram_multi, threshold_mask, threshold_mask_multi
 
 __all__ = ["fisher_accumulate_", "fisher_accumulate_multi_", "grad_sq_norm", "grad_sq_norm_multi",
-           "hash_scores", "perturb_", "perturb_multi_", "radix_histogram", "restore_", "restore_multi_",
-           "threshold_mask", "unavailable_reason"]
+           "hash_scores", "perturb_", "perturb_multi_", "radix_histogram", "radix_histogram_multi",
+           "restore_", "restore_multi_", "threshold_mask", "threshold_mask_multi", "unavailable_reason"]
 
 
 def unavailable_reason(device_type: str) -> str | None:

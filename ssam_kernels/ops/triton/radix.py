@@ -6,12 +6,18 @@ sign bit is set, else ``b | 2^31``; NaN gets key 0; int32 scores are their unsig
 ``largest=False`` complements the key. Eligibility: no filter, or the entry's filter bit equals
 ``filter_value``.
 
-* ``radix_histogram``: a persistent (grid-stride) kernel; each program keeps a local ``2^bits``-bin
-  histogram (``tl.histogram``) over its tiles and writes it to its own row of an int32 buffer, which
-  ``torch.sum`` adds in int64. Integer sums, so the result is exact and deterministic.
-* ``threshold_mask``: pass A counts the eligible entries equal to the threshold per tile; an int64
-  exclusive ``torch.cumsum`` over tiles gives the ties before each tile; pass B assigns every tie its
-  rank in index order, keeps ``key > threshold`` and ties with rank ``< tie_quota``, and packs 32 bits
+Lists (issue 15): every kernel runs over the launch table of a list of segments
+(:func:`._config.launch_table`: one ``(segment, tile)`` row per ``CONFIG.block``-entry tile, then each
+segment's addresses and size), so one launch covers any number of segments; the single-segment ops are
+lists of one.
+
+* ``radix_histogram_multi``: a persistent kernel; program ``p`` takes the table rows ``p``,
+  ``p + programs``, ..., keeps a local ``2^bits``-bin histogram (``tl.histogram``) over their tiles and
+  writes it to its own row of an int32 buffer, which ``torch.sum`` adds in int64. Integer sums, so the
+  result is exact and deterministic.
+* ``threshold_mask_multi``: pass A counts the eligible entries equal to the threshold per tile; an int64
+  ``torch.cumsum`` over the tiles in list order gives the ties before each tile; pass B assigns every tie
+  its rank in list order, keeps ``key > threshold`` and ties with rank ``< tie_quota``, and packs 32 bits
   per word. Entries at or past ``N`` are never selected, so bits past ``N`` are 0.
 
 These run during a mask update, which synchronises with the host anyway (the driver reads counts), so
@@ -26,7 +32,7 @@ import triton.language as tl
 
 from ..bitmask import num_words
 from . import _config
-from ._config import CONFIG, cdiv, launch_options, persistent_programs
+from ._config import CONFIG, cdiv, launch_table, persistent_programs
 from ._convert import to_float32
 
 
@@ -55,20 +61,38 @@ def _score_keys(scores_ptr, filter_ptr, index, N, LARGEST: tl.constexpr, INT_SCO
 
 
 @triton.jit
-def _histogram_kernel(scores_ptr, filter_ptr, prefix_ptr, partial_ptr, N, ITERS, PROGRAMS,
+def _table_segment(table_ptr, ENTRIES_AT, row, scores_like):
+    """``(scores_ptr, filter_ptr, words_ptr, N, tile)`` of launch-table row ``row``
+    (:func:`._config.launch_table`; per segment: scores, filter and words addresses, then N)."""
+    entry = tl.load(table_ptr + 2 * row)
+    tile = tl.load(table_ptr + 2 * row + 1)
+    columns = table_ptr + ENTRIES_AT + entry * 4
+    scores_ptr = tl.load(columns).to(tl.pointer_type(scores_like.dtype.element_ty))
+    filter_ptr = tl.load(columns + 1).to(tl.pointer_type(tl.int32))
+    words_ptr = tl.load(columns + 2).to(tl.pointer_type(tl.int32))
+    return scores_ptr, filter_ptr, words_ptr, tl.load(columns + 3), tile
+
+
+@triton.jit
+def _histogram_kernel(table_ptr, ENTRIES_AT, ROWS, ITERS, PROGRAMS, scores_like, prefix_ptr, partial_ptr,
                       SHIFT: tl.constexpr, BITS: tl.constexpr, LARGEST: tl.constexpr,
                       INT_SCORES: tl.constexpr, HAS_FILTER: tl.constexpr, FILTER_VALUE: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """``partial[p, d]`` = eligible entries of program ``p``'s tiles whose key has digit ``d`` at
-    ``SHIFT`` and agrees with ``prefix`` on the bits above ``SHIFT + BITS``."""
+    """``partial[p, d]`` = eligible entries of program ``p``'s tiles (table rows ``p``, ``p + PROGRAMS``,
+    ...: any segments of the list) whose key has digit ``d`` at ``SHIFT`` and agrees with ``prefix`` on
+    the bits above ``SHIFT + BITS``."""
     BINS: tl.constexpr = 1 << BITS
     HIGH: tl.constexpr = SHIFT + BITS
     pid = tl.program_id(0).to(tl.int64)
     prefix = tl.load(prefix_ptr).to(tl.uint32)
     hist = tl.zeros([BINS], dtype=tl.int32)
     for it in range(ITERS):
-        index = (pid + it * PROGRAMS) * BLOCK + tl.arange(0, BLOCK)
-        key, counted = _score_keys(scores_ptr, filter_ptr, index, N, LARGEST, INT_SCORES, HAS_FILTER,
+        row = pid + it * PROGRAMS
+        scores_ptr, filter_ptr, _, n, tile = _table_segment(table_ptr, ENTRIES_AT, tl.minimum(row, ROWS - 1),
+                                                           scores_like)
+        n = tl.where(row < ROWS, n, 0)  # a program past the last row counts nothing
+        index = tile * BLOCK + tl.arange(0, BLOCK)
+        key, counted = _score_keys(scores_ptr, filter_ptr, index, n, LARGEST, INT_SCORES, HAS_FILTER,
                                    FILTER_VALUE)
         if HIGH < 32:  # a shift by 32 would be undefined; nothing lies above the top digit anyway
             counted = counted & ((key >> HIGH) == (prefix >> HIGH))
@@ -78,31 +102,34 @@ def _histogram_kernel(scores_ptr, filter_ptr, prefix_ptr, partial_ptr, N, ITERS,
 
 
 @triton.jit
-def _tie_count_kernel(scores_ptr, filter_ptr, threshold_ptr, count_ptr, N, LARGEST: tl.constexpr,
+def _tie_count_kernel(table_ptr, ENTRIES_AT, scores_like, threshold_ptr, count_ptr, LARGEST: tl.constexpr,
                       INT_SCORES: tl.constexpr, HAS_FILTER: tl.constexpr, FILTER_VALUE: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """Pass A: ``count[t]`` = eligible entries of tile ``t`` whose key equals the threshold."""
+    """Pass A: ``count[r]`` = eligible entries of the tile of table row ``r`` whose key equals the
+    threshold."""
     pid = tl.program_id(0).to(tl.int64)
-    index = pid * BLOCK + tl.arange(0, BLOCK)
-    key, eligible = _score_keys(scores_ptr, filter_ptr, index, N, LARGEST, INT_SCORES, HAS_FILTER,
+    scores_ptr, filter_ptr, _, n, tile = _table_segment(table_ptr, ENTRIES_AT, pid, scores_like)
+    index = tile * BLOCK + tl.arange(0, BLOCK)
+    key, eligible = _score_keys(scores_ptr, filter_ptr, index, n, LARGEST, INT_SCORES, HAS_FILTER,
                                 FILTER_VALUE)
     equal = eligible & (key == tl.load(threshold_ptr).to(tl.uint32))
     tl.store(count_ptr + pid, tl.sum(equal.to(tl.int32), axis=0))
 
 
 @triton.jit
-def _threshold_mask_kernel(scores_ptr, filter_ptr, threshold_ptr, quota_ptr, ties_before_ptr, words_ptr, N,
+def _threshold_mask_kernel(table_ptr, ENTRIES_AT, scores_like, threshold_ptr, quota_ptr, ties_before_ptr,
                            LARGEST: tl.constexpr, INT_SCORES: tl.constexpr, HAS_FILTER: tl.constexpr,
                            FILTER_VALUE: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass B: the mask words of tile ``t``, viewed as ``[BLOCK/32 words, 32 bits]``: entries with
-    ``key > threshold``, and ties whose index-order rank (``ties_before[t]`` + ties earlier in the tile)
-    is below ``tie_quota``."""
+    """Pass B: the mask words of the tile of table row ``r``, viewed as ``[BLOCK/32 words, 32 bits]``:
+    entries with ``key > threshold``, and ties whose list-order rank (``ties_before[r]`` + ties earlier
+    in the tile) is below ``tie_quota``."""
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0).to(tl.int64)
-    word = pid * ROWS + tl.arange(0, ROWS)
+    scores_ptr, filter_ptr, words_ptr, n, tile = _table_segment(table_ptr, ENTRIES_AT, pid, scores_like)
+    word = tile * ROWS + tl.arange(0, ROWS)
     bit = tl.arange(0, 32)
     index = word[:, None] * 32 + bit[None, :]
-    key, eligible = _score_keys(scores_ptr, filter_ptr, index, N, LARGEST, INT_SCORES, HAS_FILTER,
+    key, eligible = _score_keys(scores_ptr, filter_ptr, index, n, LARGEST, INT_SCORES, HAS_FILTER,
                                 FILTER_VALUE)
     threshold = tl.load(threshold_ptr).to(tl.uint32)
     equal = (eligible & (key == threshold)).to(tl.int32)
@@ -112,13 +139,41 @@ def _threshold_mask_kernel(scores_ptr, filter_ptr, threshold_ptr, quota_ptr, tie
     selected = eligible & ((key > threshold) | ((equal != 0) & (tie_rank < tl.load(quota_ptr))))
     # Distinct powers of two: their sum is their bitwise OR (no carries).
     packed = tl.sum(selected.to(tl.uint32) << bit[None, :].to(tl.uint32), axis=1)
-    tl.store(words_ptr + word, packed.to(tl.int32, bitcast=True), mask=word * 32 < N)
+    tl.store(words_ptr + word, packed.to(tl.int32, bitcast=True), mask=word * 32 < n)
 
 
-def _key_flags(scores: torch.Tensor, largest: bool, filter_words: torch.Tensor | None,
+def _key_flags(scores: torch.Tensor, largest: bool, filters: list[torch.Tensor | None],
                filter_value: bool) -> dict[str, bool]:
     return {"LARGEST": bool(largest), "INT_SCORES": scores.dtype == torch.int32,
-            "HAS_FILTER": filter_words is not None, "FILTER_VALUE": bool(filter_value)}
+            "HAS_FILTER": filters[0] is not None, "FILTER_VALUE": bool(filter_value)}
+
+
+def _table(scores: list[torch.Tensor], filters: list[torch.Tensor | None],
+           words: list[torch.Tensor] | None) -> tuple[torch.Tensor, int, int]:
+    """The launch table of a selection list: one row per ``CONFIG.block``-entry tile of every segment,
+    then per segment its scores, filter and words addresses (0 when absent) and its size."""
+    columns = [(s.data_ptr(), f.data_ptr() if f is not None else 0,
+                words[j].data_ptr() if words is not None else 0, s.numel())
+               for j, (s, f) in enumerate(zip(scores, filters, strict=True))]
+    return launch_table(columns, [s.numel() for s in scores], CONFIG.block, scores[0].device)
+
+
+def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
+                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
+                          ) -> torch.Tensor:
+    """The sum over the list (one device and dtype; ``filters`` all None or all tensors) of
+    :func:`radix_histogram`: one launch of a persistent kernel over the tiles of every segment."""
+    device = scores[0].device
+    table, rows, entries_at = _table(scores, filters, None)
+    if rows == 0:
+        return torch.zeros(1 << bits, dtype=torch.int64, device=device)
+    programs = min(rows, persistent_programs(device))
+    partial = torch.empty(programs, 1 << bits, dtype=torch.int32, device=device)
+    with _config.on_device(scores[0]):
+        _config.launch(_histogram_kernel, (programs,), table, entries_at, rows, cdiv(rows, programs),
+                       programs, scores[0], prefix, partial, SHIFT=shift, BITS=bits, BLOCK=CONFIG.block,
+                       **_key_flags(scores[0], largest, filters, filter_value))
+    return partial.sum(dim=0, dtype=torch.int64)
 
 
 def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
@@ -128,18 +183,29 @@ def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits
 
     ``prefix`` is an int64 0-d tensor on ``scores``' device, read in the kernel.
     """
-    n = scores.numel()
-    if n == 0:
-        return torch.zeros(1 << bits, dtype=torch.int64, device=scores.device)
-    tiles = cdiv(n, CONFIG.block)
-    programs = min(tiles, persistent_programs(scores.device))
-    partial = torch.empty(programs, 1 << bits, dtype=torch.int32, device=scores.device)
-    with _config.on_device(scores):
-        _histogram_kernel[(programs,)](scores, filter_words, prefix, partial, n, cdiv(tiles, programs),
-                                       programs, SHIFT=shift, BITS=bits, BLOCK=CONFIG.block,
-                                       **launch_options(), **_key_flags(scores, largest, filter_words,
-                                                                        filter_value))
-    return partial.sum(dim=0, dtype=torch.int64)
+    return radix_histogram_multi([scores], prefix, shift, bits, largest, [filter_words], filter_value)
+
+
+def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, tie_quota: torch.Tensor,
+                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The mask words of each segment (eligible keys > ``threshold``, then the first ``tie_quota`` eligible
+    ties of the list in list order) and the quota left, ``max(tie_quota - ties, 0)``: two launches (tie
+    counts per tile, then the words) over the tiles of every segment, with an int64 scan between."""
+    device = scores[0].device
+    words = [torch.empty(num_words(s.numel()), dtype=torch.int32, device=device) for s in scores]
+    table, rows, entries_at = _table(scores, filters, words)
+    if rows == 0:
+        return words, tie_quota.clamp(min=0)
+    flags = _key_flags(scores[0], largest, filters, filter_value)
+    counts = torch.empty(rows, dtype=torch.int32, device=device)
+    with _config.on_device(scores[0]):
+        _config.launch(_tie_count_kernel, (rows,), table, entries_at, scores[0], threshold, counts,
+                       BLOCK=CONFIG.block, **flags)
+        ties_end = torch.cumsum(counts, dim=0, dtype=torch.int64)
+        _config.launch(_threshold_mask_kernel, (rows,), table, entries_at, scores[0], threshold, tie_quota,
+                       ties_end - counts, BLOCK=CONFIG.block, **flags)
+    return words, (tie_quota - ties_end[-1]).clamp(min=0)
 
 
 def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
@@ -149,17 +215,4 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
 
     ``threshold`` and ``tie_quota`` are int64 0-d tensors on ``scores``' device, read in the kernels.
     """
-    n = scores.numel()
-    words = torch.empty(num_words(n), dtype=torch.int32, device=scores.device)
-    if n == 0:
-        return words
-    flags = _key_flags(scores, largest, filter_words, filter_value)
-    tiles = cdiv(n, CONFIG.block)
-    counts = torch.empty(tiles, dtype=torch.int32, device=scores.device)
-    with _config.on_device(scores):
-        _tie_count_kernel[(tiles,)](scores, filter_words, threshold, counts, n, BLOCK=CONFIG.block,
-                                    **launch_options(), **flags)
-        ties_before = torch.cumsum(counts, dim=0, dtype=torch.int64) - counts
-        _threshold_mask_kernel[(tiles,)](scores, filter_words, threshold, tie_quota, ties_before, words, n,
-                                         BLOCK=CONFIG.block, **launch_options(), **flags)
-    return words
+    return threshold_mask_multi([scores], threshold, tie_quota, largest, [filter_words], filter_value)[0][0]
