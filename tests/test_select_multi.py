@@ -122,13 +122,17 @@ def test_dynamic_update_lists(backend, grow, vchunk):
     drop = [_scores(n, torch.float32, gen, ties=True).abs() for n in SIZES]
     live = [torch.rand(n, generator=gen) < 0.4 for n in SIZES]
     masks = [bitmask.from_bool(x)[0] for x in live]
+    for m, n in zip(masks, SIZES, strict=True):
+        if n % 32:  # bits past N: not entries, neither live nor kept
+            m[-1] |= -(1 << (n % 32))
     grow_arg = "random" if grow == "random" else [_scores(n, torch.bfloat16, gen, ties=True) for n in SIZES]
     n_live = sum(int(x.sum()) for x in live)
     for n_drop in (0, 1, n_live // 2, min(n_live, sum(SIZES) - n_live)):
         got = ops.dynamic_update(masks, drop, n_drop, grow_arg, 3, 11, backend=backend)
         want = ops.dynamic_update(masks, drop, n_drop, grow_arg, 3, 11, backend="reference")
-        for (w, o), (x, y) in zip(got, want, strict=True):
+        for (w, o), (x, y), n in zip(got, want, SIZES, strict=True):
             assert torch.equal(w, x) and torch.equal(o, y)
+            assert torch.equal(w, bitmask.trim(w, n))
 
 
 def test_fallback_loop_matches_lists(monkeypatch):
@@ -269,3 +273,14 @@ def test_triton_launches_per_selection_independent_of_segment_count(monkeypatch)
         return sorted(launches)
     assert per_select(10) == per_select(200) == sorted(3 * ["_histogram_kernel"]
                                                        + ["_tie_count_kernel", "_threshold_mask_kernel"])
+
+
+def test_mask_list_bounded(monkeypatch):
+    """Past ``MAX_WORDS`` words (bounded temporaries) the masks are handled one by one, same results."""
+    sizes = [100, 2000, 33]
+    words = [bitmask.pack(torch.rand(n) < 0.5) for n in sizes]
+    assert select_module.MaskList.of(words, sizes) is not None
+    monkeypatch.setattr(select_module.MaskList, "MAX_WORDS", 10)
+    assert select_module.MaskList.of(words, sizes) is None
+    for w, n, o in zip(words, sizes, select_module.list_offsets(words, sizes), strict=True):
+        assert torch.equal(o, bitmask.offsets(w, n))

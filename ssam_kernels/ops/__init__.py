@@ -44,7 +44,7 @@ try:
 except ImportError:
     _C = None
 from .bitmask import CHUNK
-from .select import Communicator, list_offsets, select
+from .select import Communicator, MaskList, list_offsets, select
 
 __all__ = [
     "BACKENDS", "CHUNK", "Communicator", "available_backends", "bitmask", "dynamic_update",
@@ -563,13 +563,18 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
         raise TypeError(f"masks: expected a list of {len(drop_scores)} int32 tensors (one per score tensor)")
     for i, (mask, s) in enumerate(zip(masks, drop_scores, strict=True)):
         _check_mask(mask, None, s, mask_name=f"masks[{i}]")
-    # Bits past N are not entries: neither live nor kept in the updated masks.
-    masks = [bitmask.trim(m, s.numel()) for m, s in zip(masks, drop_scores, strict=True)]
     seed = _check_count("seed", seed, 0xFFFFFFFF)
     step = _check_count("step", step, 0xFFFFFFFF)
     sizes = [s.numel() for s in drop_scores]
     home = drop_scores[0].device
-    live_count = torch.stack([bitmask.count(m).to(home) for m in masks]).sum().view(1)
+    # Bits past N are not entries: neither live nor kept in the updated masks (the selection kernels
+    # read no filter bit past N). Several masks on one device are counted and combined in a few ops.
+    batch = MaskList.of(masks, sizes)
+    if batch is not None:
+        live_count = batch.count(masks).view(1)
+    else:
+        masks = [bitmask.trim(m, s.numel()) for m, s in zip(masks, drop_scores, strict=True)]
+        live_count = torch.stack([bitmask.count(m).to(home) for m in masks]).sum().view(1)
     if comm is not None:
         comm.all_reduce_(live_count)
     live = int(live_count.item())
@@ -584,8 +589,7 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
             positions = [base + sum(sizes[:i]) for i in range(len(sizes))]
         elif len(positions) != len(sizes):
             raise ValueError(f"positions: expected {len(sizes)} ints, got {len(positions)}")
-        grow_scores = [b.hash_scores(n, seed, step, start, s.device)
-                       for b, n, start, s in zip(backends, sizes, positions, drop_scores, strict=True)]
+        grow_scores = _grow_hashes(backends, sizes, list(positions), seed, step, drop_scores)
     else:
         grow_scores = _check_scores("grow", grow)
         if len(grow_scores) != len(drop_scores):
@@ -594,5 +598,25 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
             _check_like(f"grow[{i}]", g, f"drop_scores[{i}]", s, dtype=False)
     dropped = select(drop_scores, n_drop, False, backends, masks, True, comm)
     grown = select(grow_scores, n_drop, True, backends, masks, False, comm)
-    new = [(m & ~d) | g for m, d, g in zip(masks, dropped, grown, strict=True)]
-    return _with_offsets(new, sizes)
+    if batch is None:
+        return _with_offsets([(m & ~d) | g for m, d, g in zip(masks, dropped, grown, strict=True)], sizes)
+    new = batch.split(batch.trimmed(masks) & ~batch.trimmed(dropped) | batch.trimmed(grown))
+    return list(zip(new, batch.offsets(new), strict=True))
+
+
+def _grow_hashes(backends: list[ModuleType], sizes: list[int], positions: list[int], seed: int, step: int,
+                 like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``hash_scores`` of every segment (entries ``positions[s] …``): one call per run of consecutive
+    segments of one device whose positions follow each other (the whole list in one process), each
+    segment's hashes a view of its run's."""
+    out: list[torch.Tensor] = []
+    start = 0
+    for i in range(1, len(sizes) + 1):
+        if (i < len(sizes) and like[i].device == like[start].device
+                and positions[i] == positions[i - 1] + sizes[i - 1]):
+            continue
+        run = backends[start].hash_scores(sum(sizes[start:i]), seed, step, positions[start],
+                                          like[start].device)
+        out.extend(run.split(sizes[start:i]))
+        start = i
+    return out

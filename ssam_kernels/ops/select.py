@@ -157,44 +157,86 @@ def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequ
     return words
 
 
+class MaskList:
+    """A list of masks (``sizes[s]`` entries each, all on one device) handled in a fixed number of tensor
+    ops, not a few per mask: the words of all masks concatenated, with each word's bits below its mask's
+    ``N`` (``valid``) and its 1024-entry chunk in the list. No host synchronisation."""
+
+    MAX_WORDS = 1 << 22
+    """Most words handled at once (128 Mi entries): the int64 temporaries, ~40 B per word, stay below
+    ~170 MB; a larger list is handled mask by mask, where the per-mask ops cost little next to its size."""
+
+    def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
+        self.sizes, self.device = list(sizes), device
+        self.n_words = [bitmask.num_words(n) for n in sizes]
+        self.n_chunks = [bitmask.num_chunks(n) for n in sizes]
+        words, chunks = sum(self.n_words), sum(self.n_chunks)
+        word_start, chunk_start = [0], [0]
+        for w, c in zip(self.n_words, self.n_chunks, strict=True):
+            word_start.append(word_start[-1] + w)
+            chunk_start.append(chunk_start[-1] + c)
+        word_counts = torch.tensor(self.n_words, device=device)
+        self.chunk_counts = torch.tensor(self.n_chunks, device=device)
+        self.total_chunks = chunks
+        local = torch.arange(words, device=device) - self._per(word_start[:-1], word_counts, words)
+        # Bits of each word below its mask's N: all 32, except in a mask's last word.
+        bits = (self._per(self.sizes, word_counts, words) - 32 * local).clamp(max=32)
+        self.valid = (1 << bits) - 1
+        self.chunk = self._per(chunk_start[:-1], word_counts, words) + local // bitmask.WORDS_PER_CHUNK
+        self.first_chunk = self._per(chunk_start[:-1], self.chunk_counts, chunks)
+
+    @staticmethod
+    def of(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> MaskList | None:
+        """The list of ``words`` (checked against ``sizes``), or None when they are not several masks on
+        one device of at most ``MAX_WORDS`` words in all (then the per-mask functions of :mod:`.bitmask`
+        serve)."""
+        for w, n in zip(words, sizes, strict=True):
+            if w.numel() != bitmask.num_words(n):
+                raise ValueError(f"mask: expected {bitmask.num_words(n)} words for {n} entries, "
+                                 f"got {w.numel()}")
+        if (len(words) <= 1 or sum(w.numel() for w in words) > MaskList.MAX_WORDS
+                or any(w.device != words[0].device for w in words)):
+            return None
+        return MaskList(sizes, words[0].device)
+
+    def _per(self, values: list[int], counts: torch.Tensor, total: int) -> torch.Tensor:
+        return torch.repeat_interleave(torch.tensor(values, device=self.device), counts, output_size=total)
+
+    def trimmed(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All words concatenated, as unsigned values (int64) with the bits past each mask's N cleared."""
+        return bitmask.to_uint(torch.cat(list(words))) & self.valid
+
+    def split(self, trimmed: torch.Tensor) -> list[torch.Tensor]:
+        """The int32 words of each mask from :meth:`trimmed`-style values (views of one buffer)."""
+        return list(bitmask.to_int32(trimmed).split(self.n_words))
+
+    def _per_chunk(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
+        bits = bitmask.popcount(bitmask.to_int32(self.trimmed(words))).to(torch.int64)
+        per_chunk = torch.zeros(self.total_chunks, dtype=torch.int64, device=self.device)
+        return per_chunk.index_add_(0, self.chunk, bits)
+
+    def count(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Set bits below N over all masks: an int64 0-d tensor."""
+        return self._per_chunk(words).sum()
+
+    def offsets(self, words: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``bitmask.offsets`` of every mask: the per-chunk counts scanned over the whole list, each
+        mask's scan restarted at its first chunk (each result a view of one buffer)."""
+        per_chunk = self._per_chunk(words)
+        scan = torch.cumsum(per_chunk, 0)
+        within = scan - (scan - per_chunk).gather(0, self.first_chunk)
+        # Mask s's offsets are entries chunk_start[s] + s ... of the output: a 0, then its scan.
+        owner = torch.repeat_interleave(torch.arange(len(self.sizes), device=self.device), self.chunk_counts,
+                                        output_size=self.total_chunks)
+        out = torch.zeros(self.total_chunks + len(self.sizes), dtype=torch.int64, device=self.device)
+        out[torch.arange(self.total_chunks, device=self.device) + owner + 1] = within
+        return list(out.split([c + 1 for c in self.n_chunks]))
+
+
 def list_offsets(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
-    """``bitmask.offsets(words[s], sizes[s])`` of every mask of a list in a fixed number of tensor ops
-    (not a popcount per mask): the popcounts of all words (bits past each mask's ``N`` cleared) are added
-    per chunk, scanned over the whole list, and each mask's scan restarted at its first chunk. int64, no
-    host synchronisation; the result of each mask is a view of one buffer."""
-    device = words[0].device if words else torch.device("cpu")
-    if len(words) <= 1 or any(w.device != device for w in words):
+    """``bitmask.offsets(words[s], sizes[s])`` of every mask of a list (:class:`MaskList`: a fixed number
+    of tensor ops when the masks share a device, not a popcount per mask); int64."""
+    masks = MaskList.of(words, sizes)
+    if masks is None:
         return [bitmask.offsets(w, n) for w, n in zip(words, sizes, strict=True)]
-    for w, n in zip(words, sizes, strict=True):
-        if w.numel() != bitmask.num_words(n):
-            raise ValueError(f"mask: expected {bitmask.num_words(n)} words for {n} entries, got {w.numel()}")
-
-    def per(values: list[int], counts: torch.Tensor, total: int) -> torch.Tensor:
-        return torch.repeat_interleave(torch.tensor(values, device=device), counts, output_size=total)
-    n_words = [bitmask.num_words(n) for n in sizes]
-    n_chunks = [bitmask.num_chunks(n) for n in sizes]
-    total_words, total_chunks = sum(n_words), sum(n_chunks)
-    word_counts = torch.tensor(n_words, device=device)
-    chunk_counts = torch.tensor(n_chunks, device=device)
-    word_start = [0]
-    chunk_start = [0]
-    for w, c in zip(n_words, n_chunks, strict=True):
-        word_start.append(word_start[-1] + w)
-        chunk_start.append(chunk_start[-1] + c)
-    local = torch.arange(total_words, device=device) - per(word_start[:-1], word_counts, total_words)
-    # Bits of each word below its mask's N: 32, except in a mask's last word.
-    valid = (per(list(sizes), word_counts, total_words) - 32 * local).clamp(max=32)
-    kept = bitmask.to_uint(torch.cat(list(words))) & ((1 << valid) - 1)
-    bits = bitmask.popcount(bitmask.to_int32(kept)).to(torch.int64)
-    chunk = per(chunk_start[:-1], word_counts, total_words) + local // bitmask.WORDS_PER_CHUNK
-    per_chunk = torch.zeros(total_chunks, dtype=torch.int64, device=device).index_add_(0, chunk, bits)
-    scan = torch.cumsum(per_chunk, 0)
-    first = per(chunk_start[:-1], chunk_counts, total_chunks)  # each chunk's mask's first chunk
-    within = scan - (scan - per_chunk).gather(0, first)
-    # Mask s's offsets are entries chunk_start[s] + s ... of the output: a 0, then its scan.
-    owner = torch.repeat_interleave(torch.arange(len(sizes), device=device), chunk_counts,
-                                    output_size=total_chunks)
-    out = torch.zeros(total_chunks + len(sizes), dtype=torch.int64, device=device)
-    out[torch.arange(total_chunks, device=device) + owner + 1] = within
-    return list(out.split([c + 1 for c in n_chunks]))
-
+    return masks.offsets(words)
