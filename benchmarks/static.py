@@ -22,7 +22,7 @@ Counts are static instruction counts in the SASS (not executed counts): ``global
 ``global_stores`` map the access width in bits to the number of ``LDG`` / ``STG`` instructions of that
 width, ``fp64_instructions`` counts ``DADD``/``DMUL``/``DFMA``/``DMNMX``/``DSETP``/``DSET``. Register and
 spill figures are ``ptxas -v``'s; ``shared_bytes`` is the static shared memory for native kernels (plus,
-for ``radix_histogram_kernel``, a launch-time dynamic ``4 · 2^bits`` bytes) and Triton's ``shared``
+for ``radix_histogram_list_kernel``, a launch-time dynamic ``4 · 2^bits`` bytes) and Triton's ``shared``
 metadata (all its shared memory) for Triton kernels. Triton records also carry ``ptx_global_loads`` /
 ``ptx_global_stores`` (``ld.global``/``st.global`` by width in the PTX, before ptxas unrolls loops: the
 SASS of ``grad_sq_norm`` has 8 times the PTX's loads), ``num_warps`` and the ``constexprs`` of the launch.

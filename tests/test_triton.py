@@ -516,12 +516,15 @@ def _compile_for_sm90() -> None:
     for st in ("fp32", "fp64", "bf16", "i32"):
         flags = {"LARGEST": False, "INT_SCORES": st == "i32", "HAS_FILTER": True, "FILTER_VALUE": False,
                  "BLOCK": 2048}
-        scores = {"scores_ptr": f"*{st}", "filter_ptr": "*i32"}
+        scores = {"table_ptr": "*i64", "scores_like": f"*{st}"}
+        entries = {"ENTRIES_AT": "i64"}
         build(radix._histogram_kernel, {**scores, "prefix_ptr": "*i64", "partial_ptr": "*i32"},
-              {**n, "ITERS": "i32", "PROGRAMS": "i32"}, {"SHIFT": 21, "BITS": 11, **flags})
-        build(radix._tie_count_kernel, {**scores, "threshold_ptr": "*i64", "count_ptr": "*i32"}, n, flags)
+              {**entries, "ROWS": "i64", "ITERS": "i32", "PROGRAMS": "i32"},
+              {"SHIFT": 21, "BITS": 11, **flags})
+        build(radix._tie_count_kernel, {**scores, "threshold_ptr": "*i64", "count_ptr": "*i32"}, entries,
+              flags)
         build(radix._threshold_mask_kernel, {**scores, "threshold_ptr": "*i64", "quota_ptr": "*i64",
-                                             "ties_before_ptr": "*i64", "words_ptr": "*i32"}, n, flags)
+                                             "ties_before_ptr": "*i64"}, entries, flags)
     build(hashing._hash_kernel, {"out_ptr": "*i32"}, {**n, "base": "i64", "key": "i32"}, {"BLOCK": 2048})
 
 
