@@ -15,6 +15,11 @@ at a fraction of its cost. What differs from the reference is only how the work 
 - Selection keys are computed once per chunk and pass in int32 (a sign-flipped image of the unsigned key,
   so signed comparisons order them as the unsigned keys), histograms by ``bincount`` on CPU and
   ``index_add_`` elsewhere (``bincount`` synchronises on CUDA to size its output).
+- The selection list primitives (``radix_histogram_multi``, ``threshold_mask_multi``) walk a list of
+  segments as pieces of at most ``CHUNK_ENTRIES`` entries: a large segment in chunks of its own, runs of
+  small ones concatenated (their filter bits and mask words placed by one index tensor per piece), so
+  hundreds of small segments cost a few tensor ops per piece; the single-segment primitives are lists
+  of one.
 
 ``perturb_`` and ``restore_`` with a mask read the per-chunk live counts on the host once per call (the
 backup slice of each chunk starts at the count before it). Memory safety: mask bits past ``N`` are
