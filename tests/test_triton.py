@@ -37,7 +37,12 @@ if _WHY is None:
 SIZES = [0, 1, 31, 33, 1023, 1025, 5003]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
-SIZE_CONFIGS = [*((n, "default") for n in SIZES), (33, "small"), (1025, "small")]
+# "gpu": the GPU launch configuration in the interpreter, at sizes that end mid-word, mid-vector and
+# mid-tile, with the partial last group alone in its tile (2051, 2056: a whole last group, a partial
+# last word) and in a later program of a norm/Fisher tile (16437).
+GPU_SIZES = [2051, 2056, 16437]
+SIZE_CONFIGS = [*((n, "default") for n in SIZES), (33, "small"), (1025, "small"),
+                *((n, "gpu") for n in GPU_SIZES)]
 by_size = pytest.mark.parametrize(("n", "config"), SIZE_CONFIGS, indirect=["config"])
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -84,14 +89,15 @@ def assert_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.fixture
 def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The fixed launch configuration ("default"), or a tiny one ("small") that makes small inputs span
-    many programs (several tiles per program, persistent-loop iterations, one chunk per program).
-    Parametrised indirectly; the interpreter pays per program, so "small" gets only a few sizes."""
+    """The fixed launch configuration ("default"), a tiny one ("small") that makes small inputs span
+    many programs (several tiles per program, persistent-loop iterations, one chunk per program), or
+    the one a GPU launches with ("gpu", :data:`_config.GPU_CONFIG`). Parametrised indirectly; the
+    interpreter pays per program, so "small" and "gpu" get only a few sizes."""
     name = getattr(request, "param", "default")
-    if name == "small":
-        for field, value in {"chunks": 1, "block": 64, "tiles": 2, "interpret_programs": 3,
-                             "programs_per_sm": 1}.items():
-            monkeypatch.setattr(_config.CONFIG, field, value)
+    fields = {"small": {"chunks": 1, "block": 64, "tiles": 2, "interpret_programs": 3, "programs_per_sm": 1},
+              "gpu": vars(_config.GPU_CONFIG) if _WHY is None else {}}.get(name, {})
+    for field, value in fields.items():
+        monkeypatch.setattr(_config.CONFIG, field, value)
     return name
 
 
@@ -498,21 +504,22 @@ def _compile_for_sm90() -> None:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
 
     n = {"N": "i64"}
-    for dt in ("fp32", "fp64", "bf16", "fp16"):
+    vec = {"fp32": 4, "fp64": 2, "bf16": 8, "fp16": 8}  # entries per 16-byte access
+    for dt, aligned in ((d, a) for d in ("fp32", "fp64", "bf16", "fp16") for a in (True, False)):
         table = {"table_ptr": "*i64", "g_like": f"*{dt}"}
         for adaptive in (False, True):
             build(norm._sq_norm_kernel, {**table, "partial_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
-                  {"ADAPTIVE": adaptive, "BLOCK": 2048, "TILES": 8})
+                  {"ADAPTIVE": adaptive, "ALIGNED": aligned, "BLOCK": 2048, "TILES": 8})
         build(fisher._fisher_kernel, {**table, "alpha_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
-              {"BLOCK": 2048, "TILES": 8})
+              {"ALIGNED": aligned, "BLOCK": 2048, "TILES": 8})
         for has_mask in (True, False):
             for offsets in ("i32", "i64"):
                 table = {"table_ptr": "*i64", "w_like": f"*{dt}", "off_like": f"*{offsets}"}
+                flags = {"HAS_MASK": has_mask, "ALIGNED": aligned, "CHUNKS": 4, "VEC": vec[dt]}
                 for scale in ("fp32", "fp64"):
                     build(perturb._perturb_kernel, {**table, "scale_ptr": f"*{scale}"},
-                          {"ENTRIES_AT": "i64"}, {"HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
-                build(perturb._restore_kernel, table, {"ENTRIES_AT": "i64"},
-                      {"HAS_MASK": has_mask, "CHUNKS": 4})
+                          {"ENTRIES_AT": "i64"}, {**flags, "ADAPTIVE": True})
+                build(perturb._restore_kernel, table, {"ENTRIES_AT": "i64"}, flags)
     for st in ("fp32", "fp64", "bf16", "i32"):
         flags = {"LARGEST": False, "INT_SCORES": st == "i32", "HAS_FILTER": True, "FILTER_VALUE": False,
                  "BLOCK": 2048}
