@@ -243,6 +243,65 @@ def test_on_device_makes_the_tensors_device_current(monkeypatch: pytest.MonkeyPa
     assert entered == [torch.device("cuda", 1)]  # CPU tensors (the interpreter): nothing to switch
 
 
+def _view_at(n: int, offset: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random entries starting ``offset`` entries into a fresh buffer (16-byte aligned iff
+    ``offset · element_size`` is a multiple of 16)."""
+    return _randn(n + offset, dtype, gen)[offset:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_tensors_launch_apart(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The aligned launches tell the compiler their pointers are 16-byte aligned (``tl.multiple_of``);
+    a view that starts off a 16-byte boundary (a flat segment's, a slice's) must go to the other launch
+    of its op, and every entry still gets the reference's result."""
+    flags: list[tuple[str, bool]] = []
+    launch = _config.launch
+
+    def recorded(kernel: object, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
+        flags.append((kernel.__name__, kwargs["ALIGNED"]))
+        launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_config, "launch", recorded)
+    gen = _gen("aligned", dtype)
+    sizes = [1037, 70, 45]
+    # Entry 0 aligned; entry 1: W and G aligned, its (dense) backup not; entry 2: W and G at entry 1.
+    W = [_view_at(n, off, dtype, gen) for n, off in zip(sizes, (0, 0, 1), strict=True)]
+    G = [_view_at(n, off, dtype, gen) for n, off in zip(sizes, (0, 0, 1), strict=True)]
+    F = [_view_at(n, 0, torch.float32, gen).abs() for n in sizes]
+    mask, offsets, live = zip(*(_mask(n, 0.5, gen) for n in sizes), strict=True)
+    masks, offs = [mask[0], None, mask[2]], [offsets[0], None, offsets[2]]
+    backup = [torch.empty(live[0], dtype=dtype), _view_at(sizes[1], 1, dtype, gen),
+              torch.empty(live[2], dtype=dtype)]
+
+    got = tb.grad_sq_norm_multi(G, [None, None, W[2]])
+    want = sum(reference.grad_sq_norm(g, w) for g, w in zip(G, [None, None, W[2]], strict=True))
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    assert flags == [("_sq_norm_kernel", True), ("_sq_norm_kernel", False)]  # plain: 0, 1; ASAM: 2
+
+    flags.clear()
+    F_ref = [f.clone() for f in F]
+    tb.fisher_accumulate_multi_(F, G, 0.37)
+    for f, f_ref, g in zip(F, F_ref, G, strict=True):
+        reference.fisher_accumulate_(f_ref, g, 0.37)
+        assert_ulp(f, f_ref)
+    assert flags == [("_fisher_kernel", True), ("_fisher_kernel", False)]
+
+    flags.clear()
+    W0 = [w.clone() for w in W]
+    scale = torch.tensor(0.25)
+    tb.perturb_multi_(W, G, masks, offs, backup, scale)
+    for j in range(3):
+        w_ref, b_ref = W0[j].clone(), torch.empty_like(backup[j])
+        reference.perturb_(w_ref, G[j], masks[j], offs[j], b_ref, scale)
+        assert_ulp(W[j], w_ref)
+        assert_bits(backup[j], b_ref)
+    tb.restore_multi_(W, masks, offs, backup)
+    for w, w0 in zip(W, W0, strict=True):
+        assert_bits(w, w0)
+    assert flags == [("_perturb_kernel", True), ("_perturb_kernel", False), ("_perturb_kernel", False),
+                     ("_restore_kernel", True), ("_restore_kernel", False), ("_restore_kernel", False)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Element-wise ops
 # ----------------------------------------------------------------------------------------------------
