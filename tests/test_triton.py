@@ -37,7 +37,12 @@ if _WHY is None:
 SIZES = [0, 1, 31, 33, 1023, 1025, 5003]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
-SIZE_CONFIGS = [*((n, "default") for n in SIZES), (33, "small"), (1025, "small")]
+# "gpu": the GPU launch configuration in the interpreter, at sizes that end mid-word, mid-vector and
+# mid-tile, with the partial last group alone in its tile (2051, 2056: a whole last group, a partial
+# last word) and in a later program of a norm/Fisher tile (16437).
+GPU_SIZES = [2051, 2056, 16437]
+SIZE_CONFIGS = [*((n, "default") for n in SIZES), (33, "small"), (1025, "small"),
+                *((n, "gpu") for n in GPU_SIZES)]
 by_size = pytest.mark.parametrize(("n", "config"), SIZE_CONFIGS, indirect=["config"])
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -84,14 +89,15 @@ def assert_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.fixture
 def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The fixed launch configuration ("default"), or a tiny one ("small") that makes small inputs span
-    many programs (several tiles per program, persistent-loop iterations, one chunk per program).
-    Parametrised indirectly; the interpreter pays per program, so "small" gets only a few sizes."""
+    """The fixed launch configuration ("default"), a tiny one ("small") that makes small inputs span
+    many programs (several tiles per program, persistent-loop iterations, one chunk per program), or
+    the one a GPU launches with ("gpu", :data:`_config.GPU_CONFIG`). Parametrised indirectly; the
+    interpreter pays per program, so "small" and "gpu" get only a few sizes."""
     name = getattr(request, "param", "default")
-    if name == "small":
-        for field, value in {"chunks": 1, "block": 64, "tiles": 2, "interpret_programs": 3,
-                             "programs_per_sm": 1}.items():
-            monkeypatch.setattr(_config.CONFIG, field, value)
+    fields = {"small": {"chunks": 1, "block": 64, "tiles": 2, "interpret_programs": 3, "programs_per_sm": 1},
+              "gpu": vars(_config.GPU_CONFIG) if _WHY is None else {}}.get(name, {})
+    for field, value in fields.items():
+        monkeypatch.setattr(_config.CONFIG, field, value)
     return name
 
 
@@ -235,6 +241,65 @@ def test_on_device_makes_the_tensors_device_current(monkeypatch: pytest.MonkeyPa
     with _config.on_device(torch.empty(1)):
         pass
     assert entered == [torch.device("cuda", 1)]  # CPU tensors (the interpreter): nothing to switch
+
+
+def _view_at(n: int, offset: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random entries starting ``offset`` entries into a fresh buffer (16-byte aligned iff
+    ``offset · element_size`` is a multiple of 16)."""
+    return _randn(n + offset, dtype, gen)[offset:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_tensors_launch_apart(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The aligned launches tell the compiler their pointers are 16-byte aligned (``tl.multiple_of``);
+    a view that starts off a 16-byte boundary (a flat segment's, a slice's) must go to the other launch
+    of its op, and every entry still gets the reference's result."""
+    flags: list[tuple[str, bool]] = []
+    launch = _config.launch
+
+    def recorded(kernel: object, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
+        flags.append((kernel.__name__, kwargs["ALIGNED"]))
+        launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_config, "launch", recorded)
+    gen = _gen("aligned", dtype)
+    sizes = [1037, 70, 45]
+    # Entry 0 aligned; entry 1: W and G aligned, its (dense) backup not; entry 2: W and G at entry 1.
+    W = [_view_at(n, off, dtype, gen) for n, off in zip(sizes, (0, 0, 1), strict=True)]
+    G = [_view_at(n, off, dtype, gen) for n, off in zip(sizes, (0, 0, 1), strict=True)]
+    F = [_view_at(n, 0, torch.float32, gen).abs() for n in sizes]
+    mask, offsets, live = zip(*(_mask(n, 0.5, gen) for n in sizes), strict=True)
+    masks, offs = [mask[0], None, mask[2]], [offsets[0], None, offsets[2]]
+    backup = [torch.empty(live[0], dtype=dtype), _view_at(sizes[1], 1, dtype, gen),
+              torch.empty(live[2], dtype=dtype)]
+
+    got = tb.grad_sq_norm_multi(G, [None, None, W[2]])
+    want = sum(reference.grad_sq_norm(g, w) for g, w in zip(G, [None, None, W[2]], strict=True))
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    assert flags == [("_sq_norm_kernel", True), ("_sq_norm_kernel", False)]  # plain: 0, 1; ASAM: 2
+
+    flags.clear()
+    F_ref = [f.clone() for f in F]
+    tb.fisher_accumulate_multi_(F, G, 0.37)
+    for f, f_ref, g in zip(F, F_ref, G, strict=True):
+        reference.fisher_accumulate_(f_ref, g, 0.37)
+        assert_ulp(f, f_ref)
+    assert flags == [("_fisher_kernel", True), ("_fisher_kernel", False)]
+
+    flags.clear()
+    W0 = [w.clone() for w in W]
+    scale = torch.tensor(0.25)
+    tb.perturb_multi_(W, G, masks, offs, backup, scale)
+    for j in range(3):
+        w_ref, b_ref = W0[j].clone(), torch.empty_like(backup[j])
+        reference.perturb_(w_ref, G[j], masks[j], offs[j], b_ref, scale)
+        assert_ulp(W[j], w_ref)
+        assert_bits(backup[j], b_ref)
+    tb.restore_multi_(W, masks, offs, backup)
+    for w, w0 in zip(W, W0, strict=True):
+        assert_bits(w, w0)
+    assert flags == [("_perturb_kernel", True), ("_perturb_kernel", False), ("_perturb_kernel", False),
+                     ("_restore_kernel", True), ("_restore_kernel", False), ("_restore_kernel", False)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,21 +563,22 @@ def _compile_for_sm90() -> None:
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
 
     n = {"N": "i64"}
-    for dt in ("fp32", "fp64", "bf16", "fp16"):
+    vec = {"fp32": 4, "fp64": 2, "bf16": 8, "fp16": 8}  # entries per 16-byte access
+    for dt, aligned in ((d, a) for d in ("fp32", "fp64", "bf16", "fp16") for a in (True, False)):
         table = {"table_ptr": "*i64", "g_like": f"*{dt}"}
         for adaptive in (False, True):
             build(norm._sq_norm_kernel, {**table, "partial_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
-                  {"ADAPTIVE": adaptive, "BLOCK": 2048, "TILES": 8})
+                  {"ADAPTIVE": adaptive, "ALIGNED": aligned, "BLOCK": 2048, "TILES": 8})
         build(fisher._fisher_kernel, {**table, "alpha_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
-              {"BLOCK": 2048, "TILES": 8})
+              {"ALIGNED": aligned, "BLOCK": 2048, "TILES": 8})
         for has_mask in (True, False):
             for offsets in ("i32", "i64"):
                 table = {"table_ptr": "*i64", "w_like": f"*{dt}", "off_like": f"*{offsets}"}
+                flags = {"HAS_MASK": has_mask, "ALIGNED": aligned, "CHUNKS": 4, "VEC": vec[dt]}
                 for scale in ("fp32", "fp64"):
                     build(perturb._perturb_kernel, {**table, "scale_ptr": f"*{scale}"},
-                          {"ENTRIES_AT": "i64"}, {"HAS_MASK": has_mask, "ADAPTIVE": True, "CHUNKS": 4})
-                build(perturb._restore_kernel, table, {"ENTRIES_AT": "i64"},
-                      {"HAS_MASK": has_mask, "CHUNKS": 4})
+                          {"ENTRIES_AT": "i64"}, {**flags, "ADAPTIVE": True})
+                build(perturb._restore_kernel, table, {"ENTRIES_AT": "i64"}, flags)
     for st in ("fp32", "fp64", "bf16", "i32"):
         flags = {"LARGEST": False, "INT_SCORES": st == "i32", "HAS_FILTER": True, "FILTER_VALUE": False,
                  "BLOCK": 2048}

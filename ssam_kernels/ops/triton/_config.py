@@ -10,6 +10,7 @@ multi-program paths on small inputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -37,9 +38,15 @@ class Config:
     num_warps: int
 
 
-CONFIG = (Config(chunks=16, block=1 << 14, tiles=1, programs_per_sm=1, interpret_programs=2, num_warps=4)
-          if INTERPRET else
-          Config(chunks=4, block=2048, tiles=8, programs_per_sm=4, interpret_programs=1, num_warps=8))
+GPU_CONFIG = Config(chunks=2, block=2048, tiles=8, programs_per_sm=4, interpret_programs=1, num_warps=8)
+"""The configuration on a GPU. ``chunks=2``: the masked ``perturb_`` handles 8 entries per thread, which
+keeps it at 64 registers (fp32, 4 blocks per SM; 102 with 4 chunks); the tests also run the ops with it
+in the interpreter."""
+INTERPRETER_CONFIG = Config(chunks=16, block=1 << 14, tiles=1, programs_per_sm=1, interpret_programs=2,
+                            num_warps=4)
+
+CONFIG = dataclasses.replace(INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG)
+"""The configuration of every launch (a copy: tests may change its fields)."""
 
 
 @cache
@@ -60,6 +67,22 @@ def launch_options() -> dict[str, int | bool]:
     written, as the reference rounds it (``w + scale·g`` as an FMA could differ by more than 1 ulp where
     ``w`` and ``scale·g`` nearly cancel); stating it also silences Triton 3.9's default-change warning."""
     return {"num_warps": CONFIG.num_warps, "enable_fp_fusion": False}
+
+
+ALIGN = 16
+"""Bytes of the widest global access (``ld.global.v4.b32``): the alignment :func:`aligned` checks."""
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor's data starts on an :data:`ALIGN`-byte boundary. A launch over such tensors
+    may tell the compiler so (``tl.multiple_of``) and get vector accesses; a view may start anywhere
+    (a flat segment's, a slice's), so the ops check each tensor of a list and launch the others apart."""
+    return all(t.data_ptr() % ALIGN == 0 for t in tensors)
+
+
+def vector_entries(t: torch.Tensor) -> int:
+    """Entries of ``t``'s dtype in one :data:`ALIGN`-byte vector access (4 fp32, 8 bf16/fp16, 2 fp64)."""
+    return ALIGN // t.element_size()
 
 
 def cdiv(a: int, b: int) -> int:

@@ -16,37 +16,57 @@ from ._convert import to_float64
 
 
 @triton.jit
-def _fisher_kernel(table_ptr, ENTRIES_AT, g_like, alpha_ptr, BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """``F[i] = F[i] + alpha · (g_i · g_i)`` in float64, rounded once to fp32 (as the reference), on the
-    tile of the tensor that program's row of the launch table (:func:`._config.launch_table`) names."""
+def _fisher_entries(f_ptr, g_ptr, idx, inside, alpha):
+    """``F[i] = F[i] + alpha · (g_i · g_i)`` in float64, rounded once to fp32, at ``idx`` where ``inside``."""
+    g64 = to_float64(tl.load(g_ptr + idx, mask=inside))
+    f = tl.load(f_ptr + idx, mask=inside)
+    tl.store(f_ptr + idx, (f.to(tl.float64) + alpha * (g64 * g64)).to(tl.float32), mask=inside)
+
+
+@triton.jit
+def _fisher_kernel(table_ptr, ENTRIES_AT, g_like, alpha_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                   TILES: tl.constexpr):
+    """:func:`_fisher_entries` (as the reference) on the tile of the tensor that program's row of the
+    launch table (:func:`._config.launch_table`) names. ``ALIGNED``: F and G start on 16-byte
+    boundaries. The tiles stop at the last multiple of 16 entries below ``N`` (a mask constant over 16
+    entries keeps the accesses vectors); the program holding that point does the ``N % 16`` last."""
     pid = tl.program_id(0).to(tl.int64)
     row = table_ptr + ENTRIES_AT + tl.load(table_ptr + 2 * pid) * 3
     f_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(g_like.dtype.element_ty))
+    if ALIGNED:
+        f_ptr = tl.multiple_of(f_ptr, _BYTES)
+        g_ptr = tl.multiple_of(g_ptr, _BYTES)
     N = tl.load(row + 2)
+    bulk = tl.multiple_of(N - N % _TAIL, _TAIL)
     first = tl.load(table_ptr + 2 * pid + 1) * (TILES * BLOCK)
     alpha = tl.load(alpha_ptr)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
-        inside = idx < N
-        g64 = to_float64(tl.load(g_ptr + idx, mask=inside))
-        f = tl.load(f_ptr + idx, mask=inside)
-        tl.store(f_ptr + idx, (f.to(tl.float64) + alpha * (g64 * g64)).to(tl.float32), mask=inside)
+        _fisher_entries(f_ptr, g_ptr, idx, idx < bulk, alpha)
+    if (bulk < N) & (bulk >= first) & (bulk < first + TILES * BLOCK):
+        idx = bulk + tl.arange(0, _TAIL)
+        _fisher_entries(f_ptr, g_ptr, idx, idx < N, alpha)
+
+
+_BYTES = tl.constexpr(_config.ALIGN)  # the pointers' alignment under ALIGNED
+_TAIL = tl.constexpr(16)  # the tiles cover the entries below the last multiple of _TAIL; a tail the rest
 
 
 @torch.library.custom_op("ssam_triton::fisher_accumulate_multi_", mutates_args=("F",))
 def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float) -> None:
-    index = [j for j, f in enumerate(F) if f.numel() > 0]
-    if not index:
-        return
-    device = F[index[0]].device
-    columns = [(F[j].data_ptr(), G[j].data_ptr(), F[j].numel()) for j in index]
-    table, programs, entries_at = launch_table(columns, [F[j].numel() for j in index],
-                                               CONFIG.block * CONFIG.tiles, device)
-    alpha64 = torch.full((1,), alpha, dtype=torch.float64, device=device)
-    with _config.on_device(F[index[0]]):
-        _config.launch(_fisher_kernel, (programs,), table, entries_at, G[index[0]], alpha64,
-                       BLOCK=CONFIG.block, TILES=CONFIG.tiles)
+    for aligned in (True, False):  # one launch, or two where some tensors start off 16-byte boundaries
+        index = [j for j, f in enumerate(F) if f.numel() > 0 and _config.aligned(f, G[j]) == aligned]
+        if not index:
+            continue
+        device = F[index[0]].device
+        columns = [(F[j].data_ptr(), G[j].data_ptr(), F[j].numel()) for j in index]
+        table, programs, entries_at = launch_table(columns, [F[j].numel() for j in index],
+                                                   CONFIG.block * CONFIG.tiles, device)
+        alpha64 = torch.full((1,), alpha, dtype=torch.float64, device=device)
+        with _config.on_device(F[index[0]]):
+            _config.launch(_fisher_kernel, (programs,), table, entries_at, G[index[0]], alpha64,
+                           ALIGNED=aligned, BLOCK=CONFIG.block, TILES=CONFIG.tiles)
 
 
 def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0) -> None:

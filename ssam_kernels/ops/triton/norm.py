@@ -19,34 +19,56 @@ from ._convert import to_float64
 
 
 @triton.jit
+def _squares(g_ptr, w_ptr, idx, inside, ADAPTIVE: tl.constexpr):
+    """``(g_i·w_i)²`` (or ``g_i²``) in float64 at ``idx`` where ``inside``, else 0."""
+    v = to_float64(tl.load(g_ptr + idx, mask=inside, other=0.0))
+    if ADAPTIVE:
+        v = v * to_float64(tl.load(w_ptr + idx, mask=inside, other=0.0))
+    return v * v
+
+
+@triton.jit
 def _sq_norm_kernel(table_ptr, ENTRIES_AT, g_like, partial_ptr, ADAPTIVE: tl.constexpr,
-                    BLOCK: tl.constexpr, TILES: tl.constexpr):
+                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
     """``partial[p] = Σ (g_i·|w_i|)²`` (or ``Σ g_i²``) over the ``TILES · BLOCK`` entries of tile ``t``
     of tensor ``j``, where ``(j, t)`` is program ``p``'s row of the launch table
-    (:func:`._config.launch_table`)."""
+    (:func:`._config.launch_table`). ``ALIGNED``: G (and W) start on 16-byte boundaries.
+
+    The tiles stop at the last multiple of 16 entries below ``N``, so their mask is constant over 16
+    entries and the loads stay vectors; the program holding that point adds the ``N % 16`` last."""
     pid = tl.program_id(0).to(tl.int64)
     row = table_ptr + ENTRIES_AT + tl.load(table_ptr + 2 * pid) * 3
     g_ptr = tl.load(row).to(tl.pointer_type(g_like.dtype.element_ty))
     w_ptr = tl.load(row + 1).to(tl.pointer_type(g_like.dtype.element_ty))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, _BYTES)
+        w_ptr = tl.multiple_of(w_ptr, _BYTES)
     N = tl.load(row + 2)
+    bulk = tl.multiple_of(N - N % _TAIL, _TAIL)
     first = tl.load(table_ptr + 2 * pid + 1) * (TILES * BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
-        inside = idx < N
-        v = to_float64(tl.load(g_ptr + idx, mask=inside, other=0.0))
-        if ADAPTIVE:
-            v = v * to_float64(tl.load(w_ptr + idx, mask=inside, other=0.0))
-        acc += v * v
-    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+        acc += _squares(g_ptr, w_ptr, idx, idx < bulk, ADAPTIVE)
+    total = tl.sum(acc, axis=0)
+    if (bulk < N) & (bulk >= first) & (bulk < first + TILES * BLOCK):
+        idx = bulk + tl.arange(0, _TAIL)
+        total += tl.sum(_squares(g_ptr, w_ptr, idx, idx < N, ADAPTIVE), axis=0)
+    tl.store(partial_ptr + pid, total)
+
+
+_BYTES = tl.constexpr(_config.ALIGN)  # the pointers' alignment under ALIGNED
+_TAIL = tl.constexpr(16)  # the tiles cover the entries below the last multiple of _TAIL; a tail the rest
 
 
 @torch.library.custom_op("ssam_triton::grad_sq_norm_multi", mutates_args=())
 def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
     tile = CONFIG.block * CONFIG.tiles
     partials = []
-    for adaptive in (False, True):  # one launch for the plain entries, one for the ASAM ones
-        index = [j for j, w in enumerate(W) if (w is not None) == adaptive and G[j].numel() > 0]
+    # One launch for the plain entries, one for the ASAM ones, each split by alignment.
+    for adaptive, aligned in ((False, True), (False, False), (True, True), (True, False)):
+        index = [j for j, w in enumerate(W) if (w is not None) == adaptive and G[j].numel() > 0
+                 and _config.aligned(G[j], *([w] if adaptive else [])) == aligned]
         if not index:
             continue
         columns = [(G[j].data_ptr(), W[j].data_ptr() if adaptive else 0, G[j].numel()) for j in index]
@@ -54,7 +76,7 @@ def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> 
         partial = torch.empty(programs, dtype=torch.float64, device=G[0].device)
         with _config.on_device(G[0]):
             _config.launch(_sq_norm_kernel, (programs,), table, entries_at, G[index[0]], partial,
-                           ADAPTIVE=adaptive, BLOCK=CONFIG.block, TILES=CONFIG.tiles)
+                           ADAPTIVE=adaptive, ALIGNED=aligned, BLOCK=CONFIG.block, TILES=CONFIG.tiles)
         partials.append(partial)
     if not partials:
         return torch.zeros((), dtype=torch.float64, device=G[0].device)
@@ -68,8 +90,9 @@ def _(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
 
 def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
     """The list form of :func:`grad_sq_norm` (one device and dtype): one launch for the entries without
-    ``W`` and one for those with it, each program writing one float64 partial of one tensor's tile; the
-    partials (plain ones first) summed by ``torch.sum``: deterministic, a function of the sizes only."""
+    ``W`` and one for those with it (each split by :func:`._config.aligned`), each program writing one
+    float64 partial of one tensor's tile; the partials (plain ones first) summed by ``torch.sum``:
+    deterministic, a function of the sizes (and of which tensors start 16-byte aligned) only."""
     return _grad_sq_norm_multi(list(G), list(W))
 
 

@@ -31,69 +31,178 @@ from ._config import CONFIG, launch_table
 from ._convert import store_float64, to_float64
 
 _DBL_MAX = tl.constexpr(1.7976931348623157e308)  # largest finite float64
+_ALIGN = tl.constexpr(_config.ALIGN)
 
 
 @triton.jit
-def _tile_ranks(mask_ptr, offsets_ptr, N, CAPACITY, pid, HAS_MASK: tl.constexpr, CHUNKS: tl.constexpr):
-    """``(index, selected, rank)`` of the entries of tile ``pid`` (int64) of a tensor, each
-    ``[CHUNKS·32, 32]``: selected = set bit below ``N`` with ``0 <= rank < CAPACITY``."""
+def _popcount(x):
+    """Set bits of each uint32 of ``x`` (int32): the SWAR bit count, a few integer ops per value."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _word_bits(mask_ptr, word, N):
+    """Mask word(s) ``word`` (int64) as uint32 with the bits of entries at or past ``N`` cleared."""
+    entries = N - word * 32  # entries of the tensor from the word's first one on
+    raw = tl.load(mask_ptr + word, mask=entries > 0, other=0).to(tl.uint32, bitcast=True)
+    below = (tl.full(raw.shape, 1, tl.uint32) << tl.minimum(tl.maximum(entries, 0), 31).to(tl.uint32)) - 1
+    return raw & tl.where(entries >= 32, tl.full(raw.shape, 0xFFFFFFFF, tl.uint32), below)
+
+
+@triton.jit
+def _lane_select(bits, lane, base, low, high):
+    """``(selected, rank)`` of the entry at bit ``lane`` (uint32) of the word(s) ``bits`` (uint32), whose
+    first set bit has tile-local rank ``base`` (int32): rank = base + set bits below the lane; selected =
+    its bit set and ``low <= rank < high`` (the backup's bounds, tile-local)."""
+    rank = base + _popcount(bits & ((tl.full(lane.shape, 1, tl.uint32) << lane) - 1))
+    return (((bits >> lane) & 1) != 0) & (rank >= low) & (rank < high), rank
+
+
+@triton.jit
+def _tile_entries(mask_ptr, offsets_ptr, N, CAPACITY, tile, HAS_MASK: tl.constexpr, CHUNKS: tl.constexpr,
+                  VEC: tl.constexpr):
+    """The entries of tile ``tile`` (int64) of a tensor as a ``[CHUNKS·32 words, 32 / VEC groups, VEC]``
+    tile (entry ``start + 32·row + VEC·group + lane``; a group is 16 bytes of W), restricted to the groups
+    that lie wholly below ``N``: ``(start, first, index, rank, selected, touched, full)``, with tile-local
+    int32 ``index`` (entry ``start + index``) and ``rank`` (backup slot ``first + rank``). ``selected``: a
+    set bit whose slot lies in ``[0, CAPACITY)`` (dense: every entry of those groups); ``touched`` /
+    ``full``: some / every entry of the entry's group selected. The two are constant across a group, so
+    accesses masked by them are whole-group vector accesses. Last, ``(bits, before, low, high)``, the
+    word data :func:`_tail_entries` reuses (dense: unused zeros)."""
     ROWS: tl.constexpr = CHUNKS * 32  # a chunk of 1024 entries is 32 words
-    word = pid * ROWS + tl.arange(0, ROWS)
-    bit = tl.arange(0, 32)
-    index = word[:, None] * 32 + bit[None, :]
-    inside = index < N
+    GROUPS: tl.constexpr = 32 // VEC
+    start = tile * (ROWS * 32)
+    room = tl.minimum(N - start, ROWS * 32).to(tl.int32)  # entries of the tile below N (> 0)
+    row = tl.arange(0, ROWS)
+    group = tl.arange(0, GROUPS)
+    lane = (group[:, None] * VEC + tl.arange(0, VEC)[None, :]).to(tl.uint32)  # bit of the word
+    index = row[:, None, None] * 32 + lane[None, :, :].to(tl.int32)
+    whole = row[:, None] * 32 + (group[None, :] + 1) * VEC <= room  # [ROWS, GROUPS]
     if HAS_MASK:
-        words = tl.load(mask_ptr + word, mask=word * 32 < N, other=0)
-        # Arithmetic shift of the int32 word; `& 1` keeps just bit b, so the sign does not leak in.
-        bits = ((words[:, None] >> bit[None, :]) & 1) * inside.to(tl.int32)
-        per_word = tl.sum(bits, axis=1)
-        words_before = tl.cumsum(per_word, axis=0) - per_word
-        in_word_before = tl.cumsum(bits, axis=1) - bits
-        first = tl.load(offsets_ptr + pid * CHUNKS).to(tl.int64)
-        rank = first + (words_before[:, None] + in_word_before).to(tl.int64)
-        selected = (bits != 0) & (rank >= 0) & (rank < CAPACITY)
+        # Per word: its bits (the mask word, loaded once) and the set bits of the tile's earlier words;
+        # per lane: the set bits below it in its word. No scan across lanes.
+        bits = _word_bits(mask_ptr, tile * ROWS + row, N)
+        count = _popcount(bits)
+        before = tl.cumsum(count, axis=0) - count
+        first = tl.load(offsets_ptr + tile * CHUNKS).to(tl.int64)
+        # The backup's bounds as tile-local ranks (a tile has at most ROWS·32 set bits).
+        low = tl.minimum(tl.maximum(-first, 0), ROWS * 32).to(tl.int32)
+        high = tl.minimum(tl.maximum(CAPACITY - first, 0), ROWS * 32).to(tl.int32)
+        selected, rank = _lane_select(bits[:, None, None], lane[None, :, :], before[:, None, None], low, high)
+        selected = selected & whole[:, :, None]
+        touched = tl.max(selected.to(tl.int32), axis=2) != 0
+        full = tl.min(selected.to(tl.int32), axis=2) != 0
+    else:
+        bits, before, first, low, high = tl.zeros([ROWS], tl.uint32), tl.zeros([ROWS], tl.int32), start, 0, 0
+        rank = index
+        selected = tl.broadcast_to(whole[:, :, None], index.shape)
+        touched = whole
+        full = whole
+    return start, first, index, rank, selected, touched[:, :, None], full[:, :, None], bits, before, low, high
+
+
+@triton.jit
+def _tail_entries(N, start, bits, before, low, high, HAS_MASK: tl.constexpr, VEC: tl.constexpr):
+    """``(index, rank, selected)`` (tile-local, as :func:`_tile_entries`) of the last ``N % VEC`` entries
+    of the tensor (a partial group, in one word), given the word data of the tile that holds them; per
+    entry: a vector access to the group would pass ``N``."""
+    first = (N - N % VEC - start).to(tl.int32)
+    index = first + tl.arange(0, VEC)
+    if HAS_MASK:
+        at = tl.arange(0, bits.shape[0]) == first // 32  # the row of the tail's word
+        selected, rank = _lane_select(tl.sum(tl.where(at, bits, 0), axis=0), (index % 32).to(tl.uint32),
+                                      tl.sum(tl.where(at, before, 0), axis=0), low, high)
     else:
         rank = index
-        selected = inside
-    return index, selected, rank
+        selected = index < N - start
+    return index, rank, selected
+
+
+@triton.jit
+def _has_tail(N, tile, CHUNKS: tl.constexpr, VEC: tl.constexpr):
+    """Whether tile ``tile`` holds the partial last group of its tensor (``N % VEC != 0``)."""
+    word = (N - N % VEC) // 32
+    return (N % VEC != 0) & (word >= tile * CHUNKS * 32) & (word < (tile + 1) * CHUNKS * 32)
+
+
+@triton.jit
+def _perturb_entries(w_ptr, g_ptr, backup_ptr, index, rank, selected, touched, scale, active,
+                     ADAPTIVE: tl.constexpr):
+    """``backup[rank] = w`` where ``selected``; if ``active``, ``w = w + scale·g`` (see
+    :func:`_perturb_tile`) where ``selected``. W and G are read and W written where ``touched`` (the
+    unselected entries of a touched group are written back unchanged, bit for bit)."""
+    w = tl.load(w_ptr + index, mask=touched)
+    tl.store(backup_ptr + rank, w, mask=selected)
+    if active:
+        g = tl.load(g_ptr + index, mask=touched)
+        # The per-entry arithmetic: (w, g, scale) -> result, in W's dtype.
+        g64 = to_float64(g)
+        w64 = to_float64(w)
+        if ADAPTIVE:
+            g64 = w64 * w64 * g64
+        result = store_float64(w64 + scale * g64, w_ptr.dtype.element_ty)
+        tl.store(w_ptr + index, tl.where(selected, result, w), mask=touched)
 
 
 @triton.jit
 def _perturb_tile(w_ptr, g_ptr, mask_ptr, offsets_ptr, backup_ptr, scale_ptr, N, CAPACITY, tile,
-                  HAS_MASK: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNKS: tl.constexpr):
+                  HAS_MASK: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr):
     """``backup[rank(i)] = w_i``; if ``scale`` (fp32 or fp64) is finite and non-zero,
     ``w_i = w_i + scale·g_i`` (adaptive: ``w_i + scale·((w_i·w_i)·g_i)``) in float64, each operation
     rounded once, then stored as W's dtype the way the reference's ``.to(dtype)`` rounds: the products
     of fp32 inputs are exact in float64, so the result is the reference's bit for bit (fp32 arithmetic
     is off by several ulps where ``w`` and the step cancel); float64 W gets the float64 evaluation.
-    The op is memory-bound: the float64 arithmetic costs no bandwidth on data-centre GPUs."""
-    index, selected, rank = _tile_ranks(mask_ptr, offsets_ptr, N, CAPACITY, tile, HAS_MASK, CHUNKS)
-    w = tl.load(w_ptr + index, mask=selected)
-    tl.store(backup_ptr + rank, w, mask=selected)
-    scale = tl.load(scale_ptr).to(tl.float64)
+    The op is memory-bound: the float64 arithmetic costs no bandwidth on data-centre GPUs.
+
+    The groups wholly below ``N`` take whole-group (vector) accesses, the partial last group of the
+    tensor per-entry ones (:func:`_tail_entries`)."""
+    scale = tl.load(scale_ptr).to(tl.float64)  # first: its latency overlaps the mask loads
     # NaN fails every comparison and ±inf exceeds DBL_MAX: only finite non-zero scales perturb.
-    if (tl.abs(scale) <= _DBL_MAX) & (scale != 0.0):
-        g64 = to_float64(tl.load(g_ptr + index, mask=selected))
-        w64 = to_float64(w)
-        if ADAPTIVE:
-            g64 = w64 * w64 * g64
-        result = w64 + scale * g64
-        tl.store(w_ptr + index, store_float64(result, w_ptr.dtype.element_ty), mask=selected)
+    active = (tl.abs(scale) <= _DBL_MAX) & (scale != 0.0)
+    start, first, index, rank, selected, touched, _, bits, before, low, high = _tile_entries(
+        mask_ptr, offsets_ptr, N, CAPACITY, tile, HAS_MASK, CHUNKS, VEC)
+    w_ptr, g_ptr, backup_ptr = w_ptr + start, g_ptr + start, backup_ptr + first  # int32 offsets below
+    _perturb_entries(w_ptr, g_ptr, backup_ptr, index, rank, selected, touched, scale, active, ADAPTIVE)
+    if _has_tail(N, tile, CHUNKS, VEC):
+        t_index, t_rank, t_selected = _tail_entries(N, start, bits, before, low, high, HAS_MASK, VEC)
+        _perturb_entries(w_ptr, g_ptr, backup_ptr, t_index, t_rank, t_selected, t_selected, scale, active,
+                         ADAPTIVE)
+
+
+@triton.jit
+def _restore_entries(w_ptr, backup_ptr, index, rank, selected, touched, partial, HAS_MASK: tl.constexpr):
+    """``w = backup[rank]`` where ``selected``, W written where ``touched``; W is read only where
+    ``partial`` (a touched group not wholly selected, whose other entries are written back as read)."""
+    value = tl.load(backup_ptr + rank, mask=selected)
+    if HAS_MASK:
+        value = tl.where(selected, value, tl.load(w_ptr + index, mask=partial))
+    tl.store(w_ptr + index, value, mask=touched)
 
 
 @triton.jit
 def _restore_tile(w_ptr, mask_ptr, offsets_ptr, backup_ptr, N, CAPACITY, tile, HAS_MASK: tl.constexpr,
-                  CHUNKS: tl.constexpr):
-    """``w_i = backup[rank(i)]`` for the selected entries (a bit copy)."""
-    index, selected, rank = _tile_ranks(mask_ptr, offsets_ptr, N, CAPACITY, tile, HAS_MASK, CHUNKS)
-    tl.store(w_ptr + index, tl.load(backup_ptr + rank, mask=selected), mask=selected)
+                  CHUNKS: tl.constexpr, VEC: tl.constexpr):
+    """``w_i = backup[rank(i)]`` for the selected entries (a bit copy); accesses as in
+    :func:`_perturb_tile`."""
+    start, first, index, rank, selected, touched, full, bits, before, low, high = _tile_entries(
+        mask_ptr, offsets_ptr, N, CAPACITY, tile, HAS_MASK, CHUNKS, VEC)
+    w_ptr, backup_ptr = w_ptr + start, backup_ptr + first  # int32 offsets below
+    _restore_entries(w_ptr, backup_ptr, index, rank, selected, touched, touched & ~full, HAS_MASK)
+    if _has_tail(N, tile, CHUNKS, VEC):
+        t_index, t_rank, t_selected = _tail_entries(N, start, bits, before, low, high, HAS_MASK, VEC)
+        _restore_entries(w_ptr, backup_ptr, t_index, t_rank, t_selected, t_selected, t_selected & ~t_selected,
+                         HAS_MASK)
 
 
 @triton.jit
-def _table_entry(table_ptr, ENTRIES_AT, w_like, off_like):
+def _table_entry(table_ptr, ENTRIES_AT, w_like, off_like, ALIGNED: tl.constexpr):
     """The tensor and tile of this program from the launch table (:func:`._config.launch_table`):
     ``(w, g, mask, offsets, backup, N, CAPACITY, tile)``, the pointers typed like ``w_like`` /
-    ``off_like``."""
+    ``off_like``; ``ALIGNED``: W, G and the backup start on 16-byte boundaries (:func:`._config.aligned`
+    checked it for every tensor of the table), which lets their accesses be vectors."""
     pid = tl.program_id(0).to(tl.int64)
     entry = tl.load(table_ptr + 2 * pid)
     tile = tl.load(table_ptr + 2 * pid + 1)
@@ -103,25 +212,30 @@ def _table_entry(table_ptr, ENTRIES_AT, w_like, off_like):
     mask_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int32))
     offsets_ptr = tl.load(row + 3).to(tl.pointer_type(off_like.dtype.element_ty))
     backup_ptr = tl.load(row + 4).to(tl.pointer_type(w_like.dtype.element_ty))
+    if ALIGNED:
+        w_ptr = tl.multiple_of(w_ptr, _ALIGN)
+        g_ptr = tl.multiple_of(g_ptr, _ALIGN)
+        backup_ptr = tl.multiple_of(backup_ptr, _ALIGN)
     return w_ptr, g_ptr, mask_ptr, offsets_ptr, backup_ptr, tl.load(row + 5), tl.load(row + 6), tile
 
 
 @triton.jit
 def _perturb_kernel(table_ptr, ENTRIES_AT, w_like, off_like, scale_ptr, HAS_MASK: tl.constexpr,
-                    ADAPTIVE: tl.constexpr, CHUNKS: tl.constexpr):
+                    ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr):
     """:func:`_perturb_tile` on the tile of every program of the table: all tensors in one launch."""
     w_ptr, g_ptr, mask_ptr, offsets_ptr, backup_ptr, n, capacity, tile = _table_entry(
-        table_ptr, ENTRIES_AT, w_like, off_like)
+        table_ptr, ENTRIES_AT, w_like, off_like, ALIGNED)
     _perturb_tile(w_ptr, g_ptr, mask_ptr, offsets_ptr, backup_ptr, scale_ptr, n, capacity, tile, HAS_MASK,
-                  ADAPTIVE, CHUNKS)
+                  ADAPTIVE, CHUNKS, VEC)
 
 
 @triton.jit
-def _restore_kernel(table_ptr, ENTRIES_AT, w_like, off_like, HAS_MASK: tl.constexpr, CHUNKS: tl.constexpr):
+def _restore_kernel(table_ptr, ENTRIES_AT, w_like, off_like, HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr,
+                    CHUNKS: tl.constexpr, VEC: tl.constexpr):
     """:func:`_restore_tile` on the tile of every program of the table."""
     w_ptr, _, mask_ptr, offsets_ptr, backup_ptr, n, capacity, tile = _table_entry(
-        table_ptr, ENTRIES_AT, w_like, off_like)
-    _restore_tile(w_ptr, mask_ptr, offsets_ptr, backup_ptr, n, capacity, tile, HAS_MASK, CHUNKS)
+        table_ptr, ENTRIES_AT, w_like, off_like, ALIGNED)
+    _restore_tile(w_ptr, mask_ptr, offsets_ptr, backup_ptr, n, capacity, tile, HAS_MASK, CHUNKS, VEC)
 
 
 _COLUMNS = tl.constexpr(7)  # per tensor: w, g, mask, offsets, backup (addresses), N, backup length
@@ -130,9 +244,14 @@ _COLUMNS = tl.constexpr(7)  # per tensor: w, g, mask, offsets, backup (addresses
 def _launch(kernel: triton.JITFunction, W: list[torch.Tensor], G: list[torch.Tensor],
             mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None], backup: list[torch.Tensor],
             *args: object, **constexprs: object) -> None:
-    """One launch per kind of entry (masked, dense) over the table of those entries."""
-    for masked in (True, False):
-        index = [j for j, m in enumerate(mask) if (m is not None) == masked and W[j].numel() > 0]
+    """One launch per kind of entry (masked, dense) and alignment (:func:`._config.aligned` of W, G and,
+    dense, the backup, which the dense kernel addresses like W) over the table of those entries."""
+    def kind(j: int) -> tuple[bool, bool]:
+        masked = mask[j] is not None
+        return masked, _config.aligned(W[j], G[j], *(() if masked else (backup[j],)))
+
+    for masked, aligned in ((True, True), (True, False), (False, True), (False, False)):
+        index = [j for j in range(len(W)) if W[j].numel() > 0 and kind(j) == (masked, aligned)]
         if not index:
             continue
         ws, ms, os_ = [W[j] for j in index], [mask[j] for j in index], [offsets[j] for j in index]
@@ -145,7 +264,8 @@ def _launch(kernel: triton.JITFunction, W: list[torch.Tensor], G: list[torch.Ten
         table, programs, entries_at = launch_table(columns, chunks, CONFIG.chunks, ws[0].device)
         with _config.on_device(ws[0]):
             _config.launch(kernel, (programs,), table, entries_at, ws[0], os_[0] if masked else table, *args,
-                           HAS_MASK=masked, CHUNKS=CONFIG.chunks, **constexprs)
+                           HAS_MASK=masked, ALIGNED=aligned, CHUNKS=CONFIG.chunks,
+                           VEC=_config.vector_entries(ws[0]), **constexprs)
 
 
 @torch.library.custom_op("ssam_triton::perturb_multi_", mutates_args=("W", "backup"))
