@@ -37,6 +37,10 @@ constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 // sm_80/sm_90, whose 32-register full occupancy would spill (with 48 KB of 16-byte loads in flight per SM,
 // above the ~25 KB an H100 SM needs to cover its memory latency at full bandwidth).
 constexpr int kMinBlocksPerSM = 6;
+// perturb_ of a 2-byte dtype (8 entries a pack, each through float64) spills at 40 registers on sm_80:
+// 5 blocks (48 registers) there.
+template <typename T>
+constexpr int kElementMinBlocksPerSM = sizeof(T) == 2 ? 5 : kMinBlocksPerSM;
 // The list kernels keep a table row's pointers and sizes in registers: 4 blocks (64 registers) there.
 constexpr int kListMinBlocksPerSM = 4;
 
@@ -428,7 +432,7 @@ __device__ void element_chunk(const ElementArgs<T>& a, double s, bool active, in
 
 // perturb_ / restore_ of one tensor, masked or dense.
 template <typename T, typename Op>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) element_kernel(ElementArgs<T> a, ScaleView scale) {
+__global__ void __launch_bounds__(kThreads, kElementMinBlocksPerSM<T>) element_kernel(ElementArgs<T> a, ScaleView scale) {
   double s;
   bool active;
   read_scale(scale, Op::kRestore, s, active);
