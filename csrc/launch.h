@@ -1,13 +1,40 @@
-// Host-side launch arithmetic of the CUDA kernels (cuda.cu): plain C++ without CUDA, so it is unit-tested
-// on any machine (csrc/tests/test_launch.cpp, run by tests/test_launch.py and ctest).
+// Launch arithmetic of the CUDA kernels (cuda.cu): plain C++ without CUDA calls, so it is unit-tested on
+// any machine (csrc/tests/test_launch.cpp, run by tests/test_launch.py and ctest).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 
+#if defined(__CUDACC__)
+#define SSAM_LAUNCH_HD __host__ __device__ __forceinline__
+#else
+#define SSAM_LAUNCH_HD inline
+#endif
+
 namespace ssam {
 namespace launch {
+
+// The list kernels' 32-way warp search (cuda.cu: entry_of) for the last j in [lo, hi] with key[j] <= c
+// over a non-decreasing key, given key[lo] <= c. Each round lane l (0..31) probes search_probe(lo, hi, l);
+// `taken` lanes find a probe <= hi with key <= c (a prefix of the lanes, the key being non-decreasing),
+// and search_narrow keeps the span from the last of them to just before the next probe. The 32 probes
+// reach hi, so a round divides the span by 32; the search ends when lo == hi.
+struct Span {
+  int64_t lo, hi;
+};
+
+SSAM_LAUNCH_HD int64_t search_step(int64_t lo, int64_t hi) { return (hi - lo + 31) / 32; }
+
+SSAM_LAUNCH_HD int64_t search_probe(int64_t lo, int64_t hi, int lane) {
+  return lo + (lane + 1) * search_step(lo, hi);
+}
+
+SSAM_LAUNCH_HD Span search_narrow(int64_t lo, int64_t hi, int taken) {
+  const int64_t step = search_step(lo, hi);
+  const int64_t last_failed = lo + (taken + 1) * step;  // past the answer, when it is <= hi
+  return {lo + taken * step, last_failed - 1 < hi ? last_failed - 1 : hi};
+}
 
 // Blocks of a grid that runs in whole waves: one wave of `sms * blocks_per_sm` resident blocks (the SM
 // count times the kernel's occupancy), or fewer when `units` of work at `units_per_block` per block need
