@@ -77,7 +77,7 @@ KERNEL_CLASSES: tuple[KernelClass, ...] = (
     KernelClass(r"sq_norm_final", "grad_sq_norm", False, ("fp64",)),  # adds the fixed partials once
     KernelClass(r"sq_norm", "grad_sq_norm", True, FLOAT),
     KernelClass(r"masked_kernel", "perturb_/restore_", True, FLOAT),
-    KernelClass(r"element_list", "perturb_/restore_", True, FLOAT),  # the list form: masked and dense
+    KernelClass(r"element_(list_)?kernel", "perturb_/restore_", True, FLOAT),  # masked and dense, lists too
     KernelClass(r"perturb", "perturb_", True, FLOAT),
     KernelClass(r"restore", "restore_", True, FLOAT),
     KernelClass(r"fisher", "fisher_accumulate_", True, FLOAT),
@@ -218,16 +218,20 @@ def tool(name: str) -> str | None:
     return found
 
 
-def demangled_kernel(symbol: str) -> tuple[str, str]:
-    """``(kernel name, dtype)`` of a mangled ``__global__`` symbol: the unqualified name and the dtype of
-    its template argument (``"-"`` without one)."""
+def demangled_kernel(symbol: str) -> tuple[str, str, str]:
+    """``(kernel name, dtype, variant)`` of a mangled ``__global__`` symbol: the unqualified name, the dtype
+    of its first template argument (``"-"`` without one) and the unqualified names of the others (the
+    operation tag of ``element_kernel<float, Restore>``: ``"Restore"``; ``"any"`` without)."""
     name = subprocess.run(["c++filt", symbol], capture_output=True, text=True, check=True).stdout.strip()
     head = name.replace("(anonymous namespace)", "").split("(")[0]  # drop the parameter list
     match = re.search(r"(\w+)(?:<(.+)>)?$", head)
     if match is None:
-        return symbol, "-"
-    template = match.group(2)
-    return match.group(1), "-" if template is None else _CXX_DTYPES.get(template, template)
+        return symbol, "-", "any"
+    if match.group(2) is None:
+        return match.group(1), "-", "any"
+    first, *rest = (arg.strip() for arg in match.group(2).split(","))
+    variant = " ".join(arg.split("::")[-1] for arg in rest) or "any"
+    return match.group(1), _CXX_DTYPES.get(first, first), variant
 
 
 def nvcc_command(source: Path, obj: Path, archs: Sequence[int]) -> list[str]:
@@ -275,14 +279,14 @@ def native_records(source: Path, archs: Sequence[int], log: harness.Log,
     resources = parse_ptxas_log(done.stderr + done.stdout)
     records = []
     for (symbol, arch), instructions in sorted(parse_sass(sass).items()):
-        kernel, dtype = demangled_kernel(symbol)
+        kernel, dtype, variant = demangled_kernel(symbol)
         cls = classify(kernel)
         unreachable = cls.dtypes and dtype not in cls.dtypes and dtype != "-"
         if unreachable or (kernel_filter and not re.search(kernel_filter, kernel)):
             continue
         res = resources.get((symbol, arch))
         records.append({"backend": "native", "kernel": kernel, "case": kernel, "op": cls.op, "arch": arch,
-                        "dtype": dtype, "variant": "any", "streaming": cls.streaming,
+                        "dtype": dtype, "variant": variant, "streaming": cls.streaming,
                         **(res or {"registers": None, "spill_bytes": None, "stack_bytes": None,
                                    "shared_bytes": None}),
                         **sass_counts(instructions), "error": None if res else "no ptxas -v entry"})
@@ -609,8 +613,9 @@ def markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
              "(one execution each) in instructions >= 64 bits. "
              "*nc loads*: loads through the read-only path (`LDG...CONSTANT`). "
              "fp64: DADD/DMUL/DFMA/DMNMX/DSET(P) instructions (conv.: F2F/I2F/F2I to or from F64). Native "
-             "kernels are one binary for any N (variant `any`): their vector paths run when every pointer "
-             "is 16-byte aligned, a scalar loop does the rest.", ""]
+             "kernels are one binary for any N (variant `any`, or the operation a template parameter "
+             "selects: `Perturb`, `PerturbAdaptive`, `Restore`): their vector paths run when every pointer "
+             "is 16-byte aligned, scalar accesses do the rest.", ""]
     header = ("backend", "kernel", "case", "dtype", "variant", "regs", "spill B", "smem B", "loads",
               "nc loads", "stores", "wide", "fp64", "fp64 conv.")
     for arch in sorted({r["arch"] for r in records}):

@@ -3,8 +3,15 @@
 // synchronises with the host. The element-wise mathematics comes from ssam_math.h, shared with cpu.cpp.
 //
 // Mask layout on the GPU: one warp owns one chunk of 1024 entries (32 words); lane l holds word l, a
-// warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank, and the warp then
-// walks the chunk word by word with lane l on bit l, so global accesses stay coalesced.
+// warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank.
+//
+// The element-wise kernels (norm, perturb_/restore_, Fisher) stream at the bandwidth limit by
+// construction (issue 14): every global access goes through load<>/store() below (a global-space
+// instruction of a chosen cache path, whatever the pointer's origin); a thread moves whole 16-byte packs
+// when its tensor is 16-byte aligned (checked per tensor on the host, launch.h; scalar entries
+// otherwise and past the end); each step issues all of its loads before the first store or use, so
+// several independent loads are in flight per thread; and __launch_bounds__ keeps 4-6 blocks per SM
+// resident without spills (kMinBlocksPerSM and its siblings below).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,9 +19,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
+#include "launch.h"
 #include "ssam_ops.h"
 
 namespace ssam {
@@ -23,32 +33,149 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops cover the rest
-constexpr int kNormBlocks = 1024;        // partial sums of grad_sq_norm (a fixed count: deterministic)
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
-
-// V elements of T in one 16-byte-aligned access (V * sizeof(T) is 16 or 32 bytes).
-template <typename T, int V>
-struct alignas(16) Pack {
-  T v[V];
-};
-
+// Resident blocks per SM the element-wise kernels are compiled for (__launch_bounds__): 6 x 256 threads,
+// at most 40 registers: full occupancy on sm_86/sm_89 (1536 threads per SM), 48 of 64 warps on
+// sm_80/sm_90, whose 32-register full occupancy would spill (with 48 KB of 16-byte loads in flight per SM,
+// above the ~25 KB an H100 SM needs to cover its memory latency at full bandwidth).
+constexpr int kMinBlocksPerSM = 6;
+// perturb_ of a 2-byte dtype (8 entries a pack, each through float64) spills at 40 registers on sm_80:
+// 5 blocks (48 registers) there.
 template <typename T>
-constexpr int kVec = 16 / sizeof(T);
+constexpr int kElementMinBlocksPerSM = sizeof(T) == 2 ? 5 : kMinBlocksPerSM;
+// The list kernels keep a table row's pointers and sizes in registers: 4 blocks (64 registers) there.
+constexpr int kListMinBlocksPerSM = 4;
+
+using launch::aligned16;
 
 int64_t grid_for(int64_t work, int64_t per_block) {
   return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxBlocks));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 __device__ int64_t global_thread() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 __device__ int lane_id() { return threadIdx.x & 31; }
+__device__ int64_t global_warp() { return static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; }
+__device__ int64_t grid_warps() { return static_cast<int64_t>(gridDim.x) * kWarpsPerBlock; }
 
 // ---------------------------------------------------------------------------------------------------
-// grad_sq_norm: stage 1, kNormBlocks blocks each add the squares of a fixed grid-stride share of the
-// entries in double and reduce them in shared memory in a fixed tree order; stage 2, one block adds the
-// partials the same way. No atomics: the result is the same on every run.
+// Global-memory access of the element-wise kernels
+// ---------------------------------------------------------------------------------------------------
+
+// V entries of T in one 16-byte-aligned pack (16 bytes; Fisher's fp32 pack of 8 entries: 32 bytes).
+template <typename T, int V>
+struct alignas(16) Pack {
+  T v[V];
+};
+
+// Entries of T per 16-byte access.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+// Bits 0 .. V - 1: every entry of a pack of V (<= 8) entries.
+template <int V>
+constexpr uint32_t kAllEntries = (1u << V) - 1u;
+
+template <int Bytes>
+struct Word;
+template <>
+struct Word<2> { using type = unsigned short; };
+template <>
+struct Word<4> { using type = unsigned int; };
+template <>
+struct Word<8> { using type = unsigned long long; };
+template <>
+struct Word<16> { using type = uint4; };
+
+template <typename To, typename From>
+__device__ __forceinline__ To bits_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To to;
+  memcpy(&to, &from, sizeof to);
+  return to;
+}
+
+// The cache path of a load: kReadOnly (ld.global.nc) for data no thread of the kernel writes (G, a
+// restore's backup, masks, offsets, the list table), kCoherent (ld.global.cg) for W and F, which the
+// kernel also writes.
+enum class Path { kReadOnly, kCoherent };
+
+// Loads a T of 2, 4, 8 bytes or a multiple of 16 bytes (a pack). The intrinsics are volatile asm: loads
+// keep their program order, so the kernels write each step's loads before its first store or use.
+template <Path P, typename T>
+__device__ __forceinline__ T load(const T* p) {
+  if constexpr (sizeof(T) > 16) {
+    static_assert(sizeof(T) % 16 == 0, "load: a pack is a multiple of 16 bytes");
+    struct Parts {
+      uint4 v[sizeof(T) / 16];
+    } parts;
+#pragma unroll
+    for (int k = 0; k < static_cast<int>(sizeof(T) / 16); ++k) parts.v[k] = load<P>(reinterpret_cast<const uint4*>(p) + k);
+    return bits_as<T>(parts);
+  } else {
+    using B = typename Word<sizeof(T)>::type;
+    const B* q = reinterpret_cast<const B*>(p);
+    return bits_as<T>(P == Path::kReadOnly ? __ldg(q) : __ldcg(q));
+  }
+}
+
+// Stores a T of 2, 4, 8 bytes or a multiple of 16 bytes (st.global, write-back).
+template <typename T>
+__device__ __forceinline__ void store(T* p, const T& value) {
+  if constexpr (sizeof(T) > 16) {
+    struct Parts {
+      uint4 v[sizeof(T) / 16];
+    };
+    const Parts parts = bits_as<Parts>(value);
+#pragma unroll
+    for (int k = 0; k < static_cast<int>(sizeof(T) / 16); ++k) __stwb(reinterpret_cast<uint4*>(p) + k, parts.v[k]);
+  } else {
+    using B = typename Word<sizeof(T)>::type;
+    __stwb(reinterpret_cast<B*>(p), bits_as<B>(value));
+  }
+}
+
+// The slots of a pack's entries: entry k (bit k of `live`) at p[first + bits_below(bits, k)]. W and G
+// entries use bits = all (slot k = k), a backup run the pack's selection bits (the selected entries'
+// ranks are consecutive). whole: the V slots are one aligned pack (one 16-byte access); otherwise each
+// live entry is a scalar access, and the others are neither read nor written (loaded as zeros).
+template <Path P, int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_slots(const T* p, int64_t first, uint32_t bits, uint32_t live,
+                                                 bool whole) {
+  if (whole) return load<P>(reinterpret_cast<const Pack<T, V>*>(p + first));
+  Pack<T, V> out{};
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if ((live >> k) & 1u) out.v[k] = load<P>(p + first + bits_below(bits, k));
+  }
+  return out;
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_slots(T* p, int64_t first, uint32_t bits, uint32_t live, bool whole,
+                                            const Pack<T, V>& value) {
+  if (whole) {
+    store(reinterpret_cast<Pack<T, V>*>(p + first), value);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if ((live >> k) & 1u) store(p + first + bits_below(bits, k), value.v[k]);
+  }
+}
+
+// Entries [i, i + V) of a tensor of n entries (i < n): the bits of those below n.
+template <int V>
+__device__ __forceinline__ uint32_t entries_below(int64_t i, int64_t n) {
+  return n - i >= V ? kAllEntries<V> : (1u << static_cast<int>(n - i)) - 1u;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// grad_sq_norm: stage 1, one wave of blocks (launch.h: wave_grid, from the SM count and the kernel's
+// occupancy); warp w takes the 1024-entry chunks w, w + warps, ...; each thread adds the squares of its
+// entries in double in a fixed order, the block reduces in a fixed tree order and writes its partial.
+// Stage 2, one block adds the partials the same way and writes the result. The partition depends only
+// on the device: the same input gives the same result on the same device. No atomics, nothing to zero.
 // ---------------------------------------------------------------------------------------------------
 
 __device__ double block_sum(double v, double* shared) {
@@ -61,138 +188,159 @@ __device__ double block_sum(double v, double* shared) {
   return shared[0];
 }
 
+// One tensor of grad_sq_norm: G, and W (null: no ASAM).
 template <typename T>
-__device__ double square_term(T g, const T* w, int64_t i) {
-  double v = widen(g);
-  if (w != nullptr) v *= widen(w[i]);
-  return v * v;
-}
+struct NormArgs {
+  const T* g;
+  const T* w;
+  int64_t n;
+  bool vec;  // g and w 16-byte aligned
+};
 
+// 16-byte packs per lane loaded together in a norm step, for G and for W: 2 (one for 2-byte dtypes, whose
+// 8 entries a pack would otherwise spill in float64).
 template <typename T>
-__global__ void sq_norm_partial_kernel(const T* g, const T* w, int64_t n, int64_t nvec, double* partial) {
-  __shared__ double shared[kThreads];
+constexpr int kNormPacks = sizeof(T) >= 4 ? 2 : 1;
+
+// acc + the squares of the lane's entries of chunk c of the tensor (g_i², or (g_i · w_i)²).
+template <typename T>
+__device__ double norm_chunk(const NormArgs<T>& a, int64_t c, double acc) {
   constexpr int V = kVec<T>;
-  double acc = 0.0;
-  for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
-    const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
-    if (w != nullptr) {
-      const Pack<T, V> wp = reinterpret_cast<const Pack<T, V>*>(w)[p];
+  constexpr int U = kNormPacks<T>;
+  for (int e = lane_id() * V; e < kChunk; e += 32 * V * U) {
+    Pack<T, V> g[U], w[U];
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const double v = widen(gp.v[k]) * widen(wp.v[k]);
-        acc += v * v;
-      }
-    } else {
+    for (int u = 0; u < U; ++u) {  // all loads of the step first
+      const int64_t i = c * kChunk + e + u * 32 * V;
+      const uint32_t live = i < a.n ? entries_below<V>(i, a.n) : 0u;
+      const bool whole = a.vec && live == kAllEntries<V>;
+      g[u] = load_slots<Path::kReadOnly, V>(a.g, i, kAllEntries<V>, live, whole);
+      if (a.w != nullptr) w[u] = load_slots<Path::kReadOnly, V>(a.w, i, kAllEntries<V>, live, whole);
+    }
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const double v = widen(gp.v[k]);
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {  // entries past n were loaded as zeros: they add +0.0, exactly nothing
+        double v = widen(g[u].v[k]);
+        if (a.w != nullptr) v *= widen(w[u].v[k]);
         acc += v * v;
       }
     }
   }
-  for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) acc += square_term(g[i], w, i);
+  return acc;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    sq_norm_partial_kernel(NormArgs<T> a, double* partial) {
+  __shared__ double shared[kThreads];
+  double acc = 0.0;
+  const int64_t chunks = (a.n + kChunk - 1) / kChunk;
+  for (int64_t c = global_warp(); c < chunks; c += grid_warps()) acc = norm_chunk(a, c, acc);
   const double total = block_sum(acc, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-__global__ void sq_norm_final_kernel(const double* partial, int count, double* out) {
+__global__ void sq_norm_final_kernel(const double* partial, int64_t count, double* out) {
   __shared__ double shared[kThreads];
   double acc = 0.0;
-  for (int b = threadIdx.x; b < count; b += blockDim.x) acc += partial[b];
+  for (int64_t b = threadIdx.x; b < count; b += blockDim.x) acc += partial[b];
   const double total = block_sum(acc, shared);
   if (threadIdx.x == 0) *out = total;
+}
+
+// One wave of `kernel` on the current device: its resident blocks per SM (cudaOccupancy..., cached per
+// device: it depends only on the kernel and the device) times the SM count, capped by the work.
+template <typename Kernel>
+int64_t wave_grid_for(Kernel kernel, int64_t chunks) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> resident[kMaxDevices];  // sms * blocks per SM; 0: not queried yet
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int64_t wave = device < kMaxDevices ? resident[device].load(std::memory_order_relaxed) : 0;
+  if (wave == 0) {
+    int sms = 0, per_sm = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    wave = std::max<int64_t>(1, int64_t{sms} * per_sm);
+    if (device < kMaxDevices) resident[device].store(wave, std::memory_order_relaxed);
+  }
+  return launch::wave_grid(wave, 1, chunks, kWarpsPerBlock);
+}
+
+// Launches both stages of a norm over `chunks` chunks in all: the partial kernel (`launch_partial(grid,
+// partial)`) on a one-wave grid and the final one into a new float64 0-d tensor.
+template <typename Kernel, typename LaunchPartial>
+at::Tensor launch_norm(Kernel partial_kernel, int64_t chunks, const at::TensorOptions& options,
+                       LaunchPartial&& launch_partial) {
+  at::Tensor out = at::empty({}, options.dtype(at::kDouble));
+  const int64_t grid = wave_grid_for(partial_kernel, chunks);
+  at::Tensor partial = at::empty({grid}, out.options());  // every block writes its own: no zeroing
+  launch_partial(grid, partial.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sq_norm_final_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partial.data_ptr<double>(), grid,
+                                                                             out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 at::Tensor grad_sq_norm_cuda(const at::Tensor& G, const std::optional<at::Tensor>& W) {
   check_grad_sq_norm_args(G, W);
   const c10::cuda::CUDAGuard guard(G.device());
-  at::Tensor out = at::zeros({}, G.options().dtype(at::kDouble));
   const int64_t n = G.numel();
-  if (n == 0) return out;
-  at::Tensor partial = at::empty({kNormBlocks}, out.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (n == 0) return at::zeros({}, G.options().dtype(at::kDouble));
+  at::Tensor out;
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* g = G.data_ptr<T>();
     const T* w = W.has_value() ? W->data_ptr<T>() : nullptr;
-    const bool vec = aligned16(g) && (w == nullptr || aligned16(w));
-    const int64_t nvec = vec ? n / kVec<T> : 0;
-    sq_norm_partial_kernel<T><<<kNormBlocks, kThreads, 0, stream>>>(g, w, n, nvec, partial.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const NormArgs<T> args{g, w, n, aligned16({g, w})};
+    out = launch_norm(sq_norm_partial_kernel<T>, num_chunks(n), G.options(), [&](int64_t grid, double* partial) {
+      sq_norm_partial_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args, partial);
+    });
   });
-  sq_norm_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), kNormBlocks, out.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------------
-// perturb_ / restore_
+// perturb_ / restore_: one warp per 1024-entry chunk, masked or dense (rank(i) = i), one code path.
 // ---------------------------------------------------------------------------------------------------
 
-// Dense perturb: backup = W; W = perturbed(W, G) when the scale is active (G is not read otherwise).
-template <typename T>
-__global__ void perturb_dense_kernel(T* w, const T* g, T* backup, ScaleView scale, bool adaptive, int64_t n,
-                                     int64_t nvec) {
-  constexpr int V = kVec<T>;
-  const double s = load_scale(scale.data, scale.is64);
-  const bool active = scale_active(s);
-  for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
-    Pack<T, V> wp = reinterpret_cast<const Pack<T, V>*>(w)[p];
-    reinterpret_cast<Pack<T, V>*>(backup)[p] = wp;
-    if (active) {
-      const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
-#pragma unroll
-      for (int k = 0; k < V; ++k) wp.v[k] = perturbed(wp.v[k], gp.v[k], s, adaptive);
-      reinterpret_cast<Pack<T, V>*>(w)[p] = wp;
-    }
-  }
-  for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) {
-    const T wi = w[i];
-    backup[i] = wi;
-    if (active) w[i] = perturbed(wi, g[i], s, adaptive);
+// The operation of an element kernel, a template parameter: each is compiled for its own case.
+struct Perturb {
+  static constexpr bool kRestore = false, kAdaptive = false;
+};
+struct PerturbAdaptive {
+  static constexpr bool kRestore = false, kAdaptive = true;
+};
+struct Restore {
+  static constexpr bool kRestore = true;  // no kAdaptive: restore_ has no perturbation
+};
+
+template <typename Fn>
+void dispatch_op(bool restore, bool adaptive, Fn&& fn) {
+  if (restore) {
+    fn(Restore{});
+  } else if (adaptive) {
+    fn(PerturbAdaptive{});
+  } else {
+    fn(Perturb{});
   }
 }
 
-// Masked perturb_ (restore = false) or restore_ (restore = true): one warp per 1024-entry chunk. Bits
-// past n are dropped when the words are loaded; a rank outside [0, capacity) (a short backup, offsets
-// that do not match the mask: not checked on the host, that would synchronise) is skipped, so no access
-// leaves W or the backup.
-// Chunk c of a masked perturb_ (restore = false) or restore_ (restore = true), run by one whole warp
-// (warp-uniform arguments). Bits past n are dropped when the words are loaded; a rank outside
-// [0, capacity) (a short backup, offsets that do not match the mask: not checked on the host, that would
-// synchronise) is skipped, so no access leaves W or the backup.
+// One tensor of perturb_/restore_ as the kernels see it (warp-uniform). words == nullptr: dense.
 template <typename T>
-__device__ void masked_chunk(T* w, const T* g, T* backup, int64_t capacity, double s, bool active, bool adaptive,
-                             bool restore, const int32_t* words, const void* offsets, bool offsets64, int64_t n,
-                             int64_t c) {
-  const int lane = lane_id();
-  const int64_t nwords = (n + 31) / 32;
-  const uint32_t lanes_below = (1u << lane) - 1u;
-  const int64_t wi = c * kWordsPerChunk + lane;
-  const uint32_t word = wi < nwords ? mask_word(words, wi, n) : 0u;
-  // Inclusive warp scan of the popcounts: the rank of this word's first set bit within the chunk.
-  int below = popcount32(word);
-  for (int d = 1; d < 32; d *= 2) {
-    const int up = __shfl_up_sync(kFullWarp, below, d);
-    if (lane >= d) below += up;
-  }
-  below -= popcount32(word);
-  const int64_t base = load_offset(offsets, offsets64, c);
-  for (int k = 0; k < 32; ++k) {
-    const uint32_t wk = __shfl_sync(kFullWarp, word, k);
-    const int first = __shfl_sync(kFullWarp, below, k);
-    const int64_t i = (c * kWordsPerChunk + k) * 32 + lane;
-    const int64_t r = base + first + popcount32(wk & lanes_below);
-    if (((wk >> lane) & 1u) == 0 || !rank_in_range(r, capacity)) continue;  // wk has no bit past n
-    if (restore) {
-      w[i] = backup[r];
-    } else {
-      const T wv = w[i];
-      backup[r] = wv;
-      if (active) w[i] = perturbed(wv, g[i], s, adaptive);
-    }
-  }
-}
+struct ElementArgs {
+  T* w;
+  const T* g;  // null for restore_
+  T* backup;
+  int64_t n;
+  int64_t capacity;  // backup slots
+  const int32_t* words;
+  const void* offsets;
+  bool offsets64;
+  bool vec;  // w, g and backup 16-byte aligned
+};
 
 // The scale of perturb_ (restore_: none) and whether it applies.
 __device__ void read_scale(const ScaleView& scale, bool restore, double& s, bool& active) {
@@ -200,27 +348,106 @@ __device__ void read_scale(const ScaleView& scale, bool restore, double& s, bool
   active = !restore && scale_active(s);
 }
 
-// Masked perturb_ / restore_ of one tensor: one warp per 1024-entry chunk.
-template <typename T>
-__global__ void masked_kernel(T* w, const T* g, T* backup, int64_t capacity, ScaleView scale, bool adaptive,
-                              bool restore, const int32_t* words, const void* offsets, bool offsets64, int64_t n) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  double s;
-  bool active;
-  read_scale(scale, restore, s, active);
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < chunks; c += warps) {
-    masked_chunk(w, g, backup, capacity, s, active, adaptive, restore, words, offsets, offsets64, n, c);
+// Lane l's word of chunk c (bits past n cleared; dense: a bit per entry below n) and the rank of its
+// first set bit: base + below.
+struct ChunkWord {
+  uint32_t word;
+  int below;     // set bits of the chunk's words before this one
+  int64_t base;  // offsets[c] (dense: c * kChunk)
+};
+
+__device__ ChunkWord chunk_word(const int32_t* words, const void* offsets, bool offsets64, int64_t n, int64_t c) {
+  const int lane = lane_id();
+  const int64_t wi = c * kWordsPerChunk + lane;
+  const int64_t valid = n - wi * 32;  // entries of word wi below n
+  if (words == nullptr) {
+    const int32_t every = -1;
+    return {valid > 0 ? mask_word(&every, 0, valid) : 0u, lane * 32, c * kChunk};
+  }
+  // Both loads before any use: one round trip.
+  const int32_t raw = valid > 0 ? load<Path::kReadOnly>(words + wi) : 0;
+  const int64_t base = offsets64 ? load<Path::kReadOnly>(static_cast<const int64_t*>(offsets) + c)
+                                 : load<Path::kReadOnly>(static_cast<const int32_t*>(offsets) + c);
+  const uint32_t word = valid > 0 ? mask_word(&raw, 0, valid) : 0u;  // mask_word of the loaded word
+  // Inclusive warp scan of the popcounts, less this word's own.
+  int below = popcount32(word);
+  for (int d = 1; d < 32; d *= 2) {
+    const int up = __shfl_up_sync(kFullWarp, below, d);
+    if (lane >= d) below += up;
+  }
+  return {word, below - popcount32(word), base};
+}
+
+// The pack of V entries from entry i, whose selected entries are `bits` (non-zero) with ranks r, r + 1,
+// ... in bit order. A rank outside [0, capacity) (a short backup, offsets that do not match the mask: not
+// checked on the host, that would synchronise) leaves its entry alone, so no access leaves W or the
+// backup. perturb_ reads W's pack (and G's, when the scale applies) whole when it lies in the aligned
+// tensor, and writes it back whole, the entries it does not perturb with the values it read.
+template <typename Op, typename T>
+__device__ __forceinline__ void element_pack(const ElementArgs<T>& a, int64_t i, int64_t r, uint32_t bits, double s,
+                                             bool active) {
+  constexpr int V = kVec<T>;
+  uint32_t live = bits;
+  if (r < 0 || r + popcount32(bits) > a.capacity) {
+    live = 0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (((bits >> k) & 1u) && rank_in_range(r + bits_below(bits, k), a.capacity)) live |= 1u << k;
+    }
+    if (live == 0) return;
+  }
+  const bool whole = a.vec && i + V <= a.n;                               // W's (and G's) pack: one access
+  const bool whole_run = a.vec && live == kAllEntries<V> && r % V == 0;   // the backup slots: one access
+  if constexpr (Op::kRestore) {
+    const Pack<T, V> value = load_slots<Path::kReadOnly, V>(a.backup, r, bits, live, whole_run);
+    store_slots<V>(a.w, i, kAllEntries<V>, live, whole && live == kAllEntries<V>, value);
+  } else {
+    Pack<T, V> value = load_slots<Path::kCoherent, V>(a.w, i, kAllEntries<V>, live, whole);
+    Pack<T, V> grad;
+    if (active) grad = load_slots<Path::kReadOnly, V>(a.g, i, kAllEntries<V>, live, whole);
+    store_slots<V>(a.backup, r, bits, live, whole_run, value);
+    if (active) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if ((live >> k) & 1u) value.v[k] = perturbed(value.v[k], grad.v[k], s, Op::kAdaptive);
+      }
+      store_slots<V>(a.w, i, kAllEntries<V>, live, whole, value);
+    }
   }
 }
 
+// Chunk c of the tensor, run by one whole warp: lane l takes the packs of V entries at l * V, l * V + 32 V,
+// ... of the chunk (so a warp's accesses of a step are 512 contiguous bytes of W).
+template <typename Op, typename T>
+__device__ void element_chunk(const ElementArgs<T>& a, double s, bool active, int64_t c) {
+  constexpr int V = kVec<T>;
+  const ChunkWord cw = chunk_word(a.words, a.offsets, a.offsets64, a.n, c);
+  for (int e = lane_id() * V; e < kChunk; e += 32 * V) {  // e: the pack's first entry in the chunk
+    const int source = e / 32, bit = e % 32;
+    const uint32_t word = __shfl_sync(kFullWarp, cw.word, source);
+    const int below = __shfl_sync(kFullWarp, cw.below, source);
+    const uint32_t bits = (word >> bit) & kAllEntries<V>;
+    if (bits != 0) element_pack<Op>(a, c * kChunk + e, cw.base + below + bits_below(word, bit), bits, s, active);
+  }
+}
+
+// perturb_ / restore_ of one tensor, masked or dense.
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads, kElementMinBlocksPerSM<T>) element_kernel(ElementArgs<T> a, ScaleView scale) {
+  double s;
+  bool active;
+  read_scale(scale, Op::kRestore, s, active);
+  const int64_t chunks = (a.n + kChunk - 1) / kChunk;
+  for (int64_t c = global_warp(); c < chunks; c += grid_warps()) element_chunk<Op>(a, s, active, c);
+}
+
 template <typename T>
-void launch_masked(T* w, const T* g, T* backup, int64_t capacity, ScaleView scale, bool adaptive, bool restore,
-                   const MaskView& view, int64_t n, cudaStream_t stream) {
-  const int64_t blocks = grid_for(num_chunks(n), kWarpsPerBlock);
-  masked_kernel<T><<<blocks, kThreads, 0, stream>>>(w, g, backup, capacity, scale, adaptive, restore, view.words,
-                                                    view.offsets, view.offsets64, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+void launch_element(const ElementArgs<T>& args, ScaleView scale, bool adaptive, bool restore) {
+  const int64_t blocks = grid_for(num_chunks(args.n), kWarpsPerBlock);
+  dispatch_op(restore, adaptive, [&](auto op) {
+    element_kernel<T, decltype(op)><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args, scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void perturb_cuda(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
@@ -231,20 +458,14 @@ void perturb_cuda(const at::Tensor& W, const at::Tensor& G, const std::optional<
   const int64_t n = W.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(W.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* w = W.data_ptr<T>();
     const T* g = G.data_ptr<T>();
     T* b = backup.data_ptr<T>();
-    if (view.words != nullptr) {
-      launch_masked<T>(w, g, b, backup.numel(), s, adaptive, false, view, n, stream);
-      return;
-    }
-    const int64_t nvec = aligned16(w) && aligned16(g) && aligned16(b) ? n / kVec<T> : 0;
-    const int64_t blocks = grid_for(std::max(nvec, n - nvec * kVec<T>), kThreads);
-    perturb_dense_kernel<T><<<blocks, kThreads, 0, stream>>>(w, g, b, s, adaptive, n, nvec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_element(ElementArgs<T>{w, g, b, n, backup.numel(), view.words, view.offsets, view.offsets64,
+                                  aligned16({w, g, b})},
+                   s, adaptive, false);
   });
 }
 
@@ -262,29 +483,54 @@ void restore_cuda(const at::Tensor& W, const std::optional<at::Tensor>& mask,
   }
   dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_masked<T>(W.data_ptr<T>(), nullptr, backup.data_ptr<T>(), backup.numel(), ScaleView{}, false, true, view,
-                     n, stream);
+    T* w = W.data_ptr<T>();
+    T* b = backup.data_ptr<T>();
+    launch_element(ElementArgs<T>{w, nullptr, b, n, backup.numel(), view.words, view.offsets, view.offsets64,
+                                  aligned16({w, b})},
+                   ScaleView{}, false, true);
   });
 }
 
-// Entries per vector step of fisher_kernel: a whole 16-byte pack of G and of the fp32 F (4 for float64 G).
+// ---------------------------------------------------------------------------------------------------
+// fisher_accumulate_: F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update),
+// one warp per 1024-entry chunk.
+// ---------------------------------------------------------------------------------------------------
+
+// Entries per Fisher pack: a whole 16-byte pack of G and of the fp32 F (4 for float64 G; bf16 / fp16 G:
+// 8, with a 32-byte F pack).
 template <typename T>
 constexpr int kFisherVec = kVec<T> > kVec<float> ? kVec<T> : kVec<float>;
 
-// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update).
 template <typename T>
-__global__ void fisher_kernel(float* f, const T* g, double alpha, int64_t n, int64_t nvec) {
+struct FisherArgs {
+  float* f;
+  const T* g;
+  int64_t n;
+  bool vec;  // f and g 16-byte aligned
+};
+
+template <typename T>
+__device__ void fisher_chunk(const FisherArgs<T>& a, double alpha, int64_t c) {
   constexpr int V = kFisherVec<T>;
-  for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
-    const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
-    Pack<float, V> fp = reinterpret_cast<const Pack<float, V>*>(f)[p];
+  for (int e = lane_id() * V; e < kChunk; e += 32 * V) {
+    const int64_t i = c * kChunk + e;
+    if (i >= a.n) return;
+    const uint32_t live = entries_below<V>(i, a.n);
+    const bool whole = a.vec && live == kAllEntries<V>;
+    Pack<float, V> f = load_slots<Path::kCoherent, V>(a.f, i, kAllEntries<V>, live, whole);
+    const Pack<T, V> g = load_slots<Path::kReadOnly, V>(a.g, i, kAllEntries<V>, live, whole);
 #pragma unroll
-    for (int k = 0; k < V; ++k) fp.v[k] = fisher_update(fp.v[k], widen(gp.v[k]), alpha);
-    reinterpret_cast<Pack<float, V>*>(f)[p] = fp;
+    for (int k = 0; k < V; ++k) {
+      if ((live >> k) & 1u) f.v[k] = fisher_update(f.v[k], widen(g.v[k]), alpha);
+    }
+    store_slots<V>(a.f, i, kAllEntries<V>, live, whole, f);
   }
-  for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) {
-    f[i] = fisher_update(f[i], widen(g[i]), alpha);
-  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) fisher_kernel(FisherArgs<T> a, double alpha) {
+  const int64_t chunks = (a.n + kChunk - 1) / kChunk;
+  for (int64_t c = global_warp(); c < chunks; c += grid_warps()) fisher_chunk(a, alpha, c);
 }
 
 void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alpha) {
@@ -292,14 +538,12 @@ void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alp
   const int64_t n = F.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(F.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     float* f = F.data_ptr<float>();
     const T* g = G.data_ptr<T>();
-    const int64_t nvec = aligned16(f) && aligned16(g) ? n / kFisherVec<T> : 0;
-    const int64_t blocks = grid_for(std::max(nvec, n - nvec * kFisherVec<T>), kThreads);
-    fisher_kernel<T><<<blocks, kThreads, 0, stream>>>(f, g, alpha, n, nvec);
+    fisher_kernel<T><<<grid_for(num_chunks(n), kWarpsPerBlock), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        FisherArgs<T>{f, g, n, aligned16({f, g})}, alpha);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -323,11 +567,23 @@ void hash_fill_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t b
 // The list forms: one launch per op for any number of tensors (issue 15). The host writes a table of the
 // tensors (addresses and sizes, kColumns int64 per tensor, then each tensor's first global chunk) into
 // pinned memory and copies it to the device on the op's stream; the kernels walk the global chunk
-// numbers 0 .. total - 1 (1024-entry chunks, so mask offsets stay per chunk) and find each chunk's tensor
-// by binary search in the table. A chunk never spans two tensors.
+// numbers 0 .. total - 1 (1024-entry chunks, so mask offsets stay per chunk), find each chunk's tensor
+// by binary search in the table and run the single-tensor kernels' chunk code on it. A chunk never spans
+// two tensors.
 // ---------------------------------------------------------------------------------------------------
 
-enum Column : int { kColW, kColG, kColMask, kColOffsets, kColBackup, kColN, kColCapacity, kColOffsets64, kColumns };
+enum Column : int {
+  kColW,
+  kColG,
+  kColMask,
+  kColOffsets,
+  kColBackup,
+  kColN,
+  kColCapacity,
+  kColOffsets64,
+  kColVec,  // the tensor's pointers are 16-byte aligned (launch.h: aligned16)
+  kColumns
+};
 
 // The device copy of a list's table: rows of kColumns, then first_chunk[entries + 1].
 struct ListTable {
@@ -337,19 +593,38 @@ struct ListTable {
   int64_t chunks;  // first_chunk[entries], known on the host
 };
 
-// The tensor of global chunk c: the last j with first_chunk[j] <= c (empty tensors own no chunk).
+// The tensor of global chunk c: the last j with first_chunk[j] <= c (empty tensors own no chunk). A
+// 32-way search by the whole warp (c is warp-uniform): each round the lanes probe 32 evenly spaced
+// entries of [lo, hi] at once and a ballot keeps the span between the last probe <= c and the next, so
+// 600 tensors take 2 rounds of one load each instead of 10 dependent loads of a binary search.
 __device__ int64_t entry_of(const ListTable& t, int64_t c) {
-  int64_t lo = 0, hi = t.entries - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (t.first_chunk[mid] <= c) lo = mid; else hi = mid - 1;
+  launch::Span span{0, t.entries - 1};  // first_chunk[0] = 0 <= c (launch.h: the search's invariant)
+  while (span.lo < span.hi) {
+    const int64_t probe = launch::search_probe(span.lo, span.hi, lane_id());
+    const bool below = probe <= span.hi && load<Path::kReadOnly>(t.first_chunk + probe) <= c;
+    span = launch::search_narrow(span.lo, span.hi, __popc(__ballot_sync(kFullWarp, below)));
   }
-  return lo;
+  return span.lo;
+}
+
+// Row j of the table (all its columns loaded at once) and the local number of global chunk c in it.
+struct Row {
+  int64_t col[kColumns];
+  int64_t local;
+};
+
+__device__ Row row_of(const ListTable& t, int64_t c) {
+  const int64_t j = entry_of(t, c);
+  Row row;
+#pragma unroll
+  for (int k = 0; k < kColumns; ++k) row.col[k] = load<Path::kReadOnly>(t.rows + j * kColumns + k);
+  row.local = c - load<Path::kReadOnly>(t.first_chunk + j);
+  return row;
 }
 
 template <typename P>
-__device__ P* column_ptr(const int64_t* row, int col) {
-  return reinterpret_cast<P*>(static_cast<uintptr_t>(row[col]));
+__device__ P* column_ptr(const Row& row, int col) {
+  return reinterpret_cast<P*>(static_cast<uintptr_t>(row.col[col]));
 }
 
 // Builds the table of `rows` (kColumns values per tensor) on the host and copies it to `device`
@@ -367,56 +642,33 @@ ListTable upload_table(const std::vector<int64_t>& rows, const at::Device& devic
   return {d, d + entries * kColumns, entries, first[entries]};
 }
 
-// perturb_ (restore = false) / restore_ of every tensor of the table: one warp per global chunk, masked
-// or dense by the tensor's row (warp-uniform).
-template <typename T>
-__global__ void element_list_kernel(ListTable t, ScaleView scale, bool adaptive, bool restore) {
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+// perturb_ / restore_ of every tensor of the table: one warp per global chunk, masked or dense by the
+// tensor's row (warp-uniform).
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) element_list_kernel(ListTable t, ScaleView scale) {
   double s;
   bool active;
-  read_scale(scale, restore, s, active);
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
-    const int64_t j = entry_of(t, c);
-    const int64_t* row = t.rows + j * kColumns;
-    const int64_t local = c - t.first_chunk[j];
-    T* w = column_ptr<T>(row, kColW);
-    const T* g = column_ptr<const T>(row, kColG);
-    T* backup = column_ptr<T>(row, kColBackup);
-    const int64_t n = row[kColN];
-    const int32_t* words = column_ptr<const int32_t>(row, kColMask);
-    if (words != nullptr) {
-      masked_chunk(w, g, backup, row[kColCapacity], s, active, adaptive, restore, words,
-                   column_ptr<const void>(row, kColOffsets), row[kColOffsets64] != 0, n, local);
-      continue;
-    }
-    for (int64_t i = local * kChunk + lane_id(), end = std::min((local + 1) * kChunk, n); i < end; i += 32) {
-      if (restore) {
-        w[i] = backup[i];
-      } else {
-        const T wi = w[i];
-        backup[i] = wi;
-        if (active) w[i] = perturbed(wi, g[i], s, adaptive);
-      }
-    }
+  read_scale(scale, Op::kRestore, s, active);
+  for (int64_t c = global_warp(); c < t.chunks; c += grid_warps()) {
+    const Row row = row_of(t, c);
+    const ElementArgs<T> a{column_ptr<T>(row, kColW), column_ptr<const T>(row, kColG),
+                           column_ptr<T>(row, kColBackup), row.col[kColN], row.col[kColCapacity],
+                           column_ptr<const int32_t>(row, kColMask), column_ptr<const void>(row, kColOffsets),
+                           row.col[kColOffsets64] != 0, row.col[kColVec] != 0};
+    element_chunk<Op>(a, s, active, row.local);
   }
 }
 
-// Stage 1 of the list norm: kNormBlocks blocks take the global chunks in a grid stride, each thread adds
-// the squares of a fixed share, the block reduces in a fixed tree order: deterministic for the list.
+// Stage 1 of the list norm: as sq_norm_partial_kernel, warp w taking the global chunks w, w + warps, ...
 template <typename T>
-__global__ void sq_norm_list_kernel(ListTable t, double* partial) {
+__global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) sq_norm_list_kernel(ListTable t, double* partial) {
   __shared__ double shared[kThreads];
   double acc = 0.0;
-  for (int64_t c = blockIdx.x; c < t.chunks; c += gridDim.x) {
-    const int64_t j = entry_of(t, c);
-    const int64_t* row = t.rows + j * kColumns;
-    const T* g = column_ptr<const T>(row, kColG);
-    const T* w = column_ptr<const T>(row, kColW);  // null: no ASAM for this tensor
-    const int64_t local = c - t.first_chunk[j];
-    for (int64_t i = local * kChunk + threadIdx.x, end = std::min((local + 1) * kChunk, row[kColN]); i < end;
-         i += blockDim.x) {
-      acc += square_term(g[i], w, i);
-    }
+  for (int64_t c = global_warp(); c < t.chunks; c += grid_warps()) {
+    const Row row = row_of(t, c);
+    const NormArgs<T> a{column_ptr<const T>(row, kColG), column_ptr<const T>(row, kColW), row.col[kColN],
+                        row.col[kColVec] != 0};
+    acc = norm_chunk(a, row.local, acc);
   }
   const double total = block_sum(acc, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
@@ -424,22 +676,23 @@ __global__ void sq_norm_list_kernel(ListTable t, double* partial) {
 
 // F += alpha · g² for every (F, G) of the table (F at kColW, G at kColG): one warp per global chunk.
 template <typename T>
-__global__ void fisher_list_kernel(ListTable t, double alpha) {
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
-    const int64_t j = entry_of(t, c);
-    const int64_t* row = t.rows + j * kColumns;
-    float* f = column_ptr<float>(row, kColW);
-    const T* g = column_ptr<const T>(row, kColG);
-    const int64_t local = c - t.first_chunk[j];
-    for (int64_t i = local * kChunk + lane_id(), end = std::min((local + 1) * kChunk, row[kColN]); i < end; i += 32) {
-      f[i] = fisher_update(f[i], widen(g[i]), alpha);
-    }
+__global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) fisher_list_kernel(ListTable t, double alpha) {
+  for (int64_t c = global_warp(); c < t.chunks; c += grid_warps()) {
+    const Row row = row_of(t, c);
+    const FisherArgs<T> a{column_ptr<float>(row, kColW), column_ptr<const T>(row, kColG), row.col[kColN],
+                          row.col[kColVec] != 0};
+    fisher_chunk(a, alpha, row.local);
   }
 }
 
 int64_t address(const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
 int64_t address(const std::optional<at::Tensor>& t) { return t.has_value() ? address(*t) : 0; }
+const void* pointer(int64_t address) { return reinterpret_cast<const void*>(static_cast<uintptr_t>(address)); }
+
+// kColVec of a row whose pointer columns are filled in: whether they are all 16-byte aligned.
+void set_vec(int64_t* row) {
+  row[kColVec] = aligned16({pointer(row[kColW]), pointer(row[kColG]), pointer(row[kColBackup])});
+}
 
 at::Tensor grad_sq_norm_multi_cuda(at::TensorList G, const OptionalTensors& W) {
   TORCH_CHECK_VALUE(!G.empty(), "G: expected at least one tensor");
@@ -449,23 +702,22 @@ at::Tensor grad_sq_norm_multi_cuda(at::TensorList G, const OptionalTensors& W) {
     const std::optional<at::Tensor> w = W.get(j);
     check_grad_sq_norm_args(G[j], w);
     check_same_kind(G[j], G[0], "G", j);
-    rows[j * kColumns + kColW] = address(w);
-    rows[j * kColumns + kColG] = address(G[j]);
-    rows[j * kColumns + kColN] = G[j].numel();
+    int64_t* row = rows.data() + j * kColumns;
+    row[kColW] = address(w);
+    row[kColG] = address(G[j]);
+    row[kColN] = G[j].numel();
+    set_vec(row);
   }
   const c10::cuda::CUDAGuard guard(G[0].device());
   at::Tensor keep;
   const ListTable table = upload_table(rows, G[0].device(), keep);
-  at::Tensor out = at::empty({}, G[0].options().dtype(at::kDouble));
-  at::Tensor partial = at::empty({kNormBlocks}, out.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor out;
   dispatch_dtype(G[0].scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    sq_norm_list_kernel<T><<<kNormBlocks, kThreads, 0, stream>>>(table, partial.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    out = launch_norm(sq_norm_list_kernel<T>, table.chunks, G[0].options(), [&](int64_t grid, double* partial) {
+      sq_norm_list_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(table, partial);
+    });
   });
-  sq_norm_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), kNormBlocks, out.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -486,6 +738,7 @@ std::vector<int64_t> element_rows(at::TensorList W, const at::Tensor* const* G, 
     row[kColBackup] = address(backup[j]);
     row[kColN] = W[j].numel();
     row[kColCapacity] = backup[j].numel();
+    set_vec(row);
   }
   return rows;
 }
@@ -500,9 +753,11 @@ void launch_element_list(at::TensorList W, const std::vector<int64_t>& rows, Sca
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(W[0].scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    element_list_kernel<T><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table, scale, adaptive,
-                                                                                              restore);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_op(restore, adaptive, [&](auto op) {
+      element_list_kernel<T, decltype(op)><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table,
+                                                                                                          scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -531,9 +786,11 @@ void fisher_accumulate_multi_cuda(at::TensorList F, at::TensorList G, double alp
   for (size_t j = 0; j < F.size(); ++j) {
     check_fisher_args(F[j], G[j]);
     check_same_kind(G[j], G[0], "G", j);
-    rows[j * kColumns + kColW] = address(F[j]);
-    rows[j * kColumns + kColG] = address(G[j]);
-    rows[j * kColumns + kColN] = F[j].numel();
+    int64_t* row = rows.data() + j * kColumns;
+    row[kColW] = address(F[j]);
+    row[kColG] = address(G[j]);
+    row[kColN] = F[j].numel();
+    set_vec(row);
   }
   const c10::cuda::CUDAGuard guard(F[0].device());
   at::Tensor keep;
@@ -571,10 +828,9 @@ struct ScoreChunk {
 
 template <typename T>
 __device__ ScoreChunk<T> score_chunk(const ListTable& t, int64_t c) {
-  const int64_t j = entry_of(t, c);
-  const int64_t* row = t.rows + j * kColumns;
+  const Row row = row_of(t, c);
   return {column_ptr<const T>(row, kColScores), column_ptr<const int32_t>(row, kColFilter),
-          column_ptr<int32_t>(row, kColWords), row[kColN], (c - t.first_chunk[j]) * kChunk};
+          column_ptr<int32_t>(row, kColWords), row.col[kColN], row.local * kChunk};
 }
 
 // Calls fn(k, i, key, ok) for the 32 entries i = first + 32·k + lane of the lane's chunk, the keys loaded

@@ -181,6 +181,14 @@ __global__ void restore_kernel(float* w, const float* b, long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i < n) w[i] = b[i];
 }
+// An operation tag as a second template parameter: the record's variant.
+struct Restore {};
+template <typename T, typename Op>
+__global__ void element_kernel(float4* w, const float4* b, long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i < n) w[i] = b[i];
+}
+template __global__ void element_kernel<float, Restore>(float4*, const float4*, long);
 }  // namespace
 """
 
@@ -193,9 +201,13 @@ def test_native_records_of_a_tiny_source(tmp_path: Path) -> None:
     source.write_text(TINY_CUDA)
     records = static.native_records(source, [86], harness.Log(tmp_path / "log", quiet=True))
     by_kernel = {(r["kernel"], r["dtype"]): r for r in records}
-    assert set(by_kernel) == {("fisher_kernel", "fp32"), ("restore_kernel", "-")}  # <int> left out
+    assert set(by_kernel) == {("fisher_kernel", "fp32"), ("restore_kernel", "-"),  # <int> left out
+                              ("element_kernel", "fp32")}
+    assert by_kernel["element_kernel", "fp32"]["variant"] == "Restore"
+    assert by_kernel["element_kernel", "fp32"]["op"] == "perturb_/restore_"
     for r in records:
-        assert r["error"] is None and r["arch"] == 86 and r["variant"] == "any"
+        assert r["error"] is None and r["arch"] == 86
+        assert r["variant"] == ("Restore" if r["kernel"] == "element_kernel" else "any")
         assert r["registers"] > 0 and r["spill_bytes"] == 0 and sum(r["global_loads"].values()) > 0
     fisher = by_kernel["fisher_kernel", "fp32"]
     assert fisher["global_loads"].get("128", 0) >= 2 and fisher["fp64_instructions"] > 0
