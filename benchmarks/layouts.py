@@ -25,15 +25,18 @@ from . import harness
 LR, RHO, MOMENTUM = 1e-3, 0.05, 0.9
 
 
-def make_params(count: int, seed: int, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
+def make_params(count: int, seed: int, dtype: torch.dtype, device: torch.device, shapes: str = "1d"
+                ) -> list[torch.nn.Parameter]:
     """``count`` parameters of small, varied sizes (1 to ~4k entries, like biases, norms and small
-    weights), each with a gradient."""
+    weights), each with a gradient. ``shapes="mixed"``: every second one is 2-D, ``(1, n)`` (the
+    per-tensor layout then flattens its gradient at each step, as for a weight matrix)."""
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, 4096, (count,), generator=gen).tolist()
     params = []
-    for n in sizes:
-        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(device, dtype))
-        p.grad = torch.randn(n, generator=gen).to(device, dtype)
+    for i, n in enumerate(sizes):
+        shape = (1, n) if shapes == "mixed" and i % 2 else (n,)
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(device, dtype))
+        p.grad = torch.randn(shape, generator=gen).to(device, dtype)
         params.append(p)
     return params
 
@@ -55,12 +58,12 @@ def step_fn(opt: sk.SSAM) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = harness.parse_device(args.device, args.threads)
     dtype = getattr(torch, args.dtype)
-    results: dict[str, Any] = {"tensors": args.tensors, "dtype": args.dtype, "backend": args.backend,
-                               "threads": torch.get_num_threads(), "base": args.base,
+    results: dict[str, Any] = {"tensors": args.tensors, "shapes": args.shapes, "dtype": args.dtype,
+                               "backend": args.backend, "threads": torch.get_num_threads(), "base": args.base,
                                "sparsity": args.sparsity, "rounds": args.rounds, "runs": args.runs}
     foreach = True if args.base == "sgd-foreach" else None
-    opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device), args.sparsity, args.backend,
-                          foreach) for layout in ("flat", "tensors")}
+    opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device, args.shapes), args.sparsity,
+                          args.backend, foreach) for layout in ("flat", "tensors")}
     medians: dict[str, list[float]] = {layout: [] for layout in opts}
     for _ in range(args.rounds):
         for layout, opt in opts.items():
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backend", default="native")
     p.add_argument("--tensors", type=int, default=600)
+    p.add_argument("--shapes", choices=("1d", "mixed"), default="1d",
+                   help="1d: every parameter 1-D; mixed: every second one 2-D (1, n)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--base", choices=("sgd", "sgd-foreach"), default="sgd",
