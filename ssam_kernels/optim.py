@@ -75,9 +75,10 @@ class _Partition:
 class _StepLists:
     """The arguments of the step's list ops that do not change between steps, built once and reused
     until what they were built from changes: the segments (``layout.version``: add_param_group), the
-    masks and the backups (compared by identity: every change installs new lists, see
-    :meth:`SSAM._set_masks` and :meth:`SSAM._apply`) and the groups' ``adaptive``. ``rho`` is read at
-    each step (a schedule may change it). Only the gradients are gathered per step."""
+    masks and the backups (every change installs new lists and drops these, so that they never keep
+    replaced backups alive, see :meth:`SSAM._set_masks` and :meth:`SSAM._apply`; also compared by
+    identity) and the groups' ``adaptive``. ``rho`` is read at each step (a schedule may change it).
+    Only the gradients are gathered per step."""
 
     version: int
     masks: list[Mask] | None
@@ -103,7 +104,7 @@ class _RunState:
     backups: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
     fresh_grad: bool = False  # a gradient accumulated since the last zero_grad() or step
-    lists: _StepLists | None = None  # built by SSAM._step_lists, checked there before every use
+    lists: _StepLists | None = None  # SSAM._step_lists; dropped where the masks or backups are replaced
 
 
 def _grad_arrived(run: _RunState, segment: Segment | None, index: int, param: torch.Tensor) -> None:
@@ -250,7 +251,7 @@ class SSAM(torch.optim.Optimizer):
         self._attach(group, self.layout.add_group(group["params"] if group["perturb"] else []))
         self._live_count = self._count_live()
         run = self._run
-        run.started, run.masks, run.pending, run.backups = False, None, None, []
+        run.started, run.masks, run.pending, run.backups, run.lists = False, None, None, [], None
 
     def _check_params(self) -> None:
         """Host-side checks at each first_step: parameters moved since they were laid out are followed
@@ -296,6 +297,7 @@ class SSAM(torch.optim.Optimizer):
         """Install masks (None: dense) and size the compact backups to each segment's live count."""
         sizes = ([s.numel for s in self.layout.segments] if masks is None
                  else [int(offsets[-1]) for _, offsets in masks])
+        self._run.lists = None  # it holds the old masks and backups: free them now, not at the next step
         self._run.masks = masks
         self._run.backups = [torch.empty(n, dtype=s.dtype, device=s.device)
                              for n, s in zip(sizes, self.layout.segments, strict=True)]
@@ -562,6 +564,7 @@ class SSAM(torch.optim.Optimizer):
         if loaded.policy_state is not None and self.policy is not None:
             self.policy.load_state_dict(loaded.policy_state)
         run = self._run
+        run.lists = None  # built from the masks and backups replaced here
         run.steps, run.phase, run.started = loaded.steps, loaded.phase, loaded.started
         run.pending, run.grad_norm, run.fresh_grad = loaded.pending, None, False
         if loaded.started:

@@ -98,10 +98,15 @@ def test_step_lists_are_reused_and_rebuilt_exactly_when_their_inputs_change(layo
     assert opt._run.lists is lists  # nothing changed: reused
 
     opt.param_groups[1]["rho"] = 0.05  # a rho schedule: read at each step, the lists stay
-    checked_step(opt, model, 2)  # the third step: the mask is refreshed after it
+    model.loss(2).backward()
+    opt.first_step()
     assert opt._run.lists is lists
+    opt.unperturb()
+    opt.zero_grad()
+    checked_step(opt, model, 2)  # the third step: the mask is refreshed after it, the lists dropped
+    assert opt._run.lists is None
     checked_step(opt, model, 3)  # the refreshed mask is in force
-    assert opt._run.lists is not lists
+    assert opt._run.lists is not None and opt._run.lists is not lists
     lists = opt._run.lists
 
     opt.param_groups[0]["adaptive"] = True  # ASAM's norm needs the weights: rebuilt
@@ -136,6 +141,23 @@ def test_step_lists_are_reused_and_rebuilt_exactly_when_their_inputs_change(layo
     checked_step(opt, model, 10)
     assert opt._run.lists is not lists
     assert any(p is extra for s in opt.layout.segments for p in s.params)
+
+
+@pytest.mark.parametrize("layout", ["flat", "tensors"])
+def test_replaced_backups_are_not_kept_alive_by_the_lists(layout):
+    """A mask refresh at the end of a step installs new backups; the lists of the old ones must not keep
+    them (up to N entries) alive through the next forward and backward."""
+    model = Net(4)
+    opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, mask=DynamicMask(interval=1, seed=2),
+               layout=layout, lr=0.05)
+    model.loss(0).backward()
+    opt.first_step(zero_grad=True)
+    old = [weakref.ref(b) for b in opt._run.backups]
+    model.loss(0).backward()
+    opt.second_step(zero_grad=True)  # refreshes the mask: new backups
+    gc.collect()
+    assert all(ref() is None for ref in old)
+    checked_step(opt, model, 1)
 
 
 @pytest.mark.parametrize("layout", ["flat", "tensors"])
