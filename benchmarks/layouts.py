@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from typing import Any
 
 import torch
@@ -25,15 +26,18 @@ from . import harness
 LR, RHO, MOMENTUM = 1e-3, 0.05, 0.9
 
 
-def make_params(count: int, seed: int, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
+def make_params(count: int, seed: int, dtype: torch.dtype, device: torch.device, shapes: str = "1d"
+                ) -> list[torch.nn.Parameter]:
     """``count`` parameters of small, varied sizes (1 to ~4k entries, like biases, norms and small
-    weights), each with a gradient."""
+    weights), each with a gradient. ``shapes="mixed"``: every second one is 2-D, ``(1, n)`` (the
+    per-tensor layout then flattens its gradient at each step, as for a weight matrix)."""
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, 4096, (count,), generator=gen).tolist()
     params = []
-    for n in sizes:
-        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(device, dtype))
-        p.grad = torch.randn(n, generator=gen).to(device, dtype)
+    for i, n in enumerate(sizes):
+        shape = (1, n) if shapes == "mixed" and i % 2 else (n,)
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(device, dtype))
+        p.grad = torch.randn(shape, generator=gen).to(device, dtype)
         params.append(p)
     return params
 
@@ -52,19 +56,38 @@ def step_fn(opt: sk.SSAM) -> Any:
     return step
 
 
+def thread_time_median(fn: Any, runs: int, warmup: int) -> float:
+    """Median seconds of ``runs`` calls of ``fn`` in this thread's CPU time (``time.thread_time``): on a
+    loaded shared machine it leaves out the time the process waits for a core, which wall-clock times
+    include (CPU only, 1 torch thread: the work runs in this thread)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.thread_time()
+        fn()
+        samples.append(time.thread_time() - start)
+    return harness.Timing.of(samples).median_s
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = harness.parse_device(args.device, args.threads)
     dtype = getattr(torch, args.dtype)
-    results: dict[str, Any] = {"tensors": args.tensors, "dtype": args.dtype, "backend": args.backend,
-                               "threads": torch.get_num_threads(), "base": args.base,
-                               "sparsity": args.sparsity, "rounds": args.rounds, "runs": args.runs}
+    results: dict[str, Any] = {"tensors": args.tensors, "shapes": args.shapes, "dtype": args.dtype,
+                               "backend": args.backend, "threads": torch.get_num_threads(), "base": args.base,
+                               "sparsity": args.sparsity, "rounds": args.rounds, "runs": args.runs,
+                               "clock": args.clock}
+    if args.clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("--clock thread: CPU with --threads 1 only (other threads' work would not count)")
     foreach = True if args.base == "sgd-foreach" else None
-    opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device), args.sparsity, args.backend,
-                          foreach) for layout in ("flat", "tensors")}
+    opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device, args.shapes), args.sparsity,
+                          args.backend, foreach) for layout in ("flat", "tensors")}
     medians: dict[str, list[float]] = {layout: [] for layout in opts}
     for _ in range(args.rounds):
         for layout, opt in opts.items():
-            medians[layout].append(harness.measure(step_fn(opt), device, runs=args.runs, warmup=3).median_s)
+            medians[layout].append(
+                thread_time_median(step_fn(opt), args.runs, 3) if args.clock == "thread"
+                else harness.measure(step_fn(opt), device, runs=args.runs, warmup=3).median_s)
     for layout, values in medians.items():
         results[f"{layout}_ms"] = statistics.median(values) * 1e3
     results["ratio"] = results["tensors_ms"] / results["flat_ms"]
@@ -77,10 +100,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backend", default="native")
     p.add_argument("--tensors", type=int, default=600)
+    p.add_argument("--shapes", choices=("1d", "mixed"), default="1d",
+                   help="1d: every parameter 1-D; mixed: every second one 2-D (1, n)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--base", choices=("sgd", "sgd-foreach"), default="sgd",
                    help="base optimizer: SGD(momentum) as torch picks it on the device, or with foreach=True")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall: benchmarks.harness (perf_counter); thread: this thread's CPU time")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--runs", type=int, default=20)
     results = run(p.parse_args(argv))

@@ -30,13 +30,17 @@ import contextlib
 import functools
 import itertools
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 LAYOUTS = ("auto", "flat", "tensors")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+# C-level getters: the step reads them for every parameter, through map() rather than a Python loop.
+_GRAD = operator.attrgetter("grad")
+_LAYOUT = operator.attrgetter("layout")
+_DTYPE = operator.attrgetter("dtype")
 
 
 @functools.cache
@@ -112,6 +116,8 @@ class Segment:
             grad = local_tensor(grad)
             _check_grad(grad, local_tensor(self.params[0]))
             return grad.reshape(-1)
+        if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):  # the usual step: C calls only
+            return self.grad_buffer
         for index, (param, view, (start, n)) in enumerate(
                 zip(self.params, self.grad_views, self.spans(), strict=True)):
             grad = param.grad
@@ -133,12 +139,7 @@ class Segment:
         a gradient (they count as None until a gradient arrives), ``False`` keeps it (a parameter that
         had one keeps a zero gradient and is stepped)."""
         if self.grad_buffer is None:
-            param = self.params[0]
-            if param.grad is not None:
-                if set_to_none:
-                    param.grad = None
-                else:
-                    param.grad.zero_()
+            zero_grads(self.params, set_to_none)
             return
         self.grad_buffer.zero_()
         for index, (param, view) in enumerate(zip(self.params, self.grad_views, strict=True)):
@@ -155,6 +156,16 @@ class Segment:
             return []
         return [(p, view) for p, view, seen in zip(self.params, self.grad_views, self.has_grad, strict=True)
                 if not seen and p.grad is view]
+
+
+def zero_grads(params: Iterable[torch.Tensor], set_to_none: bool) -> None:
+    """PyTorch's ``Optimizer.zero_grad`` for ``params``: ``.grad`` set to None, or zeroed in place."""
+    for param in params:
+        if param.grad is not None:
+            if set_to_none:
+                param.grad = None
+            else:
+                param.grad.zero_()
 
 
 def _check_grad(grad: torch.Tensor, param: torch.Tensor) -> None:
@@ -273,6 +284,14 @@ class ParamLayout:
         self._pointers: list[int] = []
         self._shapes: dict[int, torch.Size] = {}  # id(param) -> its shape when laid out
         self._position = 0  # full (unsharded) entries laid out so far
+        self.version = 0  # bumped by add_group: what callers cache per set of segments is then stale
+        # Tensors layout, for grads() and zero_grad() without a method call per segment: the parameter of
+        # each segment, its dtype, the segments whose parameter is not 1-D (their gradient is flattened),
+        # and whether any is a DTensor (then every gradient goes through Segment.grad).
+        self._params: list[torch.nn.Parameter] = []
+        self._dtypes: list[torch.dtype] = []
+        self._reshaped: list[int] = []
+        self._dtensors = False
         for params in groups:
             self.add_group(params)
 
@@ -296,7 +315,14 @@ class ParamLayout:
                     self._pointers.append(p.data_ptr())
                     self._shapes[id(p)] = p.shape
         self._frozen += [p for p in params if not p.requires_grad]
+        if self.kind == "tensors":
+            first = len(self._params)
+            self._reshaped += [first + i for i, s in enumerate(segments) if s.params[0].dim() != 1]
+            self._params += [s.params[0] for s in segments]
+            self._dtypes += [s.dtype for s in segments]
+            self._dtensors = self._dtensors or any(is_dtensor(s.params[0]) for s in segments)
         self.segments += segments
+        self.version += 1
         return segments
 
     def newly_trainable(self) -> list[torch.nn.Parameter]:
@@ -345,20 +371,40 @@ class ParamLayout:
                     grad.data = span.view_as(p)
 
     def grads(self) -> list[torch.Tensor]:
-        """Each segment's current 1-D gradient (repaired where ``.grad`` was replaced)."""
-        return [segment.grad() for segment in self.segments]
+        """Each segment's current 1-D gradient, as :meth:`Segment.grad` gives it (repaired where
+        ``.grad`` was replaced; zeros for a missing one).
+
+        Tensors layout: the usual step (every parameter has a dense gradient of its dtype, no DTensor)
+        reads ``.grad`` and checks it for all parameters in C-level passes (``map``), and flattens only
+        the gradients of parameters that are not 1-D; anything else goes through :meth:`Segment.grad`,
+        which also raises the error for a bad gradient. Nothing is kept between calls: a gradient
+        dropped by ``zero_grad(set_to_none=True)`` is freed as in PyTorch.
+        """
+        if self.kind == "flat" or self._dtensors:
+            return [segment.grad() for segment in self.segments]
+        grads = list(map(_GRAD, self._params))
+        if (any(map(operator.is_, grads, itertools.repeat(None)))
+                or not all(map(operator.is_, map(_LAYOUT, grads), itertools.repeat(torch.strided)))
+                or list(map(_DTYPE, grads)) != self._dtypes):
+            return [segment.grad() for segment in self.segments]
+        for index in self._reshaped:  # PyTorch keeps .grad the parameter's shape: 1-D ones are 1-D
+            grads[index] = grads[index].reshape(-1)
+        return grads
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``Optimizer.zero_grad`` over the segments (see :meth:`Segment.zero_grad`)."""
-        for segment in self.segments:
-            segment.zero_grad(set_to_none)
+        if self.kind == "flat":
+            for segment in self.segments:
+                segment.zero_grad(set_to_none)
+            return
+        zero_grads(self._params, set_to_none)  # one loop, not a Segment.zero_grad call per parameter
 
     @contextlib.contextmanager
     def hide_missing_grads(self) -> Iterator[None]:
         """Inside: flat-layout parameters that received no gradient have ``.grad`` None (what the base
         optimizer would see in plain PyTorch, so it skips them); their views are put back on exit."""
-        hidden = [pair for segment in self.segments if segment.grad_buffer is not None
-                  for pair in segment.missing_grads()]
+        hidden = [] if self.kind != "flat" else [pair for segment in self.segments
+                                                 for pair in segment.missing_grads()]
         for param, _ in hidden:
             param.grad = None
         try:

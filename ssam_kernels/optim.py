@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,8 +38,57 @@ from .checkpoint import IDLE as _IDLE
 from .checkpoint import PERTURBED as _PERTURBED
 from .checkpoint import RESTORED as _RESTORED
 from .distributed import ProcessGroupComm, resolve_mode
-from .layout import ParamLayout, Segment, check_distinct_storage, check_param, is_dtensor, local_tensor
+from .layout import (
+    ParamLayout,
+    Segment,
+    check_distinct_storage,
+    check_param,
+    is_dtensor,
+    local_tensor,
+    zero_grads,
+)
 from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
+
+
+@dataclass
+class _Partition:
+    """The segments of one parameter group on one device with one scale precision (float64 for float64
+    segments, float32 for the others: the op contract). They share a ``perturb_`` call, merged with the
+    partitions of any other group that has the same ``rho`` and ``adaptive`` at that step."""
+
+    group: int
+    device: torch.device
+    precision: torch.dtype
+    index: list[int] | None  # its segments' places in the segment order; None: all of them, in order
+    weights: list[torch.Tensor]
+    words: list[torch.Tensor | None]
+    offsets: list[torch.Tensor | None]
+    backups: list[torch.Tensor]
+
+    def perturb_args(self, grads: list[torch.Tensor]) -> list[list[Any]]:
+        """``perturb_``'s lists ``W, G, mask, offsets, backup`` with this step's gradients."""
+        picked = grads if self.index is None else [grads[i] for i in self.index]
+        return [self.weights, picked, self.words, self.offsets, self.backups]
+
+
+@dataclass
+class _StepLists:
+    """The arguments of the step's list ops that do not change between steps, built once and reused
+    until what they were built from changes: the segments (``layout.version``: add_param_group), the
+    masks and the backups (every change installs new lists and drops these, so that they never keep
+    replaced backups alive, see :meth:`SSAM._set_masks` and :meth:`SSAM._apply`; also compared by
+    identity) and the groups' ``adaptive``. ``rho`` is read at each step (a schedule may change it).
+    Only the gradients are gathered per step."""
+
+    version: int
+    masks: list[Mask] | None
+    backups: list[torch.Tensor]
+    adaptive: list[bool]
+    norm_weights: list[torch.Tensor | None]  # grad_sq_norm's W: the weights of adaptive groups
+    partitions: list[_Partition]
+    weights: list[torch.Tensor]  # restore_'s lists, every segment in order
+    words: list[torch.Tensor | None]
+    offsets: list[torch.Tensor | None]
 
 
 @dataclass
@@ -54,6 +104,7 @@ class _RunState:
     backups: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
     fresh_grad: bool = False  # a gradient accumulated since the last zero_grad() or step
+    lists: _StepLists | None = None  # SSAM._step_lists; dropped where the masks or backups are replaced
 
 
 def _grad_arrived(run: _RunState, segment: Segment | None, index: int, param: torch.Tensor) -> None:
@@ -200,7 +251,7 @@ class SSAM(torch.optim.Optimizer):
         self._attach(group, self.layout.add_group(group["params"] if group["perturb"] else []))
         self._live_count = self._count_live()
         run = self._run
-        run.started, run.masks, run.pending, run.backups = False, None, None, []
+        run.started, run.masks, run.pending, run.backups, run.lists = False, None, None, [], None
 
     def _check_params(self) -> None:
         """Host-side checks at each first_step: parameters moved since they were laid out are followed
@@ -246,6 +297,7 @@ class SSAM(torch.optim.Optimizer):
         """Install masks (None: dense) and size the compact backups to each segment's live count."""
         sizes = ([s.numel for s in self.layout.segments] if masks is None
                  else [int(offsets[-1]) for _, offsets in masks])
+        self._run.lists = None  # it holds the old masks and backups: free them now, not at the next step
         self._run.masks = masks
         self._run.backups = [torch.empty(n, dtype=s.dtype, device=s.device)
                              for n, s in zip(sizes, self.layout.segments, strict=True)]
@@ -253,6 +305,30 @@ class SSAM(torch.optim.Optimizer):
     def _segment_masks(self) -> list[Mask] | list[tuple[None, None]]:
         """``(words, offsets)`` per segment; ``(None, None)`` everywhere when dense."""
         return self._run.masks or [(None, None)] * len(self.layout.segments)
+
+    def _step_lists(self) -> _StepLists:
+        """The step's cached op lists (:class:`_StepLists`), rebuilt first if what they hold changed."""
+        run, layout = self._run, self.layout
+        adaptive = [group["adaptive"] for group in self.param_groups]
+        lists = run.lists
+        if (lists is not None and lists.version == layout.version and lists.masks is run.masks
+                and lists.backups is run.backups and lists.adaptive == adaptive):
+            return lists
+        segments = layout.segments
+        masks = self._segment_masks()
+        weights, words, offsets = [s.weight for s in segments], [m for m, _ in masks], [o for _, o in masks]
+        where: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
+        for i, segment in enumerate(segments):
+            precision = torch.float64 if segment.dtype == torch.float64 else torch.float32
+            where.setdefault((segment.group, segment.device, precision), []).append(i)
+        partitions = [
+            _Partition(group, device, precision, None if len(index) == len(segments) else index,
+                       *([items[i] for i in index] for items in (weights, words, offsets, run.backups)))
+            for (group, device, precision), index in where.items()]
+        run.lists = _StepLists(layout.version, run.masks, run.backups, adaptive,
+                               [s.weight if adaptive[s.group] else None for s in segments], partitions,
+                               weights, words, offsets)
+        return run.lists
 
     def _start(self) -> None:
         """Build the initial mask, before the first perturbation."""
@@ -298,34 +374,30 @@ class SSAM(torch.optim.Optimizer):
             self._start()
         segments = self.layout.segments
         grads = self.layout.grads()
-        groups = [self.param_groups[s.group] for s in segments]
         policy = self.policy
         if segments and policy is not None and policy.uses_gradient and policy.due(run.steps + 1):
             run.pending = self._policy_masks(policy.refresh, run.steps + 1)
         if segments:
-            home = segments[0].device
+            lists = self._step_lists()
             # One list op for every segment (one call per (device, dtype) on the fast backends).
-            total = ops.grad_sq_norm(grads, [s.weight if g["adaptive"] else None
-                                             for s, g in zip(segments, groups, strict=True)],
-                                     backend=self.backend).to(home)
+            total = ops.grad_sq_norm(grads, lists.norm_weights, backend=self.backend).to(segments[0].device)
             if self.comm is not None:
                 self.comm.all_reduce_(total)
             run.grad_norm = total.sqrt()
-            # One perturb_ list per (rho, adaptive, device, precision), the segments sharing a scale:
-            # float64 segments get a float64 scale, the others float32 (the op contract). A non-finite
-            # norm gives a non-finite scale, which perturb_ treats as "leave W as it is" (the step is
-            # skipped, the backup still written).
-            calls: dict[tuple[float, bool, torch.device, torch.dtype], list[list[Any]]] = {}
-            for segment, G, group, (words, offsets), backup in zip(
-                    segments, grads, groups, self._segment_masks(), run.backups, strict=True):
-                precision = torch.float64 if segment.dtype == torch.float64 else torch.float32
-                key = (group["rho"], group["adaptive"], segment.device, precision)
-                lists = calls.setdefault(key, [[], [], [], [], []])
-                for items, item in zip(lists, (segment.weight, G, words, offsets, backup), strict=True):
-                    items.append(item)
-            for (rho, adaptive, device, precision), lists in calls.items():
+            # One perturb_ list per (rho, adaptive, device, precision), the segments sharing a scale. A
+            # non-finite norm gives a non-finite scale, which perturb_ treats as "leave W as it is" (the
+            # step is skipped, the backup still written).
+            calls: dict[tuple[float, bool, torch.device, torch.dtype], list[_Partition]] = {}
+            for part in lists.partitions:
+                group = self.param_groups[part.group]
+                key = (group["rho"], group["adaptive"], part.device, part.precision)
+                calls.setdefault(key, []).append(part)
+            for (rho, adaptive, device, precision), parts in calls.items():
                 scale = (rho / (run.grad_norm + self.eps)).to(device, precision)
-                ops.perturb_(*lists, scale, adaptive, backend=self.backend)
+                args = parts[0].perturb_args(grads) if len(parts) == 1 else [
+                    list(itertools.chain.from_iterable(items))
+                    for items in zip(*(part.perturb_args(grads) for part in parts), strict=True)]
+                ops.perturb_(*args, scale, adaptive, backend=self.backend)
         run.phase = _PERTURBED
         if zero_grad:
             self.zero_grad()
@@ -337,9 +409,8 @@ class SSAM(torch.optim.Optimizer):
         run = self._run
         if run.phase != _PERTURBED:
             return
-        masks = self._segment_masks()
-        ops.restore_([s.weight for s in self.layout.segments], [m for m, _ in masks], [o for _, o in masks],
-                     run.backups, backend=self.backend)
+        lists = self._step_lists()
+        ops.restore_(lists.weights, lists.words, lists.offsets, run.backups, backend=self.backend)
         run.phase = _RESTORED
 
     @torch.compiler.disable
@@ -415,12 +486,7 @@ class SSAM(torch.optim.Optimizer):
         views stay in place (one fill per segment) and show zeros; which ones count as None is
         tracked on the host and applied when the base optimizer steps."""
         self.layout.zero_grad(set_to_none)
-        for p in self._outside:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+        zero_grads(self._outside, set_to_none)
         self._run.fresh_grad = False
 
     # ------------------------------------------------------------------------------------------------
@@ -498,6 +564,7 @@ class SSAM(torch.optim.Optimizer):
         if loaded.policy_state is not None and self.policy is not None:
             self.policy.load_state_dict(loaded.policy_state)
         run = self._run
+        run.lists = None  # built from the masks and backups replaced here
         run.steps, run.phase, run.started = loaded.steps, loaded.phase, loaded.started
         run.pending, run.grad_norm, run.fresh_grad = loaded.pending, None, False
         if loaded.started:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
 
@@ -61,10 +62,13 @@ def test_step_script(tmp_path: Path) -> None:
     assert "## Against the published code" in md and "overhead x, 2t" in md and "SSAM-D refresh x, 1t" in md
 
 
-@pytest.mark.parametrize("base", ["sgd", "sgd-foreach"])
-def test_layouts_script(base: str) -> None:
+@pytest.mark.parametrize("base,shapes", [("sgd", "1d"), ("sgd-foreach", "mixed")])
+def test_layouts_script(base: str, shapes: str) -> None:
     results = layouts.main(["--tensors", "12", "--rounds", "1", "--runs", "2", "--threads", "1",
-                            "--base", base, "--backend", "reference"])
+                            "--base", base, "--backend", "reference", "--shapes", shapes,
+                            "--clock", "thread" if shapes == "mixed" else "wall"])
     assert results["flat_ms"] > 0 and results["tensors_ms"] > 0
     assert results["ratio"] == results["tensors_ms"] / results["flat_ms"]
-    assert results["base"] == base and results["tensors"] == 12
+    assert results["base"] == base and results["tensors"] == 12 and results["shapes"] == shapes
+    params = layouts.make_params(4, 0, torch.float32, torch.device("cpu"), shapes)
+    assert [p.dim() for p in params] == ([1, 1, 1, 1] if shapes == "1d" else [1, 2, 1, 2])
