@@ -132,7 +132,7 @@ template <typename T>
 __global__ void perturb_dense_kernel(T* w, const T* g, T* backup, ScaleView scale, bool adaptive, int64_t n,
                                      int64_t nvec) {
   constexpr int V = kVec<T>;
-  const double s = load_scale(scale.data, scale.is64);
+  const scale_t<T> s = load_scale<T>(scale.data, scale.is64);
   const bool active = scale_active(s);
   for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
     Pack<T, V> wp = reinterpret_cast<const Pack<T, V>*>(w)[p];
@@ -160,7 +160,7 @@ __global__ void perturb_dense_kernel(T* w, const T* g, T* backup, ScaleView scal
 // [0, capacity) (a short backup, offsets that do not match the mask: not checked on the host, that would
 // synchronise) is skipped, so no access leaves W or the backup.
 template <typename T>
-__device__ void masked_chunk(T* w, const T* g, T* backup, int64_t capacity, double s, bool active, bool adaptive,
+__device__ void masked_chunk(T* w, const T* g, T* backup, int64_t capacity, scale_t<T> s, bool active, bool adaptive,
                              bool restore, const int32_t* words, const void* offsets, bool offsets64, int64_t n,
                              int64_t c) {
   const int lane = lane_id();
@@ -193,8 +193,9 @@ __device__ void masked_chunk(T* w, const T* g, T* backup, int64_t capacity, doub
 }
 
 // The scale of perturb_ (restore_: none) and whether it applies.
-__device__ void read_scale(const ScaleView& scale, bool restore, double& s, bool& active) {
-  s = restore ? 0.0 : load_scale(scale.data, scale.is64);
+template <typename T>
+__device__ void read_scale(const ScaleView& scale, bool restore, scale_t<T>& s, bool& active) {
+  s = restore ? scale_t<T>(0) : load_scale<T>(scale.data, scale.is64);
   active = !restore && scale_active(s);
 }
 
@@ -204,9 +205,9 @@ __global__ void masked_kernel(T* w, const T* g, T* backup, int64_t capacity, Sca
                               bool restore, const int32_t* words, const void* offsets, bool offsets64, int64_t n) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  double s;
+  scale_t<T> s;
   bool active;
-  read_scale(scale, restore, s, active);
+  read_scale<T>(scale, restore, s, active);
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < chunks; c += warps) {
     masked_chunk(w, g, backup, capacity, s, active, adaptive, restore, words, offsets, offsets64, n, c);
   }
@@ -269,19 +270,19 @@ void restore_cuda(const at::Tensor& W, const std::optional<at::Tensor>& mask,
 template <typename T>
 constexpr int kFisherVec = kVec<T> > kVec<float> ? kVec<T> : kVec<float>;
 
-// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update).
+// F += alpha · g² with one fp32 fused multiply-add per entry (ssam_math.h: fisher_update).
 template <typename T>
-__global__ void fisher_kernel(float* f, const T* g, double alpha, int64_t n, int64_t nvec) {
+__global__ void fisher_kernel(float* f, const T* g, float alpha, int64_t n, int64_t nvec) {
   constexpr int V = kFisherVec<T>;
   for (int64_t p = global_thread(); p < nvec; p += grid_threads()) {
     const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[p];
     Pack<float, V> fp = reinterpret_cast<const Pack<float, V>*>(f)[p];
 #pragma unroll
-    for (int k = 0; k < V; ++k) fp.v[k] = fisher_update(fp.v[k], widen(gp.v[k]), alpha);
+    for (int k = 0; k < V; ++k) fp.v[k] = fisher_update(fp.v[k], gp.v[k], alpha);
     reinterpret_cast<Pack<float, V>*>(f)[p] = fp;
   }
   for (int64_t i = nvec * V + global_thread(); i < n; i += grid_threads()) {
-    f[i] = fisher_update(f[i], widen(g[i]), alpha);
+    f[i] = fisher_update(f[i], g[i], alpha);
   }
 }
 
@@ -297,7 +298,7 @@ void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alp
     const T* g = G.data_ptr<T>();
     const int64_t nvec = aligned16(f) && aligned16(g) ? n / kFisherVec<T> : 0;
     const int64_t blocks = grid_for(std::max(nvec, n - nvec * kFisherVec<T>), kThreads);
-    fisher_kernel<T><<<blocks, kThreads, 0, stream>>>(f, g, alpha, n, nvec);
+    fisher_kernel<T><<<blocks, kThreads, 0, stream>>>(f, g, fisher_alpha(alpha), n, nvec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -514,9 +515,9 @@ ListTable upload_table(const std::vector<int64_t>& rows, const at::Device& devic
 template <typename T>
 __global__ void element_list_kernel(ListTable t, ScaleView scale, bool adaptive, bool restore) {
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  double s;
+  scale_t<T> s;
   bool active;
-  read_scale(scale, restore, s, active);
+  read_scale<T>(scale, restore, s, active);
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
     const int64_t j = entry_of(t, c);
     const int64_t* row = t.rows + j * kColumns;
@@ -566,7 +567,7 @@ __global__ void sq_norm_list_kernel(ListTable t, double* partial) {
 
 // F += alpha · g² for every (F, G) of the table (F at kColW, G at kColG): one warp per global chunk.
 template <typename T>
-__global__ void fisher_list_kernel(ListTable t, double alpha) {
+__global__ void fisher_list_kernel(ListTable t, float alpha) {
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
     const int64_t j = entry_of(t, c);
@@ -575,7 +576,7 @@ __global__ void fisher_list_kernel(ListTable t, double alpha) {
     const T* g = column_ptr<const T>(row, kColG);
     const int64_t local = c - t.first_chunk[j];
     for (int64_t i = local * kChunk + lane_id(), end = std::min((local + 1) * kChunk, row[kColN]); i < end; i += 32) {
-      f[i] = fisher_update(f[i], widen(g[i]), alpha);
+      f[i] = fisher_update(f[i], g[i], alpha);
     }
   }
 }
@@ -684,7 +685,7 @@ void fisher_accumulate_multi_cuda(at::TensorList F, at::TensorList G, double alp
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(G[0].scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    fisher_list_kernel<T><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table, alpha);
+    fisher_list_kernel<T><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table, fisher_alpha(alpha));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
