@@ -487,7 +487,7 @@ def _compile_for_sm90() -> None:
         for adaptive in (False, True):
             build(norm._sq_norm_kernel, {**table, "partial_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
                   {"ADAPTIVE": adaptive, "BLOCK": 2048, "TILES": 8})
-        build(fisher._fisher_kernel, {**table, "alpha_ptr": "*fp64"}, {"ENTRIES_AT": "i64"},
+        build(fisher._fisher_kernel, {**table, "alpha_ptr": "*fp32"}, {"ENTRIES_AT": "i64"},
               {"BLOCK": 2048, "TILES": 8})
         for has_mask in (True, False):
             for offsets in ("i32", "i64"):

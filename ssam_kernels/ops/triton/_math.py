@@ -22,12 +22,15 @@ _DBL_MAX = tl.constexpr(1.7976931348623157e308)  # largest finite float64
 def load_scale(scale_ptr, dtype: tl.constexpr):
     """``(scale, active)``: the scale ``perturb_`` computes with for ``W`` of ``dtype`` (float64 for float64
     ``W``, else fp32: a float64 scale rounded to nearest once) and whether it is finite and non-zero."""
+    # One return after a constexpr if/else: the compiler visits only the branch taken, but every return.
     if dtype == tl.float64:
         scale = tl.load(scale_ptr).to(tl.float64)
-        # NaN fails every comparison and ±inf exceeds the largest finite value.
-        return scale, (tl.abs(scale) <= _DBL_MAX) & (scale != 0.0)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    return scale, (tl.abs(scale) <= _FLT_MAX) & (scale != 0.0)
+        largest = _DBL_MAX
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        largest = _FLT_MAX
+    # NaN fails every comparison and ±inf exceeds the largest finite value.
+    return scale, (tl.abs(scale) <= largest) & (scale != 0.0)
 
 
 @triton.jit
@@ -38,12 +41,14 @@ def perturbed(w, g, scale, ADAPTIVE: tl.constexpr):
     if w.dtype == tl.float64:
         if ADAPTIVE:
             g = w * w * g
-        return w + scale * g
-    w32 = to_float32(w)
-    g32 = to_float32(g)
-    if ADAPTIVE:
-        g32 = w32 * w32 * g32
-    return round_to(tl.fma(scale, g32, w32), w.dtype)
+        result = w + scale * g
+    else:
+        w32 = to_float32(w)
+        g32 = to_float32(g)
+        if ADAPTIVE:
+            g32 = w32 * w32 * g32
+        result = round_to(tl.fma(scale, g32, w32), w.dtype)
+    return result
 
 
 @triton.jit
