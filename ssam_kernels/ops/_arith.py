@@ -27,8 +27,8 @@ import torch
 
 
 def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``a·b + c`` rounded once to fp32 (what ``std::fma``, ``__fmaf_rn`` and ``tl.fma`` compute), for
-    fp32 tensors that broadcast together; an fp32 tensor.
+    """``a·b + c`` rounded once to fp32 (what ``std::fma``, ``__fmaf_rn`` and ``tl.fma`` compute): fp32
+    ``b`` and ``c`` of one shape, fp32 ``a`` of that shape or 0-d; a new fp32 tensor (inputs unchanged).
 
     IEEE semantics throughout: subnormal inputs and results, overflow to ``±inf``, NaN for ``0·inf`` or
     ``inf - inf``, and the sign of an exact zero sum as a fused multiply-add gives it.
@@ -36,16 +36,18 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     c64 = c.double()
     p = a.double() * b.double()  # exact: 48 significant bits, exponents within [-298, 256]
     s = p + c64
-    # TwoSum (Knuth): s + e == p + c exactly, whatever the magnitudes (no overflow below 2^257).
-    p_part = s - c64
-    e = (p - p_part) + (c64 - (s - p_part))
-    # Round to odd: an inexact s with an even last bit moves one float64 step toward p + c, i.e. up in
-    # magnitude when e has s's sign. s == 0 only if p + c == 0 (both are multiples of 2^-298), and e is
-    # NaN only when s is not finite, where nothing moves.
+    # TwoSum (Knuth), in place: e = (p - t) + (c - (s - t)) with t = s - c, so s + e == p + c exactly,
+    # whatever the magnitudes (no overflow below 2^257).
+    t = s - c64
+    e = p.sub_(t).add_(c64.sub_(t.neg_().add_(s)))
+    # Round to odd: truncate (one step toward zero when s went past p + c, i.e. e and s differ in sign),
+    # then set the last bit when inexact. s == 0 only if p + c == 0 (both are multiples of 2^-298); e is
+    # NaN only when s is not finite, and then ``e.abs() > 0`` is false: nothing moves.
     bits = s.view(torch.int64)
-    step = torch.where((e > 0) == (s > 0), 1, -1)
-    odd = torch.where((e != 0) & torch.isfinite(s) & ((bits & 1) == 0), bits + step, bits)
-    return odd.view(torch.float64).float()
+    inexact = e.abs() > 0
+    past = ((e.view(torch.int64) ^ bits) < 0) & inexact
+    bits.sub_(past.long()).bitwise_or_(inexact.long())
+    return s.float()
 
 
 def perturb_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
