@@ -90,13 +90,15 @@ void check_offsets_match_mask(const MaskView& mask, int64_t n, const std::string
 }
 
 // ---------------------------------------------------------------------------------------------------
-// grad_sq_norm and fisher_accumulate_: streaming loops over fp32/bf16/fp16/fp64 lanes widened to float64.
+// grad_sq_norm and fisher_accumulate_: streaming loops (the norm over lanes widened to float64, the Fisher
+// update in fp32 with one fused multiply-add per entry).
 //
 // The loops are written so the compiler vectorises them (independent accumulator lanes, restrict
 // pointers, no branch in the body) and are compiled several times by target_clones: the AVX-512 / AVX2
 // clone is picked at load time on CPUs that have it, the baseline x86-64 (SSE2) one elsewhere. Without
 // -ffast-math and with -ffp-contract=off the compiler may neither reorder the sums nor fuse a multiply
-// and an add, so every clone gives the same bits.
+// and an add, so every clone gives the same bits; the explicit std::fma of ssam_math.h is a vfmadd in the
+// AVX2/AVX-512 clones and glibc's (correctly rounded) fmaf call in the baseline one.
 // ---------------------------------------------------------------------------------------------------
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)  // GCC ifunc clones
@@ -129,10 +131,10 @@ inline double sq_sum(const T* __restrict g, const T* __restrict w, int64_t n) {
   return total;
 }
 
-// f_i = f_i + alpha·g_i² in float64, rounded once to fp32 (ssam_math.h: fisher_update).
+// f_i = f_i + alpha·g_i² with one fp32 fused multiply-add (ssam_math.h: fisher_update).
 template <typename T>
-inline void fisher_run(float* __restrict f, const T* __restrict g, int64_t n, double alpha) {
-  for (int64_t i = 0; i < n; ++i) f[i] = fisher_update(f[i], widen(g[i]), alpha);
+inline void fisher_run(float* __restrict f, const T* __restrict g, int64_t n, float alpha) {
+  for (int64_t i = 0; i < n; ++i) f[i] = fisher_update(f[i], g[i], alpha);
 }
 
 // The cloned entry points, one per storage type (target_clones applies to plain functions only).
@@ -148,14 +150,37 @@ SSAM_CPU_CLONES double sq_sum_block(const c10::Half* g, const c10::Half* w, int6
 SSAM_CPU_CLONES double sq_sum_block(const double* g, const double* w, int64_t n) {
   return w == nullptr ? sq_sum<double, false>(g, w, n) : sq_sum<double, true>(g, w, n);
 }
-SSAM_CPU_CLONES void fisher_block(float* f, const float* g, int64_t n, double alpha) { fisher_run(f, g, n, alpha); }
-SSAM_CPU_CLONES void fisher_block(float* f, const c10::BFloat16* g, int64_t n, double alpha) {
+SSAM_CPU_CLONES void fisher_block(float* f, const float* g, int64_t n, float alpha) { fisher_run(f, g, n, alpha); }
+SSAM_CPU_CLONES void fisher_block(float* f, const c10::BFloat16* g, int64_t n, float alpha) {
   fisher_run(f, g, n, alpha);
 }
-SSAM_CPU_CLONES void fisher_block(float* f, const c10::Half* g, int64_t n, double alpha) {
+SSAM_CPU_CLONES void fisher_block(float* f, const c10::Half* g, int64_t n, float alpha) {
   fisher_run(f, g, n, alpha);
 }
-SSAM_CPU_CLONES void fisher_block(float* f, const double* g, int64_t n, double alpha) { fisher_run(f, g, n, alpha); }
+SSAM_CPU_CLONES void fisher_block(float* f, const double* g, int64_t n, float alpha) { fisher_run(f, g, n, alpha); }
+
+// w_i = perturbed(w_i, g_i) over [0, n) (a dense perturb_ task), cloned like the loops above so that the
+// FMA of ssam_math.h is a vfmadd (vectorised) in the AVX2/AVX-512 clones instead of a call per entry.
+template <typename T, bool kAdaptive>
+inline void perturb_run(T* __restrict w, const T* __restrict g, int64_t n, scale_t<T> s) {
+  for (int64_t i = 0; i < n; ++i) w[i] = perturbed(w[i], g[i], s, kAdaptive);
+}
+template <typename T>
+inline void perturb_run(T* w, const T* g, int64_t n, scale_t<T> s, bool adaptive) {
+  adaptive ? perturb_run<T, true>(w, g, n, s) : perturb_run<T, false>(w, g, n, s);
+}
+SSAM_CPU_CLONES void perturb_block(float* w, const float* g, int64_t n, float s, bool adaptive) {
+  perturb_run(w, g, n, s, adaptive);
+}
+SSAM_CPU_CLONES void perturb_block(c10::BFloat16* w, const c10::BFloat16* g, int64_t n, float s, bool adaptive) {
+  perturb_run(w, g, n, s, adaptive);
+}
+SSAM_CPU_CLONES void perturb_block(c10::Half* w, const c10::Half* g, int64_t n, float s, bool adaptive) {
+  perturb_run(w, g, n, s, adaptive);
+}
+SSAM_CPU_CLONES void perturb_block(double* w, const double* g, int64_t n, double s, bool adaptive) {
+  perturb_run(w, g, n, s, adaptive);
+}
 
 // Partial sums over fixed blocks of kNormBlock entries of every tensor in one parallel pass, then each
 // tensor's total in block order and the tensors' totals added in list order: the result depends on the
@@ -245,18 +270,15 @@ void perturb_restore_cpu(const std::vector<Entry>& entries, const at::Tensor* sc
       check_offsets_match_mask(e.view, e.W->numel(), list ? "offsets[" + std::to_string(j) + "]" : "offsets");
     }
   }
-  double s = 0.0;
-  if (!restore) {
-    const ScaleView scale_ptr = scale_view(*scale, *entries[0].W);
-    s = load_scale(scale_ptr.data, scale_ptr.is64);
-  }
-  const bool active = !restore && scale_active(s);
+  const ScaleView scale_ptr = restore ? ScaleView{} : scale_view(*scale, *entries[0].W);
   int64_t units = 0;
   const std::vector<Task> tasks = make_tasks(entries, &units);
   // Tasks per parallel piece: about kGrain entries' worth (all inline when the list is small).
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) * kGrain / std::max<int64_t>(units, 1));
   dispatch_dtype(entries[0].W->scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    const scale_t<T> s = restore ? scale_t<T>(0) : load_scale<T>(scale_ptr.data, scale_ptr.is64);
+    const bool active = !restore && scale_active(s);
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& task = tasks[t];
@@ -270,8 +292,8 @@ void perturb_restore_cpu(const std::vector<Entry>& entries, const at::Tensor* sc
             continue;
           }
           std::copy(w + task.begin, w + task.end, b + task.begin);
-          if (active) {
-            for (int64_t i = task.begin; i < task.end; ++i) w[i] = perturbed(w[i], g[i], s, adaptive);
+          if constexpr (!std::is_same_v<T, int32_t>) {  // dispatch_dtype instantiates int32, never run here
+            if (active) perturb_block(w + task.begin, g + task.begin, task.end - task.begin, s, adaptive);
           }
         } else if (restore) {
           for_each_set_bit(e.view, e.W->numel(), e.backup->numel(), task.begin, task.end,
@@ -325,16 +347,17 @@ void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                       false);
 }
 
-// F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update), G of any float
-// dtype, in parallel over fixed ranges of entries.
+// F += alpha · g² with one fp32 fused multiply-add per entry (ssam_math.h: fisher_update; alpha rounded to
+// fp32 once, fisher_alpha), G of any float dtype, in parallel over fixed ranges of entries.
 void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
   check_fisher_args(F, G);
   float* f = F.data_ptr<float>();
+  const float a = fisher_alpha(alpha);
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, int32_t>) {
       const T* g = G.data_ptr<T>();
-      at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) { fisher_block(f + i0, g + i0, i1 - i0, alpha); });
+      at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) { fisher_block(f + i0, g + i0, i1 - i0, a); });
     }
   });
 }

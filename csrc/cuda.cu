@@ -343,8 +343,9 @@ struct ElementArgs {
 };
 
 // The scale of perturb_ (restore_: none) and whether it applies.
-__device__ void read_scale(const ScaleView& scale, bool restore, double& s, bool& active) {
-  s = restore ? 0.0 : load_scale(scale.data, scale.is64);
+template <typename T>
+__device__ void read_scale(const ScaleView& scale, bool restore, scale_t<T>& s, bool& active) {
+  s = restore ? scale_t<T>(0) : load_scale<T>(scale.data, scale.is64);
   active = !restore && scale_active(s);
 }
 
@@ -384,7 +385,7 @@ __device__ ChunkWord chunk_word(const int32_t* words, const void* offsets, bool 
 // backup. perturb_ reads W's pack (and G's, when the scale applies) whole when it lies in the aligned
 // tensor, and writes it back whole, the entries it does not perturb with the values it read.
 template <typename Op, typename T>
-__device__ __forceinline__ void element_pack(const ElementArgs<T>& a, int64_t i, int64_t r, uint32_t bits, double s,
+__device__ __forceinline__ void element_pack(const ElementArgs<T>& a, int64_t i, int64_t r, uint32_t bits, scale_t<T> s,
                                              bool active) {
   constexpr int V = kVec<T>;
   uint32_t live = bits;
@@ -419,7 +420,7 @@ __device__ __forceinline__ void element_pack(const ElementArgs<T>& a, int64_t i,
 // Chunk c of the tensor, run by one whole warp: lane l takes the packs of V entries at l * V, l * V + 32 V,
 // ... of the chunk (so a warp's accesses of a step are 512 contiguous bytes of W).
 template <typename Op, typename T>
-__device__ void element_chunk(const ElementArgs<T>& a, double s, bool active, int64_t c) {
+__device__ void element_chunk(const ElementArgs<T>& a, scale_t<T> s, bool active, int64_t c) {
   constexpr int V = kVec<T>;
   const ChunkWord cw = chunk_word(a.words, a.offsets, a.offsets64, a.n, c);
   for (int e = lane_id() * V; e < kChunk; e += 32 * V) {  // e: the pack's first entry in the chunk
@@ -434,9 +435,9 @@ __device__ void element_chunk(const ElementArgs<T>& a, double s, bool active, in
 // perturb_ / restore_ of one tensor, masked or dense.
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads, kElementMinBlocksPerSM<T>) element_kernel(ElementArgs<T> a, ScaleView scale) {
-  double s;
+  scale_t<T> s;
   bool active;
-  read_scale(scale, Op::kRestore, s, active);
+  read_scale<T>(scale, Op::kRestore, s, active);
   const int64_t chunks = (a.n + kChunk - 1) / kChunk;
   for (int64_t c = global_warp(); c < chunks; c += grid_warps()) element_chunk<Op>(a, s, active, c);
 }
@@ -492,7 +493,7 @@ void restore_cuda(const at::Tensor& W, const std::optional<at::Tensor>& mask,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// fisher_accumulate_: F += alpha · g², in float64 and rounded once to fp32 (ssam_math.h: fisher_update),
+// fisher_accumulate_: F += alpha · g², one correctly rounded fp32 FMA (ssam_math.h: fisher_update),
 // one warp per 1024-entry chunk.
 // ---------------------------------------------------------------------------------------------------
 
@@ -510,7 +511,7 @@ struct FisherArgs {
 };
 
 template <typename T>
-__device__ void fisher_chunk(const FisherArgs<T>& a, double alpha, int64_t c) {
+__device__ void fisher_chunk(const FisherArgs<T>& a, float alpha, int64_t c) {
   constexpr int V = kFisherVec<T>;
   for (int e = lane_id() * V; e < kChunk; e += 32 * V) {
     const int64_t i = c * kChunk + e;
@@ -521,14 +522,14 @@ __device__ void fisher_chunk(const FisherArgs<T>& a, double alpha, int64_t c) {
     const Pack<T, V> g = load_slots<Path::kReadOnly, V>(a.g, i, kAllEntries<V>, live, whole);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      if ((live >> k) & 1u) f.v[k] = fisher_update(f.v[k], widen(g.v[k]), alpha);
+      if ((live >> k) & 1u) f.v[k] = fisher_update(f.v[k], g.v[k], alpha);
     }
     store_slots<V>(a.f, i, kAllEntries<V>, live, whole, f);
   }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) fisher_kernel(FisherArgs<T> a, double alpha) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) fisher_kernel(FisherArgs<T> a, float alpha) {
   const int64_t chunks = (a.n + kChunk - 1) / kChunk;
   for (int64_t c = global_warp(); c < chunks; c += grid_warps()) fisher_chunk(a, alpha, c);
 }
@@ -543,7 +544,7 @@ void fisher_accumulate_cuda(const at::Tensor& F, const at::Tensor& G, double alp
     float* f = F.data_ptr<float>();
     const T* g = G.data_ptr<T>();
     fisher_kernel<T><<<grid_for(num_chunks(n), kWarpsPerBlock), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        FisherArgs<T>{f, g, n, aligned16({f, g})}, alpha);
+        FisherArgs<T>{f, g, n, aligned16({f, g})}, fisher_alpha(alpha));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -646,9 +647,9 @@ ListTable upload_table(const std::vector<int64_t>& rows, const at::Device& devic
 // tensor's row (warp-uniform).
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) element_list_kernel(ListTable t, ScaleView scale) {
-  double s;
+  scale_t<T> s;
   bool active;
-  read_scale(scale, Op::kRestore, s, active);
+  read_scale<T>(scale, Op::kRestore, s, active);
   for (int64_t c = global_warp(); c < t.chunks; c += grid_warps()) {
     const Row row = row_of(t, c);
     const ElementArgs<T> a{column_ptr<T>(row, kColW), column_ptr<const T>(row, kColG),
@@ -676,7 +677,7 @@ __global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) sq_norm_list_ke
 
 // F += alpha · g² for every (F, G) of the table (F at kColW, G at kColG): one warp per global chunk.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) fisher_list_kernel(ListTable t, double alpha) {
+__global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) fisher_list_kernel(ListTable t, float alpha) {
   for (int64_t c = global_warp(); c < t.chunks; c += grid_warps()) {
     const Row row = row_of(t, c);
     const FisherArgs<T> a{column_ptr<float>(row, kColW), column_ptr<const T>(row, kColG), row.col[kColN],
@@ -799,7 +800,7 @@ void fisher_accumulate_multi_cuda(at::TensorList F, at::TensorList G, double alp
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(G[0].scalar_type(), "G", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    fisher_list_kernel<T><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table, alpha);
+    fisher_list_kernel<T><<<grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, stream>>>(table, fisher_alpha(alpha));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

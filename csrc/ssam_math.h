@@ -3,11 +3,14 @@
 // Everything that decides a bit of an output lives here, once: the perturbation formula, the
 // order-preserving score -> key mapping of the radix selection, the random-growth hash, and the
 // popcount/rank arithmetic of the bit-packed mask format. Both backends include this header, so they
-// cannot drift apart; the Python reference (ssam_kernels/ops/reference.py) states the same meanings.
+// cannot drift apart; the PyTorch backends state the same meanings (ssam_kernels/ops/_arith.py for the
+// arithmetic of perturb_ and fisher_accumulate_, ssam_kernels/ops/reference.py for the rest).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define SSAM_HD __host__ __device__ __forceinline__
@@ -21,9 +24,9 @@ namespace ssam {
 constexpr int64_t kChunk = 1024;
 constexpr int64_t kWordsPerChunk = kChunk / 32;
 
-// float64 multiply and add, each rounded once. On the device the _rn intrinsics are never contracted
-// into an FMA, so the result equals the reference's separately rounded float64 PyTorch ops bit for bit;
-// the host build compiles with -ffp-contract=off for the same reason.
+// float64 multiply and add, each rounded once (the float64 W path of perturbed). On the device the _rn
+// intrinsics are never contracted into an FMA, so the result equals the reference's separately rounded
+// float64 PyTorch ops bit for bit; the host build compiles with -ffp-contract=off for the same reason.
 SSAM_HD double mul_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
@@ -40,20 +43,29 @@ SSAM_HD double add_rn(double a, double b) {
 #endif
 }
 
-// A float64 result stored as T the way PyTorch's .to(dtype) does it: through float (a float64 -> fp32
-// rounding, then fp32 -> bf16/fp16 round-to-nearest-even); a float64 T keeps it as is.
-template <typename T>
-SSAM_HD T store_as(double x) {
-  return static_cast<T>(static_cast<float>(x));
+// fp32 product, rounded once (never contracted into an FMA: __fmul_rn on the device, -ffp-contract=off
+// on the host).
+SSAM_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
 }
 
-template <>
-SSAM_HD double store_as<double>(double x) {
-  return x;
+// a·b + c in fp32 with ONE rounding (a fused multiply-add): __fmaf_rn on the device; std::fma on the
+// host, one vfmadd instruction where the target has FMA (the x86-64-v3/v4 clones of SSAM_CPU_CLONES),
+// glibc's correctly rounded fmaf elsewhere.
+SSAM_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
 }
 
 // A stored value as float64, exactly: fp32/bf16/fp16 through float (every one is an fp32 value), float64
-// as is (never through float, which would round it).
+// as is (never through float, which would round it). grad_sq_norm accumulates these in float64.
 template <typename T>
 SSAM_HD double widen(T x) {
   return static_cast<double>(static_cast<float>(x));
@@ -82,33 +94,68 @@ SSAM_HD int popcount32(uint32_t x) {
 #endif
 }
 
-// True when the perturbation applies: scale finite and non-zero (else W is left unchanged). The scale
-// is a float32 or float64 value, widened exactly to double.
-SSAM_HD bool scale_active(double scale) {
-  return scale == scale && scale - scale == 0.0 && scale != 0.0;
-}
-
-// The scale of perturb_, read from device memory: a float32 or a float64 0-d tensor.
-SSAM_HD double load_scale(const void* scale, bool scale64) {
-  return scale64 ? *static_cast<const double*>(scale) : static_cast<double>(*static_cast<const float*>(scale));
-}
-
-// w + scale * g (adaptive: w + scale * ((w * w) * g)) in float64 with the reference's evaluation order,
-// each operation rounded once, then stored as T. float64 holds the products of fp32 inputs (almost)
-// exactly, so even when w and the step nearly cancel the result is the correctly rounded one, not fp32
-// rounding noise; a float64 W gets the plain float64 evaluation (no FMA: bit-identical across backends).
+// The scale perturb_ computes with for W of type T: fp32 for fp32/bf16/fp16 W (a float64 scale tensor is
+// rounded to nearest fp32 once, when it is loaded), float64 for float64 W (an fp32 scale widened exactly).
 template <typename T>
-SSAM_HD T perturbed(T w, T g, double scale, bool adaptive) {
-  const double w64 = widen(w);
-  const double g64 = widen(g);
-  const double step = adaptive ? mul_rn(scale, mul_rn(mul_rn(w64, w64), g64)) : mul_rn(scale, g64);
-  return store_as<T>(add_rn(w64, step));
+struct ScaleOf {
+  using type = float;
+};
+template <>
+struct ScaleOf<double> {
+  using type = double;
+};
+template <typename T>
+using scale_t = typename ScaleOf<T>::type;
+
+// The scale of perturb_ for W of type T, read from device memory: a float32 or a float64 0-d tensor.
+template <typename T>
+SSAM_HD scale_t<T> load_scale(const void* scale, bool scale64) {
+  return scale64 ? static_cast<scale_t<T>>(*static_cast<const double*>(scale))
+                 : static_cast<scale_t<T>>(*static_cast<const float*>(scale));
 }
 
-// F + alpha * (g * g) in float64 (g exactly as stored, float64 included), stored as fp32 (the Fisher
-// accumulator).
-SSAM_HD float fisher_update(float f, double g64, double alpha) {
-  return static_cast<float>(add_rn(f, mul_rn(alpha, mul_rn(g64, g64))));
+// True when the perturbation applies: the scale as computed with (load_scale) is finite and non-zero;
+// otherwise W is left unchanged.
+template <typename S>
+SSAM_HD bool scale_active(S scale) {
+  return scale == scale && scale - scale == S(0) && scale != S(0);
+}
+
+// The perturbed value of w, stored as T.
+// fp32/bf16/fp16 W: w and g as fp32 (exact) and one correctly rounded fp32 fused multiply-add,
+//   r = fma(scale, g, w) (adaptive: r = fma(scale, rn(rn(w·w)·g), w)), then r stored as T (round to
+//   nearest even, as PyTorch's .to(dtype)). The FMA rounds once, so r is the correctly rounded
+//   w + scale·g even where w and the step nearly cancel; __fmaf_rn, std::fma, tl.fma and the PyTorch
+//   backends' round-to-odd emulation (ssam_kernels/ops/_arith.py) all compute it, and no float64
+//   arithmetic is left (consumer GPUs run it at 1/64 of the fp32 rate).
+// float64 W: w + scale·g (adaptive: w + scale·((w·w)·g)) in float64, each operation rounded once (no
+//   FMA: the PyTorch backends have no float64 FMA to match it).
+template <typename T>
+SSAM_HD T perturbed(T w, T g, scale_t<T> scale, bool adaptive) {
+  if constexpr (std::is_same_v<T, double>) {
+    return add_rn(w, adaptive ? mul_rn(scale, mul_rn(mul_rn(w, w), g)) : mul_rn(scale, g));
+  } else {
+    const float w32 = static_cast<float>(w);
+    const float g32 = static_cast<float>(g);
+    return static_cast<T>(fma_rn(scale, adaptive ? mul_rn(mul_rn(w32, w32), g32) : g32, w32));
+  }
+}
+
+// The alpha of fisher_accumulate_ as the update computes with it: the op's float64 alpha rounded to
+// nearest fp32 once, on the host.
+inline float fisher_alpha(double alpha) {
+  return static_cast<float>(alpha);
+}
+
+// f + alpha·g² for the fp32 Fisher accumulator f and g of any float type T: g32 = rn(g) (exact but for
+// float64 G), then fma(g32, rn(alpha·g32), f): one rounded product and one fused multiply-add. The same
+// work as fma(alpha, rn(g32·g32), f), but when alpha is a power of two (1 by default) alpha·g32 is exact
+// and the update is the correctly rounded f + alpha·g², and for alpha < 1 no g² overflows on its way to a
+// finite alpha·g².
+template <typename T>
+SSAM_HD float fisher_update(float f, T g, float alpha) {
+  const float g32 = static_cast<float>(g);
+  return fma_rn(g32, mul_rn(alpha, g32), f);
 }
 
 // Order-preserving unsigned image of a floating score, compared as its fp32 value (a float64 score is

@@ -67,8 +67,9 @@ def fisher_information(model: nn.Module, loss_fn: LossFn | None, data: Iterable[
 
     the sum of the squared per-sample gradients over the first ``num_samples`` samples of ``data`` in
     order (a last batch is cut). ``L_i`` is the loss exactly as given on a batch of one: with
-    ``reduction="mean"`` or ``"sum"`` it is the same number. Squares are taken in fp32 (in float64 for
-    float64 parameters) and accumulated into the fp32 result.
+    ``reduction="mean"`` or ``"sum"`` it is the same number. Squares are taken in fp32 (on the ``func``
+    path in float64 for float64 parameters; the ``loop`` path adds each sample with
+    :func:`ssam_kernels.ops.fisher_accumulate_`, fp32) and accumulated into the fp32 result.
 
     Args:
         model: the network.

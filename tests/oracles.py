@@ -1,9 +1,10 @@
 """Straightforward re-computations of the op contract (DESIGN.md), written independently of the code
-under test: Python sorting and float64 arithmetic on small inputs."""
+under test: Python sorting, float64 arithmetic and exact rational arithmetic on small inputs."""
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -66,8 +67,10 @@ def dynamic_update_positions(live: set[int], drop: list[float], n_drop: int, gro
 
 
 # ----------------------------------------------------------------------------------------------------
-# float64 transcriptions of the element-wise formulas: Python floats are IEEE float64 and CPython rounds
-# each operation once (never a fused multiply-add), which is the contract's evaluation order.
+# The element-wise formulas. float64 W: Python floats are IEEE float64 and CPython rounds each operation
+# once (never a fused multiply-add), which is the contract's evaluation order. fp32/bf16/fp16 W and the
+# Fisher update: exact rational arithmetic (fractions.Fraction) rounded by hand, so one correctly rounded
+# fused multiply-add is checked against its definition, not against another floating-point evaluation.
 # ----------------------------------------------------------------------------------------------------
 
 def perturb64(w: list[float], g: list[float], scale: float, adaptive: bool) -> list[float]:
@@ -81,10 +84,68 @@ def sq_norm64(g: list[float], w: list[float] | None = None) -> float:
     return math.fsum(t * t for t in terms)
 
 
-def fisher64(f: list[float], g: list[float], alpha: float) -> torch.Tensor:
-    """``f + alpha·(g·g)`` in float64, each operation rounded once, then rounded to fp32."""
-    exact = [fi + alpha * (gi * gi) for fi, gi in zip(f, g, strict=True)]
-    return torch.tensor(exact, dtype=torch.float64).float()
+# (significand bits, smallest normal exponent, largest exponent) of the binary formats.
+_FORMATS = {torch.float32: (24, -126, 127), torch.bfloat16: (8, -126, 127), torch.float16: (11, -14, 15)}
+
+
+def round_exact(x: float | Fraction, dtype: torch.dtype = torch.float32) -> float:
+    """``x`` (a float or an exact rational) rounded to nearest, ties to even, in ``dtype`` (fp32, bf16 or
+    fp16), as a Python float: subnormals by the format's fixed quantum, ``±inf`` from ``2^(emax+1)`` on
+    (a tie with the largest finite value rounds to even, which is the overflow), zeros keep their sign,
+    NaN and ``±inf`` pass through."""
+    if isinstance(x, float) and (not math.isfinite(x) or x == 0.0):
+        return x
+    precision, emin, emax = _FORMATS[dtype]
+    q = Fraction(x)
+    sign, m = (-1.0 if q < 0 else 1.0), abs(q)
+    e = m.numerator.bit_length() - m.denominator.bit_length()  # 2^(e-1) < m < 2^(e+1)
+    if Fraction(2) ** e > m:
+        e -= 1  # now 2^e <= m < 2^(e+1)
+    quantum = Fraction(2) ** (max(e, emin) - precision + 1)
+    value = round(m / quantum) * quantum  # Fraction.__round__: ties to even
+    if value >= Fraction(2) ** (emax + 1):
+        return sign * math.inf
+    return sign * float(value)  # exact: at most 24 significant bits, exponent within float64's range
+
+
+def mul_exact(a: float, b: float) -> float:
+    """``a·b`` of fp32 values rounded once to fp32."""
+    p = a * b  # float64: exact for fp32 inputs, so its specials and the sign of a zero are IEEE's
+    return p if not math.isfinite(p) or p == 0.0 else round_exact(Fraction(a) * Fraction(b))
+
+
+def fma_exact(a: float, b: float, c: float) -> float:
+    """``a·b + c`` of fp32 values rounded ONCE to fp32 (IEEE 754 fusedMultiplyAdd, round to nearest)."""
+    if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(c)):
+        return a * b + c  # NaN / inf rules; a finite a·b cannot overflow float64
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    if exact == 0:
+        return a * b + c  # float64 a·b is exact: the sign of the zero sum follows IEEE's rule
+    return round_exact(exact)
+
+
+def perturb_exact(w: list[float], g: list[float], scale: float, adaptive: bool,
+                  dtype: torch.dtype) -> list[float]:
+    """The contract for fp32/bf16/fp16 ``W`` (values given as Python floats): ``s`` = ``scale`` rounded to
+    fp32, ``u = g`` (adaptive: ``rn(rn(w·w)·g)``), ``r = fma(s, u, w)`` rounded once to fp32, then ``r``
+    rounded to ``dtype``."""
+    s = round_exact(scale)
+    out = []
+    for wi, gi in zip(w, g, strict=True):
+        u = mul_exact(mul_exact(wi, wi), gi) if adaptive else gi
+        out.append(round_exact(fma_exact(s, u, wi), dtype))
+    return out
+
+
+def fisher_exact(f: list[float], g: list[float], alpha: float) -> list[float]:
+    """The contract's Fisher update of fp32 ``f``: ``fma(g32, rn(alpha32·g32), f)`` with ``g32`` and
+    ``alpha32`` the fp32 roundings of ``g`` (any float dtype) and ``alpha``."""
+    a = round_exact(alpha)
+    out = []
+    for fi, gi in zip(f, g, strict=True):
+        g32 = round_exact(gi)
+        out.append(fma_exact(g32, mul_exact(a, g32), fi))
+    return out
 
 
 def as_fp32_values(values: list[float]) -> list[float]:

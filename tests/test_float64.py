@@ -1,11 +1,11 @@
 """float64 in every op and on every backend available on CPU (issue 13), against float64 transcriptions
 of the formulas (``oracles.perturb64`` etc.), at odd sizes.
 
-The contract for float64 tensors: the element-wise formulas are evaluated in float64 with each operation
-rounded once (no fused multiply-add), so every backend gives the transcription's bits; the norm sums in
-float64 (order differs by backend, so within a relative 1e-12); the Fisher accumulator ``F`` stays
-float32 (``f + alpha·(g·g)`` in float64, rounded once to fp32); selection compares float64 scores as
-their nearest fp32 values, ties earliest first.
+The contract for float64 tensors: the perturbation is evaluated in float64 with each operation rounded
+once (no fused multiply-add), so every backend gives the transcription's bits; the norm sums in float64
+(order differs by backend, so within a relative 1e-12); the Fisher accumulator ``F`` stays float32 (``g``
+and ``alpha`` rounded to fp32, one fp32 fused multiply-add: ``oracles.fisher_exact``); selection
+compares float64 scores as their nearest fp32 values, ties earliest first.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from oracles import (
     as_fp32_values,
     dynamic_update_positions,
-    fisher64,
+    fisher_exact,
     perturb64,
     sq_norm64,
     top_k_positions,
@@ -89,19 +89,23 @@ def test_perturb_restore(backend: str, n: int, sparsity: float | None, adaptive:
 def test_fisher_accumulate(backend: str, n: int, alpha: float) -> None:
     G = _randn64(n, 5)
     F = torch.rand(n, generator=torch.Generator().manual_seed(6))
-    want = fisher64(F.double().tolist(), G.tolist(), alpha)
+    want = torch.tensor(fisher_exact(F.tolist(), G.tolist(), alpha), dtype=torch.float32)
     ops.fisher_accumulate_(F, G, alpha, backend=backend)
     assert F.dtype == torch.float32
     assert torch.equal(F.view(torch.int32), want.view(torch.int32))
 
 
 @backends
-def test_fisher_alpha_is_not_rounded_to_fp32(backend: str) -> None:
-    """``1 + alpha`` with ``alpha = 2^-24 + 2^-40`` rounds up to ``1 + 2^-23`` in fp32; an alpha rounded to
-    fp32 first (``2^-24``) would give a tie that rounds to 1.0 (issue 14, item 3)."""
-    F, G = torch.ones(5), torch.ones(5, dtype=torch.float64)
-    ops.fisher_accumulate_(F, G, 2.0**-24 + 2.0**-40, backend=backend)
-    assert F.tolist() == [1.0 + 2.0**-23] * 5
+def test_fisher_rounds_g_and_alpha_to_fp32_once(backend: str) -> None:
+    """The update computes with the fp32 roundings of a float64 ``g`` and of ``alpha`` (the op contract).
+    ``g = 1 + 2^-12`` gives ``g² = 1 + 2^-11 + 2^-24``, an fp32 tie that rounds to even (``1 + 2^-11``);
+    with ``alpha = 1 + 2^-25`` used unrounded, ``alpha·g²`` is just above the tie (``1 + 2^-11 + 2^-23``),
+    and ``g = 1 + 2^-12 + 2^-40`` (float64) used unrounded would be above it too."""
+    tie_up = 1.0 + 2.0**-11 + 2.0**-23
+    for g, alpha in ((1.0 + 2.0**-12, 1.0 + 2.0**-25), (1.0 + 2.0**-12 + 2.0**-40, 1.0)):
+        F, G = torch.zeros(5), torch.full((5,), g, dtype=torch.float64)
+        ops.fisher_accumulate_(F, G, alpha, backend=backend)
+        assert F.tolist() == [1.0 + 2.0**-11] * 5 != [tie_up] * 5
 
 
 def _tied64(n: int, seed: int) -> torch.Tensor:

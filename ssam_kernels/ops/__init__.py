@@ -22,9 +22,10 @@ free to check is checked (sizes, dtypes, devices; on CPU tensors also that ``off
 what would need a host synchronisation on CUDA is bounded in the kernels instead: mask bits at or past
 ``N`` are ignored, and a rank outside ``[0, len(backup))`` is never used (see :func:`perturb_`).
 
-Dtypes: float32, float64, bfloat16 and float16 everywhere. Element-wise arithmetic is float64 with
-each operation rounded once (no fused multiply-add), then one rounding to the output's dtype: for
-float64 tensors that is the plain float64 evaluation of the formula, bit-identical across backends.
+Dtypes: float32, float64, bfloat16 and float16 everywhere. The element-wise arithmetic of
+:func:`perturb_` and :func:`fisher_accumulate_` is one correctly rounded fp32 fused multiply-add per
+entry, then one rounding to the output's dtype; float64 ``W`` is perturbed in float64, each operation
+rounded once. Bit-identical across backends (``ops/_arith.py`` emulates the FMA for the PyTorch ones).
 """
 
 from __future__ import annotations
@@ -395,12 +396,14 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
     """Perturb the masked entries of ``W`` in place and keep their old values in ``backup``.
 
     For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
-    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale · g_i`` (``adaptive``:
-    ``W[i] + scale · ((w_i · w_i) · g_i)``), evaluated in float64 with each operation rounded once and
-    then rounded once to ``W``'s dtype (through fp32 for bf16/fp16; nothing more for float64 ``W``).
+    the scale ``s`` is finite and non-zero, ``W[i] = W[i] + s · g_i`` (``adaptive``:
+    ``W[i] + s · ((w_i · w_i) · g_i)``). fp32/bf16/fp16 ``W``: ``s`` is ``scale`` rounded to nearest
+    fp32, and ``fma(s, g, w)`` (adaptive: ``fma(s, rn(rn(w·w)·g), w)``) is computed in fp32 with one
+    rounding, then rounded once to ``W``'s dtype. float64 ``W``: ``s`` is ``scale`` in float64 and the
+    formula is evaluated in float64, each operation rounded once.
     ``backup`` is always written, so :func:`restore_` is exact even for a skipped perturbation.
-    ``scale`` is a float32 or float64 0-d tensor on ``W``'s device (never read on the host), used at its
-    exact value; ``W`` may be float32, float64, bfloat16 or float16 with either.
+    ``scale`` is a float32 or float64 0-d tensor on ``W``'s device (never read on the host); ``W`` may
+    be float32, float64, bfloat16 or float16 with either.
 
     Ranks and bounds (the same on every backend and device): ``rank(i)`` is the number of set bits
     before ``i``; mask bits at or past ``N = W.numel()`` are ignored (never addressed, never counted).
@@ -472,10 +475,11 @@ def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorLis
 
 def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
                        backend: str | None = None) -> None:
-    """``F += alpha · G²`` element-wise: ``f + alpha · (g · g)`` in float64 (``g`` of any float dtype,
-    float64 included, at its exact value; ``alpha`` a Python float, float64), each operation rounded
-    once, then rounded once to fp32. ``F`` is always a float32 accumulator, also for float64 ``G``: the
-    Fisher scores only rank entries, and the selection compares fp32 keys anyway.
+    """``F += alpha · G²`` element-wise: ``fma(g, rn(alpha · g), f)`` in fp32, with ``g`` (any float
+    dtype) and ``alpha`` (a Python float) each rounded to nearest fp32 once: one rounded product and one
+    fused multiply-add, so for a power-of-two ``alpha`` (1 by default) the correctly rounded
+    ``f + alpha · g²``. ``F`` is always a float32 accumulator, also for float64 ``G``: the Fisher scores
+    only rank entries, and the selection compares fp32 keys anyway.
 
     Lists: ``F`` and ``G`` lists of the same length, each pair as above; one call per (device, dtype
     of ``G``) group."""

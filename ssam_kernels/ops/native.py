@@ -82,8 +82,8 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` below N with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``; then, if
-    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) in
-    float64, each operation rounded once, then rounded to W's dtype (bounds: ``ops.perturb_``)."""
+    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) with
+    one fp32 fused multiply-add (float64 W: in float64; ``csrc/ssam_math.h``, bounds: ``ops.perturb_``)."""
     torch.ops.ssam_kernels.perturb_(W, G, mask, _offsets(mask, offsets, W), backup, scale, adaptive)
 
 
@@ -94,7 +94,7 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` with ``F`` float32 (``G`` any float dtype), in float64 and rounded once."""
+    """``F += alpha · G²`` with ``F`` float32 (``G`` any float dtype), one fp32 fused multiply-add."""
     torch.ops.ssam_kernels.fisher_accumulate_(F, G, alpha)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import bitmask
+from . import _arith, bitmask
 
 BLOCK = 1 << 24
 """Entries per block of the blocked loops (a multiple of 32; tests shrink it to exercise the loop)."""
@@ -37,18 +37,6 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
     return total
 
 
-def _perturbed(w: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> torch.Tensor:
-    """``w + scale·g`` (adaptive: ``w + scale·((w·w)·g)``) in float64, each operation rounded once, then
-    rounded to ``w``'s dtype (through fp32 for bf16/fp16, as ``.to`` does; a no-op for float64 ``w``).
-
-    float64 makes the products of fp32 inputs exact (nearly, for adaptive), so this is the correctly
-    rounded result of the fp32 inputs; for float64 ``w`` it is the plain float64 evaluation.
-    """
-    w64, g64 = w.double(), g.double()
-    step = scale.double() * (w64 * w64 * g64 if adaptive else g64)
-    return (w64 + step).to(w.dtype)
-
-
 def _touched(mask: torch.Tensor, offsets: torch.Tensor | None, n: int, capacity: int) -> torch.Tensor:
     """The entries ``perturb_``/``restore_`` touch, as a bool tensor: set bits below ``n`` (bits past
     ``n`` are ignored) whose rank is below ``capacity`` (the backup's length). ``offsets``, when given,
@@ -64,17 +52,19 @@ def _touched(mask: torch.Tensor, offsets: torch.Tensor | None, n: int, capacity:
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``; then, if
-    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``),
-    rounded once."""
-    active = torch.isfinite(scale) & (scale != 0)
+    ``scale`` (rounded to fp32 unless ``W`` is float64) is finite and non-zero, ``W[i] = W[i] + scale·g_i``
+    (adaptive: ``+ scale·w_i²·g_i``) with one fp32 fused multiply-add, or float64 operations for float64
+    ``W`` (:func:`._arith.perturbed`)."""
+    scale = _arith.perturb_scale(scale, W.dtype)
+    active = _arith.scale_active(scale)
     if mask is None:
         backup.copy_(W)
-        W.copy_(torch.where(active, _perturbed(W, G, scale, adaptive), W))
+        W.copy_(torch.where(active, _arith.perturbed(W, G, scale, adaptive), W))
         return
     selected = _touched(mask, offsets, W.numel(), backup.numel())
     w = W[selected]
     backup[: w.numel()].copy_(w)
-    W[selected] = torch.where(active, _perturbed(w, G[selected], scale, adaptive), w)
+    W[selected] = torch.where(active, _arith.perturbed(w, G[selected], scale, adaptive), w)
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
@@ -88,11 +78,11 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` with ``F`` float32: ``f + alpha·(g·g)`` in float64 (``g`` exactly as stored,
-    float64 too), each operation rounded once, then rounded to fp32."""
+    """``F += alpha · G²`` with ``F`` float32: ``fma(g, rn(alpha·g), f)`` in fp32 (``g`` and ``alpha``
+    rounded to fp32 first, :func:`._arith.fisher_updated`)."""
     for start in range(0, F.numel(), BLOCK):
-        f, g = F[start: start + BLOCK], G[start: start + BLOCK].double()
-        f.copy_(f.double() + alpha * (g * g))
+        f = F[start: start + BLOCK]
+        f.copy_(_arith.fisher_updated(f, G[start: start + BLOCK], alpha))
 
 
 # ----------------------------------------------------------------------------------------------------

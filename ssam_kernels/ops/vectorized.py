@@ -1,8 +1,9 @@
 """The ``vectorized`` backend: the op contract in device-agnostic PyTorch tensor ops, written for speed.
 
 It is what runs when no compiled backend can (no C++ build, MPS, XPU, ROCm without Triton...), so it
-gives the results of :mod:`.reference` bit for bit (perturbation and Fisher update in float64 rounded
-once, masks identical; the norm is accumulated in float64 over other blocks, so it agrees to rounding)
+gives the results of :mod:`.reference` bit for bit (perturbation and Fisher update by the same
+:mod:`._arith` functions, masks identical; the norm is accumulated in float64 over other blocks, so it
+agrees to rounding)
 at a fraction of its cost. What differs from the reference is only how the work is laid out:
 
 - Every op walks its buffers in chunks of ``CHUNK_ENTRIES`` entries (a multiple of 1024): temporaries
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bitmask
+from . import _arith, bitmask
 
 CHUNK_ENTRIES = 1 << 16
 """Entries per chunk (a multiple of ``bitmask.CHUNK``): int32/float64 temporaries of 256-512 KiB."""
@@ -127,29 +128,17 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
 
 
 class _Perturbation:
-    """``w + scale·g`` (adaptive ``w + scale·w²·g``) chunk by chunk: the reference's float64 expression in
-    its evaluation order (products commute bit-exactly), rounded once to ``w``'s dtype, in buffers
-    allocated once per call."""
+    """``w + scale·g`` (adaptive ``w + scale·w²·g``) chunk by chunk, by the reference's
+    :func:`._arith.perturbed`."""
 
     def __init__(self, W: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
-        size = min(CHUNK_ENTRIES, W.numel())
-        self.scale64, self.adaptive = scale.to(torch.float64), adaptive
-        self.w64, self.g64 = (torch.empty(size, dtype=torch.float64, device=W.device) for _ in range(2))
-        self.step = torch.empty(size, dtype=torch.float64, device=W.device) if adaptive else self.g64
-        self.out = torch.empty(size, dtype=W.dtype, device=W.device)
+        self.scale, self.adaptive = _arith.perturb_scale(scale, W.dtype), adaptive
         # -1 where the perturbation applies (scale finite and non-zero), else 0: read on the device only.
-        self.active = -(torch.isfinite(scale) & (scale != 0)).to(_INT_VIEW[W.dtype])
+        self.active = -_arith.scale_active(self.scale).to(_INT_VIEW[W.dtype])
 
     def bits(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Bit patterns of the perturbed values of the chunk ``w`` (gradient ``g``)."""
-        size = w.numel()
-        w64, g64, step = self.w64[:size], self.g64[:size], self.step[:size]
-        w64.copy_(w)
-        g64.copy_(g)
-        if self.adaptive:
-            torch.mul(w64, w64, out=step).mul_(g64)
-        step.mul_(self.scale64)
-        return self.out[:size].copy_(w64.add_(step)).view(_INT_VIEW[w.dtype])
+        """Bit patterns of the perturbed values of the chunk ``w`` (gradient ``g``), a new tensor."""
+        return _arith.perturbed(w, g, self.scale, self.adaptive).view(_INT_VIEW[w.dtype])
 
 
 def _masked_chunks(mask: torch.Tensor, n: int, room: int
@@ -185,7 +174,7 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` of rank below ``backup.numel()`` (every ``i`` when ``mask`` is None):
     ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
-    (adaptive: ``+ scale·w_i²·g_i``) in float64, rounded once."""
+    (adaptive: ``+ scale·w_i²·g_i``) as :func:`._arith.perturbed` computes it."""
     del offsets  # ranks come from the mask itself
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
@@ -228,10 +217,10 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` with ``F`` float32, computed in float64 and rounded once."""
+    """``F += alpha · G²`` with ``F`` float32, as :func:`._arith.fisher_updated` computes it."""
     for start in _chunks(F.numel()):
-        f, g = F[start: start + CHUNK_ENTRIES], G[start: start + CHUNK_ENTRIES].to(torch.float64)
-        f.copy_(f.to(torch.float64) + alpha * (g * g))
+        f = F[start: start + CHUNK_ENTRIES]
+        f.copy_(_arith.fisher_updated(f, G[start: start + CHUNK_ENTRIES], alpha))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,15 +29,6 @@ def to_float64(x):
 
 
 @triton.jit
-def store_float64(x, dtype: tl.constexpr):
-    """fp64 ``x`` as ``dtype`` the way the reference's ``.to(dtype)`` rounds it: fp64 kept, fp32 rounded
-    once, bf16/fp16 through fp32 (two roundings, as PyTorch does)."""
-    if dtype == tl.float64:
-        return x
-    return round_to(x.to(tl.float32), dtype)
-
-
-@triton.jit
 def round_to(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to nearest-even in ``dtype`` (fp32, bf16 or fp16).
 

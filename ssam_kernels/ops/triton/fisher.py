@@ -1,7 +1,8 @@
 """``fisher_accumulate_``: ``F += alpha · G²`` in one streaming pass (``F`` float32, ``G`` any float).
 
-``alpha`` reaches the kernel as a one-element float64 tensor: a Python float argument would be typed
-fp32 by the GPU JIT (the interpreter keeps it double), rounding ``alpha`` before the float64 arithmetic.
+``alpha`` reaches the kernel as a one-element fp32 tensor, rounded to nearest on the host as the op
+contract says: a Python float argument would be typed fp32 by the GPU JIT but kept double by the
+interpreter, so the CPU tests would not check what a GPU computes.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .._arith import fp32_value
 from . import _config
 from ._config import CONFIG, launch_table
-from ._convert import to_float64
+from ._math import fisher_updated
 
 
 @triton.jit
 def _fisher_entries(f_ptr, g_ptr, idx, inside, alpha):
-    """``F[i] = F[i] + alpha · (g_i · g_i)`` in float64, rounded once to fp32, at ``idx`` where ``inside``."""
-    g64 = to_float64(tl.load(g_ptr + idx, mask=inside))
+    """``F[i] = F[i] + alpha · g_i²`` (:func:`._math.fisher_updated`: one fp32 fused multiply-add, as the
+    reference) at ``idx`` where ``inside``."""
+    g = tl.load(g_ptr + idx, mask=inside)
     f = tl.load(f_ptr + idx, mask=inside)
-    tl.store(f_ptr + idx, (f.to(tl.float64) + alpha * (g64 * g64)).to(tl.float32), mask=inside)
+    tl.store(f_ptr + idx, fisher_updated(f, g, alpha), mask=inside)
 
 
 @triton.jit
@@ -63,9 +66,9 @@ def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alph
         columns = [(F[j].data_ptr(), G[j].data_ptr(), F[j].numel()) for j in index]
         table, programs, entries_at = launch_table(columns, [F[j].numel() for j in index],
                                                    CONFIG.block * CONFIG.tiles, device)
-        alpha64 = torch.full((1,), alpha, dtype=torch.float64, device=device)
+        alpha32 = torch.full((1,), fp32_value(alpha), dtype=torch.float32, device=device)
         with _config.on_device(F[index[0]]):
-            _config.launch(_fisher_kernel, (programs,), table, entries_at, G[index[0]], alpha64,
+            _config.launch(_fisher_kernel, (programs,), table, entries_at, G[index[0]], alpha32,
                            ALIGNED=aligned, BLOCK=CONFIG.block, TILES=CONFIG.tiles)
 
 
@@ -75,5 +78,6 @@ def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` element-wise in float64, rounded once; ``F`` is a float32 accumulator."""
+    """``F += alpha · G²`` element-wise with one fp32 fused multiply-add (``alpha`` rounded to fp32);
+    ``F`` is a float32 accumulator."""
     _fisher_accumulate_multi_([F], [G], float(alpha))

@@ -28,9 +28,8 @@ import triton.language as tl
 from ..bitmask import check_offsets, num_chunks
 from . import _config
 from ._config import CONFIG, launch_table
-from ._convert import store_float64, to_float64
+from ._math import load_scale, perturbed
 
-_DBL_MAX = tl.constexpr(1.7976931348623157e308)  # largest finite float64
 _ALIGN = tl.constexpr(_config.ALIGN)
 
 
@@ -138,30 +137,22 @@ def _perturb_entries(w_ptr, g_ptr, backup_ptr, index, rank, selected, touched, s
     tl.store(backup_ptr + rank, w, mask=selected)
     if active:
         g = tl.load(g_ptr + index, mask=touched)
-        # The per-entry arithmetic: (w, g, scale) -> result, in W's dtype.
-        g64 = to_float64(g)
-        w64 = to_float64(w)
-        if ADAPTIVE:
-            g64 = w64 * w64 * g64
-        result = store_float64(w64 + scale * g64, w_ptr.dtype.element_ty)
-        tl.store(w_ptr + index, tl.where(selected, result, w), mask=touched)
+        tl.store(w_ptr + index, tl.where(selected, perturbed(w, g, scale, ADAPTIVE), w), mask=touched)
 
 
 @triton.jit
 def _perturb_tile(w_ptr, g_ptr, mask_ptr, offsets_ptr, backup_ptr, scale_ptr, N, CAPACITY, tile,
                   HAS_MASK: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr):
-    """``backup[rank(i)] = w_i``; if ``scale`` (fp32 or fp64) is finite and non-zero,
-    ``w_i = w_i + scale·g_i`` (adaptive: ``w_i + scale·((w_i·w_i)·g_i)``) in float64, each operation
-    rounded once, then stored as W's dtype the way the reference's ``.to(dtype)`` rounds: the products
-    of fp32 inputs are exact in float64, so the result is the reference's bit for bit (fp32 arithmetic
-    is off by several ulps where ``w`` and the step cancel); float64 W gets the float64 evaluation.
-    The op is memory-bound: the float64 arithmetic costs no bandwidth on data-centre GPUs.
+    """``backup[rank(i)] = w_i``; if ``scale`` (fp32 or fp64, rounded to fp32 unless W is float64) is
+    finite and non-zero, ``w_i = w_i + scale·g_i`` (adaptive: ``w_i + scale·((w_i·w_i)·g_i)``) as
+    :func:`._math.perturbed` computes it: one correctly rounded fp32 fused multiply-add (float64 W:
+    float64 operations), the reference's result bit for bit, with no float64 arithmetic for consumer
+    GPUs to run at 1/64 rate.
 
     The groups wholly below ``N`` take whole-group (vector) accesses, the partial last group of the
     tensor per-entry ones (:func:`_tail_entries`)."""
-    scale = tl.load(scale_ptr).to(tl.float64)  # first: its latency overlaps the mask loads
-    # NaN fails every comparison and ±inf exceeds DBL_MAX: only finite non-zero scales perturb.
-    active = (tl.abs(scale) <= _DBL_MAX) & (scale != 0.0)
+    # First: the scale's latency overlaps the mask loads.
+    scale, active = load_scale(scale_ptr, w_ptr.dtype.element_ty)
     start, first, index, rank, selected, touched, _, bits, before, low, high = _tile_entries(
         mask_ptr, offsets_ptr, N, CAPACITY, tile, HAS_MASK, CHUNKS, VEC)
     w_ptr, g_ptr, backup_ptr = w_ptr + start, g_ptr + start, backup_ptr + first  # int32 offsets below
@@ -301,8 +292,8 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
     the float32 0-d device tensor ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
-    (``adaptive``: ``+ scale·w_i²·g_i``) in float64, rounded once to W's dtype. ``scale`` is read in the
-    kernel (no host synchronisation). Bounds as in the module doc."""
+    (``adaptive``: ``+ scale·w_i²·g_i``) with one fp32 fused multiply-add (float64 W: in float64).
+    ``scale`` is read in the kernel (no host synchronisation). Bounds as in the module doc."""
     perturb_multi_([W], [G], [mask], [offsets], [backup], scale, adaptive)
 
 

@@ -1,0 +1,87 @@
+"""The element-wise arithmetic of ``perturb_`` and ``fisher_accumulate_`` in device-agnostic PyTorch.
+
+The one PyTorch statement of that part of the op contract (docs/DESIGN.md, "The op contract"), shared by
+the ``reference`` and ``vectorized`` backends; the C++/CUDA kernels state it in ``csrc/ssam_math.h``
+(``perturbed``, ``fisher_update``) and the Triton kernels in ``ops/triton/_math.py``.
+
+- ``perturb_``, ``W`` float32/bfloat16/float16: ``w``, ``g`` as fp32 (exact) and the scale as fp32 (a
+  float64 scale rounded to nearest once); ``r = fma(s, g, w)`` (adaptive: ``fma(s, rn(rn(w·w)·g), w)``),
+  one correctly rounded fp32 fused multiply-add; ``r`` stored as ``W``'s dtype (round to nearest even).
+- ``perturb_``, ``W`` float64: ``w + s·g`` (adaptive: ``w + s·((w·w)·g)``) in float64, each operation
+  rounded once, no FMA.
+- ``fisher_accumulate_``: ``F = fma(g32, rn(alpha32·g32), F)`` with ``g32 = rn(g)`` and ``alpha32`` the
+  fp32 rounding of ``alpha``.
+
+PyTorch has no fused multiply-add, so :func:`fma32` emulates one in float64: the product of two fp32 values
+is exact in float64, but rounding the float64 sum to nearest and then to fp32 rounds twice, which is wrong
+when the first rounding lands on an fp32 tie. Rounding the float64 sum *to odd* instead (keep it if exact,
+else take the neighbour with an odd last bit) carries 29 spare bits into the second rounding, and a round
+to odd with at least two extra bits followed by a round to nearest equals one round to nearest (Boldo and
+Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE
+Trans. Computers 57(4), 2008).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a·b + c`` rounded once to fp32 (what ``std::fma``, ``__fmaf_rn`` and ``tl.fma`` compute): fp32
+    ``b`` and ``c`` of one shape, fp32 ``a`` of that shape or 0-d; a new fp32 tensor (inputs unchanged).
+
+    IEEE semantics throughout: subnormal inputs and results, overflow to ``±inf``, NaN for ``0·inf`` or
+    ``inf - inf``, and the sign of an exact zero sum as a fused multiply-add gives it.
+    """
+    c64 = c.double()
+    p = a.double() * b.double()  # exact: 48 significant bits, exponents within [-298, 256]
+    s = p + c64
+    # TwoSum (Knuth), in place: e = (p - t) + (c - (s - t)) with t = s - c, so s + e == p + c exactly,
+    # whatever the magnitudes (no overflow below 2^257).
+    t = s - c64
+    e = p.sub_(t).add_(c64.sub_(t.neg_().add_(s)))
+    # Round to odd: truncate (one step toward zero when s went past p + c, i.e. e and s differ in sign),
+    # then set the last bit when inexact. s == 0 only if p + c == 0 (both are multiples of 2^-298); e is
+    # NaN only when s is not finite, and then ``e.abs() > 0`` is false: nothing moves.
+    bits = s.view(torch.int64)
+    inexact = e.abs() > 0
+    past = ((e.view(torch.int64) ^ bits) < 0) & inexact
+    bits.sub_(past.long()).bitwise_or_(inexact.long())
+    return s.float()
+
+
+def perturb_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale ``perturb_`` computes with for ``W`` of ``dtype``: float64 for float64 ``W`` (an fp32
+    scale widened exactly), else fp32 (a float64 scale rounded to nearest fp32 once)."""
+    return scale.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def scale_active(scale: torch.Tensor) -> torch.Tensor:
+    """Whether the perturbation applies (a bool 0-d tensor, never read on the host): the scale of
+    :func:`perturb_scale` is finite and non-zero."""
+    return torch.isfinite(scale) & (scale != 0)
+
+
+def perturbed(w: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> torch.Tensor:
+    """``w + scale·g`` (adaptive: ``w + scale·((w·w)·g)``) as the op contract computes it, in ``w``'s
+    dtype: one fp32 fused multiply-add for fp32/bf16/fp16 ``w``, float64 operations each rounded once for
+    float64 ``w`` (module docstring). ``scale`` is the 0-d tensor of :func:`perturb_scale`."""
+    if w.dtype == torch.float64:
+        return w + scale * (w * w * g if adaptive else g)
+    w32, g32 = w.float(), g.float()
+    if adaptive:
+        g32 = w32 * w32 * g32  # fp32 products, each rounded once
+    return fma32(scale, g32, w32).to(w.dtype)
+
+
+def fp32_value(x: float) -> float:
+    """``x`` rounded to the nearest fp32 value (``±inf`` beyond its range), as a Python float."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def fisher_updated(f: torch.Tensor, g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``f + alpha·g²`` for the fp32 Fisher accumulator ``f``, ``g`` of any float dtype:
+    ``fma(g32, rn(alpha32·g32), f)`` with ``g32 = rn(g)`` and ``alpha32`` the fp32 rounding of ``alpha``
+    (csrc/ssam_math.h, ``fisher_update``, says why this order); an fp32 tensor."""
+    g32 = g.float()
+    return fma32(g32, g32 * fp32_value(alpha), f)
