@@ -6,12 +6,23 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "ssam_ops.h"
+
+// The AVX-512 compress / expand of the masked perturb_/restore_ (GCC on x86-64: per-function
+// target pragmas and __builtin_cpu_supports); elsewhere only the portable loops are compiled.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SSAM_HAVE_AVX512 1
+#include <immintrin.h>
+#else
+#define SSAM_HAVE_AVX512 0
+#endif
 
 namespace ssam {
 namespace {
@@ -159,29 +170,6 @@ SSAM_CPU_CLONES void fisher_block(float* f, const c10::Half* g, int64_t n, float
 }
 SSAM_CPU_CLONES void fisher_block(float* f, const double* g, int64_t n, float alpha) { fisher_run(f, g, n, alpha); }
 
-// w_i = perturbed(w_i, g_i) over [0, n) (a dense perturb_ task), cloned like the loops above so that the
-// FMA of ssam_math.h is a vfmadd (vectorised) in the AVX2/AVX-512 clones instead of a call per entry.
-template <typename T, bool kAdaptive>
-inline void perturb_run(T* __restrict w, const T* __restrict g, int64_t n, scale_t<T> s) {
-  for (int64_t i = 0; i < n; ++i) w[i] = perturbed(w[i], g[i], s, kAdaptive);
-}
-template <typename T>
-inline void perturb_run(T* w, const T* g, int64_t n, scale_t<T> s, bool adaptive) {
-  adaptive ? perturb_run<T, true>(w, g, n, s) : perturb_run<T, false>(w, g, n, s);
-}
-SSAM_CPU_CLONES void perturb_block(float* w, const float* g, int64_t n, float s, bool adaptive) {
-  perturb_run(w, g, n, s, adaptive);
-}
-SSAM_CPU_CLONES void perturb_block(c10::BFloat16* w, const c10::BFloat16* g, int64_t n, float s, bool adaptive) {
-  perturb_run(w, g, n, s, adaptive);
-}
-SSAM_CPU_CLONES void perturb_block(c10::Half* w, const c10::Half* g, int64_t n, float s, bool adaptive) {
-  perturb_run(w, g, n, s, adaptive);
-}
-SSAM_CPU_CLONES void perturb_block(double* w, const double* g, int64_t n, double s, bool adaptive) {
-  perturb_run(w, g, n, s, adaptive);
-}
-
 // Partial sums over fixed blocks of kNormBlock entries of every tensor in one parallel pass, then each
 // tensor's total in block order and the tensors' totals added in list order: the result depends on the
 // data only (never on the thread count), and a list's total is bit-identical to adding the single-tensor
@@ -227,9 +215,278 @@ at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>
 }
 
 // ---------------------------------------------------------------------------------------------------
-// perturb_ / restore_, for a list of tensors (the single-tensor ops are lists of one). The work is cut
-// into tasks of at most kChunkGrain mask chunks (masked entries) or kGrain entries (dense ones), and one
-// parallel loop runs the tasks of all tensors, so many small tensors cost one parallel region.
+// perturb_ / restore_, a mask word at a time.
+//
+// Word k covers entries [32k, 32k + 32); its set entries own the backup slots [r, r + popcount), r the
+// rank of its first entry (offsets[c] plus the popcounts of the chunk's words before it). perturb_
+// compresses the set entries of W into those slots, then blends the perturbed values into W (every lane
+// is computed with ssam_math.h's perturbed(), the unset lanes keep W); restore_ expands the slots back
+// into the set entries. Full words are straight copies, empty words are skipped. Compress and expand
+// come in two versions with the same results: AVX-512 (vpcompress / vpexpand with masked loads and
+// stores, picked at run time on CPUs that have it) and a portable branch-free loop. A chunk whose ranks
+// reach past the backup (offsets[c + 1] > backup.numel()) takes the per-bit walk that bounds every slot.
+// ---------------------------------------------------------------------------------------------------
+
+// A stored value's bit pattern and back: selections between values go through it, so that they are
+// branch-free (an FP select whose operand the compiler may compute only on one side is turned into a
+// branch, which mispredicts on every other entry of a random mask) and move every bit (NaN payloads).
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+
+template <typename T>
+inline Bits<T> to_bits(T v) {
+  Bits<T> b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+template <typename T>
+inline T from_bits(Bits<T> b) {
+  T v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+// set ? a : b, as bit patterns.
+template <typename T>
+inline T select(bool set, T a, T b) {
+  const Bits<T> m = static_cast<Bits<T>>(Bits<T>(0) - static_cast<Bits<T>>(set));
+  return from_bits<T>(static_cast<Bits<T>>((to_bits(a) & m) | (to_bits(b) & static_cast<Bits<T>>(~m))));
+}
+
+// The element loops below are inlined into each ISA entry point (a target_clones clone or the AVX-512
+// function), so that each compiles them for its own instruction set.
+#define SSAM_INLINE inline __attribute__((always_inline))
+
+// Portable compress / expand of one word: a walk over its set bits (one mispredicted branch per word,
+// at the loop's end), measured faster than a branch-free pass over all 32 entries.
+struct PortableWord {
+  template <typename T>
+  SSAM_INLINE static void compress(const T* __restrict x, uint32_t bits, T* __restrict b) {
+    for (int r = 0; bits != 0; bits &= bits - 1, ++r) b[r] = x[__builtin_ctz(bits)];
+  }
+  template <typename T>
+  SSAM_INLINE static void expand(T* __restrict x, uint32_t bits, const T* __restrict b) {
+    for (int r = 0; bits != 0; bits &= bits - 1, ++r) x[__builtin_ctz(bits)] = b[r];
+  }
+};
+
+// What one task of a perturb_/restore_ list works on: a tensor's buffers, checked.
+template <typename T>
+struct ElementArgs {
+  T* w;
+  const T* g;  // nullptr for restore_
+  T* b;
+  MaskView mask;
+  int64_t n, capacity;  // W's entries, backup's slots
+  scale_t<T> scale;  // float, or double for float64 W (ssam_math.h: load_scale)
+  bool active;  // perturb_ with a finite non-zero scale
+};
+
+// x[l] = perturbed(x[l], g[l]) for the set lanes of a word, unchanged for the others, over len <= 32
+// entries: every lane is computed, then selected without a branch.
+template <typename T, bool kAdaptive>
+SSAM_INLINE void blend_word(T* __restrict x, const T* __restrict g, uint32_t bits, int64_t len, scale_t<T> scale) {
+  auto lanes = [&](auto count) {
+#pragma omp simd
+    for (int l = 0; l < count; ++l) {
+      const T xl = x[l];
+      const T p = perturbed(xl, g[l], scale, kAdaptive);
+      x[l] = select((bits >> l) & 1u, p, xl);
+    }
+  };
+  if (len == 32) {
+    lanes(std::integral_constant<int, 32>{});  // a constant trip count for the full words
+  } else {
+    lanes(static_cast<int>(len));
+  }
+}
+
+// Masked perturb_ (kRestore false) or restore_ over the mask chunks [c0, c1) of one tensor; Word: the
+// compress / expand of a whole word (AVX-512 or portable). The tensor's last word, when partial, always
+// takes the portable loop, which never touches an entry at or past n (mask_word clears their bits).
+template <typename T, typename Word, bool kRestore, bool kAdaptive>
+SSAM_INLINE void masked_run(const ElementArgs<T>& a, int64_t c0, int64_t c1) {
+  const int64_t words = num_words(a.n);
+  for (int64_t c = c0; c < c1; ++c) {
+    int64_t r = load_offset(a.mask.offsets, a.mask.offsets64, c);
+    if (r < 0 || load_offset(a.mask.offsets, a.mask.offsets64, c + 1) > a.capacity) {
+      // Ranks reach past the backup: bound every slot, one set bit at a time.
+      for_each_set_bit(a.mask, a.n, a.capacity, c, c + 1, [&](int64_t i, int64_t rank) {
+        if constexpr (kRestore) {
+          a.w[i] = a.b[rank];
+        } else {
+          const T wi = a.w[i];
+          a.b[rank] = wi;
+          a.w[i] = a.active ? perturbed(wi, a.g[i], a.scale, kAdaptive) : wi;
+        }
+      });
+      continue;
+    }
+    for (int64_t k = c * kWordsPerChunk, k_end = std::min((c + 1) * kWordsPerChunk, words); k < k_end; ++k) {
+      const uint32_t bits = mask_word(a.mask.words, k, a.n);
+      if (bits == 0) continue;
+      T* x = a.w + k * 32;
+      const int64_t len = std::min<int64_t>(32, a.n - k * 32);
+      if (bits == ~0u) {
+        if constexpr (kRestore) {
+          std::copy(a.b + r, a.b + r + 32, x);
+        } else {
+          std::copy(x, x + 32, a.b + r);
+        }
+      } else if (len < 32) {
+        kRestore ? PortableWord::expand(x, bits, a.b + r) : PortableWord::compress(x, bits, a.b + r);
+      } else {
+        kRestore ? Word::expand(x, bits, a.b + r) : Word::compress(x, bits, a.b + r);
+      }
+      if constexpr (!kRestore) {
+        if (a.active) blend_word<T, kAdaptive>(x, a.g + k * 32, bits, len, a.scale);
+      }
+      r += swar_popcount(bits);
+    }
+  }
+}
+
+// Dense perturb_ over entries [i0, i1): backup[i] = w[i], w[i] = perturbed(w[i], g[i]), one pass.
+template <typename T, bool kAdaptive>
+SSAM_INLINE void dense_perturb_run(const ElementArgs<T>& a, int64_t i0, int64_t i1) {
+  T* __restrict w = a.w;
+  const T* __restrict g = a.g;
+  T* __restrict b = a.b;
+  if (!a.active) {
+    std::copy(w + i0, w + i1, b + i0);
+    return;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const T wi = w[i];
+    b[i] = wi;
+    w[i] = perturbed(wi, g[i], a.scale, kAdaptive);
+  }
+}
+
+// One task: masked (chunks [begin, end)) or dense (entries [begin, end)), perturb_ or restore_.
+template <typename T, typename Word>
+SSAM_INLINE void element_task(const ElementArgs<T>& a, int64_t begin, int64_t end, bool restore, bool adaptive) {
+  if (a.mask.words == nullptr) {
+    if (restore) {
+      std::copy(a.b + begin, a.b + end, a.w + begin);
+    } else {
+      adaptive ? dense_perturb_run<T, true>(a, begin, end) : dense_perturb_run<T, false>(a, begin, end);
+    }
+  } else if (restore) {
+    masked_run<T, Word, true, false>(a, begin, end);
+  } else {
+    adaptive ? masked_run<T, Word, false, true>(a, begin, end) : masked_run<T, Word, false, false>(a, begin, end);
+  }
+}
+
+// The portable entry points, cloned per ISA level for the blend and dense loops (target_clones applies
+// to plain functions only: one per storage type).
+SSAM_CPU_CLONES void element_task_portable(const ElementArgs<float>& a, int64_t b, int64_t e, bool rs, bool ad) {
+  element_task<float, PortableWord>(a, b, e, rs, ad);
+}
+SSAM_CPU_CLONES void element_task_portable(const ElementArgs<double>& a, int64_t b, int64_t e, bool rs, bool ad) {
+  element_task<double, PortableWord>(a, b, e, rs, ad);
+}
+SSAM_CPU_CLONES void element_task_portable(const ElementArgs<c10::BFloat16>& a, int64_t b, int64_t e, bool rs,
+                                           bool ad) {
+  element_task<c10::BFloat16, PortableWord>(a, b, e, rs, ad);
+}
+SSAM_CPU_CLONES void element_task_portable(const ElementArgs<c10::Half>& a, int64_t b, int64_t e, bool rs,
+                                           bool ad) {
+  element_task<c10::Half, PortableWord>(a, b, e, rs, ad);
+}
+
+#if SSAM_HAVE_AVX512
+// AVX-512 compress / expand of one word of kBytes-sized entries (bits != 0, all 32 entries in W), as
+// bit patterns: 16-bit entries in one 32-lane group (AVX512-VBMI2), 32-bit in two of 16, 64-bit in four
+// of 8. Loads of the backup and stores to it are masked to the word's popcount(bits) slots, stores to W
+// to its set lanes: nothing outside them is read or written.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vbmi2,avx2,fma,f16c,bmi,bmi2,popcnt,lzcnt")
+template <size_t kBytes>
+struct Avx512Word {
+  static constexpr int kLanes = 64 / kBytes;  // entries per 512-bit register
+  static __m512i compress_group(__m512i v, uint32_t m) {
+    if constexpr (kBytes == 2) return _mm512_maskz_compress_epi16(m, v);
+    if constexpr (kBytes == 4) return _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), v);
+    if constexpr (kBytes == 8) return _mm512_maskz_compress_epi64(static_cast<__mmask8>(m), v);
+  }
+  static __m512i expand_group(__m512i v, uint32_t m) {
+    if constexpr (kBytes == 2) return _mm512_maskz_expand_epi16(m, v);
+    if constexpr (kBytes == 4) return _mm512_maskz_expand_epi32(static_cast<__mmask16>(m), v);
+    if constexpr (kBytes == 8) return _mm512_maskz_expand_epi64(static_cast<__mmask8>(m), v);
+  }
+  static __m512i load(const void* p, uint32_t m) {
+    if constexpr (kBytes == 2) return _mm512_maskz_loadu_epi16(m, p);
+    if constexpr (kBytes == 4) return _mm512_maskz_loadu_epi32(static_cast<__mmask16>(m), p);
+    if constexpr (kBytes == 8) return _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m), p);
+  }
+  static void store(void* p, uint32_t m, __m512i v) {
+    if constexpr (kBytes == 2) _mm512_mask_storeu_epi16(p, m, v);
+    if constexpr (kBytes == 4) _mm512_mask_storeu_epi32(p, static_cast<__mmask16>(m), v);
+    if constexpr (kBytes == 8) _mm512_mask_storeu_epi64(p, static_cast<__mmask8>(m), v);
+  }
+  static uint32_t group_bits(uint32_t bits, int group) {
+    return kLanes == 32 ? bits : (bits >> (group * kLanes)) & ((1u << kLanes) - 1u);
+  }
+  template <typename T>
+  static void compress(const T* x, uint32_t bits, T* b) {
+    for (int group = 0; group < 32 / kLanes; ++group) {
+      const uint32_t m = group_bits(bits, group);
+      const int count = _mm_popcnt_u32(m);
+      store(b, _bzhi_u32(~0u, count), compress_group(_mm512_loadu_si512(x + group * kLanes), m));
+      b += count;
+    }
+  }
+  template <typename T>
+  static void expand(T* x, uint32_t bits, const T* b) {
+    for (int group = 0; group < 32 / kLanes; ++group) {
+      const uint32_t m = group_bits(bits, group);
+      const int count = _mm_popcnt_u32(m);
+      store(x + group * kLanes, m, expand_group(load(b, _bzhi_u32(~0u, count)), m));
+      b += count;
+    }
+  }
+};
+
+template <typename T>
+void element_task_avx512(const ElementArgs<T>& a, int64_t begin, int64_t end, bool restore, bool adaptive) {
+  element_task<T, Avx512Word<sizeof(T)>>(a, begin, end, restore, adaptive);
+}
+#pragma GCC pop_options
+
+// True where the CPU runs the AVX-512 path for kBytes-sized entries (16-bit ones also need VBMI2); the
+// environment variable SSAM_KERNELS_CPU_PORTABLE=1 forces the portable path (the tests compare both).
+bool use_avx512(size_t bytes) {
+  static const bool portable = [] {
+    const char* v = std::getenv("SSAM_KERNELS_CPU_PORTABLE");
+    return v != nullptr && std::string(v) != "" && std::string(v) != "0";
+  }();
+  static const bool base = !portable && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                           __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  static const bool vbmi2 = base && __builtin_cpu_supports("avx512vbmi2");
+  return bytes == 2 ? vbmi2 : base;
+}
+#endif
+
+template <typename T>
+void run_element_task(const ElementArgs<T>& a, int64_t begin, int64_t end, bool restore, bool adaptive) {
+#if SSAM_HAVE_AVX512
+  if (use_avx512(sizeof(T))) {
+    element_task_avx512(a, begin, end, restore, adaptive);
+    return;
+  }
+#endif
+  element_task_portable(a, begin, end, restore, adaptive);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// perturb_ / restore_ for a list of tensors (the single-tensor ops are lists of one). The work is cut
+// into tasks of at most kChunkGrain mask chunks (masked entries) or kGrain entries (dense ones), a fixed
+// partition, and one parallel loop runs the tasks of all tensors, so many small tensors cost one
+// parallel region.
 // ---------------------------------------------------------------------------------------------------
 
 // One tensor of a perturb_/restore_ list, checked.
@@ -277,36 +534,19 @@ void perturb_restore_cpu(const std::vector<Entry>& entries, const at::Tensor* sc
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) * kGrain / std::max<int64_t>(units, 1));
   dispatch_dtype(entries[0].W->scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const scale_t<T> s = restore ? scale_t<T>(0) : load_scale<T>(scale_ptr.data, scale_ptr.is64);
-    const bool active = !restore && scale_active(s);
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const Task& task = tasks[t];
-        const Entry& e = entries[task.entry];
-        T* w = e.W->data_ptr<T>();
-        const T* g = restore ? nullptr : e.G->data_ptr<T>();
-        T* b = e.backup->data_ptr<T>();
-        if (e.view.words == nullptr) {
-          if (restore) {
-            std::copy(b + task.begin, b + task.end, w + task.begin);
-            continue;
-          }
-          std::copy(w + task.begin, w + task.end, b + task.begin);
-          if constexpr (!std::is_same_v<T, int32_t>) {  // dispatch_dtype instantiates int32, never run here
-            if (active) perturb_block(w + task.begin, g + task.begin, task.end - task.begin, s, adaptive);
-          }
-        } else if (restore) {
-          for_each_set_bit(e.view, e.W->numel(), e.backup->numel(), task.begin, task.end,
-                           [&](int64_t i, int64_t r) { w[i] = b[r]; });
-        } else {
-          for_each_set_bit(e.view, e.W->numel(), e.backup->numel(), task.begin, task.end, [&](int64_t i, int64_t r) {
-            const T wi = w[i];
-            b[r] = wi;
-            w[i] = active ? perturbed(wi, g[i], s, adaptive) : wi;
-          });
+    if constexpr (!std::is_same_v<T, int32_t>) {  // dispatch_dtype instantiates int32, never run here
+      const scale_t<T> s = restore ? scale_t<T>(0) : load_scale<T>(scale_ptr.data, scale_ptr.is64);
+      const bool active = !restore && scale_active(s);
+      at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const Task& task = tasks[t];
+          const Entry& e = entries[task.entry];
+          const ElementArgs<T> args{e.W->data_ptr<T>(), restore ? nullptr : e.G->data_ptr<T>(),
+                                    e.backup->data_ptr<T>(), e.view, e.W->numel(), e.backup->numel(), s, active};
+          run_element_task(args, task.begin, task.end, restore, adaptive);
         }
-      }
-    });
+      });
+    }
   });
 }
 
