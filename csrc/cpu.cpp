@@ -1,6 +1,7 @@
-// CPU kernels of the ssam_kernels ops: plain loops the compiler vectorises, parallelised with
-// at::parallel_for (OpenMP in PyTorch's CPU builds, honouring torch.set_num_threads). The element-wise
-// mathematics comes from ssam_math.h, shared with the CUDA kernels.
+// CPU kernels of the ssam_kernels ops: plain loops the compiler vectorises (and AVX-512 intrinsics for
+// the masked perturb_/restore_ where the CPU has them), parallelised with at::parallel_for (OpenMP in
+// PyTorch's CPU builds, honouring torch.set_num_threads). The element-wise mathematics comes from
+// ssam_math.h, shared with the CUDA kernels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -5,8 +5,8 @@
 // Mask layout on the GPU: one warp owns one chunk of 1024 entries (32 words); lane l holds word l, a
 // warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank.
 //
-// The element-wise kernels (norm, perturb_/restore_, Fisher) stream at the bandwidth limit by
-// construction (issue 14): every global access goes through load<>/store() below (a global-space
+// The element-wise kernels (norm, perturb_/restore_, Fisher) are built to stream at the bandwidth limit
+// (issue 14; a prediction from the static report, not measured: benchmarks/NOTES.md): every global access goes through load<>/store() below (a global-space
 // instruction of a chosen cache path, whatever the pointer's origin); a thread moves whole 16-byte packs
 // when its tensor is 16-byte aligned (checked per tensor on the host, launch.h; scalar entries
 // otherwise and past the end); each step issues all of its loads before the first store or use, so
@@ -37,10 +37,12 @@ constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 // Resident blocks per SM the element-wise kernels are compiled for (__launch_bounds__): 6 x 256 threads,
 // at most 40 registers: full occupancy on sm_86/sm_89 (1536 threads per SM), 48 of 64 warps on
 // sm_80/sm_90, whose 32-register full occupancy would spill (with 48 KB of 16-byte loads in flight per SM,
-// above the ~25 KB an H100 SM needs to cover its memory latency at full bandwidth).
+// above the ~18 KB an H100 SM needs to cover its memory latency at full bandwidth: benchmarks/NOTES.md,
+// finding 1).
 constexpr int kMinBlocksPerSM = 6;
-// perturb_ of a 2-byte dtype (8 entries a pack, each through float64) spills at 40 registers on sm_80:
-// 5 blocks (48 registers) there.
+// perturb_ of a 2-byte dtype (8 entries a pack) spilled 16 bytes at 40 registers on sm_80 (static report
+// at 3a06fe3, when each entry still went through float64; not rechecked since the fp32 FMA): 5 blocks
+// (48 registers) there.
 template <typename T>
 constexpr int kElementMinBlocksPerSM = sizeof(T) == 2 ? 5 : kMinBlocksPerSM;
 // The list kernels keep a table row's pointers and sizes in registers: 4 blocks (64 registers) there.
@@ -569,7 +571,7 @@ void hash_fill_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t b
 // tensors (addresses and sizes, kColumns int64 per tensor, then each tensor's first global chunk) into
 // pinned memory and copies it to the device on the op's stream; the kernels walk the global chunk
 // numbers 0 .. total - 1 (1024-entry chunks, so mask offsets stay per chunk), find each chunk's tensor
-// by binary search in the table and run the single-tensor kernels' chunk code on it. A chunk never spans
+// by a 32-way warp search in the table (entry_of) and run the single-tensor kernels' chunk code on it. A chunk never spans
 // two tensors.
 // ---------------------------------------------------------------------------------------------------
 

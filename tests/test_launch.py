@@ -1,6 +1,6 @@
-"""The host-side launch arithmetic of the CUDA kernels (``csrc/launch.h``: the whole-wave grid of the norm
-and the per-tensor 16-byte alignment decision): its C++ tests (``csrc/tests/test_launch.cpp``), compiled
-with the host C++ compiler and run here, as ctest runs them."""
+"""The host-side launch arithmetic of the CUDA kernels (``csrc/launch.h``: the whole-wave grid of the norm,
+the per-tensor 16-byte alignment decision and the list kernels' warp search): its C++ tests
+(``csrc/tests/test_launch.cpp``), compiled with the host C++ compiler and run here, as ctest runs them."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ of tensors (the first tensor argument a list), with the meaning of the single-te
 entry. A list is validated once, in one cheap pass, and split into (device, dtype) groups; each group
 goes to its backend's list primitive (``grad_sq_norm_multi``, ``perturb_multi_``, ``restore_multi_``,
 ``fisher_accumulate_multi_``: the same arguments as the single primitive, with lists of one device and
-dtype) when it has one (native: one C++ call; Triton: one launch over a table of the tensors), else the
+dtype) when it has one (native: one C++ call on CPU, one launch over a device table of the tensors on
+CUDA; Triton: the same, one launch per kind of entry and 16-byte alignment), else the
 single primitive is called for each tensor, so a backend needs only the single-tensor primitives.
 
 Memory safety: no input reads or writes outside the tensors given, on any backend or device. What is

@@ -1,4 +1,5 @@
-"""The pure-PyTorch backend: the CPU fallback and the oracle every fast backend is tested against.
+"""The pure-PyTorch backend: the oracle every fast backend is tested against (chosen only by name;
+``auto`` falls back to :mod:`.vectorized`).
 
 Each function here is a *backend primitive*: inputs were validated by :mod:`ssam_kernels.ops`, and the
 selection ops (``select_topk``, ``dynamic_update``) are composed from :func:`radix_histogram` and

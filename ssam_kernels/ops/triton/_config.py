@@ -63,9 +63,10 @@ def persistent_programs(device: torch.device) -> int:
 
 
 def launch_options() -> dict[str, int | bool]:
-    """Compile options of every launch. ``enable_fp_fusion=False``: each fp operation is rounded as
-    written, as the reference rounds it (``w + scale·g`` as an FMA could differ by more than 1 ulp where
-    ``w`` and ``scale·g`` nearly cancel); stating it also silences Triton 3.9's default-change warning."""
+    """Compile options of every launch. ``enable_fp_fusion=False``: every fp operation but the explicit
+    ``tl.fma`` of :mod:`._math` is rounded as written, as the reference rounds it (the float64 ``W``
+    path, ASAM's fp32 products and Fisher's ``alpha·g`` must not be fused into an FMA); stating it also
+    silences Triton 3.9's default-change warning."""
     return {"num_warps": CONFIG.num_warps, "enable_fp_fusion": False}
 
 

@@ -73,7 +73,8 @@ def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alph
 
 
 def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0) -> None:
-    """:func:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype), one launch."""
+    """:func:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype): one launch,
+    two when some tensors do not start on 16-byte boundaries."""
     _fisher_accumulate_multi_(list(F), list(G), float(alpha))
 
 

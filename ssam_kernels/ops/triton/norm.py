@@ -4,7 +4,8 @@ Each program squares its entries in float64 (the product of two exact fp32→fp6
 fp32 gradient's squares are exact; float64 gradients are read as they are) and writes one float64
 partial; the partials, a fixed-size buffer for a given ``N``, are then summed by ``torch.sum``. No
 float atomics: the same input on the same device always gives the same bits. A list of tensors is one
-launch over a table of (tensor, tile) rows (:func:`._config.launch_table`).
+launch over a table of (tensor, tile) rows (:func:`._config.launch_table`) per kind (with and without
+``W``) and alignment (:func:`grad_sq_norm_multi`).
 """
 
 from __future__ import annotations

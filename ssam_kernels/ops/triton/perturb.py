@@ -1,21 +1,25 @@
 """``perturb_`` and ``restore_``: one pass each over the masked entries, with the compact backup.
 
-A program owns ``CHUNKS`` whole 1024-entry chunks, viewed as a ``[CHUNKS·32 words, 32 bits]`` tile
-(row ``r`` = mask word ``r``, column ``b`` = bit ``b``, so entry ``32·r + b``). The rank of a set bit is
+A program owns ``CHUNKS`` whole 1024-entry chunks: ``CHUNKS·32`` mask words of 32 entries, each word's
+entries in 16-byte groups of ``VEC`` (:func:`_tile_entries`; entry ``32·r + b`` is bit ``b`` of word
+``r``). The rank of a set bit is
 ``offsets[first chunk]`` plus the set bits of the earlier words of the tile (an exclusive scan of the
 per-word counts) plus the set bits below it in its own word (an exclusive scan along the row): no
 global scan, each chunk's ``offsets`` entry suffices. ``mask=None`` (dense SAM) is the same kernel with
 ``HAS_MASK=False`` and ``rank(i) = i``.
 
-Lists (issue 15): one launch covers every tensor of a list (one device and dtype; masked and dense
-entries in two launches). The launch table, an int64 device tensor, holds one ``(tensor, tile)`` row per
+Lists (issue 15): one launch covers every tensor of a list of one device and dtype, masked or dense,
+whose pointers all start on 16-byte boundaries (:func:`_launch`: up to four launches, masked/dense ×
+aligned/not). The launch table, an int64 device tensor, holds one ``(tensor, tile)`` row per
 program and one row of addresses and sizes per tensor; each program loads its row and runs the tile
 code of the single-tensor case, so a tile never spans two tensors and the offsets stay per chunk. The
 single-tensor ops are lists of one.
 
 Bounds (``ssam_kernels.ops.perturb_``): bits at or past ``N`` are dropped before ranks are counted, and
 an entry is selected only if its rank lies in ``[0, CAPACITY)``, the backup's length, so a short backup
-or offsets that do not match the mask never address memory outside ``W`` and the backup. Offsets are
+or offsets that do not match the mask never address memory outside ``W`` and the backup. W and G move
+in whole 16-byte groups below ``N``: an unselected entry of a group that holds a selected one is read
+and written back with its own bits; the partial last group is accessed per entry. Offsets are
 checked against the mask on the host for CPU tensors (the interpreter); on a GPU that would synchronise.
 """
 
@@ -275,8 +279,8 @@ def _restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None],
 def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
                    offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
                    adaptive: bool = False) -> None:
-    """:func:`perturb_` on every entry of the lists (one device and dtype): one launch for the masked
-    entries and one for the dense ones, over a table of the tensors' addresses and tiles."""
+    """:func:`perturb_` on every entry of the lists (one device and dtype): one launch per kind of entry
+    (masked, dense) and alignment (:func:`_launch`), over a table of the tensors' addresses and tiles."""
     _check_offsets_on_cpu(W, mask, offsets)
     _perturb_multi_(W, G, mask, offsets, backup, scale, bool(adaptive))
 
@@ -291,7 +295,8 @@ def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offse
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
-    the float32 0-d device tensor ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
+    the 0-d device tensor ``scale`` (float32 or float64; rounded to fp32 unless W is float64) is finite
+    and non-zero, ``W[i] = W[i] + scale·g_i``
     (``adaptive``: ``+ scale·w_i²·g_i``) with one fp32 fused multiply-add (float64 W: in float64).
     ``scale`` is read in the kernel (no host synchronisation). Bounds as in the module doc."""
     perturb_multi_([W], [G], [mask], [offsets], [backup], scale, adaptive)
