@@ -76,6 +76,7 @@ KERNEL_CLASSES: tuple[KernelClass, ...] = (
     # First match wins; native and Triton names alike (Triton's carry a leading underscore).
     KernelClass(r"sq_norm_final", "grad_sq_norm", False, ("fp64",)),  # adds the fixed partials once
     KernelClass(r"sq_norm", "grad_sq_norm", True, FLOAT),
+    # masked_kernel: the native masked perturb_/restore_ before c173209 (classifies older reports)
     KernelClass(r"masked_kernel", "perturb_/restore_", True, FLOAT),
     KernelClass(r"element_(list_)?kernel", "perturb_/restore_", True, FLOAT),  # masked and dense, lists too
     KernelClass(r"perturb", "perturb_", True, FLOAT),
