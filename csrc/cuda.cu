@@ -6,12 +6,13 @@
 // warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank.
 //
 // The element-wise kernels (norm, perturb_/restore_, Fisher) are built to stream at the bandwidth limit
-// (issue 14; a prediction from the static report, not measured: benchmarks/NOTES.md): every global access goes through load<>/store() below (a global-space
-// instruction of a chosen cache path, whatever the pointer's origin); a thread moves whole 16-byte packs
-// when its tensor is 16-byte aligned (checked per tensor on the host, launch.h; scalar entries
-// otherwise and past the end); each step issues all of its loads before the first store or use, so
-// several independent loads are in flight per thread; and __launch_bounds__ keeps 4-6 blocks per SM
-// resident without spills (kMinBlocksPerSM and its siblings below).
+// (issue 14; predicted from the static report, not measured: benchmarks/NOTES.md): every global access
+// goes through load<>/store() below (a global-space instruction of a chosen cache path, whatever the
+// pointer's origin); a thread moves whole 16-byte packs when its tensor is 16-byte aligned (checked per
+// tensor on the host, launch.h; scalar entries otherwise and past the end); each step issues all of its
+// loads before the first store or use, so several independent loads are in flight per thread; and
+// __launch_bounds__ asks for 4-6 resident blocks per SM (kMinBlocksPerSM and its siblings below; no
+// spills in the static report at e5f10a5, before the fp32 FMA was merged).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -36,9 +37,9 @@ constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops cover the rest
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 // Resident blocks per SM the element-wise kernels are compiled for (__launch_bounds__): 6 x 256 threads,
 // at most 40 registers: full occupancy on sm_86/sm_89 (1536 threads per SM), 48 of 64 warps on
-// sm_80/sm_90, whose 32-register full occupancy would spill (with 48 KB of 16-byte loads in flight per SM,
-// above the ~18 KB an H100 SM needs to cover its memory latency at full bandwidth: benchmarks/NOTES.md,
-// finding 1).
+// sm_80/sm_90, whose 32-register full occupancy would spill (static report, before the fp32 FMA), with
+// 48 KB of 16-byte loads in flight per SM, above the ~18 KB an H100 SM needs to cover its memory latency
+// at full bandwidth (benchmarks/NOTES.md, finding 1).
 constexpr int kMinBlocksPerSM = 6;
 // perturb_ of a 2-byte dtype (8 entries a pack) spilled 16 bytes at 40 registers on sm_80 (static report
 // at 3a06fe3, when each entry still went through float64; not rechecked since the fp32 FMA): 5 blocks

@@ -3,8 +3,8 @@
 It is what runs when no compiled backend can (no C++ build, MPS, XPU, ROCm without Triton...), so it
 gives the results of :mod:`.reference` bit for bit (perturbation and Fisher update by the same
 :mod:`._arith` functions, masks identical; the norm is accumulated in float64 over other blocks, so it
-agrees to rounding)
-at a fraction of its cost. What differs from the reference is only how the work is laid out:
+agrees to rounding) at a fraction of its cost. What differs from the reference is only how the work is
+laid out:
 
 - Every op walks its buffers in chunks of ``CHUNK_ENTRIES`` entries (a multiple of 1024): temporaries
   stay bounded and cache-resident whatever the size, and no op allocates a buffer-sized temporary.
