@@ -364,13 +364,15 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
 
     ``G`` is one 1-D tensor or a list of them (any devices and float dtypes); ``W`` then is None or a
     list of the same length whose entries are tensors (ASAM for that entry) or None. A list is validated
-    once and runs in one call per (device, dtype) group of its tensors (one kernel launch, or two, on
-    the fast backends). The list's total is the sum, over the groups in order of first appearance, of
-    each group's total, moved to ``G[0]``'s device. A group's total is, on the reference and native
-    backends, the float64 sum in list order of what the single-tensor op gives for each tensor (bit for
-    bit); on Triton, ``torch.sum`` of the fixed per-tile partials of all its tensors (deterministic,
-    equal to the in-order sum up to float64 rounding). Either way it depends only on the values and the
-    list, so the same list gives the same bits on every call.
+    once and runs in one call per (device, dtype) group of its tensors (on a GPU one kernel launch per
+    group on native CUDA; on Triton one per kind, with and without ``W``, and 16-byte alignment). The
+    list's total is the sum, over the groups in order of first appearance, of each group's total, moved
+    to ``G[0]``'s device. A group's total is, on the reference, vectorized and native CPU backends, the
+    float64 sum in list order of what the single-tensor op gives for each tensor (bit for bit); on
+    Triton, ``torch.sum`` of the fixed per-tile partials of all its tensors; on native CUDA, the
+    fixed-order sum of one partial per block of a one-wave grid, whose size depends on the device (both
+    deterministic, equal to the in-order sum up to float64 rounding). Either way the same list on the
+    same device gives the same bits on every call.
     """
     if isinstance(G, torch.Tensor):
         G = _check_vector("G", G)

@@ -99,8 +99,10 @@ def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> 
 
 
 def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
-    """The list form of :func:`grad_sq_norm` (one device and dtype): one call, one parallel pass on CPU;
-    the per-tensor totals added in list order (bit-identical to adding the single results)."""
+    """The list form of :func:`grad_sq_norm` (one device and dtype) in one call. CPU: one parallel pass,
+    the per-tensor totals added in list order (bit-identical to adding the single results); CUDA: one
+    launch over a table of the tensors, one partial per block of a one-wave grid added in a fixed order
+    (deterministic per device)."""
     return torch.ops.ssam_kernels.grad_sq_norm_multi(G, W)
 
 
