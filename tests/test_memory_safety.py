@@ -65,12 +65,13 @@ def _live_mask(tail_bits: bool) -> tuple[torch.Tensor, list[int]]:
 
 
 def _expected(W0: torch.Tensor, G: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """W after perturbing exactly ``positions``: ``w + scale·g`` in float64, rounded once to fp32. The
-    float64 sum is exact (``SCALE`` has 2 significant bits), so this is the contract's single-rounding
-    fp32 FMA, unless the exponents of ``w`` and ``scale·g`` differ by more than 26."""
+    """W after perturbing exactly ``positions``: ``fma(scale, g, w)`` rounded once to fp32 (the op
+    contract), by ``ops._arith.fma32``, which tests/test_arith.py checks against exact rational arithmetic."""
+    from ssam_kernels.ops._arith import fma32
+
     out = W0.clone()
     idx = torch.tensor(positions, dtype=torch.int64)
-    out[idx] = (W0[idx].double() + SCALE * G[idx].double()).float()
+    out[idx] = fma32(torch.full_like(W0[idx], SCALE), G[idx], W0[idx])
     return out
 
 
