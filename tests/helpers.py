@@ -1,9 +1,14 @@
-"""Small helpers shared by the optimizer test files: weight snapshots, exact comparison, a seeded MLP."""
+"""Small helpers shared by the test files: weight snapshots, exact comparison, a seeded MLP, and counters
+of native op calls and Triton launches."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:
@@ -26,3 +31,30 @@ def seeded_mlp() -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return model
+
+
+def native_op_counts(fn: Callable[[], object], exclude: str | None = None) -> dict[str, int]:
+    """How many times each ``ssam_kernels::`` op ran during ``fn()`` (torch.profiler), leaving out the ops
+    whose name contains ``exclude``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("ssam_kernels::") and (exclude is None or exclude not in event.name):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
+
+
+def triton_launch_log(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that receives the kernel name of every Triton launch from now on (``_config.launch`` wrapped
+    for the test)."""
+    from ssam_kernels.ops.triton import _config
+
+    launches: list[str] = []
+    launch = _config.launch
+
+    def counted(kernel, grid, *args, **kwargs):
+        launches.append(kernel.__name__)
+        launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(_config, "launch", counted)
+    return launches

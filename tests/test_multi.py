@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from helpers import native_op_counts, triton_launch_log
 
 import ssam_kernels as sk
 from ssam_kernels import ops
@@ -222,14 +222,11 @@ def _step_ops(count: int, backend: str, sparsity: float) -> dict[str, int]:
                   lr=0.1)
     opt.first_step()  # builds the mask
     opt.second_step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+
+    def run() -> None:
         opt.first_step()
         opt.second_step()
-    counts: dict[str, int] = {}
-    for event in prof.events():
-        if event.name.startswith("ssam_kernels::"):
-            counts[event.name] = counts.get(event.name, 0) + 1
-    return counts
+    return native_op_counts(run)
 
 
 @pytest.mark.skipif("native" not in FAST, reason="native extension not built")
@@ -244,15 +241,7 @@ def test_native_calls_per_step_independent_of_parameter_count(sparsity):
 @pytest.mark.skipif("triton" not in FAST, reason="triton not available")
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_triton_launches_per_step_independent_of_parameter_count(monkeypatch, sparsity):
-    from ssam_kernels.ops.triton import _config
-
-    launches: list[str] = []
-    launch = _config.launch
-
-    def counted(kernel, grid, *args, **kwargs):
-        launches.append(kernel.__name__)
-        launch(kernel, grid, *args, **kwargs)
-    monkeypatch.setattr(_config, "launch", counted)
+    launches = triton_launch_log(monkeypatch)
 
     def per_step(count: int) -> list[str]:
         launches.clear()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from helpers import native_op_counts, triton_launch_log
 
 import ssam_kernels as sk
 from ssam_kernels import ops
@@ -176,13 +176,7 @@ class _Counter:
 
 
 def _native_ops(fn) -> dict[str, int]:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    counts: dict[str, int] = {}
-    for event in prof.events():
-        if event.name.startswith("ssam_kernels::") and "hash" not in event.name:
-            counts[event.name] = counts.get(event.name, 0) + 1
-    return counts
+    return native_op_counts(fn, exclude="hash")
 
 
 @pytest.mark.parametrize("backend", LIST_BACKENDS)
@@ -256,15 +250,7 @@ def test_list_offsets_match_bitmask_offsets():
 
 @pytest.mark.skipif("triton" not in LIST_BACKENDS, reason="triton not available")
 def test_triton_launches_per_selection_independent_of_segment_count(monkeypatch):
-    from ssam_kernels.ops.triton import _config
-
-    launches: list[str] = []
-    launch = _config.launch
-
-    def counted(kernel, grid, *args, **kwargs):
-        launches.append(kernel.__name__)
-        launch(kernel, grid, *args, **kwargs)
-    monkeypatch.setattr(_config, "launch", counted)
+    launches = triton_launch_log(monkeypatch)
 
     def per_select(count: int) -> list[str]:
         launches.clear()

@@ -13,8 +13,8 @@ import weakref
 
 import pytest
 import torch
+from helpers import native_op_counts
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from ssam_kernels import SSAM, DynamicMask, ops
 from ssam_kernels.layout import ParamLayout, Segment
@@ -202,14 +202,11 @@ def test_parameters_rebound_after_the_lists_are_built_are_followed(layout, how):
 
 def _native_calls(opt: SSAM, model: Net) -> dict[str, int]:
     model.loss(0).backward()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+
+    def run() -> None:
         opt.first_step(zero_grad=True)
         opt.second_step()
-    counts: dict[str, int] = {}
-    for event in prof.events():
-        if event.name.startswith("ssam_kernels::"):
-            counts[event.name] = counts.get(event.name, 0) + 1
-    return counts
+    return native_op_counts(run)
 
 
 @pytest.mark.skipif(ops._unavailable("native", "cpu") is not None, reason="native extension not built")
