@@ -801,6 +801,8 @@ void perturb_restore_checked_cpu(const std::vector<ListEntry>& entries, const at
   perturb_restore_cpu(entries, scale, adaptive, restore, true);
 }
 
+at::Tensor grad_sq_norm_checked_cpu(at::TensorList G, const OptionalTensors& W) { return grad_sq_norm_multi_cpu(G, W); }
+
 }  // namespace ssam
 
 TORCH_LIBRARY_IMPL(ssam_kernels, CPU, m) {

@@ -212,6 +212,60 @@ PyObject* perturb_multi_cpu(PyObject*, PyObject* args) { return perturb_restore_
 // ssam_kernels._C.restore_multi_cpu(W, mask, offsets, backup) -> bool
 PyObject* restore_multi_cpu(PyObject*, PyObject* args) { return perturb_restore_direct(args, true); }
 
+// ssam_kernels._C.grad_sq_norm_multi_cpu(G, W) -> Tensor or None: grad_sq_norm_multi on plain CPU tensors of one
+// dtype without torch.ops (W None, or a list of tensors and Nones), under the conditions of
+// perturb_restore_direct; None (nothing done) where they do not hold.
+PyObject* grad_sq_norm_multi_cpu(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *G, *W;
+  if (!PyArg_ParseTuple(args, "OO", &G, &W)) return nullptr;
+  if (c10::impl::TorchDispatchModeTLS::stack_len() != 0 || at::impl::torch_function_mode_enabled() ||
+      !PyList_Check(G) || PyList_GET_SIZE(G) == 0 || (W != Py_None && !PyList_Check(W)) ||
+      (W != Py_None && PyList_GET_SIZE(W) != PyList_GET_SIZE(G)) || !THPVariable_Check(PyList_GET_ITEM(G, 0))) {
+    Py_RETURN_NONE;
+  }
+  const Py_ssize_t size = PyList_GET_SIZE(G);
+  const at::Tensor& like = THPVariable_Unpack(PyList_GET_ITEM(G, 0));
+  std::vector<at::Tensor> gs;
+  gs.reserve(size);
+  ssam::OptionalTensors ws;
+  ws.reserve(size);
+  for (Py_ssize_t j = 0; j < size; ++j) {
+    PyObject *g = PyList_GET_ITEM(G, j), *w = W == Py_None ? Py_None : PyList_GET_ITEM(W, j);
+    // entry_ok with G's list in W's place: g a float vector on like's device, w None or like g.
+    if (!entry_ok(g, w, true, nullptr, nullptr, nullptr, false, &like) || !plain_cpu(g) || !plain_cpu(w) ||
+        THPVariable_Unpack(g).scalar_type() != like.scalar_type()) {
+      Py_RETURN_NONE;
+    }
+    gs.push_back(THPVariable_Unpack(g));
+    ws.push_back(w == Py_None ? std::optional<at::Tensor>() : std::optional<at::Tensor>(THPVariable_Unpack(w)));
+  }
+  at::Tensor total;
+  {
+    pybind11::gil_scoped_release no_gil;
+    RECORD_FUNCTION("ssam_kernels::grad_sq_norm_multi", c10::ArrayRef<const c10::IValue>{});
+    total = ssam::grad_sq_norm_checked_cpu(gs, ws);
+  }
+  return THPVariable_Wrap(std::move(total));
+  END_HANDLE_TH_ERRORS
+}
+
+// ssam_kernels._C.same_kind(tensors) -> bool: whether every entry of the list is a tensor of the first one's
+// device and dtype (the ops layer's one-group case, without a Python key per tensor).
+PyObject* same_kind(PyObject*, PyObject* list) {
+  if (!PyList_Check(list) || PyList_GET_SIZE(list) == 0 || !THPVariable_Check(PyList_GET_ITEM(list, 0))) {
+    Py_RETURN_FALSE;
+  }
+  const at::Tensor& first = THPVariable_Unpack(PyList_GET_ITEM(list, 0));
+  for (Py_ssize_t j = 1; j < PyList_GET_SIZE(list); ++j) {
+    PyObject* obj = PyList_GET_ITEM(list, j);
+    if (!THPVariable_Check(obj)) Py_RETURN_FALSE;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.scalar_type() != first.scalar_type() || t.device() != first.device()) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 // ssam_kernels._C.built_with_cuda(): whether the CUDA kernels were compiled in.
 PyObject* built_with_cuda(PyObject*, PyObject*) {
 #if defined(SSAM_WITH_CUDA)
@@ -232,6 +286,9 @@ PyMethodDef methods[] = {
      "The first entry of a list op's lists that fails the fast checks, or -1."},
     {"perturb_multi_cpu", perturb_multi_cpu, METH_VARARGS,
      "perturb_multi_ on plain CPU tensors without torch.ops; False (nothing done) where it does not apply."},
+    {"grad_sq_norm_multi_cpu", grad_sq_norm_multi_cpu, METH_VARARGS,
+     "grad_sq_norm_multi on plain CPU tensors without torch.ops; None (nothing done) where it does not apply."},
+    {"same_kind", same_kind, METH_O, "Whether every tensor of the list has the first one's device and dtype."},
     {"restore_multi_cpu", restore_multi_cpu, METH_VARARGS,
      "restore_multi_ on plain CPU tensors without torch.ops; False (nothing done) where it does not apply."},
     {nullptr, nullptr, 0, nullptr}};

@@ -197,6 +197,9 @@ struct ListEntry {
 void perturb_restore_checked_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive,
                                  bool restore);
 
+// grad_sq_norm_multi on CPU lists (the direct eager call of registration.cpp; the checks still run).
+at::Tensor grad_sq_norm_checked_cpu(at::TensorList G, const OptionalTensors& W);
+
 inline void check_radix_histogram_args(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift,
                                        int64_t bits) {
   check_vector(scores, "scores", scores);

@@ -125,3 +125,23 @@ def test_version_bump_and_profiler_name() -> None:
     names = [e.name for e in prof.events()]
     assert names.count("ssam_kernels::perturb_multi_") == 1
     assert names.count("ssam_kernels::restore_multi_") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_direct_norm_equals_registered_op(dtype: torch.dtype) -> None:
+    Ws, Gs, *_ = _lists(dtype, seed=1)
+    asam = [w if j % 2 else None for j, w in enumerate(Ws)]
+    for W in (None, asam):
+        total = _C.grad_sq_norm_multi_cpu(Gs, W)
+        expected = torch.ops.ssam_kernels.grad_sq_norm_multi(Gs, W if W is not None else [None] * len(Gs))
+        assert total.dtype == torch.float64 and torch.equal(total, expected)
+    assert _C.grad_sq_norm_multi_cpu(Gs, asam[:-1]) is None  # lengths differ: the registered op reports it
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    assert _C.grad_sq_norm_multi_cpu([Gs[0], Gs[1].to(other)], None) is None  # mixed dtypes
+
+
+def test_same_kind() -> None:
+    a, b = torch.zeros(3), torch.zeros(5)
+    assert _C.same_kind([a, b]) and _C.same_kind([a])
+    assert not _C.same_kind([a, b.double()]) and not _C.same_kind([a, None]) and not _C.same_kind([])
+    assert not _C.same_kind((a, b))  # not a list: the caller's general path

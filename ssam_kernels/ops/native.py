@@ -100,7 +100,12 @@ def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> 
 
 def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
     """The list form of :func:`grad_sq_norm` (one device and dtype): one call, one parallel pass on CPU;
-    the per-tensor totals added in list order (bit-identical to adding the single results)."""
+    the per-tensor totals added in list order (bit-identical to adding the single results). Eager on
+    plain CPU tensors the direct ``_C.grad_sq_norm_multi_cpu`` (as :func:`perturb_multi_`)."""
+    if _direct():
+        total = _C.grad_sq_norm_multi_cpu(G, W)
+        if total is not None:
+            return total
     return torch.ops.ssam_kernels.grad_sq_norm_multi(G, W)
 
 
