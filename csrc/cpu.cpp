@@ -35,7 +35,7 @@ constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block 
 
 // Calls fn(i, r) for every set bit i < n of the mask in chunks [c0, c1) whose rank r lies in
 // [0, capacity), in index order. Bits past n are ignored; ranks outside the backup are skipped. The
-// offsets were checked against the mask (check_offsets_match_mask), so a chunk's ranks are
+// offsets were checked against the mask (check_offsets_match_masks), so a chunk's ranks are
 // [offsets[c], offsets[c + 1]) and only a chunk reaching past the backup needs the per-bit test.
 template <typename Fn>
 void for_each_set_bit(const MaskView& mask, int64_t n, int64_t capacity, int64_t c0, int64_t c1, Fn&& fn) {
@@ -71,34 +71,22 @@ inline uint32_t swar_popcount(uint32_t v) {
 }
 
 // On CPU the offsets' contents are checked before any write: offsets[0] = 0 and offsets[c + 1] -
-// offsets[c] = the set bits (below n) of chunk c, i.e. offsets = bitmask.offsets(mask, n). One parallel
-// popcount pass over the words, ~1/32 of the entries.
-// `name` is the argument in the messages ("offsets", or "offsets[j]" for entry j of a list).
-void check_offsets_match_mask(const MaskView& mask, int64_t n, const std::string& name) {
-  const int64_t chunks = num_chunks(n);
+// offsets[c] = the set bits (below n) of chunk c, i.e. offsets = bitmask.offsets(mask, n). A popcount pass
+// over the words, ~1/32 of the entries. The first chunk in [c0, c1) whose offsets are wrong, or c1.
+int64_t first_wrong_chunk(const MaskView& mask, int64_t n, int64_t c0, int64_t c1) {
   const int64_t words = num_words(n);
-  std::atomic<int64_t> first_bad{chunks};
-  TORCH_CHECK_VALUE(load_offset(mask.offsets, mask.offsets64, 0) == 0, name, ": expected ", name, "[0] = 0, got ",
-                    load_offset(mask.offsets, mask.offsets64, 0));
-  at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t w_begin = c * kWordsPerChunk;
-      const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
-      uint32_t count = 0;
-      for (int64_t w = w_begin; w < w_end - 1; ++w) count += swar_popcount(static_cast<uint32_t>(mask.words[w]));
-      count += swar_popcount(mask_word(mask.words, w_end - 1, n));  // the only word that can reach past n
-      if (load_offset(mask.offsets, mask.offsets64, c + 1) - load_offset(mask.offsets, mask.offsets64, c) !=
-          static_cast<int64_t>(count)) {
-        int64_t seen = first_bad.load();
-        while (c < seen && !first_bad.compare_exchange_weak(seen, c)) {
-        }
-        return;
-      }
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t w_begin = c * kWordsPerChunk;
+    const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
+    uint32_t count = 0;
+    for (int64_t w = w_begin; w < w_end - 1; ++w) count += swar_popcount(static_cast<uint32_t>(mask.words[w]));
+    count += swar_popcount(mask_word(mask.words, w_end - 1, n));  // the only word that can reach past n
+    if (load_offset(mask.offsets, mask.offsets64, c + 1) - load_offset(mask.offsets, mask.offsets64, c) !=
+        static_cast<int64_t>(count)) {
+      return c;
     }
-  });
-  TORCH_CHECK_VALUE(first_bad.load() == chunks, name, ": do not match the mask (expected the exclusive prefix "
-                    "counts of its set bits below N, bitmask.offsets(mask, N)); first wrong at chunk ",
-                    first_bad.load());
+  }
+  return c1;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -490,20 +478,12 @@ void run_element_task(const ElementArgs<T>& a, int64_t begin, int64_t end, bool 
 // parallel region.
 // ---------------------------------------------------------------------------------------------------
 
-// One tensor of a perturb_/restore_ list, checked.
-struct Entry {
-  const at::Tensor* W;
-  const at::Tensor* G;  // nullptr for restore_
-  MaskView view;
-  const at::Tensor* backup;
-};
-
 struct Task {
   size_t entry;
   int64_t begin, end;  // chunks (masked entry) or entries (dense entry)
 };
 
-std::vector<Task> make_tasks(const std::vector<Entry>& entries, int64_t* units) {
+std::vector<Task> make_tasks(const std::vector<ListEntry>& entries, int64_t* units) {
   std::vector<Task> tasks;
   *units = 0;
   for (size_t j = 0; j < entries.size(); ++j) {
@@ -517,34 +497,67 @@ std::vector<Task> make_tasks(const std::vector<Entry>& entries, int64_t* units) 
   return tasks;
 }
 
+// The offsets of every masked entry checked against its mask (first_wrong_chunk) in one parallel pass over
+// the masked tasks, before anything is written. The error names the first wrong entry in list order
+// (`list`: "offsets[j]", else "offsets"); the name is formatted only then.
+void check_offsets_match_masks(const std::vector<ListEntry>& entries, const std::vector<Task>& tasks, int64_t grain,
+                               bool list) {
+  auto name = [&](size_t j) { return list ? "offsets[" + std::to_string(j) + "]" : std::string("offsets"); };
+  bool any_masked = false;
+  for (size_t j = 0; j < entries.size(); ++j) {
+    const MaskView& v = entries[j].view;
+    if (v.words == nullptr) continue;
+    any_masked = true;
+    TORCH_CHECK_VALUE(load_offset(v.offsets, v.offsets64, 0) == 0, name(j), ": expected ", name(j), "[0] = 0, got ",
+                      load_offset(v.offsets, v.offsets64, 0));
+  }
+  if (!any_masked) return;
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> first_bad{count};  // the first task (list order) holding a wrong chunk
+  at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1 && t < first_bad.load(std::memory_order_relaxed); ++t) {
+      const Task& task = tasks[t];
+      const ListEntry& e = entries[task.entry];
+      if (e.view.words == nullptr || first_wrong_chunk(e.view, e.W->numel(), task.begin, task.end) == task.end) continue;
+      int64_t seen = first_bad.load();
+      while (t < seen && !first_bad.compare_exchange_weak(seen, t)) {
+      }
+      return;
+    }
+  });
+  if (first_bad.load() == count) return;
+  const Task& bad = tasks[first_bad.load()];
+  const ListEntry& e = entries[bad.entry];
+  TORCH_CHECK_VALUE(false, name(bad.entry), ": do not match the mask (expected the exclusive prefix counts of its "
+                    "set bits below N, bitmask.offsets(mask, N)); first wrong at chunk ",
+                    first_wrong_chunk(e.view, e.W->numel(), bad.begin, bad.end));
+}
+
 // backup[rank(i)] = w[i] and, unless restore, w[i] = perturbed(w[i], g[i]) for the entries of every
 // tensor (restore: w[i] = backup[rank(i)]). scale is read once (a host scalar on CPU).
-void perturb_restore_cpu(const std::vector<Entry>& entries, const at::Tensor* scale, bool adaptive, bool restore,
+void perturb_restore_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive, bool restore,
                          bool list) {
   if (entries.empty()) return;
-  for (size_t j = 0; j < entries.size(); ++j) {
-    const Entry& e = entries[j];
-    if (e.view.words != nullptr) {
-      check_offsets_match_mask(e.view, e.W->numel(), list ? "offsets[" + std::to_string(j) + "]" : "offsets");
-    }
-  }
-  const ScaleView scale_ptr = restore ? ScaleView{} : scale_view(*scale, *entries[0].W);
   int64_t units = 0;
   const std::vector<Task> tasks = make_tasks(entries, &units);
   // Tasks per parallel piece: about kGrain entries' worth (all inline when the list is small).
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) * kGrain / std::max<int64_t>(units, 1));
+  check_offsets_match_masks(entries, tasks, grain, list);
+  const ScaleView scale_ptr = restore ? ScaleView{} : scale_view(*scale, *entries[0].W);
   dispatch_dtype(entries[0].W->scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, int32_t>) {  // dispatch_dtype instantiates int32, never run here
       const scale_t<T> s = restore ? scale_t<T>(0) : load_scale<T>(scale_ptr.data, scale_ptr.is64);
       const bool active = !restore && scale_active(s);
+      std::vector<ElementArgs<T>> args;  // each entry's pointers, read once
+      args.reserve(entries.size());
+      for (const ListEntry& e : entries) {
+        args.push_back({e.W->data_ptr<T>(), restore ? nullptr : e.G->data_ptr<T>(), e.backup->data_ptr<T>(), e.view,
+                        e.W->numel(), e.backup->numel(), s, active});
+      }
       at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          const Task& task = tasks[t];
-          const Entry& e = entries[task.entry];
-          const ElementArgs<T> args{e.W->data_ptr<T>(), restore ? nullptr : e.G->data_ptr<T>(),
-                                    e.backup->data_ptr<T>(), e.view, e.W->numel(), e.backup->numel(), s, active};
-          run_element_task(args, task.begin, task.end, restore, adaptive);
+          run_element_task(args[tasks[t].entry], tasks[t].begin, tasks[t].end, restore, adaptive);
         }
       });
     }
@@ -555,7 +568,8 @@ void perturb_multi_cpu(at::TensorList W, at::TensorList G, const OptionalTensors
                        at::TensorList backup, const at::Tensor& scale, bool adaptive) {
   check_list_lengths(W.size(), {{"G", G.size()}, {"mask", mask.size()}, {"offsets", offsets.size()},
                                 {"backup", backup.size()}});
-  std::vector<Entry> entries;
+  std::vector<ListEntry> entries;
+  entries.reserve(W.size());
   for (size_t j = 0; j < W.size(); ++j) {
     check_same_kind(W[j], W[0], "W", j);
     entries.push_back({&W[j], &G[j], check_perturb_args(W[j], G[j], mask.get(j), offsets.get(j), backup[j]),
@@ -567,7 +581,8 @@ void perturb_multi_cpu(at::TensorList W, at::TensorList G, const OptionalTensors
 void restore_multi_cpu(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
                        at::TensorList backup) {
   check_list_lengths(W.size(), {{"mask", mask.size()}, {"offsets", offsets.size()}, {"backup", backup.size()}});
-  std::vector<Entry> entries;
+  std::vector<ListEntry> entries;
+  entries.reserve(W.size());
   for (size_t j = 0; j < W.size(); ++j) {
     check_same_kind(W[j], W[0], "W", j);
     entries.push_back({&W[j], nullptr, check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]), &backup[j]});
@@ -780,6 +795,15 @@ void hash_fill_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t ba
 }
 
 }  // namespace
+
+// The entry points of the direct eager calls (registration.cpp), on lists the caller checked.
+void perturb_restore_checked_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive,
+                                 bool restore) {
+  perturb_restore_cpu(entries, scale, adaptive, restore, true);
+}
+
+at::Tensor grad_sq_norm_checked_cpu(at::TensorList G, const OptionalTensors& W) { return grad_sq_norm_multi_cpu(G, W); }
+
 }  // namespace ssam
 
 TORCH_LIBRARY_IMPL(ssam_kernels, CPU, m) {

@@ -183,6 +183,23 @@ inline void check_same_kind(const at::Tensor& t, const at::Tensor& first, const 
                    " (that of ", name, "[0]), got ", t.scalar_type());
 }
 
+// One entry of a perturb_/restore_ list, checked (G nullptr for restore_).
+struct ListEntry {
+  const at::Tensor* W;
+  const at::Tensor* G;
+  MaskView view;
+  const at::Tensor* backup;
+};
+
+// perturb_ (restore: restore_) of CPU list entries whose arguments were checked (shapes, dtypes, one device;
+// check_perturb_args / check_restore_args accept each): one call, the offsets still checked against the
+// masks before any write (cpu.cpp). For the direct eager calls of registration.cpp.
+void perturb_restore_checked_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive,
+                                 bool restore);
+
+// grad_sq_norm_multi on CPU lists (the direct eager call of registration.cpp; the checks still run).
+at::Tensor grad_sq_norm_checked_cpu(at::TensorList G, const OptionalTensors& W);
+
 inline void check_radix_histogram_args(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift,
                                        int64_t bits) {
   check_vector(scores, "scores", scores);

@@ -229,7 +229,7 @@ def _as_list(name: str, value: object, length: int | None = None, allow_empty: b
                          f"got {len(value)}")
     if not allow_empty and len(value) == 0:
         raise ValueError(f"{name}: expected at least one tensor")
-    return list(value)
+    return value if type(value) is list else list(value)  # the ops never modify it: no copy needed
 
 
 def _optional_list(name: str, value: object, length: int) -> list[torch.Tensor | None]:
@@ -296,9 +296,12 @@ def _check_norm_lists(Gs: list[torch.Tensor], Ws: list[torch.Tensor | None]) -> 
             _check_like(f"W[{i}]", _check_vector(f"W[{i}]", w), f"G[{i}]", g)
 
 
-def _groups(backend: str | None, tensors: list[torch.Tensor]) -> list[tuple[ModuleType, list[int]]]:
+def _groups(backend: str | None, tensors: list[torch.Tensor]
+            ) -> list[tuple[ModuleType, Sequence[int]]]:
     """The indices of ``tensors`` grouped by (device, dtype), in order of first appearance, each with
     the backend module that runs it."""
+    if _C is not None and _C.same_kind(tensors):  # the usual case, one group, without a key per tensor
+        return [(resolve_backend(backend, tensors[0].device), range(len(tensors)))]
     keys = [(t.device, t.dtype) for t in tensors]
     if not keys:
         return []
@@ -310,12 +313,12 @@ def _groups(backend: str | None, tensors: list[torch.Tensor]) -> list[tuple[Modu
     return [(resolve_backend(backend, device), index) for (device, _), index in groups.items()]
 
 
-def _pick(items: list, index: list[int]) -> list:
+def _pick(items: list, index: Sequence[int]) -> list:
     """``items[i]`` for ``i`` in ``index``; the list itself when ``index`` is all of it (one group)."""
     return items if len(index) == len(items) else [items[i] for i in index]
 
 
-def _check_offsets_first(index: list[int], Ws: list[torch.Tensor], masks: list, offs: list) -> None:
+def _check_offsets_first(index: Sequence[int], Ws: list[torch.Tensor], masks: list, offs: list) -> None:
     """Offsets of CPU tensors checked against their masks for the whole list before a backend without
     list primitives runs it tensor by tensor: wrong offsets anywhere leave every tensor unwritten (as
     the list primitives guarantee)."""

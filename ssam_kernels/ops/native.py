@@ -100,23 +100,35 @@ def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> 
 
 def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
     """The list form of :func:`grad_sq_norm` (one device and dtype) in one call. CPU: one parallel pass,
-    the per-tensor totals added in list order (bit-identical to adding the single results); CUDA: one
+    the per-tensor totals added in list order (bit-identical to adding the single results), eager on plain
+    CPU tensors through the direct ``_C.grad_sq_norm_multi_cpu`` (as :func:`perturb_multi_`); CUDA: one
     launch over a table of the tensors, one partial per block of a one-wave grid added in a fixed order
     (deterministic per device)."""
+    if _direct():
+        total = _C.grad_sq_norm_multi_cpu(G, W)
+        if total is not None:
+            return total
     return torch.ops.ssam_kernels.grad_sq_norm_multi(G, W)
 
 
 def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
                    offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
                    adaptive: bool = False) -> None:
-    """:func:`perturb_` on every entry of the lists (one device and dtype) in one call."""
+    """:func:`perturb_` on every entry of the lists (one device and dtype) in one call: eager on plain CPU
+    tensors the direct ``_C.perturb_multi_cpu`` (no ``torch.ops`` conversion of the lists), else the
+    registered op (torch.compile, fake tensors, modes, CUDA, and the errors of bad arguments)."""
+    if _direct() and _C.perturb_multi_cpu(W, G, mask, offsets, backup, scale, bool(adaptive)):
+        return
     offsets = _offsets_list(mask, offsets, W)
     torch.ops.ssam_kernels.perturb_multi_(W, G, mask, offsets, backup, scale, adaptive)
 
 
 def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                    backup: list[torch.Tensor]) -> None:
-    """:func:`restore_` on every entry of the lists (one device and dtype) in one call."""
+    """:func:`restore_` on every entry of the lists (one device and dtype) in one call (as
+    :func:`perturb_multi_`: the direct ``_C.restore_multi_cpu`` where it applies)."""
+    if _direct() and _C.restore_multi_cpu(W, mask, offsets, backup):
+        return
     torch.ops.ssam_kernels.restore_multi_(W, mask, _offsets_list(mask, offsets, W), backup)
 
 
@@ -165,6 +177,12 @@ def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -
     out = torch.empty(n, dtype=torch.int32, device=device)
     torch.ops.ssam_kernels.hash_fill_(out, seed, step, base)
     return out
+
+
+def _direct() -> bool:
+    """Whether a list op may try its direct ``_C`` call: not while torch.compile traces (the registered op
+    must be what it records); the C function checks the rest."""
+    return not torch.compiler.is_compiling()
 
 
 def _offsets(mask: torch.Tensor | None, offsets: torch.Tensor | None, W: torch.Tensor) -> torch.Tensor | None:
