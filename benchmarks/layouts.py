@@ -26,13 +26,16 @@ from . import harness
 LR, RHO, MOMENTUM = 1e-3, 0.05, 0.9
 
 
-def make_params(count: int, seed: int, dtype: torch.dtype, device: torch.device, shapes: str = "1d"
-                ) -> list[torch.nn.Parameter]:
-    """``count`` parameters of small, varied sizes (1 to ~4k entries, like biases, norms and small
-    weights), each with a gradient. ``shapes="mixed"``: every second one is 2-D, ``(1, n)`` (the
-    per-tensor layout then flattens its gradient at each step, as for a weight matrix)."""
+def make_params(count: int, seed: int, dtype: torch.dtype, device: torch.device, shapes: str = "1d",
+                max_entries: int = 4095) -> list[torch.nn.Parameter]:
+    """``count`` parameters of varied sizes, 1 to ``max_entries`` entries each (the default: small ones,
+    like biases, norms and small weights), each with a gradient. ``shapes="mixed"``: every second one is
+    2-D, ``(1, n)`` (the per-tensor layout then flattens its gradient at each step, as for a weight
+    matrix)."""
+    if max_entries < 1:
+        raise ValueError(f"max_entries: expected >= 1, got {max_entries}")
     gen = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(1, 4096, (count,), generator=gen).tolist()
+    sizes = torch.randint(1, max_entries + 1, (count,), generator=gen).tolist()
     params = []
     for i, n in enumerate(sizes):
         shape = (1, n) if shapes == "mixed" and i % 2 else (n,)
@@ -73,15 +76,16 @@ def thread_time_median(fn: Any, runs: int, warmup: int) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = harness.parse_device(args.device, args.threads)
     dtype = getattr(torch, args.dtype)
-    results: dict[str, Any] = {"tensors": args.tensors, "shapes": args.shapes, "dtype": args.dtype,
-                               "backend": args.backend, "threads": torch.get_num_threads(), "base": args.base,
+    results: dict[str, Any] = {"tensors": args.tensors, "max_entries": args.max_entries,
+                               "shapes": args.shapes, "dtype": args.dtype, "backend": args.backend,
+                               "threads": torch.get_num_threads(), "base": args.base,
                                "sparsity": args.sparsity, "rounds": args.rounds, "runs": args.runs,
                                "clock": args.clock}
     if args.clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
         raise ValueError("--clock thread: CPU with --threads 1 only (other threads' work would not count)")
     foreach = True if args.base == "sgd-foreach" else None
-    opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device, args.shapes), args.sparsity,
-                          args.backend, foreach) for layout in ("flat", "tensors")}
+    opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device, args.shapes, args.max_entries),
+                          args.sparsity, args.backend, foreach) for layout in ("flat", "tensors")}
     medians: dict[str, list[float]] = {layout: [] for layout in opts}
     for _ in range(args.rounds):
         for layout, opt in opts.items():
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backend", default="native")
     p.add_argument("--tensors", type=int, default=600)
+    p.add_argument("--max-entries", type=int, default=4095,
+                   help="largest parameter (entries); sizes are uniform in 1..max (issue 15's GPU case, "
+                        "~100 M entries in 300 tensors: --tensors 300 --max-entries 670000)")
     p.add_argument("--shapes", choices=("1d", "mixed"), default="1d",
                    help="1d: every parameter 1-D; mixed: every second one 2-D (1, n)")
     p.add_argument("--sparsity", type=float, default=0.5)

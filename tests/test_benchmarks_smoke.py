@@ -72,3 +72,7 @@ def test_layouts_script(base: str, shapes: str) -> None:
     assert results["base"] == base and results["tensors"] == 12 and results["shapes"] == shapes
     params = layouts.make_params(4, 0, torch.float32, torch.device("cpu"), shapes)
     assert [p.dim() for p in params] == ([1, 1, 1, 1] if shapes == "1d" else [1, 2, 1, 2])
+    sizes = [p.numel() for p in layouts.make_params(50, 0, torch.float32, torch.device("cpu"), max_entries=3)]
+    assert set(sizes) == {1, 2, 3}
+    with pytest.raises(ValueError, match="max_entries"):
+        layouts.make_params(1, 0, torch.float32, torch.device("cpu"), max_entries=0)
