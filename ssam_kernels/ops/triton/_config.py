@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 """Whether the kernels were decorated in interpreter mode (they then run on CPU tensors)."""
@@ -84,6 +86,33 @@ def aligned(*tensors: torch.Tensor) -> bool:
 def vector_entries(t: torch.Tensor) -> int:
     """Entries of ``t``'s dtype in one :data:`ALIGN`-byte vector access (4 fp32, 8 bf16/fp16, 2 fp64)."""
     return ALIGN // t.element_size()
+
+
+TAIL = 16
+"""The streaming tiles of a tensor stop at the last multiple of ``TAIL`` entries below ``N`` (a mask
+constant over 16 entries keeps the accesses vectors); the program holding that point does the rest."""
+_ALIGN = tl.constexpr(ALIGN)
+_TAIL = tl.constexpr(TAIL)
+
+
+@triton.jit
+def streaming_row(table_ptr, ENTRIES_AT, first_ty: tl.constexpr, second_ty: tl.constexpr,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """This program's row of a 3-column launch table (:func:`launch_table`: two addresses and ``N``) as
+    ``(first, second, N, bulk, start)``: the two pointers typed ``first_ty`` / ``second_ty`` (declared
+    :data:`ALIGN`-byte aligned under ``ALIGNED``), the entries ``N``, ``bulk`` = ``N`` rounded down to a
+    multiple of :data:`TAIL`, and the first entry of the program's ``TILES · BLOCK`` tile."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = table_ptr + ENTRIES_AT + tl.load(table_ptr + 2 * pid) * 3
+    first = tl.load(row).to(tl.pointer_type(first_ty))
+    second = tl.load(row + 1).to(tl.pointer_type(second_ty))
+    if ALIGNED:
+        first = tl.multiple_of(first, _ALIGN)
+        second = tl.multiple_of(second, _ALIGN)
+    N = tl.load(row + 2)
+    bulk = tl.multiple_of(N - N % _TAIL, _TAIL)
+    start = tl.load(table_ptr + 2 * pid + 1) * (TILES * BLOCK)
+    return first, second, N, bulk, start
 
 
 def cdiv(a: int, b: int) -> int:

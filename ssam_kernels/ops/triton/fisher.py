@@ -33,16 +33,8 @@ def _fisher_kernel(table_ptr, ENTRIES_AT, g_like, alpha_ptr, ALIGNED: tl.constex
     launch table (:func:`._config.launch_table`) names. ``ALIGNED``: F and G start on 16-byte
     boundaries. The tiles stop at the last multiple of 16 entries below ``N`` (a mask constant over 16
     entries keeps the accesses vectors); the program holding that point does the ``N % 16`` last."""
-    pid = tl.program_id(0).to(tl.int64)
-    row = table_ptr + ENTRIES_AT + tl.load(table_ptr + 2 * pid) * 3
-    f_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(g_like.dtype.element_ty))
-    if ALIGNED:
-        f_ptr = tl.multiple_of(f_ptr, _BYTES)
-        g_ptr = tl.multiple_of(g_ptr, _BYTES)
-    N = tl.load(row + 2)
-    bulk = tl.multiple_of(N - N % _TAIL, _TAIL)
-    first = tl.load(table_ptr + 2 * pid + 1) * (TILES * BLOCK)
+    f_ptr, g_ptr, N, bulk, first = _config.streaming_row(table_ptr, ENTRIES_AT, tl.float32,
+                                                         g_like.dtype.element_ty, ALIGNED, BLOCK, TILES)
     alpha = tl.load(alpha_ptr)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
@@ -52,8 +44,7 @@ def _fisher_kernel(table_ptr, ENTRIES_AT, g_like, alpha_ptr, ALIGNED: tl.constex
         _fisher_entries(f_ptr, g_ptr, idx, idx < N, alpha)
 
 
-_BYTES = tl.constexpr(_config.ALIGN)  # the pointers' alignment under ALIGNED
-_TAIL = tl.constexpr(16)  # the tiles cover the entries below the last multiple of _TAIL; a tail the rest
+_TAIL = tl.constexpr(_config.TAIL)
 
 
 @torch.library.custom_op("ssam_triton::fisher_accumulate_multi_", mutates_args=("F",))

@@ -37,16 +37,8 @@ def _sq_norm_kernel(table_ptr, ENTRIES_AT, g_like, partial_ptr, ADAPTIVE: tl.con
 
     The tiles stop at the last multiple of 16 entries below ``N``, so their mask is constant over 16
     entries and the loads stay vectors; the program holding that point adds the ``N % 16`` last."""
-    pid = tl.program_id(0).to(tl.int64)
-    row = table_ptr + ENTRIES_AT + tl.load(table_ptr + 2 * pid) * 3
-    g_ptr = tl.load(row).to(tl.pointer_type(g_like.dtype.element_ty))
-    w_ptr = tl.load(row + 1).to(tl.pointer_type(g_like.dtype.element_ty))
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, _BYTES)
-        w_ptr = tl.multiple_of(w_ptr, _BYTES)
-    N = tl.load(row + 2)
-    bulk = tl.multiple_of(N - N % _TAIL, _TAIL)
-    first = tl.load(table_ptr + 2 * pid + 1) * (TILES * BLOCK)
+    g_ptr, w_ptr, N, bulk, first = _config.streaming_row(table_ptr, ENTRIES_AT, g_like.dtype.element_ty,
+                                                         g_like.dtype.element_ty, ALIGNED, BLOCK, TILES)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for t in range(TILES):
         idx = first + t * BLOCK + tl.arange(0, BLOCK)
@@ -55,11 +47,10 @@ def _sq_norm_kernel(table_ptr, ENTRIES_AT, g_like, partial_ptr, ADAPTIVE: tl.con
     if (bulk < N) & (bulk >= first) & (bulk < first + TILES * BLOCK):
         idx = bulk + tl.arange(0, _TAIL)
         total += tl.sum(_squares(g_ptr, w_ptr, idx, idx < N, ADAPTIVE), axis=0)
-    tl.store(partial_ptr + pid, total)
+    tl.store(partial_ptr + tl.program_id(0), total)
 
 
-_BYTES = tl.constexpr(_config.ALIGN)  # the pointers' alignment under ALIGNED
-_TAIL = tl.constexpr(16)  # the tiles cover the entries below the last multiple of _TAIL; a tail the rest
+_TAIL = tl.constexpr(_config.TAIL)
 
 
 @torch.library.custom_op("ssam_triton::grad_sq_norm_multi", mutates_args=())
