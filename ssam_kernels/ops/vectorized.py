@@ -57,9 +57,11 @@ def unavailable_reason(device_type: str) -> str | None:
 def _constant(name: str, device: torch.device) -> torch.Tensor:
     """Small per-device constant tensors, built once."""
     value = _CACHE.get((name, device))
-    if value is None:
+    if value is None or (name == "index" and value.numel() < CHUNK_ENTRIES):  # tests change CHUNK_ENTRIES
         if name == "lane_shift":  # unpack: bit b of a word moved to the sign bit
             value = 31 - torch.arange(32, dtype=torch.int32, device=device)
+        elif name == "index":  # chunk-relative positions
+            value = torch.arange(CHUNK_ENTRIES, device=device)
         elif name == "bit_value":  # pack: value of bits 0..30 (bit 31 is handled apart)
             value = torch.bitwise_left_shift(torch.ones(31, dtype=torch.int32, device=device),
                                              torch.arange(31, dtype=torch.int32, device=device))
@@ -128,17 +130,40 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
 
 
 class _Perturbation:
-    """``w + scale·g`` (adaptive ``w + scale·w²·g``) chunk by chunk, by the reference's
-    :func:`._arith.perturbed`."""
+    """``w + scale·g`` (adaptive ``w + scale·w²·g``) by the reference's :func:`._arith.perturbed`, with
+    the cheaper :func:`._arith.fma32_fast` (same bits) and a workspace for its temporaries.
+
+    Where the scale is inactive (zero or not finite) ``W`` keeps its values: on a device whose tensors
+    the host reads for free (``_arith.HOST_READ_DEVICES``) that is decided once per call and nothing is
+    computed; elsewhere the new bits are blended with the old ones on the device (no synchronisation).
+    """
 
     def __init__(self, W: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
         self.scale, self.adaptive = _arith.perturb_scale(scale, W.dtype), adaptive
-        # -1 where the perturbation applies (scale finite and non-zero), else 0: read on the device only.
-        self.active = -_arith.scale_active(self.scale).to(_INT_VIEW[W.dtype])
+        active = _arith.scale_active(self.scale)
+        host = W.device.type in _arith.HOST_READ_DEVICES
+        self.skip = host and not bool(active)
+        # -1 where the perturbation applies, else 0: the blend of the other devices.
+        self.active = None if host else -active.to(_INT_VIEW[W.dtype])
+        self.workspace = _workspace(3 * min(CHUNK_ENTRIES, W.numel()), torch.float64, W.device)
 
     def bits(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Bit patterns of the perturbed values of the chunk ``w`` (gradient ``g``), a new tensor."""
-        return _arith.perturbed(w, g, self.scale, self.adaptive).view(_INT_VIEW[w.dtype])
+        """Bit patterns of the perturbed values of ``w`` (gradient ``g``), a tensor valid until the next
+        call; ``w``'s own bits where the scale is inactive."""
+        def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return _arith.fma32_fast(a, b, c, self.workspace)
+
+        new = _arith.perturbed(w, g, self.scale, self.adaptive, fma).view(_INT_VIEW[w.dtype])
+        if self.active is not None:
+            old = w.view(_INT_VIEW[w.dtype])
+            new = (new ^ old).bitwise_and_(self.active).bitwise_xor_(old)
+        return new
+
+
+def _workspace(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer for one call's per-chunk temporaries: allocated once per call, not per chunk (allocating
+    and freeing chunk-sized blocks in a loop costs page faults where the allocator returns them)."""
+    return torch.empty(n, dtype=dtype, device=device)
 
 
 def _masked_chunks(mask: torch.Tensor, n: int, room: int
@@ -146,10 +171,15 @@ def _masked_chunks(mask: torch.Tensor, n: int, room: int
     """``(start, stop, rank, count, lanes, slot)`` for each chunk with set bits of rank below ``room``.
 
     ``rank``: set bits before the chunk; ``count``: those handled in it (``rank + count <= room``);
-    ``lanes``: -1 for the entries handled, else 0; ``slot``: for every entry, the number of set bits up to
-    and including it in the chunk (``1 + `` chunk-local rank for a set bit), in ``[0, count]`` for handled
-    entries and at most the chunk's count for the others.
+    ``lanes``: int32, -1 for the entries handled, else 0; ``slot``: int32, for every entry the number of
+    set bits up to and including it in the chunk (``1 +`` chunk-local rank for a set bit), in
+    ``[0, count]`` for handled entries and at most the chunk's count for the others. Both are views of
+    one workspace, overwritten by the next chunk.
     """
+    size = min(CHUNK_ENTRIES, n)
+    work = _workspace(2 * size + 32, torch.int32, mask.device)
+    slot, lanes = work[:size], work[size:]
+    shift = _constant("lane_shift", mask.device)
     rank = 0
     for count, start in zip(_chunk_counts(mask, n), _chunks(n), strict=True):
         if rank >= room:
@@ -157,24 +187,29 @@ def _masked_chunks(mask: torch.Tensor, n: int, room: int
         if count == 0:
             continue
         stop = min(start + CHUNK_ENTRIES, n)
-        lanes = _lanes(mask, start, stop)
-        slot = torch.cumsum(lanes, 0, dtype=torch.int32).neg_()
-        if rank + count > room:
-            lanes, count = lanes & -(slot <= room - rank).to(torch.int32), room - rank
-        yield start, stop, rank, count, lanes, slot
+        words = mask[start // 32: (stop + 31) // 32]
+        chunk_lanes = lanes[: 32 * words.numel()]
+        torch.bitwise_left_shift(words.unsqueeze(1), shift, out=chunk_lanes.view(-1, 32))
+        chunk_lanes = chunk_lanes.bitwise_right_shift_(31)[: stop - start]
+        chunk_slot = torch.cumsum(chunk_lanes, 0, out=slot[: stop - start]).neg_()
+        if rank + count > room:  # a short backup: only the first room - rank set bits are handled
+            chunk_lanes.bitwise_and_(-(chunk_slot <= room - rank).to(torch.int32))
+            count = room - rank
+        yield start, stop, rank, count, chunk_lanes, chunk_slot
         rank += count
-
-
-def _slots(W: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
-    """Per-chunk staging of backup values: slot 0 takes the unset entries' zeros, slots 1.. the values."""
-    return torch.empty(min(CHUNK_ENTRIES, W.numel()) + 1, dtype=int_dtype, device=W.device)
 
 
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` of rank below ``backup.numel()`` (every ``i`` when ``mask`` is None):
     ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
-    (adaptive: ``+ scale·w_i²·g_i``) as :func:`._arith.perturbed` computes it."""
+    (adaptive: ``+ scale·w_i²·g_i``) as :func:`._arith.perturbed` computes it.
+
+    With a mask, a chunk's handled entries are located first, without ``nonzero`` (host-synchronising):
+    each scatters its chunk position to its slot (an entry not handled to slot 0, discarded), which
+    leaves their positions in order in slots ``1..count``. The backup slice is then the gather of ``W``
+    there, the arithmetic runs on those entries only, and the new values are scattered back.
+    """
     del offsets  # ranks come from the mask itself
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
@@ -183,44 +218,55 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
     if mask is None:
         for start in _chunks(n):
             stop = min(start + CHUNK_ENTRIES, n)
-            w = bits_w[start:stop]
-            bits_b[start:stop].copy_(w)
-            new = perturbation.bits(W[start:stop], G[start:stop])
-            w ^= new.bitwise_xor_(w).bitwise_and_(perturbation.active)
+            bits_b[start:stop].copy_(bits_w[start:stop])
+            if not perturbation.skip:
+                bits_w[start:stop].copy_(perturbation.bits(backup[start:stop], G[start:stop]))
         return
-    slots = _slots(W, int_dtype)
+    size = min(CHUNK_ENTRIES, n)
+    work = _workspace(2 * size + 1, torch.int64, W.device)  # scatter_ takes int64 indices only
+    positions, target = work[: size + 1], work[size + 1:]
+    gathered = _workspace(size, G.dtype, G.device)
+    index = _constant("index", W.device)
     for start, stop, rank, count, lanes, slot in _masked_chunks(mask, n, backup.numel()):
-        lanes = lanes.to(int_dtype)
-        w = bits_w[start:stop]
-        # Compaction: every entry adds its bits, 0 unless handled, into its slot (integer adds are exact).
-        slots.zero_().index_add_(0, slot, w & lanes)
-        bits_b[rank: rank + count].copy_(slots[1: count + 1])
-        new = perturbation.bits(W[start:stop], G[start:stop])
-        w ^= new.bitwise_xor_(w).bitwise_and_(lanes.bitwise_and_(perturbation.active))
+        positions.scatter_(0, target[: stop - start].copy_(slot.bitwise_and_(lanes)), index[: stop - start])
+        live = positions[1: count + 1]
+        old = torch.index_select(bits_w[start:stop], 0, live, out=bits_b[rank: rank + count])
+        if not perturbation.skip:
+            g = torch.index_select(G[start:stop], 0, live, out=gathered[:count])
+            bits_w[start:stop].scatter_(0, live, perturbation.bits(old.view(W.dtype), g))
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor) -> None:
-    """``W[i] = backup[rank(i)]`` for every set bit ``i`` of rank below ``backup.numel()`` (bit-exact)."""
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` of rank below ``backup.numel()`` (bit-exact):
+    per chunk, every entry reads its slot of the chunk's backup slice (``index_select``) and the handled
+    ones keep it (``xor``/``and`` blend of the bit patterns)."""
     del offsets
     if mask is None:
         W.copy_(backup)
         return
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
-    slots = _slots(W, int_dtype)
+    size = min(CHUNK_ENTRIES, W.numel())
+    slots = _workspace(size + 1, int_dtype, W.device)  # slot 0: entries not handled (blended away)
+    expanded = _workspace(size, int_dtype, W.device)
     for start, stop, rank, count, lanes, slot in _masked_chunks(mask, W.numel(), backup.numel()):
-        # Expansion: every entry reads its slot; only handled entries keep what they read.
         slots[1: count + 1].copy_(bits_b[rank: rank + count])
+        new = torch.index_select(slots, 0, slot, out=expanded[: stop - start])
         w = bits_w[start:stop]
-        w ^= slots.index_select(0, slot).bitwise_xor_(w).bitwise_and_(lanes.to(int_dtype))
+        w ^= new.bitwise_xor_(w).bitwise_and_(lanes.to(int_dtype))
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
     """``F += alpha · G²`` with ``F`` float32, as :func:`._arith.fisher_updated` computes it."""
+    workspace = _workspace(3 * min(CHUNK_ENTRIES, F.numel()), torch.float64, F.device)
+
+    def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return _arith.fma32_fast(a, b, c, workspace)
+
     for start in _chunks(F.numel()):
         f = F[start: start + CHUNK_ENTRIES]
-        f.copy_(_arith.fisher_updated(f, G[start: start + CHUNK_ENTRIES], alpha))
+        f.copy_(_arith.fisher_updated(f, G[start: start + CHUNK_ENTRIES], alpha, fma))
 
 
 # ----------------------------------------------------------------------------------------------------
