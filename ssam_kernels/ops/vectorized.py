@@ -96,21 +96,40 @@ def _pack(selected: torch.Tensor) -> torch.Tensor:
     return low | (bits[:, 31] * _INT_MIN)
 
 
-def _chunk_counts(words: torch.Tensor, n: int) -> list[int]:
-    """Set bits of each chunk of ``CHUNK_ENTRIES`` entries (bits past ``n`` not counted), on the host."""
+def _block_counts(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Set bits of each ``bitmask.CHUNK`` block of entries (bits past ``n`` not counted), int64 on the
+    device: a SWAR popcount in int32 lanes to per-byte counts, summed per block as bytes."""
+    blocks = bitmask.num_chunks(n)
+    v = torch.zeros(blocks * bitmask.WORDS_PER_CHUNK, dtype=torch.int32, device=words.device)
+    v[: words.numel()] = words
+    if n % 32:  # the last word's bits past n are not entries
+        v[words.numel() - 1] &= (1 << n % 32) - 1
+    v -= (v >> 1) & 0x55555555  # 2-bit counts (the masks drop what the arithmetic shift drags in)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)  # 4-bit counts
+    v = (v + (v >> 4)) & 0x0F0F0F0F  # per-byte counts, 0..8
+    return v.view(torch.uint8).view(blocks, 4 * bitmask.WORDS_PER_CHUNK).sum(dim=1, dtype=torch.int64)
+
+
+def _chunk_counts(words: torch.Tensor, n: int, offsets: torch.Tensor | None) -> list[int]:
+    """Set bits of each chunk of ``CHUNK_ENTRIES`` entries (bits past ``n`` not counted), on the host.
+
+    On devices whose tensors the host reads for free, ``offsets`` (when given) is checked against the
+    mask in the same pass (``ValueError`` naming it, as ``bitmask.check_offsets``), before anything is
+    written: the contract refuses wrong offsets on CPU tensors.
+    """
     if n == 0:
         return []
-    words_per_chunk = CHUNK_ENTRIES // 32
-    counts = bitmask.popcount(words).to(torch.int64)
-    tail = n % 32
-    if tail:  # the last word's bits past n are not entries
-        last = words[-1:] & ((1 << tail) - 1)
-        counts = torch.cat([counts[:-1], bitmask.popcount(last).to(torch.int64)])
-    chunks = (n + CHUNK_ENTRIES - 1) // CHUNK_ENTRIES
-    pad = chunks * words_per_chunk - counts.numel()
+    counts = _block_counts(words, n)
+    if offsets is not None and words.device.type in _arith.HOST_READ_DEVICES:
+        expected = torch.cumsum(counts, 0)
+        if offsets.numel() != counts.numel() + 1 or int(offsets[0]) != 0 or not torch.equal(
+                offsets[1:].to(torch.int64), expected):
+            bitmask.check_offsets(words, offsets, n)  # raises, with the standard message
+    per_chunk = CHUNK_ENTRIES // bitmask.CHUNK
+    pad = -counts.numel() % per_chunk
     if pad:
         counts = torch.cat([counts, counts.new_zeros(pad)])
-    return counts.view(chunks, words_per_chunk).sum(dim=1).tolist()
+    return counts.view(-1, per_chunk).sum(dim=1).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,7 +185,7 @@ def _workspace(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.empty(n, dtype=dtype, device=device)
 
 
-def _masked_chunks(mask: torch.Tensor, n: int, room: int
+def _masked_chunks(mask: torch.Tensor, counts: list[int], n: int, room: int
                    ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
     """``(start, stop, rank, count, lanes, slot)`` for each chunk with set bits of rank below ``room``.
 
@@ -174,14 +193,14 @@ def _masked_chunks(mask: torch.Tensor, n: int, room: int
     ``lanes``: int32, -1 for the entries handled, else 0; ``slot``: int32, for every entry the number of
     set bits up to and including it in the chunk (``1 +`` chunk-local rank for a set bit), in
     ``[0, count]`` for handled entries and at most the chunk's count for the others. Both are views of
-    one workspace, overwritten by the next chunk.
+    one workspace, overwritten by the next chunk. ``counts``: :func:`_chunk_counts` of the mask.
     """
     size = min(CHUNK_ENTRIES, n)
     work = _workspace(2 * size + 32, torch.int32, mask.device)
     slot, lanes = work[:size], work[size:]
     shift = _constant("lane_shift", mask.device)
     rank = 0
-    for count, start in zip(_chunk_counts(mask, n), _chunks(n), strict=True):
+    for count, start in zip(counts, _chunks(n), strict=True):
         if rank >= room:
             return
         if count == 0:
@@ -210,7 +229,33 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
     leaves their positions in order in slots ``1..count``. The backup slice is then the gather of ``W``
     there, the arithmetic runs on those entries only, and the new values are scattered back.
     """
-    del offsets  # ranks come from the mask itself
+    counts = None if mask is None else _chunk_counts(mask, W.numel(), offsets)
+    _perturb(W, G, mask, counts, backup, scale, adaptive)
+
+
+def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
+                   offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
+                   adaptive: bool = False) -> None:
+    """:func:`perturb_` of each entry of the lists (one device and dtype); every entry's offsets are
+    checked (CPU) before any tensor is written."""
+    counts = _list_counts(W, mask, offsets)
+    for w, g, m, c, b in zip(W, G, mask, counts, backup, strict=True):
+        _perturb(w, g, m, c, b, scale, adaptive)
+
+
+def _list_counts(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None]
+                 ) -> list[list[int] | None]:
+    counts = []
+    for j, (w, m, o) in enumerate(zip(W, mask, offsets, strict=True)):
+        try:
+            counts.append(None if m is None else _chunk_counts(m, w.numel(), o))
+        except ValueError as exc:  # name the entry, as the ops layer's own check does
+            raise ValueError(str(exc).replace("offsets:", f"offsets[{j}]:", 1)) from None
+    return counts
+
+
+def _perturb(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, counts: list[int] | None,
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
     n = W.numel()
@@ -227,7 +272,7 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
     positions, target = work[: size + 1], work[size + 1:]
     gathered = _workspace(size, G.dtype, G.device)
     index = _constant("index", W.device)
-    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, n, backup.numel()):
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, n, backup.numel()):
         positions.scatter_(0, target[: stop - start].copy_(slot.bitwise_and_(lanes)), index[: stop - start])
         live = positions[1: count + 1]
         old = torch.index_select(bits_w[start:stop], 0, live, out=bits_b[rank: rank + count])
@@ -241,7 +286,19 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
     """``W[i] = backup[rank(i)]`` for every set bit ``i`` of rank below ``backup.numel()`` (bit-exact):
     per chunk, every entry reads its slot of the chunk's backup slice (``index_select``) and the handled
     ones keep it (``xor``/``and`` blend of the bit patterns)."""
-    del offsets
+    _restore(W, mask, None if mask is None else _chunk_counts(mask, W.numel(), offsets), backup)
+
+
+def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
+                   backup: list[torch.Tensor]) -> None:
+    """:func:`restore_` of each entry of the lists (one device and dtype); every entry's offsets are
+    checked (CPU) before any tensor is written."""
+    for w, m, c, b in zip(W, mask, _list_counts(W, mask, offsets), backup, strict=True):
+        _restore(w, m, c, b)
+
+
+def _restore(W: torch.Tensor, mask: torch.Tensor | None, counts: list[int] | None,
+             backup: torch.Tensor) -> None:
     if mask is None:
         W.copy_(backup)
         return
@@ -250,7 +307,7 @@ def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor |
     size = min(CHUNK_ENTRIES, W.numel())
     slots = _workspace(size + 1, int_dtype, W.device)  # slot 0: entries not handled (blended away)
     expanded = _workspace(size, int_dtype, W.device)
-    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, W.numel(), backup.numel()):
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, W.numel(), backup.numel()):
         slots[1: count + 1].copy_(bits_b[rank: rank + count])
         new = torch.index_select(slots, 0, slot, out=expanded[: stop - start])
         w = bits_w[start:stop]
