@@ -2,17 +2,23 @@
 
 It is what runs when no compiled backend can (no C++ build, MPS, XPU, ROCm without Triton...), so it
 gives the results of :mod:`.reference` bit for bit (perturbation and Fisher update by the same
-:mod:`._arith` functions, masks identical; the norm is accumulated in float64 over other blocks, so it
+:mod:`._arith` formulas, masks identical; the norm is accumulated in float64 over other blocks, so it
 agrees to rounding) at a fraction of its cost. What differs from the reference is only how the work is
 laid out:
 
 - Every op walks its buffers in chunks of ``CHUNK_ENTRIES`` entries (a multiple of 1024): temporaries
-  stay bounded and cache-resident whatever the size, and no op allocates a buffer-sized temporary.
+  stay bounded whatever the size, and no op allocates a buffer-sized temporary. Per-chunk temporaries
+  live in workspaces allocated once per call (allocating and freeing chunk-sized blocks in the loop
+  cost page faults on CPU).
 - Nothing indexes with booleans or ``nonzero`` (slow and host-synchronising): a mask is unpacked into
-  all-ones/all-zeros integer lanes with two shifts, ranks come from one ``cumsum``, the backup is
-  compacted by ``index_add_`` of bit patterns into zeroed slots and expanded by ``index_select``, and
-  the new values are blended in with ``xor``/``and`` on the bit patterns, so every value (NaN payloads,
-  ``-0.0``) is moved bit-exactly.
+  integer lanes with two shifts and ranks come from one ``cumsum``. ``perturb_`` scatters each live
+  entry's chunk position to its rank (the others to a discarded slot 0), gathers ``W`` there straight
+  into the backup and ``G`` beside it, computes on the live entries only and scatters the new values
+  back; ``restore_`` expands the backup slice with ``index_select`` by rank and blends it in with
+  ``xor``/``and`` on the bit patterns. Every value (NaN payloads, ``-0.0``) is moved bit-exactly.
+- The fp32 FMA is :func:`._arith.fma32_fast` (the reference's round-to-odd :func:`._arith.fma32` where
+  the host cannot read tensors for free), and an inactive scale skips the arithmetic on CPU (it is
+  blended on the device elsewhere).
 - Selection keys are computed once per chunk and pass in int32 (a sign-flipped image of the unsigned key,
   so signed comparisons order them as the unsigned keys), histograms by ``bincount`` on CPU and
   ``index_add_`` elsewhere (``bincount`` synchronises on CUDA to size its output).
@@ -22,9 +28,11 @@ laid out:
   hundreds of small segments cost a few tensor ops per piece; the single-segment primitives are lists
   of one.
 
-``perturb_`` and ``restore_`` with a mask read the per-chunk live counts on the host once per call (the
-backup slice of each chunk starts at the count before it). Memory safety: mask bits past ``N`` are
-ignored, and an entry whose rank is at or past ``backup.numel()`` is neither backed up nor changed.
+``perturb_`` and ``restore_`` with a mask count each mask's set bits per 1024-entry block in one SWAR
+popcount pass, which on CPU also checks ``offsets`` (``ValueError``; their list forms check every entry
+before writing any), and read the per-chunk counts on the host once per call (the backup slice of each
+chunk starts at the count before it). Memory safety: mask bits past ``N`` are ignored, and an entry whose
+rank is at or past ``backup.numel()`` is neither backed up nor changed.
 """
 
 from __future__ import annotations
