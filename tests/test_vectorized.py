@@ -129,6 +129,16 @@ def test_fisher_accumulate_bit_identical(dtype, n, alpha):
     assert same_bits(F, F_ref)
 
 
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1023, 1025, 70_000])
+def test_block_counts_match_offsets(n):
+    """The popcount pass behind the chunk counts and the offsets check: every word pattern (bit 31 set,
+    all ones), bits past n ignored."""
+    random = torch.randint(-(2**31), 2**31, (bitmask.num_words(n),), dtype=torch.int64).to(torch.int32)
+    for words in (random, torch.full_like(random, -1), torch.full_like(random, -(2**31)), random * 0):
+        expected = bitmask.offsets(bitmask.trim(words, n), n).diff()
+        assert torch.equal(vectorized._block_counts(words, n), expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # Memory safety (issue 12): bits past N ignored; nothing past backup.numel() read, written or changed
 # ------------------------------------------------------------------------------------------------

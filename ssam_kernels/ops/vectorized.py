@@ -112,9 +112,11 @@ def _block_counts(words: torch.Tensor, n: int) -> torch.Tensor:
     v[: words.numel()] = words
     if n % 32:  # the last word's bits past n are not entries
         v[words.numel() - 1] &= (1 << n % 32) - 1
-    v -= (v >> 1) & 0x55555555  # 2-bit counts (the masks drop what the arithmetic shift drags in)
+    sign = (v >> 31) & 1  # bit 31 counted apart: the SWAR steps below then never overflow int32
+    v &= 0x7FFFFFFF
+    v -= (v >> 1) & 0x55555555  # 2-bit counts
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)  # 4-bit counts
-    v = (v + (v >> 4)) & 0x0F0F0F0F  # per-byte counts, 0..8
+    v = ((v + (v >> 4)) & 0x0F0F0F0F) + sign  # per-byte counts: 0..8, the low byte 0..9
     return v.view(torch.uint8).view(blocks, 4 * bitmask.WORDS_PER_CHUNK).sum(dim=1, dtype=torch.int64)
 
 
