@@ -48,8 +48,18 @@ def _assert_bits(got: torch.Tensor, want: list[float], dtype: torch.dtype = torc
 
 
 def _check_fma(a: list[float], b: list[float], c: list[float]) -> None:
-    got = _arith.fma32(_f32(a), _f32(b), _f32(c))
-    _assert_bits(got, [fma_exact(x, y, z) for x, y, z in zip(a, b, c, strict=True)])
+    """Both emulations, ``fma32`` (round to odd) and ``fma32_fast`` (double rounding with the boundary
+    cases repaired; with and without a workspace, and with a 0-d ``a``), against the exact result."""
+    want = [fma_exact(x, y, z) for x, y, z in zip(a, b, c, strict=True)]
+    A, B, C = _f32(a), _f32(b), _f32(c)
+    _assert_bits(_arith.fma32(A, B, C), want)
+    _assert_bits(_arith.fma32_fast(A, B, C), want)
+    _assert_bits(_arith.fma32_fast(A, B, C, torch.empty(3 * len(c) + 5, dtype=torch.float64)), want)
+    for x in sorted(set(a), key=str)[:3]:  # a scalar first factor, as perturb_ passes the scale
+        only = [i for i, v in enumerate(a) if v == x or (math.isnan(v) and math.isnan(x))]
+        if only:
+            got = _arith.fma32_fast(torch.tensor(x, dtype=torch.float32), B[only], C[only])
+            _assert_bits(got, [want[i] for i in only])
 
 
 def _naive(a: list[float], b: list[float], c: list[float]) -> torch.Tensor:
@@ -126,6 +136,39 @@ def test_fma32_subnormal_results_and_ties():
     c = [c_choices[i % len(c_choices)] for i in range(n)]
     _check_fma(a, b, _f32(c).tolist())
     _check_fma([TINY, 0.5, 0.5, 1.5], [0.5, TINY, 3 * TINY, TINY], [0.0, -0.0, 0.0, TINY])
+
+
+def test_fma32_fast_repairs_inexact_boundaries():
+    """The cases ``fma32_fast`` must detect: float64 rounds the exact sum onto an fp32 rounding boundary
+    from one side, so the naive second rounding goes the wrong way. A midpoint in the normal range
+    (tiny addend), a midpoint of the subnormal grid (``a·b = 2^-150 - 2^-190`` on ``(2^22 + 1)·2^-149``)
+    and the overflow threshold (``FLT_MAX + 2^103 - 2^59``: below it, so ``FLT_MAX``, not inf)."""
+    a = [1.0 + 2.0**-12, 2.0**-75 * (1 + 2.0**-20), 2.0**52 * (1 + 2.0**-22),
+         -(1.0 + 2.0**-12), -(2.0**-75) * (1 + 2.0**-20), -(2.0**52) * (1 + 2.0**-22)]
+    b = [1.0 + 2.0**-12, 2.0**-75 * (1 - 2.0**-20), 2.0**51 * (1 - 2.0**-22)] * 2
+    c = [2.0**-80, 2.0**-127 + 2.0**-149, FLT_MAX, -(2.0**-80), -(2.0**-127 + 2.0**-149), -FLT_MAX]
+    assert _f32(a).tolist() == a and _f32(b).tolist() == b and _f32(c).tolist() == c  # fp32 inputs
+    want = [fma_exact(x, y, z) for x, y, z in zip(a, b, c, strict=True)]
+    assert all(x != y for x, y in zip(_naive(a, b, c).tolist(), want, strict=True))  # naive: all wrong
+    assert want[2] == FLT_MAX and want[5] == -FLT_MAX
+    _check_fma(a, b, c)
+    # Repeated inside large blocks of ordinary values: found wherever they are.
+    gen = torch.Generator().manual_seed(9)
+    n = 5000
+    x, y, z = (torch.randn(n, generator=gen).tolist() for _ in range(3))
+    where = torch.randperm(n, generator=gen)[: len(a)].tolist()
+    for i, j in enumerate(where):
+        x[j], y[j], z[j] = a[i], b[i], c[i]
+    _check_fma(x, y, z)
+
+
+def test_fma32_fast_on_other_devices_is_fma32(monkeypatch):
+    """Where a reduction would synchronise with the host, ``fma32_fast`` is ``fma32`` itself."""
+    monkeypatch.setattr(_arith, "HOST_READ_DEVICES", ())
+    calls = []
+    monkeypatch.setattr(_arith, "fma32", lambda *args: calls.append(args) or torch.zeros(1))
+    _arith.fma32_fast(torch.tensor(1.0), _f32([2.0]), _f32([3.0]))
+    assert len(calls) == 1
 
 
 def test_fma32_overflow():

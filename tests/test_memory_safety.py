@@ -11,9 +11,9 @@ must give the documented result (:func:`ssam_kernels.ops.perturb_`), the same on
 - mask bits at or past ``N``: ignored (never addressed, not counted);
 - offsets that do not match the mask: ``ValueError`` naming ``offsets`` on CPU tensors, nothing written.
 
-Backends: ``reference``, ``native`` (through the public op and through ``torch.ops.ssam_kernels.*``
-directly) and ``triton`` (in its interpreter on CPU); on CUDA too when a GPU is present, where wrong
-offsets are bounded rather than refused.
+Backends: ``reference``, ``vectorized``, ``native`` (through the public op and through
+``torch.ops.ssam_kernels.*`` directly) and ``triton`` (in its interpreter on CPU); on CUDA too when a
+GPU is present, where wrong offsets are bounded rather than refused.
 """
 
 from __future__ import annotations
@@ -176,8 +176,8 @@ def _worker(backend: str, device: str) -> None:
 # The tests: one subprocess per backend, one test per case
 # ----------------------------------------------------------------------------------------------------
 
-BACKENDS = ["reference", "native", "torch.ops", "triton",
-            "reference[list]", "native[list]", "torch.ops[list]", "triton[list]"]
+BACKENDS = ["reference", "vectorized", "native", "torch.ops", "triton",
+            "reference[list]", "vectorized[list]", "native[list]", "torch.ops[list]", "triton[list]"]
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
 _RUNS: dict[tuple[str, str], subprocess.CompletedProcess] = {}

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_optim import assert_same, build, make_model, train, weights
 
 from ssam_kernels import ops
-from ssam_kernels.ops import bitmask, native, reference, vectorized
+from ssam_kernels.ops import _arith, bitmask, native, reference, vectorized
 from ssam_kernels.ops.select import PASSES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -101,6 +101,24 @@ def test_perturb_restore_bit_identical(dtype, n, sparsity, adaptive, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [None, 0.5])
+@pytest.mark.parametrize("scale", [0.37, 0.0, float("inf"), float("nan")])
+def test_perturb_device_path_bit_identical(dtype, sparsity, scale, monkeypatch):
+    """The path of devices whose tensors the host does not read for free: the scale's activity blended
+    on the device and ``fma32`` (round to odd) instead of the host-checked ``fma32_fast``."""
+    monkeypatch.setattr(_arith, "HOST_READ_DEVICES", ())
+    n = 3 * 1024 + 7
+    W, G = special_values(n, dtype), torch.randn(n).to(dtype)
+    words, offsets, k = (None, None, n) if sparsity is None else random_mask(n, sparsity)
+    runs = []
+    for backend in (reference, vectorized):
+        w, backup = W.clone(), torch.full((k,), 3.0, dtype=dtype)
+        backend.perturb_(w, G, words, offsets, backup, torch.tensor(scale), False)
+        runs.append((w, backup))
+    assert same_values(runs[1][0], runs[0][0]) and same_bits(runs[1][1], runs[0][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("alpha", [1.0, 0.37])
 def test_fisher_accumulate_bit_identical(dtype, n, alpha):
@@ -109,6 +127,16 @@ def test_fisher_accumulate_bit_identical(dtype, n, alpha):
     vectorized.fisher_accumulate_(F, G, alpha)
     reference.fisher_accumulate_(F_ref, G, alpha)
     assert same_bits(F, F_ref)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1023, 1025, 70_000])
+def test_block_counts_match_offsets(n):
+    """The popcount pass behind the chunk counts and the offsets check: every word pattern (bit 31 set,
+    all ones), bits past n ignored."""
+    random = torch.randint(-(2**31), 2**31, (bitmask.num_words(n),), dtype=torch.int64).to(torch.int32)
+    for words in (random, torch.full_like(random, -1), torch.full_like(random, -(2**31)), random * 0):
+        expected = bitmask.offsets(bitmask.trim(words, n), n).diff()
+        assert torch.equal(vectorized._block_counts(words, n), expected)
 
 
 # ------------------------------------------------------------------------------------------------

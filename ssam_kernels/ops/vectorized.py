@@ -2,17 +2,23 @@
 
 It is what runs when no compiled backend can (no C++ build, MPS, XPU, ROCm without Triton...), so it
 gives the results of :mod:`.reference` bit for bit (perturbation and Fisher update by the same
-:mod:`._arith` functions, masks identical; the norm is accumulated in float64 over other blocks, so it
+:mod:`._arith` formulas, masks identical; the norm is accumulated in float64 over other blocks, so it
 agrees to rounding) at a fraction of its cost. What differs from the reference is only how the work is
 laid out:
 
 - Every op walks its buffers in chunks of ``CHUNK_ENTRIES`` entries (a multiple of 1024): temporaries
-  stay bounded and cache-resident whatever the size, and no op allocates a buffer-sized temporary.
+  stay bounded whatever the size, and no op allocates a buffer-sized temporary. Per-chunk temporaries
+  live in workspaces allocated once per call (allocating and freeing chunk-sized blocks in the loop
+  cost page faults on CPU).
 - Nothing indexes with booleans or ``nonzero`` (slow and host-synchronising): a mask is unpacked into
-  all-ones/all-zeros integer lanes with two shifts, ranks come from one ``cumsum``, the backup is
-  compacted by ``index_add_`` of bit patterns into zeroed slots and expanded by ``index_select``, and
-  the new values are blended in with ``xor``/``and`` on the bit patterns, so every value (NaN payloads,
-  ``-0.0``) is moved bit-exactly.
+  integer lanes with two shifts and ranks come from one ``cumsum``. ``perturb_`` scatters each live
+  entry's chunk position to its rank (the others to a discarded slot 0), gathers ``W`` there straight
+  into the backup and ``G`` beside it, computes on the live entries only and scatters the new values
+  back; ``restore_`` expands the backup slice with ``index_select`` by rank and blends it in with
+  ``xor``/``and`` on the bit patterns. Every value (NaN payloads, ``-0.0``) is moved bit-exactly.
+- The fp32 FMA is :func:`._arith.fma32_fast` (the reference's round-to-odd :func:`._arith.fma32` where
+  the host cannot read tensors for free), and an inactive scale skips the arithmetic on CPU (it is
+  blended on the device elsewhere).
 - Selection keys are computed once per chunk and pass in int32 (a sign-flipped image of the unsigned key,
   so signed comparisons order them as the unsigned keys), histograms by ``bincount`` on CPU and
   ``index_add_`` elsewhere (``bincount`` synchronises on CUDA to size its output).
@@ -22,9 +28,11 @@ laid out:
   hundreds of small segments cost a few tensor ops per piece; the single-segment primitives are lists
   of one.
 
-``perturb_`` and ``restore_`` with a mask read the per-chunk live counts on the host once per call (the
-backup slice of each chunk starts at the count before it). Memory safety: mask bits past ``N`` are
-ignored, and an entry whose rank is at or past ``backup.numel()`` is neither backed up nor changed.
+``perturb_`` and ``restore_`` with a mask count each mask's set bits per 1024-entry block in one SWAR
+popcount pass, which on CPU also checks ``offsets`` (``ValueError``; their list forms check every entry
+before writing any), and read the per-chunk counts on the host once per call (the backup slice of each
+chunk starts at the count before it). Memory safety: mask bits past ``N`` are ignored, and an entry whose
+rank is at or past ``backup.numel()`` is neither backed up nor changed.
 """
 
 from __future__ import annotations
@@ -57,9 +65,11 @@ def unavailable_reason(device_type: str) -> str | None:
 def _constant(name: str, device: torch.device) -> torch.Tensor:
     """Small per-device constant tensors, built once."""
     value = _CACHE.get((name, device))
-    if value is None:
+    if value is None or (name == "index" and value.numel() < CHUNK_ENTRIES):  # tests change CHUNK_ENTRIES
         if name == "lane_shift":  # unpack: bit b of a word moved to the sign bit
             value = 31 - torch.arange(32, dtype=torch.int32, device=device)
+        elif name == "index":  # chunk-relative positions
+            value = torch.arange(CHUNK_ENTRIES, device=device)
         elif name == "bit_value":  # pack: value of bits 0..30 (bit 31 is handled apart)
             value = torch.bitwise_left_shift(torch.ones(31, dtype=torch.int32, device=device),
                                              torch.arange(31, dtype=torch.int32, device=device))
@@ -94,21 +104,42 @@ def _pack(selected: torch.Tensor) -> torch.Tensor:
     return low | (bits[:, 31] * _INT_MIN)
 
 
-def _chunk_counts(words: torch.Tensor, n: int) -> list[int]:
-    """Set bits of each chunk of ``CHUNK_ENTRIES`` entries (bits past ``n`` not counted), on the host."""
+def _block_counts(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Set bits of each ``bitmask.CHUNK`` block of entries (bits past ``n`` not counted), int64 on the
+    device: a SWAR popcount in int32 lanes to per-byte counts, summed per block as bytes."""
+    blocks = bitmask.num_chunks(n)
+    v = torch.zeros(blocks * bitmask.WORDS_PER_CHUNK, dtype=torch.int32, device=words.device)
+    v[: words.numel()] = words
+    if n % 32:  # the last word's bits past n are not entries
+        v[words.numel() - 1] &= (1 << n % 32) - 1
+    sign = (v >> 31) & 1  # bit 31 counted apart: the SWAR steps below then never overflow int32
+    v &= 0x7FFFFFFF
+    v -= (v >> 1) & 0x55555555  # 2-bit counts
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)  # 4-bit counts
+    v = ((v + (v >> 4)) & 0x0F0F0F0F) + sign  # per-byte counts: 0..8, the low byte 0..9
+    return v.view(torch.uint8).view(blocks, 4 * bitmask.WORDS_PER_CHUNK).sum(dim=1, dtype=torch.int64)
+
+
+def _chunk_counts(words: torch.Tensor, n: int, offsets: torch.Tensor | None) -> list[int]:
+    """Set bits of each chunk of ``CHUNK_ENTRIES`` entries (bits past ``n`` not counted), on the host.
+
+    On devices whose tensors the host reads for free, ``offsets`` (when given) is checked against the
+    mask in the same pass (``ValueError`` naming it, as ``bitmask.check_offsets``), before anything is
+    written: the contract refuses wrong offsets on CPU tensors.
+    """
     if n == 0:
         return []
-    words_per_chunk = CHUNK_ENTRIES // 32
-    counts = bitmask.popcount(words).to(torch.int64)
-    tail = n % 32
-    if tail:  # the last word's bits past n are not entries
-        last = words[-1:] & ((1 << tail) - 1)
-        counts = torch.cat([counts[:-1], bitmask.popcount(last).to(torch.int64)])
-    chunks = (n + CHUNK_ENTRIES - 1) // CHUNK_ENTRIES
-    pad = chunks * words_per_chunk - counts.numel()
+    counts = _block_counts(words, n)
+    if offsets is not None and words.device.type in _arith.HOST_READ_DEVICES:
+        expected = torch.cumsum(counts, 0)
+        if offsets.numel() != counts.numel() + 1 or int(offsets[0]) != 0 or not torch.equal(
+                offsets[1:].to(torch.int64), expected):
+            bitmask.check_offsets(words, offsets, n)  # raises, with the standard message
+    per_chunk = CHUNK_ENTRIES // bitmask.CHUNK
+    pad = -counts.numel() % per_chunk
     if pad:
         counts = torch.cat([counts, counts.new_zeros(pad)])
-    return counts.view(chunks, words_per_chunk).sum(dim=1).tolist()
+    return counts.view(-1, per_chunk).sum(dim=1).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,54 +159,113 @@ def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor
 
 
 class _Perturbation:
-    """``w + scale·g`` (adaptive ``w + scale·w²·g``) chunk by chunk, by the reference's
-    :func:`._arith.perturbed`."""
+    """``w + scale·g`` (adaptive ``w + scale·w²·g``) by the reference's :func:`._arith.perturbed`, with
+    the cheaper :func:`._arith.fma32_fast` (same bits) and a workspace for its temporaries.
+
+    Where the scale is inactive (zero or not finite) ``W`` keeps its values: on a device whose tensors
+    the host reads for free (``_arith.HOST_READ_DEVICES``) that is decided once per call and nothing is
+    computed; elsewhere the new bits are blended with the old ones on the device (no synchronisation).
+    """
 
     def __init__(self, W: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
         self.scale, self.adaptive = _arith.perturb_scale(scale, W.dtype), adaptive
-        # -1 where the perturbation applies (scale finite and non-zero), else 0: read on the device only.
-        self.active = -_arith.scale_active(self.scale).to(_INT_VIEW[W.dtype])
+        active = _arith.scale_active(self.scale)
+        host = W.device.type in _arith.HOST_READ_DEVICES
+        self.skip = host and not bool(active)
+        # -1 where the perturbation applies, else 0: the blend of the other devices.
+        self.active = None if host else -active.to(_INT_VIEW[W.dtype])
+        self.workspace = _workspace(3 * min(CHUNK_ENTRIES, W.numel()), torch.float64, W.device)
 
     def bits(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Bit patterns of the perturbed values of the chunk ``w`` (gradient ``g``), a new tensor."""
-        return _arith.perturbed(w, g, self.scale, self.adaptive).view(_INT_VIEW[w.dtype])
+        """Bit patterns of the perturbed values of ``w`` (gradient ``g``), a tensor valid until the next
+        call; ``w``'s own bits where the scale is inactive."""
+        def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return _arith.fma32_fast(a, b, c, self.workspace)
+
+        new = _arith.perturbed(w, g, self.scale, self.adaptive, fma).view(_INT_VIEW[w.dtype])
+        if self.active is not None:
+            old = w.view(_INT_VIEW[w.dtype])
+            new = (new ^ old).bitwise_and_(self.active).bitwise_xor_(old)
+        return new
 
 
-def _masked_chunks(mask: torch.Tensor, n: int, room: int
+def _workspace(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer for one call's per-chunk temporaries: allocated once per call, not per chunk (allocating
+    and freeing chunk-sized blocks in a loop costs page faults where the allocator returns them)."""
+    return torch.empty(n, dtype=dtype, device=device)
+
+
+def _masked_chunks(mask: torch.Tensor, counts: list[int], n: int, room: int
                    ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
     """``(start, stop, rank, count, lanes, slot)`` for each chunk with set bits of rank below ``room``.
 
     ``rank``: set bits before the chunk; ``count``: those handled in it (``rank + count <= room``);
-    ``lanes``: -1 for the entries handled, else 0; ``slot``: for every entry, the number of set bits up to
-    and including it in the chunk (``1 + `` chunk-local rank for a set bit), in ``[0, count]`` for handled
-    entries and at most the chunk's count for the others.
+    ``lanes``: int32, -1 for the entries handled, else 0; ``slot``: int32, for every entry the number of
+    set bits up to and including it in the chunk (``1 +`` chunk-local rank for a set bit), in
+    ``[0, count]`` for handled entries and at most the chunk's count for the others. Both are views of
+    one workspace, overwritten by the next chunk. ``counts``: :func:`_chunk_counts` of the mask.
     """
+    size = min(CHUNK_ENTRIES, n)
+    work = _workspace(2 * size + 32, torch.int32, mask.device)
+    slot, lanes = work[:size], work[size:]
+    shift = _constant("lane_shift", mask.device)
     rank = 0
-    for count, start in zip(_chunk_counts(mask, n), _chunks(n), strict=True):
+    for count, start in zip(counts, _chunks(n), strict=True):
         if rank >= room:
             return
         if count == 0:
             continue
         stop = min(start + CHUNK_ENTRIES, n)
-        lanes = _lanes(mask, start, stop)
-        slot = torch.cumsum(lanes, 0, dtype=torch.int32).neg_()
-        if rank + count > room:
-            lanes, count = lanes & -(slot <= room - rank).to(torch.int32), room - rank
-        yield start, stop, rank, count, lanes, slot
+        words = mask[start // 32: (stop + 31) // 32]
+        chunk_lanes = lanes[: 32 * words.numel()]
+        torch.bitwise_left_shift(words.unsqueeze(1), shift, out=chunk_lanes.view(-1, 32))
+        chunk_lanes = chunk_lanes.bitwise_right_shift_(31)[: stop - start]
+        chunk_slot = torch.cumsum(chunk_lanes, 0, out=slot[: stop - start]).neg_()
+        if rank + count > room:  # a short backup: only the first room - rank set bits are handled
+            chunk_lanes.bitwise_and_(-(chunk_slot <= room - rank).to(torch.int32))
+            count = room - rank
+        yield start, stop, rank, count, chunk_lanes, chunk_slot
         rank += count
-
-
-def _slots(W: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
-    """Per-chunk staging of backup values: slot 0 takes the unset entries' zeros, slots 1.. the values."""
-    return torch.empty(min(CHUNK_ENTRIES, W.numel()) + 1, dtype=int_dtype, device=W.device)
 
 
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
     """For every set bit ``i`` of rank below ``backup.numel()`` (every ``i`` when ``mask`` is None):
     ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
-    (adaptive: ``+ scale·w_i²·g_i``) as :func:`._arith.perturbed` computes it."""
-    del offsets  # ranks come from the mask itself
+    (adaptive: ``+ scale·w_i²·g_i``) as :func:`._arith.perturbed` computes it.
+
+    With a mask, a chunk's handled entries are located first, without ``nonzero`` (host-synchronising):
+    each scatters its chunk position to its slot (an entry not handled to slot 0, discarded), which
+    leaves their positions in order in slots ``1..count``. The backup slice is then the gather of ``W``
+    there, the arithmetic runs on those entries only, and the new values are scattered back.
+    """
+    counts = None if mask is None else _chunk_counts(mask, W.numel(), offsets)
+    _perturb(W, G, mask, counts, backup, scale, adaptive)
+
+
+def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
+                   offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
+                   adaptive: bool = False) -> None:
+    """:func:`perturb_` of each entry of the lists (one device and dtype); every entry's offsets are
+    checked (CPU) before any tensor is written."""
+    counts = _list_counts(W, mask, offsets)
+    for w, g, m, c, b in zip(W, G, mask, counts, backup, strict=True):
+        _perturb(w, g, m, c, b, scale, adaptive)
+
+
+def _list_counts(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None]
+                 ) -> list[list[int] | None]:
+    counts = []
+    for j, (w, m, o) in enumerate(zip(W, mask, offsets, strict=True)):
+        try:
+            counts.append(None if m is None else _chunk_counts(m, w.numel(), o))
+        except ValueError as exc:  # name the entry, as the ops layer's own check does
+            raise ValueError(str(exc).replace("offsets:", f"offsets[{j}]:", 1)) from None
+    return counts
+
+
+def _perturb(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, counts: list[int] | None,
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
     n = W.numel()
@@ -183,44 +273,67 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
     if mask is None:
         for start in _chunks(n):
             stop = min(start + CHUNK_ENTRIES, n)
-            w = bits_w[start:stop]
-            bits_b[start:stop].copy_(w)
-            new = perturbation.bits(W[start:stop], G[start:stop])
-            w ^= new.bitwise_xor_(w).bitwise_and_(perturbation.active)
+            bits_b[start:stop].copy_(bits_w[start:stop])
+            if not perturbation.skip:
+                bits_w[start:stop].copy_(perturbation.bits(backup[start:stop], G[start:stop]))
         return
-    slots = _slots(W, int_dtype)
-    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, n, backup.numel()):
-        lanes = lanes.to(int_dtype)
-        w = bits_w[start:stop]
-        # Compaction: every entry adds its bits, 0 unless handled, into its slot (integer adds are exact).
-        slots.zero_().index_add_(0, slot, w & lanes)
-        bits_b[rank: rank + count].copy_(slots[1: count + 1])
-        new = perturbation.bits(W[start:stop], G[start:stop])
-        w ^= new.bitwise_xor_(w).bitwise_and_(lanes.bitwise_and_(perturbation.active))
+    size = min(CHUNK_ENTRIES, n)
+    work = _workspace(2 * size + 1, torch.int64, W.device)  # scatter_ takes int64 indices only
+    positions, target = work[: size + 1], work[size + 1:]
+    gathered = _workspace(size, G.dtype, G.device)
+    index = _constant("index", W.device)
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, n, backup.numel()):
+        positions.scatter_(0, target[: stop - start].copy_(slot.bitwise_and_(lanes)), index[: stop - start])
+        live = positions[1: count + 1]
+        old = torch.index_select(bits_w[start:stop], 0, live, out=bits_b[rank: rank + count])
+        if not perturbation.skip:
+            g = torch.index_select(G[start:stop], 0, live, out=gathered[:count])
+            bits_w[start:stop].scatter_(0, live, perturbation.bits(old.view(W.dtype), g))
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
              backup: torch.Tensor) -> None:
-    """``W[i] = backup[rank(i)]`` for every set bit ``i`` of rank below ``backup.numel()`` (bit-exact)."""
-    del offsets
+    """``W[i] = backup[rank(i)]`` for every set bit ``i`` of rank below ``backup.numel()`` (bit-exact):
+    per chunk, every entry reads its slot of the chunk's backup slice (``index_select``) and the handled
+    ones keep it (``xor``/``and`` blend of the bit patterns)."""
+    _restore(W, mask, None if mask is None else _chunk_counts(mask, W.numel(), offsets), backup)
+
+
+def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
+                   backup: list[torch.Tensor]) -> None:
+    """:func:`restore_` of each entry of the lists (one device and dtype); every entry's offsets are
+    checked (CPU) before any tensor is written."""
+    for w, m, c, b in zip(W, mask, _list_counts(W, mask, offsets), backup, strict=True):
+        _restore(w, m, c, b)
+
+
+def _restore(W: torch.Tensor, mask: torch.Tensor | None, counts: list[int] | None,
+             backup: torch.Tensor) -> None:
     if mask is None:
         W.copy_(backup)
         return
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
-    slots = _slots(W, int_dtype)
-    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, W.numel(), backup.numel()):
-        # Expansion: every entry reads its slot; only handled entries keep what they read.
+    size = min(CHUNK_ENTRIES, W.numel())
+    slots = _workspace(size + 1, int_dtype, W.device)  # slot 0: entries not handled (blended away)
+    expanded = _workspace(size, int_dtype, W.device)
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, W.numel(), backup.numel()):
         slots[1: count + 1].copy_(bits_b[rank: rank + count])
+        new = torch.index_select(slots, 0, slot, out=expanded[: stop - start])
         w = bits_w[start:stop]
-        w ^= slots.index_select(0, slot).bitwise_xor_(w).bitwise_and_(lanes.to(int_dtype))
+        w ^= new.bitwise_xor_(w).bitwise_and_(lanes.to(int_dtype))
 
 
 def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
     """``F += alpha · G²`` with ``F`` float32, as :func:`._arith.fisher_updated` computes it."""
+    workspace = _workspace(3 * min(CHUNK_ENTRIES, F.numel()), torch.float64, F.device)
+
+    def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return _arith.fma32_fast(a, b, c, workspace)
+
     for start in _chunks(F.numel()):
         f = F[start: start + CHUNK_ENTRIES]
-        f.copy_(_arith.fisher_updated(f, G[start: start + CHUNK_ENTRIES], alpha))
+        f.copy_(_arith.fisher_updated(f, G[start: start + CHUNK_ENTRIES], alpha, fma))
 
 
 # ----------------------------------------------------------------------------------------------------
