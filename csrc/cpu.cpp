@@ -32,6 +32,22 @@ constexpr int64_t kGrain = 1 << 15;              // entries per parallel task of
 constexpr int64_t kChunkGrain = kGrain / kChunk;  // mask chunks per parallel task
 constexpr int64_t kNormBlock = 1 << 14;          // entries per partial sum of grad_sq_norm
 constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block of threshold_mask (32 | it)
+constexpr int64_t kStrip = 64;                   // entries per strip of the streaming loops (prefetch_span)
+
+// Software prefetch, kPrefetchBytes ahead of each stream of a streaming loop: on the VMs we measure on,
+// the hardware prefetcher alone kept too few lines in flight for one core (the norm ran at 0.74x the
+// speed of torch's sum over the same buffer; 1.0x with 4 or 8 KiB ahead, 0.86x with 2 KiB). A prefetch
+// is a hint that never faults and whose data the program never reads, so addresses past a buffer's end
+// are harmless (they are formed as integers: no pointer past the end is ever made).
+constexpr uintptr_t kPrefetchBytes = 4096;
+constexpr uintptr_t kLineBytes = 64;
+
+// Prefetches the lines of [p, p + kBytes) shifted kPrefetchBytes ahead (one line when kBytes <= 64).
+template <uintptr_t kBytes>
+inline __attribute__((always_inline)) void prefetch_span(const void* p) {
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
+  for (uintptr_t off = 0; off < kBytes; off += kLineBytes) __builtin_prefetch(reinterpret_cast<const void*>(ahead + off));
+}
 
 // Calls fn(i, r) for every set bit i < n of the mask in chunks [c0, c1) whose rank r lies in
 // [0, capacity), in index order. Bits past n are ignored; ranks outside the backup are skipped. The
@@ -115,6 +131,8 @@ inline double sq_sum(const T* __restrict g, const T* __restrict w, int64_t n) {
   double acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    prefetch_span<kLanes * sizeof(T)>(g + i);
+    if constexpr (kWeighted) prefetch_span<kLanes * sizeof(T)>(w + i);
     for (int l = 0; l < kLanes; ++l) {
       double v = widen(g[i + l]);
       if constexpr (kWeighted) v *= widen(w[i + l]);
@@ -134,7 +152,11 @@ inline double sq_sum(const T* __restrict g, const T* __restrict w, int64_t n) {
 // f_i = f_i + alpha·g_i² with one fp32 fused multiply-add (ssam_math.h: fisher_update).
 template <typename T>
 inline void fisher_run(float* __restrict f, const T* __restrict g, int64_t n, float alpha) {
-  for (int64_t i = 0; i < n; ++i) f[i] = fisher_update(f[i], g[i], alpha);
+  for (int64_t i0 = 0; i0 < n; i0 += kStrip) {
+    prefetch_span<kStrip * sizeof(float)>(f + i0);
+    prefetch_span<kStrip * sizeof(T)>(g + i0);
+    for (int64_t i = i0, i1 = std::min(i0 + kStrip, n); i < i1; ++i) f[i] = fisher_update(f[i], g[i], alpha);
+  }
 }
 
 // The cloned entry points, one per storage type (target_clones applies to plain functions only).
@@ -313,9 +335,13 @@ SSAM_INLINE void masked_run(const ElementArgs<T>& a, int64_t c0, int64_t c1) {
       continue;
     }
     for (int64_t k = c * kWordsPerChunk, k_end = std::min((c + 1) * kWordsPerChunk, words); k < k_end; ++k) {
+      prefetch_span<sizeof(uint32_t)>(a.mask.words + k);
       const uint32_t bits = mask_word(a.mask.words, k, a.n);
       if (bits == 0) continue;
       T* x = a.w + k * 32;
+      prefetch_span<32 * sizeof(T)>(x);
+      prefetch_span<32 * sizeof(T)>(a.b + r);
+      if constexpr (!kRestore) prefetch_span<32 * sizeof(T)>(a.g + k * 32);
       const int64_t len = std::min<int64_t>(32, a.n - k * 32);
       if (bits == ~0u) {
         if constexpr (kRestore) {
@@ -346,10 +372,14 @@ SSAM_INLINE void dense_perturb_run(const ElementArgs<T>& a, int64_t i0, int64_t 
     std::copy(w + i0, w + i1, b + i0);
     return;
   }
-  for (int64_t i = i0; i < i1; ++i) {
-    const T wi = w[i];
-    b[i] = wi;
-    w[i] = perturbed(wi, g[i], a.scale, kAdaptive);
+  for (int64_t s0 = i0; s0 < i1; s0 += kStrip) {
+    prefetch_span<kStrip * sizeof(T)>(w + s0);
+    prefetch_span<kStrip * sizeof(T)>(g + s0);
+    for (int64_t i = s0, s1 = std::min(s0 + kStrip, i1); i < s1; ++i) {
+      const T wi = w[i];
+      b[i] = wi;
+      w[i] = perturbed(wi, g[i], a.scale, kAdaptive);
+    }
   }
 }
 
