@@ -11,8 +11,9 @@ Lists (issue 15): every kernel runs over the launch table of a list of segments
 segment's addresses and size), so one launch covers any number of segments; the single-segment ops are
 lists of one.
 
-* ``radix_histogram_multi``: a persistent kernel; program ``p`` takes the table rows ``p``,
-  ``p + programs``, ..., keeps a local ``2^bits``-bin histogram (``tl.histogram``) over their tiles and
+* ``radix_histogram_multi``: a persistent kernel over tiles of ``CONFIG.histogram_tiles · CONFIG.block``
+  entries (one ``tl.histogram`` per tile); program ``p`` takes the table rows ``p``,
+  ``p + programs``, ..., keeps a local ``2^bits``-bin histogram over their tiles and
   writes it to its own row of an int32 buffer, which ``torch.sum`` adds in int64. Integer sums, so the
   result is exact and deterministic.
 * ``threshold_mask_multi``: pass A counts the eligible entries equal to the threshold per tile; an int64
@@ -149,13 +150,13 @@ def _key_flags(scores: torch.Tensor, largest: bool, filters: list[torch.Tensor |
 
 
 def _table(scores: list[torch.Tensor], filters: list[torch.Tensor | None],
-           words: list[torch.Tensor] | None) -> tuple[torch.Tensor, int, int]:
-    """The launch table of a selection list: one row per ``CONFIG.block``-entry tile of every segment,
-    then per segment its scores, filter and words addresses (0 when absent) and its size."""
+           words: list[torch.Tensor] | None, tile: int) -> tuple[torch.Tensor, int, int]:
+    """The launch table of a selection list: one row per ``tile``-entry tile of every segment, then per
+    segment its scores, filter and words addresses (0 when absent) and its size."""
     columns = [(s.data_ptr(), f.data_ptr() if f is not None else 0,
                 words[j].data_ptr() if words is not None else 0, s.numel())
                for j, (s, f) in enumerate(zip(scores, filters, strict=True))]
-    return launch_table(columns, [s.numel() for s in scores], CONFIG.block, scores[0].device)
+    return launch_table(columns, [s.numel() for s in scores], tile, scores[0].device)
 
 
 def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
@@ -164,14 +165,15 @@ def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shif
     """The sum over the list (one device and dtype; ``filters`` all None or all tensors) of
     :func:`radix_histogram`: one launch of a persistent kernel over the tiles of every segment."""
     device = scores[0].device
-    table, rows, entries_at = _table(scores, filters, None)
+    block = CONFIG.block * CONFIG.histogram_tiles
+    table, rows, entries_at = _table(scores, filters, None, block)
     if rows == 0:
         return torch.zeros(1 << bits, dtype=torch.int64, device=device)
     programs = min(rows, persistent_programs(device))
     partial = torch.empty(programs, 1 << bits, dtype=torch.int32, device=device)
     with _config.on_device(scores[0]):
         _config.launch(_histogram_kernel, (programs,), table, entries_at, rows, cdiv(rows, programs),
-                       programs, scores[0], prefix, partial, SHIFT=shift, BITS=bits, BLOCK=CONFIG.block,
+                       programs, scores[0], prefix, partial, SHIFT=shift, BITS=bits, BLOCK=block,
                        **_key_flags(scores[0], largest, filters, filter_value))
     return partial.sum(dim=0, dtype=torch.int64)
 
@@ -194,7 +196,7 @@ def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, ti
     counts per tile, then the words) over the tiles of every segment, with an int64 scan between."""
     device = scores[0].device
     words = [torch.empty(num_words(s.numel()), dtype=torch.int32, device=device) for s in scores]
-    table, rows, entries_at = _table(scores, filters, words)
+    table, rows, entries_at = _table(scores, filters, words, CONFIG.block)
     if rows == 0:
         return words, tie_quota.clamp(min=0)
     flags = _key_flags(scores[0], largest, filters, filter_value)
