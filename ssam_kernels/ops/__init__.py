@@ -46,7 +46,7 @@ try:
 except ImportError:
     _C = None
 from .bitmask import CHUNK
-from .select import Communicator, MaskList, list_offsets, select
+from .select import Communicator, MaskList, list_offsets, select, select_with_offsets
 
 __all__ = [
     "BACKENDS", "CHUNK", "Communicator", "available_backends", "bitmask", "dynamic_update",
@@ -540,7 +540,7 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
     total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
     k = _check_count("k", k, total)
     backends = [resolve_backend(backend, s.device) for s in scores]
-    return _with_offsets(select(scores, k, True, backends, comm=comm), [s.numel() for s in scores])
+    return select_with_offsets(scores, k, True, backends, comm)
 
 
 def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.device | str = "cpu", *,
