@@ -234,3 +234,15 @@ def test_without_bucket_backend_unchanged():
     for (w, o), n in zip(got, SIZES, strict=True):
         assert torch.equal(o, bitmask.offsets(w, n))
     assert sum(int(o[-1]) for _, o in got) == 100
+
+
+def test_native_bucket_mask_registered_for_cuda_only():
+    """The native ``bucket_mask_multi`` has a CUDA kernel (when built with CUDA) and no CPU one: CPU
+    selections keep the third histogram pass (the driver reads ``BUCKET_MASK_DEVICES``)."""
+    from ssam_kernels.ops import native
+    if native.unavailable_reason("cpu") is not None:
+        pytest.skip("native extension not built")
+    assert native.BUCKET_MASK_DEVICES == ("cuda",)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert not has("ssam_kernels::bucket_mask_multi", "CPU")
+    assert has("ssam_kernels::bucket_mask_multi", "CUDA") == native._C.built_with_cuda()
