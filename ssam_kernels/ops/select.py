@@ -187,14 +187,19 @@ def _resolve(candidates: torch.Tensor, need: torch.Tensor, layout: _Layout, word
     counts.index_add_(0, chunk, take.to(torch.int32))
 
 
-def _select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
-            filters: Filters | None, filter_value: bool, comm: Communicator | None
-            ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
+                   filters: Filters | None = None, filter_value: bool = True, comm: Communicator | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """:func:`select`'s words, and the selected count of every 1024-entry chunk of the list (int32,
-    chunks concatenated in list order) when the bucket path ran, else None."""
+    chunks concatenated in list order) when the mask pass wrote them (the bucket path, or ``k = 0`` on
+    one device), else None."""
     if k == 0:
-        return [torch.zeros(bitmask.num_words(s.numel()), dtype=torch.int32, device=s.device)
-                for s in scores], None
+        words = [torch.zeros(bitmask.num_words(s.numel()), dtype=torch.int32, device=s.device)
+                 for s in scores]
+        if any(s.device != scores[0].device for s in scores):
+            return words, None
+        chunks = sum(bitmask.num_chunks(s.numel()) for s in scores)
+        return words, torch.zeros(chunks, dtype=torch.int32, device=scores[0].device)
     home = scores[0].device
     filters = list(filters) if filters is not None else [None] * len(scores)
     groups, runs = _partition(scores, backends)
@@ -274,14 +279,14 @@ def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequ
     smallest scores instead (ties still earliest first). Eligible: ``filters`` is None, or the
     entry's bit in ``filters[s]`` equals ``filter_value``. The caller checks ``0 <= k <= eligible``.
     """
-    return _select(scores, k, largest, backends, filters, filter_value, comm)[0]
+    return select_counted(scores, k, largest, backends, filters, filter_value, comm)[0]
 
 
 def select_with_offsets(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
                         comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`select` without filters, with each mask's offsets: from the chunk counts of the mask pass
     when the bucket path ran (one scan), else by :func:`list_offsets`."""
-    words, counts = _select(scores, k, largest, backends, None, True, comm)
+    words, counts = select_counted(scores, k, largest, backends, None, True, comm)
     sizes = [s.numel() for s in scores]
     if counts is None:
         return list(zip(words, list_offsets(words, sizes), strict=True))
@@ -353,18 +358,15 @@ class MaskList:
         """The int32 words of each mask from :meth:`trimmed`-style values (views of one buffer)."""
         return list(bitmask.to_int32(trimmed).split(self.n_words))
 
-    def _per_chunk(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
+    def per_chunk(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Set bits below N of every 1024-entry chunk of the list (int64, chunks in list order)."""
         bits = bitmask.popcount(bitmask.to_int32(self.trimmed(words))).to(torch.int64)
         per_chunk = torch.zeros(self.total_chunks, dtype=torch.int64, device=self.device)
         return per_chunk.index_add_(0, self.chunk, bits)
 
-    def count(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Set bits below N over all masks: an int64 0-d tensor."""
-        return self._per_chunk(words).sum()
-
     def offsets(self, words: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``bitmask.offsets`` of every mask: :func:`chunk_offsets` of the per-chunk popcounts."""
-        return chunk_offsets(self._per_chunk(words), self.n_chunks)
+        return chunk_offsets(self.per_chunk(words), self.n_chunks)
 
 
 def list_offsets(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
