@@ -246,3 +246,11 @@ def test_native_bucket_mask_registered_for_cuda_only():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert not has("ssam_kernels::bucket_mask_multi", "CPU")
     assert has("ssam_kernels::bucket_mask_multi", "CUDA") == native._C.built_with_cuda()
+
+
+def test_capacity_bounds():
+    """The candidate capacity grows with N (~1/256 of the entries) between a floor and a ceiling that
+    keeps the kernels' int32 slot cursor from overflowing."""
+    assert select_module._capacity(0) == select_module.MIN_CAPACITY
+    assert select_module._capacity(1 << 30) == 1 << 22
+    assert select_module._capacity(1 << 45) == select_module.MAX_CAPACITY < 1 << 31

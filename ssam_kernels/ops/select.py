@@ -110,14 +110,16 @@ candidate's ``low << 53 | position`` fits an int64 for positions below ``2^53``)
 
 MIN_CAPACITY = 1 << 16
 CAPACITY_SHIFT = 8
-"""The bucket path runs when the prefix's bucket holds at most ``max(MIN_CAPACITY, N >> CAPACITY_SHIFT)``
-entries (``N`` all entries of the selection): its candidate buffer and their sort stay below ~0.1 byte
-per entry. A larger bucket (degenerate scores: all equal, all-zero Fisher) takes the third histogram
-pass and ``threshold_mask`` instead."""
+MAX_CAPACITY = 1 << 30
+"""The bucket path runs when the prefix's bucket holds at most
+``min(max(MIN_CAPACITY, N >> CAPACITY_SHIFT), MAX_CAPACITY)`` entries (``N`` all entries of the
+selection): its candidate buffer (8 B per candidate) and their sort stay below ~0.1 byte per entry, and
+the kernels' int32 slot cursor cannot overflow. A larger bucket (degenerate scores: all equal, all-zero
+Fisher) takes the third histogram pass and ``threshold_mask`` instead."""
 
 
 def _capacity(total: int) -> int:
-    return max(MIN_CAPACITY, total >> CAPACITY_SHIFT)
+    return min(max(MIN_CAPACITY, total >> CAPACITY_SHIFT), MAX_CAPACITY)
 
 
 def _bucket_ready(scores: Sequence[torch.Tensor], backends: Sequence[ModuleType],

@@ -20,6 +20,10 @@ lists of one.
   ``torch.cumsum`` over the tiles in list order gives the ties before each tile; pass B assigns every tie
   its rank in list order, keeps ``key > threshold`` and ties with rank ``< tie_quota``, and packs 32 bits
   per word. Entries at or past ``N`` are never selected, so bits past ``N`` are 0.
+* ``bucket_mask_multi`` (the driver's bucket path): one launch over the tiles; per tile the words decided
+  by the key bits at and above ``shift``, an atomic add of their count per 1024-entry chunk, and the
+  tile's undecided entries appended to the candidate buffer at one atomic cursor add per tile (slots by
+  an in-tile scan).
 
 These run during a mask update, which synchronises with the host anyway (the driver reads counts), so
 they are plain functions rather than registered ops.
