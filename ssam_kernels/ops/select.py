@@ -1,15 +1,24 @@
 """Exact-k selection over several segments (and ranks), composed from two backend primitives.
 
 Every score maps to an order-preserving unsigned 32-bit key (``reference.score_keys``). The k-th
-largest key ``t`` is found digit by digit, most significant first, in ``len(PASSES)`` passes: each pass
+largest key ``t`` is found digit by digit, most significant first, in up to ``len(PASSES)`` passes: each pass
 histograms the next digit of the keys that agree with the digits found so far (``radix_histogram``),
 adds the histograms of all segments (and, through ``comm``, of all ranks), and picks the digit where the
 count from the top reaches the number still to select. After the last pass ``t`` is known, ``need`` is
 how many entries equal to ``t`` must still be taken, and the last pass's bucket of ``t`` holds this
 rank's entries equal to ``t``. Ties are handed out in entry order (ranks, segments, index) by the pass
 that writes the masks (``threshold_mask``), which takes the first ``quota`` ties of its segments and
-says how much of the quota is left for the segments after them. No sort, no index arrays; counts are
-int64 device tensors, so nothing synchronises with the host and sizes past 2^31 are fine.
+says how much of the quota is left for the segments after them. No sort of the scores, no index arrays;
+counts are int64 device tensors, and sizes past 2^31 are fine.
+
+The bucket path (issue 14; one rank, one device, backends with ``bucket_mask_multi``: Triton, native
+CUDA) stops after two passes: the 22-bit prefix then decides every entry but its own bucket, so one mask
+pass writes the decided entries and each chunk's count of them and collects the bucket's entries as
+int64 candidates ``(low key bits complemented) << 53 | position``; sorting the candidates puts them in
+selection order, the first ``need`` are added (:func:`_resolve`), and the offsets are a scan of the
+chunk counts. Fp32 scores are read three times instead of four or five. The bucket's size, read once
+on the host, picks the path and sizes the candidate buffer; a bucket above :func:`_capacity` takes the
+third pass.
 
 Lists (issue 15): a backend may offer the list forms ``radix_histogram_multi`` and
 ``threshold_mask_multi`` (:class:`ListBackend`); then each histogram pass is one call per (device, score
