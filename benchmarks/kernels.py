@@ -33,12 +33,14 @@ import torch
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask
-from ssam_kernels.ops.select import PASSES
 
 from . import baselines, harness
 
-SELECT_PASSES = len(PASSES) + 1
-"""Passes over the scores of one exact-k selection: the radix histogram passes plus the mask pass."""
+SELECT_PASSES = 3
+"""Passes over the scores of one exact-k selection on the bucket path (``ssam_kernels.ops.select``; the
+GPU backends): two radix histogram passes plus the mask pass, which also writes the chunk counts. A
+bucket past the capacity (degenerate scores) adds the third histogram pass and a tie-count pass; the
+backends without ``bucket_mask_multi`` (CPU) always run those, 4-5 passes."""
 
 BYTES_PER_ENTRY_ESTIMATE = 56
 """Peak bytes per entry of one size's inputs plus the largest case's temporaries (fp32: W, G, F, |G|,
@@ -51,7 +53,7 @@ def op_bytes(op: str, n: int, k: int, elem: int, masked: bool = True) -> int:
 
     With ``M = 4·⌈N/32⌉`` (mask words), ``O = 8·(⌈N/1024⌉ + 1)`` (offsets; ``M = O = 0`` when not
     ``masked``: the dense ``mask=None`` form of perturb_/restore_, with ``k = n``), ``e = elem``, and
-    ``P = SELECT_PASSES`` (4: three radix-histogram passes and the mask-writing pass):
+    ``P = SELECT_PASSES`` (3: two radix-histogram passes and the mask-writing pass):
 
     ======================  ==============================================  ===================
     op                      reads                                           writes

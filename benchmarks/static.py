@@ -82,7 +82,7 @@ KERNEL_CLASSES: tuple[KernelClass, ...] = (
     KernelClass(r"perturb", "perturb_", True, FLOAT),
     KernelClass(r"restore", "restore_", True, FLOAT),
     KernelClass(r"fisher", "fisher_accumulate_", True, FLOAT),
-    KernelClass(r"histogram|tie_count|threshold", "select_topk", False, SCORES),
+    KernelClass(r"histogram|tie_count|threshold|bucket_mask", "select_topk", False, SCORES),
     KernelClass(r"hash", "hash_scores", False, ("int32",)),
 )
 UNCLASSIFIED = KernelClass("", "?", False, ())
@@ -332,6 +332,9 @@ class Inputs:
         self.scale = torch.tensor(0.05, dtype=torch.float32)
         self.scores = torch.ones(self.n, dtype=dtypes[self.dtype])
         self.prefix, self.threshold, self.quota = (torch.zeros((), dtype=torch.int64) for _ in range(3))
+        self.counts = torch.zeros(bitmask.num_chunks(self.n), dtype=torch.int32)
+        self.candidates = torch.zeros(1024, dtype=torch.int64)
+        self.cursor = torch.zeros(1, dtype=torch.int32)
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,11 @@ TRITON_CASES: tuple[Case, ...] = (
     Case("radix_histogram filtered", SCORES,
          lambda T, t: T.radix_histogram(t.scores, t.prefix, 21, 11, True, t.mask, False)),
     Case("threshold_mask", SCORES, lambda T, t: T.threshold_mask(t.scores, t.threshold, t.quota, True)),
+    # The bucket path's mask pass (ssam_kernels.ops.select: shift BUCKET_SHIFT = 10).
+    Case("bucket_mask", SCORES, lambda T, t: T.bucket_mask_multi(
+        [t.scores], t.prefix, 10, True, [None], True, [t.mask], [t.counts], [0], t.candidates, t.cursor)),
+    Case("bucket_mask filtered", SCORES, lambda T, t: T.bucket_mask_multi(
+        [t.scores], t.prefix, 10, True, [t.mask], False, [t.mask], [t.counts], [0], t.candidates, t.cursor)),
     Case("hash_scores", ("int32",), lambda T, t: T.hash_scores(t.n, 0, 1, 0, t.device)),
 )
 

@@ -819,6 +819,8 @@ void fisher_accumulate_multi_cuda(at::TensorList F, at::TensorList G, double alp
 constexpr int kColScores = kColG;
 constexpr int kColFilter = kColMask;
 constexpr int kColWords = kColBackup;
+constexpr int kColCounts = kColOffsets;  // bucket_mask: the segment's int32 count per chunk
+constexpr int kColStart = kColW;         // bucket_mask: the segment's first entry position
 constexpr int kKeyLoads = 8;  // score loads in flight per lane
 
 // The chunk c of the table as a selection kernel sees it.
@@ -828,13 +830,16 @@ struct ScoreChunk {
   const int32_t* filter;
   int32_t* words;
   int64_t n, first;  // entries of the segment; the chunk's first entry in it
+  int32_t* counts;   // bucket_mask only (else null)
+  int64_t start;     // bucket_mask only: the segment's first entry position
 };
 
 template <typename T>
 __device__ ScoreChunk<T> score_chunk(const ListTable& t, int64_t c) {
   const Row row = row_of(t, c);
   return {column_ptr<const T>(row, kColScores), column_ptr<const int32_t>(row, kColFilter),
-          column_ptr<int32_t>(row, kColWords), row.col[kColN], row.local * kChunk};
+          column_ptr<int32_t>(row, kColWords), row.col[kColN], row.local * kChunk,
+          column_ptr<int32_t>(row, kColCounts), row.col[kColStart]};
 }
 
 // Calls fn(k, i, key, ok) for the 32 entries i = first + 32·k + lane of the lane's chunk, the keys loaded
@@ -931,6 +936,47 @@ __global__ void threshold_write_list_kernel(ListTable t, const int64_t* threshol
   }
 }
 
+// The mask pass of the bucket path (ssam_kernels/ops/select.py): each warp writes its chunk's 32 words
+// with the eligible entries whose key is above the bucket (key >> shift > prefix >> shift) and their
+// count, and appends the eligible entries in the bucket to `candidates`: per 32 entries one atomicAdd on
+// the cursor by the first lane, a ballot prefix for each candidate's slot. A candidate is
+// (2^shift - 1 - low key bits) << 53 | position, so ascending candidates are in selection order (key
+// descending, then entry order); slots at or past `capacity` are counted, not written.
+template <typename T>
+__global__ void bucket_mask_list_kernel(ListTable t, const int64_t* prefix, int shift, bool largest, bool filter_value,
+                                        int64_t* candidates, int64_t capacity, int32_t* cursor) {
+  const int lane = lane_id();
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const uint32_t bucket = static_cast<uint32_t>(*prefix) >> shift;
+  const uint32_t low = (1u << shift) - 1u;
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; c < t.chunks; c += warps) {
+    const ScoreChunk<T> ch = score_chunk<T>(t, c);
+    uint32_t mine = 0;
+    int selected = 0;
+    for_chunk_keys(ch, largest, filter_value, [&](int k, uint32_t key, bool ok) {
+      const uint32_t word = __ballot_sync(kFullWarp, ok && (key >> shift) > bucket);
+      const bool undecided = ok && (key >> shift) == bucket;
+      const uint32_t undecided_lanes = __ballot_sync(kFullWarp, undecided);
+      if (undecided_lanes != 0) {  // warp-uniform
+        int32_t first = 0;
+        if (lane == 0) first = atomicAdd(cursor, __popc(undecided_lanes));
+        first = __shfl_sync(kFullWarp, first, 0);
+        const int64_t slot = static_cast<int64_t>(first) + __popc(undecided_lanes & lanes_below);
+        if (undecided && slot < capacity) {
+          const int64_t position = ch.start + ch.first + k * 32 + lane;
+          candidates[slot] = (static_cast<int64_t>(low - (key & low)) << 53) | position;
+        }
+      }
+      selected += __popc(word);
+      if (lane == k) mine = word;
+    });
+    const int64_t w = ch.first / 32 + lane;
+    if (w < (ch.n + 31) / 32) ch.words[w] = static_cast<int32_t>(mine);
+    if (lane == 0) ch.counts[ch.first / kChunk] = selected;
+  }
+}
+
 // The table of a selection list: scores, filter and (threshold_mask) output words per segment.
 std::vector<int64_t> score_rows(at::TensorList scores, const std::vector<const int32_t*>& filter,
                                 const std::vector<at::Tensor>* words) {
@@ -1009,6 +1055,33 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> threshold_mask_multi_cuda(at::Te
   return {words, at::clamp_min(tie_quota - ties_end[-1], 0)};
 }
 
+void bucket_mask_multi_cuda(at::TensorList scores, const at::Tensor& prefix, int64_t shift, bool largest,
+                            const OptionalTensors& filters, bool filter_value, at::TensorList words,
+                            at::TensorList counts, at::IntArrayRef starts, const at::Tensor& candidates,
+                            const at::Tensor& cursor) {
+  const std::vector<const int32_t*> filter = check_selection_list(scores, filters, {{"prefix", &prefix}});
+  check_bucket_mask_args(scores, shift, words, counts, starts, candidates, cursor);
+  if (scores.empty()) return;
+  const c10::cuda::CUDAGuard guard(prefix.device());
+  const std::vector<at::Tensor> word_list(words.begin(), words.end());
+  std::vector<int64_t> rows = score_rows(scores, filter, &word_list);
+  for (size_t j = 0; j < scores.size(); ++j) {
+    rows[j * kColumns + kColCounts] = address(counts[j]);
+    rows[j * kColumns + kColStart] = starts[j];
+  }
+  at::Tensor keep;
+  const ListTable table = upload_table(rows, scores[0].device(), keep);
+  if (table.chunks == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(scores[0].scalar_type(), "scores", true, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    bucket_mask_list_kernel<T><<<selection_blocks(table.chunks), kThreads, 0, stream>>>(
+        table, prefix.data_ptr<int64_t>(), static_cast<int>(shift), largest, filter_value,
+        candidates.data_ptr<int64_t>(), candidates.numel(), cursor.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor radix_histogram_cuda(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
                                 bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
   check_radix_histogram_args(scores, prefix, shift, bits);
@@ -1039,5 +1112,6 @@ TORCH_LIBRARY_IMPL(ssam_kernels, CUDA, m) {
   m.impl("threshold_mask", &ssam::threshold_mask_cuda);
   m.impl("radix_histogram_multi", &ssam::radix_histogram_multi_cuda);
   m.impl("threshold_mask_multi", &ssam::threshold_mask_multi_cuda);
+  m.impl("bucket_mask_multi", &ssam::bucket_mask_multi_cuda);
   m.impl("hash_fill_", &ssam::hash_fill_cuda);
 }

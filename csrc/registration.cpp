@@ -32,6 +32,11 @@ TORCH_LIBRARY(ssam_kernels, m) {
         "Tensor?[] filters, bool filter_value) -> Tensor");
   m.def("threshold_mask_multi(Tensor[] scores, Tensor threshold, Tensor tie_quota, bool largest, "
         "Tensor?[] filters, bool filter_value) -> (Tensor[], Tensor)");
+  // The bucket path's mask pass (ssam_kernels/ops/select.py; CUDA only): decided words and per-chunk
+  // counts written, undecided entries appended to the candidates at the cursor.
+  m.def("bucket_mask_multi(Tensor[] scores, Tensor prefix, int shift, bool largest, Tensor?[] filters, "
+        "bool filter_value, Tensor(a!)[] words, Tensor(b!)[] counts, int[] starts, Tensor(c!) candidates, "
+        "Tensor(d!) cursor) -> ()");
   // hash_scores as an out= op: a factory op without tensor arguments would have no device to dispatch on.
   m.def("hash_fill_(Tensor(a!) out, int seed, int step, int base) -> ()");
 }

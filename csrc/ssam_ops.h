@@ -232,6 +232,32 @@ inline std::vector<const int32_t*> check_selection_list(at::TensorList scores, c
   return filter_ptrs;
 }
 
+// bucket_mask_multi (CUDA only; the selection driver's bucket path): words[j] / counts[j] the int32 mask
+// words / per-chunk counts of scores[j], starts[j] its first entry position (positions stay below 2^53,
+// the candidates' position field), shift <= 10 (the low key bits above the position field), an int64
+// candidate buffer and an int32 one-entry cursor on the scores' device. Call after check_selection_list.
+inline void check_bucket_mask_args(at::TensorList scores, int64_t shift, at::TensorList words, at::TensorList counts,
+                                   at::IntArrayRef starts, const at::Tensor& candidates, const at::Tensor& cursor) {
+  check_list_lengths(scores.size(), {{"words", words.size()}, {"counts", counts.size()}, {"starts", starts.size()}});
+  TORCH_CHECK_VALUE(shift >= 0 && shift <= 10, "shift: expected 0 <= shift <= 10, got ", shift);
+  for (size_t j = 0; j < scores.size(); ++j) {
+    const int64_t n = scores[j].numel();
+    check_vector(words[j], "words", scores[j]);
+    TORCH_CHECK_VALUE(words[j].scalar_type() == at::kInt && words[j].numel() == num_words(n), "words[", j,
+                      "]: expected ", num_words(n), " int32 words");
+    check_vector(counts[j], "counts", scores[j]);
+    TORCH_CHECK_VALUE(counts[j].scalar_type() == at::kInt && counts[j].numel() == num_chunks(n), "counts[", j,
+                      "]: expected ", num_chunks(n), " int32 counts");
+    TORCH_CHECK_VALUE(starts[j] >= 0 && starts[j] <= (int64_t{1} << 53) - n, "starts[", j,
+                      "]: expected a position in [0, 2^53 - N]");
+  }
+  if (scores.empty()) return;
+  check_vector(candidates, "candidates", scores[0]);
+  TORCH_CHECK_VALUE(candidates.scalar_type() == at::kLong, "candidates: expected int64");
+  check_vector(cursor, "cursor", scores[0]);
+  TORCH_CHECK_VALUE(cursor.scalar_type() == at::kInt && cursor.numel() == 1, "cursor: expected one int32");
+}
+
 inline void check_hash_fill_args(const at::Tensor& out, int64_t base) {
   check_vector(out, "out", out);
   TORCH_CHECK(out.scalar_type() == at::kInt, "out: expected int32");

@@ -249,8 +249,9 @@ def test_triton_launches_per_step_independent_of_parameter_count(monkeypatch, sp
         return sorted(launches)
     few, many = per_step(10), per_step(200)
     assert few == many
-    # With a mask, building it (RandomMask: select_topk) adds the selection launches (also list launches).
-    selection = 3 * ["_histogram_kernel"] + ["_tie_count_kernel", "_threshold_mask_kernel"]
+    # With a mask, building it (RandomMask: select_topk) adds the selection launches (also list launches):
+    # the bucket path's two histogram passes and its mask pass.
+    selection = 2 * ["_histogram_kernel"] + ["_bucket_mask_kernel"]
     if not sparsity:
         selection = []
     assert few == sorted(2 * ["_sq_norm_kernel", "_perturb_kernel", "_restore_kernel"] + selection)

@@ -193,7 +193,10 @@ def _record_launches(monkeypatch: pytest.MonkeyPatch) -> tuple[set[str], list[tu
     ops.perturb_(W, G, mask, offsets, backup, torch.tensor(0.5, device=DEVICE), backend="triton")
     ops.restore_(W, mask, offsets, backup, backend="triton")
     ops.fisher_accumulate_(W, G, 0.25, backend="triton")
-    ops.dynamic_update([mask], [G], 100, "random", 1, 2, backend="triton")
+    ops.dynamic_update([mask], [G], 100, "random", 1, 2, backend="triton")  # the bucket path
+    # A bucket past the capacity: the third histogram pass, the tie count and threshold_mask.
+    monkeypatch.setattr(sys.modules["ssam_kernels.ops.select"], "MIN_CAPACITY", 0)
+    ops.select_topk([torch.zeros(3000, device=DEVICE)], 100, backend="triton")
     return set(kernels), launches
 
 

@@ -46,7 +46,7 @@ try:
 except ImportError:
     _C = None
 from .bitmask import CHUNK
-from .select import Communicator, MaskList, list_offsets, select
+from .select import Communicator, MaskList, chunk_offsets, list_offsets, select_counted, select_with_offsets
 
 __all__ = [
     "BACKENDS", "CHUNK", "Communicator", "available_backends", "bitmask", "dynamic_update",
@@ -540,7 +540,7 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
     total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
     k = _check_count("k", k, total)
     backends = [resolve_backend(backend, s.device) for s in scores]
-    return _with_offsets(select(scores, k, True, backends, comm=comm), [s.numel() for s in scores])
+    return select_with_offsets(scores, k, True, backends, comm)
 
 
 def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.device | str = "cpu", *,
@@ -581,7 +581,8 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     # read no filter bit past N). Several masks on one device are counted and combined in a few ops.
     batch = MaskList.of(masks, sizes)
     if batch is not None:
-        live_count = batch.count(masks).view(1)
+        live_per_chunk = batch.per_chunk(masks)
+        live_count = live_per_chunk.sum().view(1)
     else:
         masks = [bitmask.trim(m, s.numel()) for m, s in zip(masks, drop_scores, strict=True)]
         live_count = torch.stack([bitmask.count(m).to(home) for m in masks]).sum().view(1)
@@ -606,12 +607,17 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
             raise ValueError(f"grow: expected {len(drop_scores)} tensors, got {len(grow_scores)}")
         for i, (g, s) in enumerate(zip(grow_scores, drop_scores, strict=True)):
             _check_like(f"grow[{i}]", g, f"drop_scores[{i}]", s, dtype=False)
-    dropped = select(drop_scores, n_drop, False, backends, masks, True, comm)
-    grown = select(grow_scores, n_drop, True, backends, masks, False, comm)
+    dropped, dropped_per_chunk = select_counted(drop_scores, n_drop, False, backends, masks, True, comm)
+    grown, grown_per_chunk = select_counted(grow_scores, n_drop, True, backends, masks, False, comm)
     if batch is None:
         return _with_offsets([(m & ~d) | g for m, d, g in zip(masks, dropped, grown, strict=True)], sizes)
     new = batch.split(batch.trimmed(masks) & ~batch.trimmed(dropped) | batch.trimmed(grown))
-    return list(zip(new, batch.offsets(new), strict=True))
+    if dropped_per_chunk is None or grown_per_chunk is None:
+        return list(zip(new, batch.offsets(new), strict=True))
+    # Dropped entries were live and grown ones dead: each chunk's new count is a difference of counts
+    # the mask passes wrote, so the new words need no popcount.
+    per_chunk = live_per_chunk - dropped_per_chunk + grown_per_chunk
+    return list(zip(new, chunk_offsets(per_chunk, batch.n_chunks), strict=True))
 
 
 def _grow_hashes(backends: list[ModuleType], sizes: list[int], positions: list[int], seed: int, step: int,

@@ -171,6 +171,20 @@ def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, ti
                                                        filter_value)
 
 
+BUCKET_MASK_DEVICES = ("cuda",)
+"""Device types :func:`bucket_mask_multi` has kernels for (CPU tensors keep the third histogram pass and
+``threshold_mask``)."""
+
+
+def bucket_mask_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
+                      filters: list[torch.Tensor | None], filter_value: bool, words: list[torch.Tensor],
+                      counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
+                      cursor: torch.Tensor) -> None:
+    """The bucket path's mask pass (:class:`ssam_kernels.ops.select.BucketBackend`), in one launch."""
+    torch.ops.ssam_kernels.bucket_mask_multi(scores, prefix, shift, largest, filters, filter_value, words,
+                                             counts, starts, candidates, cursor)
+
+
 def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
     """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
     (``reference.hash_scores``)."""
@@ -263,6 +277,13 @@ if _C is not None:
                                    filter_value: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
         return ([s.new_empty(bitmask.num_words(s.numel()), dtype=torch.int32) for s in scores],
                 tie_quota.new_empty(()))
+
+    @torch.library.register_fake("ssam_kernels::bucket_mask_multi")
+    def _bucket_mask_multi_fake(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
+                                filters: list[torch.Tensor | None], filter_value: bool,
+                                words: list[torch.Tensor], counts: list[torch.Tensor], starts: list[int],
+                                candidates: torch.Tensor, cursor: torch.Tensor) -> None:
+        return None
 
     @torch.library.register_fake("ssam_kernels::hash_fill_")
     def _hash_fill_fake(out: torch.Tensor, seed: int, step: int, base: int) -> None:

@@ -1,15 +1,24 @@
 """Exact-k selection over several segments (and ranks), composed from two backend primitives.
 
 Every score maps to an order-preserving unsigned 32-bit key (``reference.score_keys``). The k-th
-largest key ``t`` is found digit by digit, most significant first, in ``len(PASSES)`` passes: each pass
+largest key ``t`` is found digit by digit, most significant first, in up to ``len(PASSES)`` passes: each pass
 histograms the next digit of the keys that agree with the digits found so far (``radix_histogram``),
 adds the histograms of all segments (and, through ``comm``, of all ranks), and picks the digit where the
 count from the top reaches the number still to select. After the last pass ``t`` is known, ``need`` is
 how many entries equal to ``t`` must still be taken, and the last pass's bucket of ``t`` holds this
 rank's entries equal to ``t``. Ties are handed out in entry order (ranks, segments, index) by the pass
 that writes the masks (``threshold_mask``), which takes the first ``quota`` ties of its segments and
-says how much of the quota is left for the segments after them. No sort, no index arrays; counts are
-int64 device tensors, so nothing synchronises with the host and sizes past 2^31 are fine.
+says how much of the quota is left for the segments after them. No sort of the scores, no index arrays;
+counts are int64 device tensors, and sizes past 2^31 are fine.
+
+The bucket path (issue 14; one rank, one device, backends with ``bucket_mask_multi``: Triton, native
+CUDA) stops after two passes: the 22-bit prefix then decides every entry but its own bucket, so one mask
+pass writes the decided entries and each chunk's count of them and collects the bucket's entries as
+int64 candidates ``(low key bits complemented) << 53 | position``; sorting the candidates puts them in
+selection order, the first ``need`` are added (:func:`_resolve`), and the offsets are a scan of the
+chunk counts. Fp32 scores are read three times instead of four or five. The bucket's size, read once
+on the host, picks the path and sizes the candidate buffer; a bucket above :func:`_capacity` takes the
+third pass.
 
 Lists (issue 15): a backend may offer the list forms ``radix_histogram_multi`` and
 ``threshold_mask_multi`` (:class:`ListBackend`); then each histogram pass is one call per (device, score
@@ -104,29 +113,116 @@ def _partition(scores: Sequence[torch.Tensor], backends: Sequence[ModuleType]
     return list(groups.values()), runs
 
 
-def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
-           filters: Filters | None = None, filter_value: bool = True,
-           comm: Communicator | None = None) -> list[torch.Tensor]:
-    """Mask words, one per segment, with exactly ``k`` eligible entries set in total (over all ranks).
+BUCKET_SHIFT = PASSES[1][0]
+"""Key bits below the two-pass prefix: the bucket path resolves them on the candidates (10 bits, so a
+candidate's ``low << 53 | position`` fits an int64 for positions below ``2^53``)."""
 
-    Selected: every eligible entry whose key is above the k-th largest eligible key ``t``, then
-    eligible entries equal to ``t`` in entry order until ``k``. ``largest=False`` selects the
-    smallest scores instead (ties still earliest first). Eligible: ``filters`` is None, or the
-    entry's bit in ``filters[s]`` equals ``filter_value``. The caller checks ``0 <= k <= eligible``.
-    """
+MIN_CAPACITY = 1 << 16
+CAPACITY_SHIFT = 8
+MAX_CAPACITY = 1 << 30
+"""The bucket path runs when the prefix's bucket holds at most
+``min(max(MIN_CAPACITY, N >> CAPACITY_SHIFT), MAX_CAPACITY)`` entries (``N`` all entries of the
+selection): its candidate buffer (8 B per candidate) and their sort stay below ~0.1 byte per entry, and
+the kernels' int32 slot cursor cannot overflow. A larger bucket (degenerate scores: all equal, all-zero
+Fisher) takes the third histogram pass and ``threshold_mask`` instead."""
+
+
+def _capacity(total: int) -> int:
+    return min(max(MIN_CAPACITY, total >> CAPACITY_SHIFT), MAX_CAPACITY)
+
+
+def _bucket_ready(scores: Sequence[torch.Tensor], backends: Sequence[ModuleType],
+                  comm: Communicator | None) -> bool:
+    """Whether the bucket path serves: one rank, one device, and every backend's ``bucket_mask_multi``
+    runs on it (:class:`BucketBackend`)."""
+    if comm is not None or any(s.device != scores[0].device for s in scores):
+        return False
+    return all(getattr(b, "bucket_mask_multi", None) is not None
+               and scores[0].device.type in getattr(b, "BUCKET_MASK_DEVICES", ()) for b in set(backends))
+
+
+class BucketBackend(Protocol):
+    """The mask pass of the bucket path (optional; a backend without it serves through the third
+    histogram pass and ``threshold_mask``)."""
+
+    BUCKET_MASK_DEVICES: tuple[str, ...]
+
+    def bucket_mask_multi(self, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
+                          filters: Filters, filter_value: bool, words: list[torch.Tensor],
+                          counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
+                          cursor: torch.Tensor) -> None:
+        """Writes ``words[s]`` (eligible entries with ``key >> shift > prefix >> shift``), adds their
+        count per 1024-entry chunk to ``counts[s]`` (int32) and appends each eligible entry with
+        ``key >> shift == prefix >> shift`` to ``candidates`` (int64) at ``cursor`` (int32, one entry;
+        slots at or past ``candidates.numel()`` counted, not written) as
+        ``(2^shift - 1 - (key & (2^shift - 1))) << 53 | (starts[s] + index)``, in any order."""
+
+
+class _Layout:
+    """Where each segment's words, chunks and entries start in the concatenation of a list's masks."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.sizes = list(sizes)
+        self.n_words = [bitmask.num_words(n) for n in sizes]
+        self.n_chunks = [bitmask.num_chunks(n) for n in sizes]
+        self.word_start = _starts(self.n_words)
+        self.chunk_start = _starts(self.n_chunks)
+        self.entry_start = _starts(self.sizes)
+
+
+def _starts(counts: Sequence[int]) -> list[int]:
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
+
+
+def _resolve(candidates: torch.Tensor, need: torch.Tensor, layout: _Layout, words: torch.Tensor,
+             counts: torch.Tensor) -> None:
+    """ORs the first ``need`` candidates in selection order (ascending values: key descending, then
+    entry position) into ``words`` (all masks' words concatenated) and adds them to ``counts`` (all
+    chunks). Every op is over the candidates only."""
+    device = candidates.device
+    ordered = torch.sort(candidates).values
+    take = torch.arange(ordered.numel(), device=device) < need
+    position = ordered & ((1 << 53) - 1)
+    entry_start = torch.tensor(layout.entry_start[:-1], device=device)
+    segment = torch.searchsorted(entry_start, position, right=True) - 1  # empty segments own no position
+    index = position - entry_start[segment]
+    word = torch.tensor(layout.word_start[:-1], device=device)[segment] + index // 32
+    chunk = torch.tensor(layout.chunk_start[:-1], device=device)[segment] + index // bitmask.CHUNK
+    # Each candidate's bit is 0 in its word and distinct from the others': adding them is OR-ing them,
+    # and no int32 sum overflows.
+    bits = bitmask.to_int32(torch.where(take, torch.ones_like(index) << (index % 32), 0))
+    words.index_add_(0, word, bits)
+    counts.index_add_(0, chunk, take.to(torch.int32))
+
+
+def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
+                   filters: Filters | None = None, filter_value: bool = True, comm: Communicator | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """:func:`select`'s words, and the selected count of every 1024-entry chunk of the list (int32,
+    chunks concatenated in list order) when the mask pass wrote them (the bucket path, or ``k = 0`` on
+    one device), else None."""
     if k == 0:
-        return [torch.zeros(bitmask.num_words(s.numel()), dtype=torch.int32, device=s.device)
-                for s in scores]
+        words = [torch.zeros(bitmask.num_words(s.numel()), dtype=torch.int32, device=s.device)
+                 for s in scores]
+        if any(s.device != scores[0].device for s in scores):
+            return words, None
+        chunks = sum(bitmask.num_chunks(s.numel()) for s in scores)
+        return words, torch.zeros(chunks, dtype=torch.int32, device=scores[0].device)
     home = scores[0].device
     filters = list(filters) if filters is not None else [None] * len(scores)
     groups, runs = _partition(scores, backends)
+    sizes = [s.numel() for s in scores]
+    bucket_path = _bucket_ready(scores, backends, comm)
 
     def pick(items: Sequence, index: list[int]) -> list:
         return list(items) if len(index) == len(items) else [items[i] for i in index]
 
     prefix = torch.zeros((), dtype=torch.int64, device=home)
     need = torch.full((), k, dtype=torch.int64, device=home)
-    for shift, bits in PASSES:
+    for number, (shift, bits) in enumerate(PASSES):
         local = None
         for backend, index in groups:
             device = scores[index[0]].device
@@ -142,6 +238,12 @@ def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequ
         above = torch.cat([at_or_above, at_or_above.new_zeros(1)]).gather(0, (digit + 1).view(1))[0]
         need = need - above
         prefix = prefix | (digit << shift)
+        if number == 1 and bucket_path:
+            # The one host read of the selection: the bucket's size decides the path and sizes the
+            # candidate buffer exactly (this rank's bucket: the bucket path runs on one rank only).
+            bucket = int(local.gather(0, digit.view(1))[0])
+            if bucket <= _capacity(sum(sizes)):
+                return _bucket_pass(scores, prefix, need, bucket, largest, runs, pick, filters, filter_value)
     # `need` ties over all ranks in rank order: this rank's quota starts after the earlier ranks' ties
     # (its own are the last pass's bucket of the threshold's digit).
     quota = need
@@ -154,7 +256,70 @@ def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequ
                                       largest, pick(filters, index), filter_value)
         for i, w in zip(index, run_words, strict=True):
             words[i] = w
-    return words
+    return words, None
+
+
+def _bucket_pass(scores: Sequence[torch.Tensor], prefix: torch.Tensor, need: torch.Tensor, bucket: int,
+                 largest: bool, runs: list[tuple[ModuleType, list[int]]], pick, filters: list,
+                 filter_value: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The mask pass of the bucket path: every entry decided by the key bits at and above
+    :data:`BUCKET_SHIFT` written, the ``bucket`` undecided ones collected as candidates, and the first
+    ``need`` of them in selection order added (:func:`_resolve`)."""
+    device = scores[0].device
+    layout = _Layout([s.numel() for s in scores])
+    words = torch.empty(layout.word_start[-1], dtype=torch.int32, device=device)
+    counts = torch.zeros(layout.chunk_start[-1], dtype=torch.int32, device=device)
+    word_views, count_views = words.split(layout.n_words), counts.split(layout.n_chunks)
+    candidates = torch.empty(bucket, dtype=torch.int64, device=device)
+    cursor = torch.zeros(1, dtype=torch.int32, device=device)
+    for backend, index in runs:
+        backend.bucket_mask_multi(pick(scores, index), prefix, BUCKET_SHIFT, largest, pick(filters, index),
+                                  filter_value, pick(word_views, index), pick(count_views, index),
+                                  pick(layout.entry_start, index), candidates, cursor)
+    _resolve(candidates, need, layout, words, counts)
+    return list(word_views), counts
+
+
+def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
+           filters: Filters | None = None, filter_value: bool = True,
+           comm: Communicator | None = None) -> list[torch.Tensor]:
+    """Mask words, one per segment, with exactly ``k`` eligible entries set in total (over all ranks).
+
+    Selected: every eligible entry whose key is above the k-th largest eligible key ``t``, then
+    eligible entries equal to ``t`` in entry order until ``k``. ``largest=False`` selects the
+    smallest scores instead (ties still earliest first). Eligible: ``filters`` is None, or the
+    entry's bit in ``filters[s]`` equals ``filter_value``. The caller checks ``0 <= k <= eligible``.
+    """
+    return select_counted(scores, k, largest, backends, filters, filter_value, comm)[0]
+
+
+def select_with_offsets(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
+                        comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`select` without filters, with each mask's offsets: from the chunk counts of the mask pass
+    when the bucket path ran (one scan), else by :func:`list_offsets`."""
+    words, counts = select_counted(scores, k, largest, backends, None, True, comm)
+    sizes = [s.numel() for s in scores]
+    if counts is None:
+        return list(zip(words, list_offsets(words, sizes), strict=True))
+    return list(zip(words, chunk_offsets(counts, [bitmask.num_chunks(n) for n in sizes]), strict=True))
+
+
+def chunk_offsets(per_chunk: torch.Tensor, n_chunks: Sequence[int]) -> list[torch.Tensor]:
+    """The offsets of every mask of a list from the set-bit count of each chunk (``per_chunk``: all
+    masks' chunks concatenated, ``n_chunks[s]`` for mask ``s``): a 0, then the mask's running sum; int64,
+    each a view of one buffer. A fixed number of ops over the chunks."""
+    device = per_chunk.device
+    total = per_chunk.numel()
+    counts = torch.tensor(list(n_chunks), device=device)
+    scan = torch.cumsum(per_chunk, 0, dtype=torch.int64)
+    first = torch.repeat_interleave(torch.tensor(_starts(n_chunks)[:-1], device=device), counts,
+                                    output_size=total)
+    within = scan - (scan - per_chunk).gather(0, first)
+    # Mask s's offsets are entries chunk_start[s] + s ... of the output: a 0, then its scan.
+    owner = torch.repeat_interleave(torch.arange(len(n_chunks), device=device), counts, output_size=total)
+    out = torch.zeros(total + len(n_chunks), dtype=torch.int64, device=device)
+    out[torch.arange(total, device=device) + owner + 1] = within
+    return list(out.split([c + 1 for c in n_chunks]))
 
 
 class MaskList:
@@ -168,22 +333,16 @@ class MaskList:
 
     def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
         self.sizes, self.device = list(sizes), device
-        self.n_words = [bitmask.num_words(n) for n in sizes]
-        self.n_chunks = [bitmask.num_chunks(n) for n in sizes]
-        words, chunks = sum(self.n_words), sum(self.n_chunks)
-        word_start, chunk_start = [0], [0]
-        for w, c in zip(self.n_words, self.n_chunks, strict=True):
-            word_start.append(word_start[-1] + w)
-            chunk_start.append(chunk_start[-1] + c)
+        layout = _Layout(sizes)
+        self.n_words, self.n_chunks = layout.n_words, layout.n_chunks
+        words = layout.word_start[-1]
         word_counts = torch.tensor(self.n_words, device=device)
-        self.chunk_counts = torch.tensor(self.n_chunks, device=device)
-        self.total_chunks = chunks
-        local = torch.arange(words, device=device) - self._per(word_start[:-1], word_counts, words)
+        self.total_chunks = layout.chunk_start[-1]
+        local = torch.arange(words, device=device) - self._per(layout.word_start[:-1], word_counts, words)
         # Bits of each word below its mask's N: all 32, except in a mask's last word.
         bits = (self._per(self.sizes, word_counts, words) - 32 * local).clamp(max=32)
         self.valid = (1 << bits) - 1
-        self.chunk = self._per(chunk_start[:-1], word_counts, words) + local // bitmask.WORDS_PER_CHUNK
-        self.first_chunk = self._per(chunk_start[:-1], self.chunk_counts, chunks)
+        self.chunk = self._per(layout.chunk_start[:-1], word_counts, words) + local // bitmask.WORDS_PER_CHUNK
 
     @staticmethod
     def of(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> MaskList | None:
@@ -210,27 +369,15 @@ class MaskList:
         """The int32 words of each mask from :meth:`trimmed`-style values (views of one buffer)."""
         return list(bitmask.to_int32(trimmed).split(self.n_words))
 
-    def _per_chunk(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
+    def per_chunk(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Set bits below N of every 1024-entry chunk of the list (int64, chunks in list order)."""
         bits = bitmask.popcount(bitmask.to_int32(self.trimmed(words))).to(torch.int64)
         per_chunk = torch.zeros(self.total_chunks, dtype=torch.int64, device=self.device)
         return per_chunk.index_add_(0, self.chunk, bits)
 
-    def count(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Set bits below N over all masks: an int64 0-d tensor."""
-        return self._per_chunk(words).sum()
-
     def offsets(self, words: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``bitmask.offsets`` of every mask: the per-chunk counts scanned over the whole list, each
-        mask's scan restarted at its first chunk (each result a view of one buffer)."""
-        per_chunk = self._per_chunk(words)
-        scan = torch.cumsum(per_chunk, 0)
-        within = scan - (scan - per_chunk).gather(0, self.first_chunk)
-        # Mask s's offsets are entries chunk_start[s] + s ... of the output: a 0, then its scan.
-        owner = torch.repeat_interleave(torch.arange(len(self.sizes), device=self.device), self.chunk_counts,
-                                        output_size=self.total_chunks)
-        out = torch.zeros(self.total_chunks + len(self.sizes), dtype=torch.int64, device=self.device)
-        out[torch.arange(self.total_chunks, device=self.device) + owner + 1] = within
-        return list(out.split([c + 1 for c in self.n_chunks]))
+        """``bitmask.offsets`` of every mask: :func:`chunk_offsets` of the per-chunk popcounts."""
+        return chunk_offsets(self.per_chunk(words), self.n_chunks)
 
 
 def list_offsets(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:

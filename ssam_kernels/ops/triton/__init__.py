@@ -1,7 +1,8 @@
 """The Triton backend: the primitives of :mod:`ssam_kernels.ops.reference`, with the same meanings.
 
 One file per op family: :mod:`.norm` (``grad_sq_norm``), :mod:`.perturb` (``perturb_``, ``restore_``),
-:mod:`.fisher` (``fisher_accumulate_``), :mod:`.radix` (``radix_histogram``, ``threshold_mask``) and
+:mod:`.fisher` (``fisher_accumulate_``), :mod:`.radix` (``radix_histogram``, ``threshold_mask``,
+``bucket_mask_multi``) and
 :mod:`.hashing` (``hash_scores``). Runs on CUDA tensors, and on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before this package is imported; slow, for tests).
 
@@ -28,9 +29,17 @@ else:
     from .hashing import hash_scores
     from .norm import grad_sq_norm, grad_sq_norm_multi
     from .perturb import perturb_, perturb_multi_, restore_, restore_multi_
-    from .radix import radix_histogram, radix_histogram_multi, threshold_mask, threshold_mask_multi
+    from .radix import (
+        BUCKET_MASK_DEVICES,
+        bucket_mask_multi,
+        radix_histogram,
+        radix_histogram_multi,
+        threshold_mask,
+        threshold_mask_multi,
+    )
 
-__all__ = ["fisher_accumulate_", "fisher_accumulate_multi_", "grad_sq_norm", "grad_sq_norm_multi",
+__all__ = ["BUCKET_MASK_DEVICES", "bucket_mask_multi", "fisher_accumulate_", "fisher_accumulate_multi_",
+           "grad_sq_norm", "grad_sq_norm_multi",
            "hash_scores", "perturb_", "perturb_multi_", "radix_histogram", "radix_histogram_multi",
            "restore_", "restore_multi_", "threshold_mask", "threshold_mask_multi", "unavailable_reason"]
 

@@ -33,6 +33,10 @@ class Config:
     """Entries per tile of the streaming kernels (norm, Fisher, radix passes, hash); a multiple of 32."""
     tiles: int
     """Tiles per program of ``grad_sq_norm`` and ``fisher_accumulate_`` (fewer, longer programs)."""
+    histogram_tiles: int
+    """Tiles (of ``block`` entries) per ``tl.histogram`` of the radix-histogram kernel: each call zeroes
+    its ``2^bits`` shared bins, counts with shared atomics and reads the bins back, so on a GPU one call
+    over 4 tiles (32 entries per thread) halves the shared-memory operations per entry."""
     programs_per_sm: int
     """Programs per streaming multiprocessor of the persistent radix-histogram kernel."""
     interpret_programs: int
@@ -40,11 +44,13 @@ class Config:
     num_warps: int
 
 
-GPU_CONFIG = Config(chunks=2, block=2048, tiles=8, programs_per_sm=4, interpret_programs=1, num_warps=8)
+GPU_CONFIG = Config(chunks=2, block=2048, tiles=8, histogram_tiles=2, programs_per_sm=4, interpret_programs=1,
+                    num_warps=8)
 """The configuration on a GPU. ``chunks=2``: the masked ``perturb_`` handles 8 entries per thread, which
 keeps it at 64 registers (fp32, 4 blocks per SM; 102 with 4 chunks); the tests also run the ops with it
 in the interpreter."""
-INTERPRETER_CONFIG = Config(chunks=16, block=1 << 14, tiles=1, programs_per_sm=1, interpret_programs=2,
+INTERPRETER_CONFIG = Config(chunks=16, block=1 << 14, tiles=1, histogram_tiles=1, programs_per_sm=1,
+                            interpret_programs=2,
                             num_warps=4)
 
 CONFIG = dataclasses.replace(INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG)

@@ -11,14 +11,19 @@ Lists (issue 15): every kernel runs over the launch table of a list of segments
 segment's addresses and size), so one launch covers any number of segments; the single-segment ops are
 lists of one.
 
-* ``radix_histogram_multi``: a persistent kernel; program ``p`` takes the table rows ``p``,
-  ``p + programs``, ..., keeps a local ``2^bits``-bin histogram (``tl.histogram``) over their tiles and
+* ``radix_histogram_multi``: a persistent kernel over tiles of ``CONFIG.histogram_tiles · CONFIG.block``
+  entries (one ``tl.histogram`` per tile); program ``p`` takes the table rows ``p``,
+  ``p + programs``, ..., keeps a local ``2^bits``-bin histogram over their tiles and
   writes it to its own row of an int32 buffer, which ``torch.sum`` adds in int64. Integer sums, so the
   result is exact and deterministic.
 * ``threshold_mask_multi``: pass A counts the eligible entries equal to the threshold per tile; an int64
   ``torch.cumsum`` over the tiles in list order gives the ties before each tile; pass B assigns every tie
   its rank in list order, keeps ``key > threshold`` and ties with rank ``< tie_quota``, and packs 32 bits
   per word. Entries at or past ``N`` are never selected, so bits past ``N`` are 0.
+* ``bucket_mask_multi`` (the driver's bucket path): one launch over the tiles; per tile the words decided
+  by the key bits at and above ``shift``, an atomic add of their count per 1024-entry chunk, and the
+  tile's undecided entries appended to the candidate buffer at one atomic cursor add per tile (slots by
+  an in-tile scan).
 
 These run during a mask update, which synchronises with the host anyway (the driver reads counts), so
 they are plain functions rather than registered ops.
@@ -60,17 +65,24 @@ def _score_keys(scores_ptr, filter_ptr, index, N, LARGEST: tl.constexpr, INT_SCO
     return key, eligible
 
 
+COLUMNS = 6
+"""Launch-table columns per segment: scores, filter, words and counts addresses, N, entry position."""
+_COLUMNS = tl.constexpr(COLUMNS)
+
+
 @triton.jit
 def _table_segment(table_ptr, ENTRIES_AT, row, scores_like):
-    """``(scores_ptr, filter_ptr, words_ptr, N, tile)`` of launch-table row ``row``
-    (:func:`._config.launch_table`; per segment: scores, filter and words addresses, then N)."""
+    """``(scores_ptr, filter_ptr, words_ptr, N, tile, counts_ptr, start)`` of launch-table row ``row``
+    (:func:`._config.launch_table`; per segment the :data:`COLUMNS`: scores, filter, words and chunk
+    counts addresses, N, and the segment's first entry position in the selection)."""
     entry = tl.load(table_ptr + 2 * row)
     tile = tl.load(table_ptr + 2 * row + 1)
-    columns = table_ptr + ENTRIES_AT + entry * 4
+    columns = table_ptr + ENTRIES_AT + entry * _COLUMNS
     scores_ptr = tl.load(columns).to(tl.pointer_type(scores_like.dtype.element_ty))
     filter_ptr = tl.load(columns + 1).to(tl.pointer_type(tl.int32))
     words_ptr = tl.load(columns + 2).to(tl.pointer_type(tl.int32))
-    return scores_ptr, filter_ptr, words_ptr, tl.load(columns + 3), tile
+    counts_ptr = tl.load(columns + 3).to(tl.pointer_type(tl.int32))
+    return scores_ptr, filter_ptr, words_ptr, tl.load(columns + 4), tile, counts_ptr, tl.load(columns + 5)
 
 
 @triton.jit
@@ -88,8 +100,8 @@ def _histogram_kernel(table_ptr, ENTRIES_AT, ROWS, ITERS, PROGRAMS, scores_like,
     hist = tl.zeros([BINS], dtype=tl.int32)
     for it in range(ITERS):
         row = pid + it * PROGRAMS
-        scores_ptr, filter_ptr, _, n, tile = _table_segment(table_ptr, ENTRIES_AT, tl.minimum(row, ROWS - 1),
-                                                           scores_like)
+        scores_ptr, filter_ptr, _, n, tile, _, _ = _table_segment(table_ptr, ENTRIES_AT,
+                                                                 tl.minimum(row, ROWS - 1), scores_like)
         n = tl.where(row < ROWS, n, 0)  # a program past the last row counts nothing
         index = tile * BLOCK + tl.arange(0, BLOCK)
         key, counted = _score_keys(scores_ptr, filter_ptr, index, n, LARGEST, INT_SCORES, HAS_FILTER,
@@ -108,7 +120,7 @@ def _tie_count_kernel(table_ptr, ENTRIES_AT, scores_like, threshold_ptr, count_p
     """Pass A: ``count[r]`` = eligible entries of the tile of table row ``r`` whose key equals the
     threshold."""
     pid = tl.program_id(0).to(tl.int64)
-    scores_ptr, filter_ptr, _, n, tile = _table_segment(table_ptr, ENTRIES_AT, pid, scores_like)
+    scores_ptr, filter_ptr, _, n, tile, _, _ = _table_segment(table_ptr, ENTRIES_AT, pid, scores_like)
     index = tile * BLOCK + tl.arange(0, BLOCK)
     key, eligible = _score_keys(scores_ptr, filter_ptr, index, n, LARGEST, INT_SCORES, HAS_FILTER,
                                 FILTER_VALUE)
@@ -125,7 +137,7 @@ def _threshold_mask_kernel(table_ptr, ENTRIES_AT, scores_like, threshold_ptr, qu
     in the tile) is below ``tie_quota``."""
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0).to(tl.int64)
-    scores_ptr, filter_ptr, words_ptr, n, tile = _table_segment(table_ptr, ENTRIES_AT, pid, scores_like)
+    scores_ptr, filter_ptr, words_ptr, n, tile, _, _ = _table_segment(table_ptr, ENTRIES_AT, pid, scores_like)
     word = tile * ROWS + tl.arange(0, ROWS)
     bit = tl.arange(0, 32)
     index = word[:, None] * 32 + bit[None, :]
@@ -142,20 +154,63 @@ def _threshold_mask_kernel(table_ptr, ENTRIES_AT, scores_like, threshold_ptr, qu
     tl.store(words_ptr + word, packed.to(tl.int32, bitcast=True), mask=word * 32 < n)
 
 
+@triton.jit
+def _bucket_mask_kernel(table_ptr, ENTRIES_AT, scores_like, prefix_ptr, candidates_ptr, CAPACITY, cursor_ptr,
+                        SHIFT: tl.constexpr, LARGEST: tl.constexpr, INT_SCORES: tl.constexpr,
+                        HAS_FILTER: tl.constexpr, FILTER_VALUE: tl.constexpr, BLOCK: tl.constexpr,
+                        PART: tl.constexpr):
+    """The mask words of the tile of table row ``r`` decided by the key bits at and above ``SHIFT``
+    (eligible, ``key >> SHIFT > prefix >> SHIFT``), their count added to each 1024-entry chunk's
+    ``counts`` (``PART = min(BLOCK, 1024)`` entries per add), and the undecided eligible entries
+    (``key >> SHIFT == prefix >> SHIFT``) appended to ``candidates`` at ``cursor`` (an atomic slot count
+    per tile; slots past ``CAPACITY`` are counted, not written) as ``(low << 53) | position``: ``low`` the
+    complement of the key's bits below ``SHIFT`` and ``position`` = the segment's ``start`` + index, so
+    ascending candidates are in selection order (key descending, then entry order)."""
+    ROWS: tl.constexpr = BLOCK // 32
+    LOW: tl.constexpr = (1 << SHIFT) - 1
+    pid = tl.program_id(0).to(tl.int64)
+    scores_ptr, filter_ptr, words_ptr, n, tile, counts_ptr, start = _table_segment(table_ptr, ENTRIES_AT, pid,
+                                                                                   scores_like)
+    word = tile * ROWS + tl.arange(0, ROWS)
+    bit = tl.arange(0, 32)
+    index = word[:, None] * 32 + bit[None, :]
+    key, eligible = _score_keys(scores_ptr, filter_ptr, index, n, LARGEST, INT_SCORES, HAS_FILTER,
+                                FILTER_VALUE)
+    high = key >> SHIFT
+    bucket = tl.load(prefix_ptr).to(tl.uint32) >> SHIFT
+    selected = eligible & (high > bucket)
+    packed = tl.sum(selected.to(tl.uint32) << bit[None, :].to(tl.uint32), axis=1)
+    tl.store(words_ptr + word, packed.to(tl.int32, bitcast=True), mask=word * 32 < n)
+    per_part = tl.sum(tl.reshape(tl.sum(selected.to(tl.int32), axis=1), (BLOCK // PART, PART // 32)), axis=1)
+    part_start = tile * BLOCK + tl.arange(0, BLOCK // PART) * PART
+    tl.atomic_add(counts_ptr + part_start // 1024, per_part, mask=part_start < n)
+    undecided = (eligible & (high == bucket)).to(tl.int32)
+    found = tl.sum(tl.sum(undecided, axis=1), axis=0)
+    if found > 0:
+        first = tl.atomic_add(cursor_ptr, found).to(tl.int64)
+        per_word = tl.sum(undecided, axis=1)
+        earlier = (tl.cumsum(per_word, axis=0) - per_word)[:, None] + tl.cumsum(undecided, axis=1) - undecided
+        slot = first + earlier.to(tl.int64)
+        value = ((LOW - (key & LOW)).to(tl.int64) << 53) | (start + index)
+        tl.store(candidates_ptr + slot, value, mask=(undecided != 0) & (slot < CAPACITY))
+
+
 def _key_flags(scores: torch.Tensor, largest: bool, filters: list[torch.Tensor | None],
                filter_value: bool) -> dict[str, bool]:
     return {"LARGEST": bool(largest), "INT_SCORES": scores.dtype == torch.int32,
             "HAS_FILTER": filters[0] is not None, "FILTER_VALUE": bool(filter_value)}
 
 
-def _table(scores: list[torch.Tensor], filters: list[torch.Tensor | None],
-           words: list[torch.Tensor] | None) -> tuple[torch.Tensor, int, int]:
-    """The launch table of a selection list: one row per ``CONFIG.block``-entry tile of every segment,
-    then per segment its scores, filter and words addresses (0 when absent) and its size."""
-    columns = [(s.data_ptr(), f.data_ptr() if f is not None else 0,
-                words[j].data_ptr() if words is not None else 0, s.numel())
-               for j, (s, f) in enumerate(zip(scores, filters, strict=True))]
-    return launch_table(columns, [s.numel() for s in scores], CONFIG.block, scores[0].device)
+def _table(scores: list[torch.Tensor], filters: list[torch.Tensor | None], tile: int,
+           words: list[torch.Tensor] | None = None, counts: list[torch.Tensor] | None = None,
+           starts: list[int] | None = None) -> tuple[torch.Tensor, int, int]:
+    """The launch table of a selection list: one row per ``tile``-entry tile of every segment, then per
+    segment its :data:`COLUMNS` (absent addresses and positions 0)."""
+    def address(ts: list[torch.Tensor | None] | None, j: int) -> int:
+        return ts[j].data_ptr() if ts is not None and ts[j] is not None else 0
+    columns = [(s.data_ptr(), address(filters, j), address(words, j), address(counts, j), s.numel(),
+                starts[j] if starts is not None else 0) for j, s in enumerate(scores)]
+    return launch_table(columns, [s.numel() for s in scores], tile, scores[0].device)
 
 
 def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
@@ -164,14 +219,15 @@ def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shif
     """The sum over the list (one device and dtype; ``filters`` all None or all tensors) of
     :func:`radix_histogram`: one launch of a persistent kernel over the tiles of every segment."""
     device = scores[0].device
-    table, rows, entries_at = _table(scores, filters, None)
+    block = CONFIG.block * CONFIG.histogram_tiles
+    table, rows, entries_at = _table(scores, filters, block)
     if rows == 0:
         return torch.zeros(1 << bits, dtype=torch.int64, device=device)
     programs = min(rows, persistent_programs(device))
     partial = torch.empty(programs, 1 << bits, dtype=torch.int32, device=device)
     with _config.on_device(scores[0]):
         _config.launch(_histogram_kernel, (programs,), table, entries_at, rows, cdiv(rows, programs),
-                       programs, scores[0], prefix, partial, SHIFT=shift, BITS=bits, BLOCK=CONFIG.block,
+                       programs, scores[0], prefix, partial, SHIFT=shift, BITS=bits, BLOCK=block,
                        **_key_flags(scores[0], largest, filters, filter_value))
     return partial.sum(dim=0, dtype=torch.int64)
 
@@ -194,7 +250,7 @@ def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, ti
     counts per tile, then the words) over the tiles of every segment, with an int64 scan between."""
     device = scores[0].device
     words = [torch.empty(num_words(s.numel()), dtype=torch.int32, device=device) for s in scores]
-    table, rows, entries_at = _table(scores, filters, words)
+    table, rows, entries_at = _table(scores, filters, CONFIG.block, words)
     if rows == 0:
         return words, tie_quota.clamp(min=0)
     flags = _key_flags(scores[0], largest, filters, filter_value)
@@ -216,3 +272,26 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
     ``threshold`` and ``tie_quota`` are int64 0-d tensors on ``scores``' device, read in the kernels.
     """
     return threshold_mask_multi([scores], threshold, tie_quota, largest, [filter_words], filter_value)[0][0]
+
+
+BUCKET_MASK_DEVICES = ("cpu", "cuda")
+"""Device types :func:`bucket_mask_multi` runs on (CPU tensors: in the interpreter)."""
+
+
+def bucket_mask_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
+                      filters: list[torch.Tensor | None], filter_value: bool, words: list[torch.Tensor],
+                      counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
+                      cursor: torch.Tensor) -> None:
+    """The mask pass of a selection whose threshold is known above bit ``shift`` (``prefix``, int64 0-d):
+    writes ``words[s]`` (the eligible entries with ``key >> shift > prefix >> shift``), adds their count
+    per 1024-entry chunk to ``counts[s]`` (int32, zeroed by the caller) and appends the undecided
+    eligible entries (``key >> shift == prefix >> shift``) to ``candidates`` (int64) at ``cursor`` (int32,
+    one entry, counts every one; only slots below ``candidates.numel()`` are written) as
+    ``(2^shift - 1 - (key & (2^shift - 1))) << 53 | (starts[s] + index)``. One launch over every tile."""
+    table, rows, entries_at = _table(scores, filters, CONFIG.block, words, counts, starts)
+    if rows == 0:
+        return
+    with _config.on_device(scores[0]):
+        _config.launch(_bucket_mask_kernel, (rows,), table, entries_at, scores[0], prefix, candidates,
+                       candidates.numel(), cursor, SHIFT=shift, BLOCK=CONFIG.block,
+                       PART=min(CONFIG.block, 1024), **_key_flags(scores[0], largest, filters, filter_value))
