@@ -32,13 +32,14 @@ constexpr int64_t kGrain = 1 << 15;              // entries per parallel task of
 constexpr int64_t kChunkGrain = kGrain / kChunk;  // mask chunks per parallel task
 constexpr int64_t kNormBlock = 1 << 14;          // entries per partial sum of grad_sq_norm
 constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block of threshold_mask (32 | it)
-constexpr int64_t kStrip = 64;                   // entries per strip of the streaming loops (prefetch_span)
 
-// Software prefetch, kPrefetchBytes ahead of each stream of a streaming loop: on the VMs we measure on,
-// the hardware prefetcher alone kept too few lines in flight for one core (the norm ran at 0.74x the
-// speed of torch's sum over the same buffer; 1.0x with 4 or 8 KiB ahead, 0.86x with 2 KiB). A prefetch
-// is a hint that never faults and whose data the program never reads, so addresses past a buffer's end
-// are harmless (they are formed as integers: no pointer past the end is ever made).
+// Software prefetch, kPrefetchBytes ahead of each stream, in the norm and the masked perturb_/restore_
+// loops: on the VM we measure on, the hardware prefetcher alone kept too few lines in flight for one
+// core (the norm ran at 0.62-0.64x the speed of torch's sum over the same buffer, 0.93x with this; the
+// masked perturb_ ~7 % faster). The dense perturb_ and Fisher loops measured 2-5 % slower with it and
+// go without (benchmarks/NOTES.md, "CPU paths (issue 16)"). A prefetch is a hint that never faults and
+// whose data the program never reads, so addresses past a buffer's end are harmless (they are formed as
+// integers: no pointer past the end is ever made).
 constexpr uintptr_t kPrefetchBytes = 4096;
 constexpr uintptr_t kLineBytes = 64;
 
@@ -152,11 +153,7 @@ inline double sq_sum(const T* __restrict g, const T* __restrict w, int64_t n) {
 // f_i = f_i + alpha·g_i² with one fp32 fused multiply-add (ssam_math.h: fisher_update).
 template <typename T>
 inline void fisher_run(float* __restrict f, const T* __restrict g, int64_t n, float alpha) {
-  for (int64_t i0 = 0; i0 < n; i0 += kStrip) {
-    prefetch_span<kStrip * sizeof(float)>(f + i0);
-    prefetch_span<kStrip * sizeof(T)>(g + i0);
-    for (int64_t i = i0, i1 = std::min(i0 + kStrip, n); i < i1; ++i) f[i] = fisher_update(f[i], g[i], alpha);
-  }
+  for (int64_t i = 0; i < n; ++i) f[i] = fisher_update(f[i], g[i], alpha);
 }
 
 // The cloned entry points, one per storage type (target_clones applies to plain functions only).
@@ -372,14 +369,10 @@ SSAM_INLINE void dense_perturb_run(const ElementArgs<T>& a, int64_t i0, int64_t 
     std::copy(w + i0, w + i1, b + i0);
     return;
   }
-  for (int64_t s0 = i0; s0 < i1; s0 += kStrip) {
-    prefetch_span<kStrip * sizeof(T)>(w + s0);
-    prefetch_span<kStrip * sizeof(T)>(g + s0);
-    for (int64_t i = s0, s1 = std::min(s0 + kStrip, i1); i < s1; ++i) {
-      const T wi = w[i];
-      b[i] = wi;
-      w[i] = perturbed(wi, g[i], a.scale, kAdaptive);
-    }
+  for (int64_t i = i0; i < i1; ++i) {
+    const T wi = w[i];
+    b[i] = wi;
+    w[i] = perturbed(wi, g[i], a.scale, kAdaptive);
   }
 }
 
