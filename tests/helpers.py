@@ -58,3 +58,31 @@ def triton_launch_log(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         launch(kernel, grid, *args, **kwargs)
     monkeypatch.setattr(_config, "launch", counted)
     return launches
+
+
+def cpu_backend(name: str):
+    """The module of backend ``name`` for CPU tensors."""
+    from ssam_kernels import ops
+
+    return ops.resolve_backend(name, torch.device("cpu"))
+
+
+SCORE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32]
+"""Every score dtype of the selection ops (int32: hashes, compared as unsigned)."""
+SEGMENT_SIZES = [0, 1, 31, 1025, 33, 4099, 2048, 0, 64, 7]
+"""Segment sizes of the selection list tests: empty, single, not multiples of a word or a chunk."""
+
+
+def selection_scores(n: int, dtype: torch.dtype, gen: torch.Generator, ties: bool,
+                     specials: bool | None = None) -> torch.Tensor:
+    """Random scores of ``dtype``: with ``ties`` few distinct values (many equal keys), else normal
+    (int32: uniform over a small or the whole range); ``specials`` (default ``ties``): NaN, -0.0, 0.0, inf
+    and -inf at random entries."""
+    if dtype == torch.int32:
+        high = 4 if ties else 1 << 31
+        return torch.randint(-high, high, (n,), generator=gen, dtype=torch.int32)
+    x = ((torch.randint(-3, 4, (n,), generator=gen) / 2) if ties else torch.randn(n, generator=gen)).double()
+    if (ties if specials is None else specials) and n:
+        values = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf")], dtype=torch.float64)
+        x[torch.randint(0, n, (min(n, 5),), generator=gen)] = values[: min(n, 5)]
+    return x.to(dtype)

@@ -9,14 +9,19 @@ forced by shrinking the capacity.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import pytest
 import torch
+from helpers import SCORE_DTYPES, cpu_backend, selection_scores
+from helpers import SEGMENT_SIZES as SIZES
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
 from ssam_kernels.ops.select import BUCKET_SHIFT, chunk_offsets, select_with_offsets
+
+_scores = functools.partial(selection_scores, specials=True)  # specials whether or not tied
 
 select_module = sys.modules["ssam_kernels.ops.select"]
 
@@ -29,25 +34,8 @@ BUCKET_BACKENDS = [b for b in ("triton", "native", "vectorized")
                    if ops._unavailable(b, "cpu") is None and _has_bucket_pass(b)]
 pytestmark = pytest.mark.skipif(not BUCKET_BACKENDS, reason="no backend with bucket_mask_multi on CPU")
 
-SCORE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32]
-SIZES = [0, 1, 31, 1025, 33, 4099, 2048, 0, 64, 7]
 
 
-def _module(name: str):
-    return ops.resolve_backend(name, torch.device("cpu"))
-
-
-def _scores(n: int, dtype: torch.dtype, gen: torch.Generator, ties: bool) -> torch.Tensor:
-    """Random scores; ``ties``: few distinct values, with NaN, ±0 and ±inf."""
-    if dtype == torch.int32:
-        high = 4 if ties else 1 << 31
-        return torch.randint(-high, high, (n,), generator=gen, dtype=torch.int32)
-    x = (torch.randint(-3, 4, (n,), generator=gen) / 2).double() if ties else torch.randn(n, generator=gen,
-                                                                                         dtype=torch.float64)
-    if n:
-        specials = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf")], dtype=torch.float64)
-        x[torch.randint(0, n, (min(n, 5),), generator=gen)] = specials[: min(n, 5)]
-    return x.to(dtype)
 
 
 class _Paths:
@@ -84,7 +72,7 @@ def _oracle(scores, prefix: int, largest: bool, filters, filter_value: bool, sta
 @pytest.mark.parametrize("ties,filtered,largest", [(False, False, True), (True, False, True),
                                                    (True, True, False), (False, True, True)])
 def test_bucket_mask_matches_oracle(backend, dtype, ties, filtered, largest):
-    module = _module(backend)
+    module = cpu_backend(backend)
     gen = torch.Generator().manual_seed(11 + ties + 2 * filtered)
     scores = [_scores(n, dtype, gen, ties) for n in SIZES]
     filters = ([bitmask.from_bool(torch.rand(n, generator=gen) < 0.5)[0] for n in SIZES] if filtered

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 import torch
-from helpers import native_op_counts, triton_launch_log
+from helpers import SCORE_DTYPES, cpu_backend, native_op_counts, selection_scores, triton_launch_log
+from helpers import SEGMENT_SIZES as SIZES
 
 import ssam_kernels as sk
 from ssam_kernels import ops
@@ -21,30 +22,13 @@ from ssam_kernels.ops.select import PASSES, select
 select_module = sys.modules["ssam_kernels.ops.select"]
 
 LIST_BACKENDS = [b for b in ("vectorized", "native", "triton") if ops._unavailable(b, "cpu") is None]
-SCORE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32]
-SIZES = [0, 1, 31, 1025, 33, 4099, 2048, 0, 64, 7]
 
 
-def _module(name: str):
-    return ops.resolve_backend(name, torch.device("cpu"))
-
-
-def _scores(n: int, dtype: torch.dtype, gen: torch.Generator, ties: bool) -> torch.Tensor:
-    """Random scores; ``ties``: few distinct values (many equal keys), with NaN, ±0 and ±inf."""
-    if dtype == torch.int32:
-        high = 4 if ties else 1 << 31
-        return torch.randint(-high, high, (n,), generator=gen, dtype=torch.int32)
-    x = (torch.randint(-3, 4, (n,), generator=gen) / 2) if ties else torch.randn(n, generator=gen)
-    x = x.double()
-    if ties and n:
-        specials = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf")], dtype=torch.float64)
-        x[torch.randint(0, n, (min(n, 5),), generator=gen)] = specials[: min(n, 5)]
-    return x.to(dtype)
 
 
 def _case(sizes: list[int], dtype: torch.dtype, seed: int, ties: bool, filtered: bool):
     gen = torch.Generator().manual_seed(seed)
-    scores = [_scores(n, dtype, gen, ties) for n in sizes]
+    scores = [selection_scores(n, dtype, gen, ties) for n in sizes]
     filters = ([bitmask.from_bool(torch.rand(n, generator=gen) < 0.5)[0] for n in sizes] if filtered
                else [None] * len(sizes))
     return scores, filters
@@ -67,7 +51,7 @@ def vchunk(request, monkeypatch) -> int:
 def test_primitives_match_reference(backend, dtype, ties, filtered, largest, vchunk):
     if backend == "triton" and not largest:
         pytest.skip("the interpreter is slow; largest=False is the complemented key, tested in test_triton")
-    module = _module(backend)
+    module = cpu_backend(backend)
     scores, filters = _case(SIZES, dtype, seed=len(SIZES) + ties + 2 * filtered, ties=ties, filtered=filtered)
     keys = torch.cat([reference.score_keys(s, largest) for s in scores])
     for shift, bits in PASSES:
@@ -105,7 +89,7 @@ def _topk_reference(scores, k):
 def test_select_topk_lists(backend, mixed, vchunk):
     gen = torch.Generator().manual_seed(7)
     dtypes = [SCORE_DTYPES[j % 4] if mixed else torch.float32 for j in range(len(SIZES))]
-    scores = [_scores(n, d, gen, ties=True) for n, d in zip(SIZES, dtypes, strict=True)]
+    scores = [selection_scores(n, d, gen, ties=True) for n, d in zip(SIZES, dtypes, strict=True)]
     total = sum(SIZES)
     for k in (0, 1, total // 3, total - 1, total):
         got = ops.select_topk(scores, k, backend=backend)
@@ -119,13 +103,14 @@ def test_select_topk_lists(backend, mixed, vchunk):
 @pytest.mark.parametrize("grow", ["random", "scores"])
 def test_dynamic_update_lists(backend, grow, vchunk):
     gen = torch.Generator().manual_seed(9)
-    drop = [_scores(n, torch.float32, gen, ties=True).abs() for n in SIZES]
+    drop = [selection_scores(n, torch.float32, gen, ties=True).abs() for n in SIZES]
     live = [torch.rand(n, generator=gen) < 0.4 for n in SIZES]
     masks = [bitmask.from_bool(x)[0] for x in live]
     for m, n in zip(masks, SIZES, strict=True):
         if n % 32:  # bits past N: not entries, neither live nor kept
             m[-1] |= -(1 << (n % 32))
-    grow_arg = "random" if grow == "random" else [_scores(n, torch.bfloat16, gen, ties=True) for n in SIZES]
+    grow_arg = ("random" if grow == "random"
+                else [selection_scores(n, torch.bfloat16, gen, ties=True) for n in SIZES])
     n_live = sum(int(x.sum()) for x in live)
     for n_drop in (0, 1, n_live // 2, min(n_live, sum(SIZES) - n_live)):
         got = ops.dynamic_update(masks, drop, n_drop, grow_arg, 3, 11, backend=backend)
@@ -142,7 +127,7 @@ def test_fallback_loop_matches_lists(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float64, torch.float64]
     sizes = [40, 0, 1025, 33, 7, 100]
-    scores = [_scores(n, d, gen, ties=True) for n, d in zip(sizes, dtypes, strict=True)]
+    scores = [selection_scores(n, d, gen, ties=True) for n, d in zip(sizes, dtypes, strict=True)]
     for k in (1, 50, 600, sum(sizes)):
         got = select(scores, k, True, [vectorized] * len(scores))
         want = select(scores, k, True, [reference] * len(scores))
@@ -179,7 +164,7 @@ class _Counter:
 
 
 def _bucket_backend(backend: str) -> bool:
-    module = _module(backend)
+    module = cpu_backend(backend)
     return hasattr(module, "bucket_mask_multi") and "cpu" in module.BUCKET_MASK_DEVICES
 
 
@@ -189,7 +174,7 @@ def _native_ops(fn) -> dict[str, int]:
 
 @pytest.mark.parametrize("backend", LIST_BACKENDS)
 def test_selection_calls_independent_of_segment_count(monkeypatch, backend):
-    counter = _Counter(monkeypatch, _module(backend))
+    counter = _Counter(monkeypatch, cpu_backend(backend))
 
     def calls(count: int, op: str) -> dict[str, int]:
         counter.calls.clear()
