@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -53,13 +58,16 @@ def _check_fma(a: list[float], b: list[float], c: list[float]) -> None:
     want = [fma_exact(x, y, z) for x, y, z in zip(a, b, c, strict=True)]
     A, B, C = _f32(a), _f32(b), _f32(c)
     _assert_bits(_arith.fma32(A, B, C), want)
-    _assert_bits(_arith.fma32_fast(A, B, C), want)
-    _assert_bits(_arith.fma32_fast(A, B, C, torch.empty(3 * len(c) + 5, dtype=torch.float64)), want)
-    for x in sorted(set(a), key=str)[:3]:  # a scalar first factor, as perturb_ passes the scale
-        only = [i for i, v in enumerate(a) if v == x or (math.isnan(v) and math.isnan(x))]
-        if only:
-            got = _arith.fma32_fast(torch.tensor(x, dtype=torch.float32), B[only], C[only])
-            _assert_bits(got, [want[i] for i in only])
+    paths = [False, True] if _arith.hardware_fma(torch.device("cpu")) else [False]
+    for hardware in paths:  # the host-checked double rounding, and torch.addcmul where it is an FMA
+        with mock.patch.object(_arith, "hardware_fma", return_value=hardware):
+            _assert_bits(_arith.fma32_fast(A, B, C), want)
+            _assert_bits(_arith.fma32_fast(A, B, C, torch.empty(3 * len(c) + 5, dtype=torch.float64)), want)
+            for x in sorted(set(a), key=str)[:3]:  # a scalar first factor, as perturb_ passes the scale
+                only = [i for i, v in enumerate(a) if v == x or (math.isnan(v) and math.isnan(x))]
+                if only:
+                    got = _arith.fma32_fast(torch.tensor(x, dtype=torch.float32), B[only], C[only])
+                    _assert_bits(got, [want[i] for i in only])
 
 
 def _naive(a: list[float], b: list[float], c: list[float]) -> torch.Tensor:
@@ -163,12 +171,53 @@ def test_fma32_fast_repairs_inexact_boundaries():
 
 
 def test_fma32_fast_on_other_devices_is_fma32(monkeypatch):
-    """Where a reduction would synchronise with the host, ``fma32_fast`` is ``fma32`` itself."""
+    """Where a reduction would synchronise with the host and PyTorch's ``addcmul`` is not an FMA,
+    ``fma32_fast`` is ``fma32`` itself."""
     monkeypatch.setattr(_arith, "HOST_READ_DEVICES", ())
+    monkeypatch.setattr(_arith, "hardware_fma", lambda device: False)
     calls = []
     monkeypatch.setattr(_arith, "fma32", lambda *args: calls.append(args) or torch.zeros(1))
     _arith.fma32_fast(torch.tensor(1.0), _f32([2.0]), _f32([3.0]))
     assert len(calls) == 1
+
+
+def _unfused_addcmul(wrong: Callable[[int], bool]):
+    """``torch.addcmul`` that multiplies, rounds and then adds on the calls of ``n`` entries where
+    ``wrong(n)`` holds (a kernel without FMA, or with an unfused remainder loop)."""
+    addcmul = torch.addcmul
+
+    def fake(c, a, b, *, out=None):
+        if wrong(c.numel()):
+            return torch.add(c, a * b, out=out)
+        return addcmul(c, a, b, out=out)
+    return fake
+
+
+@pytest.mark.parametrize("wrong", [lambda n: True, lambda n: n % 16 == 7, lambda n: n > 50_000],
+                         ids=["unfused", "unfused-remainder", "unfused-past-the-parallel-grain"])
+def test_hardware_fma_probe_rejects_an_unfused_addcmul(wrong, monkeypatch):
+    """The probe says no to ``addcmul`` kernels that round the product, wherever they do it."""
+    if not _arith.hardware_fma(torch.device("cpu")):
+        pytest.skip("this CPU's addcmul is not an FMA: nothing to break")
+    monkeypatch.setattr(torch, "addcmul", _unfused_addcmul(wrong))
+    assert not _arith._probe_addcmul(torch.device("cpu"))
+
+
+def test_hardware_fma_probe_tells_the_truth_under_each_cpu_capability():
+    """Under PyTorch's ``DEFAULT`` CPU kernels (no FMA instruction) and the machine's best ones, the
+    probe agrees with a direct comparison of ``addcmul`` and ``fma32`` on a million random triples, in a
+    fresh process (the capability is chosen at start-up)."""
+    code = ("import torch\nfrom ssam_kernels.ops import _arith\ng = torch.Generator().manual_seed(7)\n"
+            "a, b, c = torch.randn(3, 1 << 20, generator=g).unbind(0)\n"
+            "fused = torch.equal(torch.addcmul(c, a, b), _arith.fma32(a, b, c))\n"
+            "print(torch.backends.cpu.get_cpu_capability(), fused, _arith.hardware_fma(torch.device('cpu')))")
+    for capability in ("DEFAULT", None):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability.lower()
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[1] == out[2], f"capability {out[0]}: addcmul fused {out[1]}, probe says {out[2]}"
 
 
 def test_fma32_overflow():

@@ -34,6 +34,19 @@ def chunk(request, monkeypatch) -> int:
     return request.param
 
 
+@pytest.fixture(params=["hardware-fma", "emulated-fma"])
+def fma_path(request, monkeypatch) -> str:
+    """Both ways of computing the fp32 FMA: PyTorch's ``addcmul`` where it is one (the arithmetic then
+    runs on every entry of a chunk and is blended in), and the float64 emulation (on the handled
+    entries only, gathered and scattered back)."""
+    if request.param == "hardware-fma":
+        if not _arith.hardware_fma(torch.device("cpu")):
+            pytest.skip("this CPU's addcmul is not an FMA")
+    else:
+        monkeypatch.setattr(_arith, "hardware_fma", lambda device: False)
+    return request.param
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (NaN payloads and signed zeros included)."""
     return a.dtype == b.dtype and torch.equal(a.view(_BITS.get(a.dtype, a.dtype)),
@@ -83,7 +96,7 @@ def test_grad_sq_norm(dtype, n, adaptive):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("scale", [0.37, 0.0, float("inf"), float("nan")])
-def test_perturb_restore_bit_identical(dtype, n, sparsity, adaptive, scale):
+def test_perturb_restore_bit_identical(dtype, n, sparsity, adaptive, scale, fma_path):
     W, G = special_values(n, dtype) if scale == 0.37 and n % 2 else torch.randn(n).to(dtype), \
         torch.randn(n).to(dtype)
     words, offsets, k = (None, None, n) if sparsity is None else random_mask(n, sparsity)
@@ -103,7 +116,7 @@ def test_perturb_restore_bit_identical(dtype, n, sparsity, adaptive, scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", [None, 0.5])
 @pytest.mark.parametrize("scale", [0.37, 0.0, float("inf"), float("nan")])
-def test_perturb_device_path_bit_identical(dtype, sparsity, scale, monkeypatch):
+def test_perturb_device_path_bit_identical(dtype, sparsity, scale, fma_path, monkeypatch):
     """The path of devices whose tensors the host does not read for free: the scale's activity blended
     on the device and ``fma32`` (round to odd) instead of the host-checked ``fma32_fast``."""
     monkeypatch.setattr(_arith, "HOST_READ_DEVICES", ())
@@ -121,7 +134,7 @@ def test_perturb_device_path_bit_identical(dtype, sparsity, scale, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("alpha", [1.0, 0.37])
-def test_fisher_accumulate_bit_identical(dtype, n, alpha):
+def test_fisher_accumulate_bit_identical(dtype, n, alpha, fma_path):
     F, G = torch.rand(n) + 0.5, torch.randn(n).to(dtype)
     F_ref = F.clone()
     vectorized.fisher_accumulate_(F, G, alpha)
@@ -152,7 +165,7 @@ def _truncated(words: torch.Tensor, n: int, keep: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [33, 1025, 5000])
 @pytest.mark.parametrize("backup_len", ["short", "empty", "long"])
-def test_backup_length_bounds_what_is_touched(n, backup_len):
+def test_backup_length_bounds_what_is_touched(n, backup_len, fma_path):
     W, G = torch.randn(n), torch.randn(n)
     words, offsets, k = random_mask(n, 0.5)
     length = {"short": k // 3, "empty": 0, "long": k + 5}[backup_len]
@@ -170,7 +183,7 @@ def test_backup_length_bounds_what_is_touched(n, backup_len):
 
 
 @pytest.mark.parametrize("n", [1, 33, 1000, 1025])
-def test_mask_bits_past_n_are_ignored(n):
+def test_mask_bits_past_n_are_ignored(n, fma_path):
     W, G = torch.randn(n), torch.randn(n)
     words, offsets, k = random_mask(n, 0.5)
     dirty = words.clone()

@@ -12,13 +12,16 @@ laid out:
   cost page faults on CPU).
 - Nothing indexes with booleans or ``nonzero`` (slow and host-synchronising): a mask is unpacked into
   integer lanes with two shifts and ranks come from one ``cumsum``. ``perturb_`` scatters each live
-  entry's chunk position to its rank (the others to a discarded slot 0), gathers ``W`` there straight
-  into the backup and ``G`` beside it, computes on the live entries only and scatters the new values
-  back; ``restore_`` expands the backup slice with ``index_select`` by rank and blends it in with
-  ``xor``/``and`` on the bit patterns. Every value (NaN payloads, ``-0.0``) is moved bit-exactly.
-- The fp32 FMA is :func:`._arith.fma32_fast` (the reference's round-to-odd :func:`._arith.fma32` where
-  the host cannot read tensors for free), and an inactive scale skips the arithmetic on CPU (it is
-  blended on the device elsewhere).
+  entry's ``W`` bits to its rank (the others to a discarded slot 0), which is the backup slice; where
+  the arithmetic is cheap (an fp32 FMA that is one PyTorch op, :func:`._arith.hardware_fma`, or float64
+  data) it then computes on the whole chunk and blends the new values in with ``xor``/``and`` on the bit
+  patterns; where it is the float64 emulation it scatters chunk positions instead, gathers ``W`` (the
+  backup) and ``G`` there, computes on the live entries only and scatters the new values back.
+  ``restore_`` expands the backup slice with ``index_select`` by rank and blends it in. Every value (NaN
+  payloads, ``-0.0``) is moved bit-exactly.
+- The fp32 FMA is :func:`._arith.fma32_fast`: ``torch.addcmul`` where the probe finds it fused, else the
+  host-checked double rounding on CPU and the reference's round-to-odd :func:`._arith.fma32` elsewhere;
+  an inactive scale skips the arithmetic on CPU (it is blended on the device elsewhere).
 - Selection keys are computed once per chunk and pass in int32 (a sign-flipped image of the unsigned key,
   so signed comparisons order them as the unsigned keys), histograms by ``bincount`` on CPU and
   ``index_add_`` elsewhere (``bincount`` synchronises on CUDA to size its output).
@@ -169,6 +172,8 @@ class _Perturbation:
 
     def __init__(self, W: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
         self.scale, self.adaptive = _arith.perturb_scale(scale, W.dtype), adaptive
+        # Cheaper than a gather and a scatter: float64 arithmetic, or an fp32 FMA in one PyTorch op.
+        self.cheap = W.dtype == torch.float64 or _arith.hardware_fma(W.device)
         active = _arith.scale_active(self.scale)
         host = W.device.type in _arith.HOST_READ_DEVICES
         self.skip = host and not bool(active)
@@ -280,15 +285,28 @@ def _perturb(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, counts
     size = min(CHUNK_ENTRIES, n)
     work = _workspace(2 * size + 1, torch.int64, W.device)  # scatter_ takes int64 indices only
     positions, target = work[: size + 1], work[size + 1:]
-    gathered = _workspace(size, G.dtype, G.device)
-    index = _constant("index", W.device)
+    if perturbation.cheap:
+        old = _workspace(size + 1, int_dtype, W.device)  # slot 0: entries not handled (discarded)
+    else:
+        gathered = _workspace(size, G.dtype, G.device)
+        index = _constant("index", W.device)
     for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, n, backup.numel()):
-        positions.scatter_(0, target[: stop - start].copy_(slot.bitwise_and_(lanes)), index[: stop - start])
+        w = bits_w[start:stop]
+        handled_slot = target[: stop - start].copy_(slot.bitwise_and_(lanes))  # 0 when not handled
+        if perturbation.cheap:  # arithmetic on every entry of the chunk, blended in where handled
+            old.scatter_(0, handled_slot, w)
+            bits_b[rank: rank + count].copy_(old[1: count + 1])
+            if not perturbation.skip:
+                new = perturbation.bits(W[start:stop], G[start:stop])
+                w ^= new.bitwise_xor_(w).bitwise_and_(lanes.to(int_dtype))
+            continue
+        # Arithmetic on the handled entries only: their chunk positions, in order, in slots 1..count.
+        positions.scatter_(0, handled_slot, index[: stop - start])
         live = positions[1: count + 1]
-        old = torch.index_select(bits_w[start:stop], 0, live, out=bits_b[rank: rank + count])
+        torch.index_select(w, 0, live, out=bits_b[rank: rank + count])
         if not perturbation.skip:
             g = torch.index_select(G[start:stop], 0, live, out=gathered[:count])
-            bits_w[start:stop].scatter_(0, live, perturbation.bits(old.view(W.dtype), g))
+            w.scatter_(0, live, perturbation.bits(backup[rank: rank + count], g))
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
