@@ -283,11 +283,11 @@ def _perturb(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, counts
                 bits_w[start:stop].copy_(perturbation.bits(backup[start:stop], G[start:stop]))
         return
     size = min(CHUNK_ENTRIES, n)
-    work = _workspace(2 * size + 1, torch.int64, W.device)  # scatter_ takes int64 indices only
-    positions, target = work[: size + 1], work[size + 1:]
+    target = _workspace(size, torch.int64, W.device)  # scatter_ takes int64 indices only
     if perturbation.cheap:
         old = _workspace(size + 1, int_dtype, W.device)  # slot 0: entries not handled (discarded)
     else:
+        positions = _workspace(size + 1, torch.int64, W.device)  # slot 0 likewise
         gathered = _workspace(size, G.dtype, G.device)
         index = _constant("index", W.device)
     for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, n, backup.numel()):
