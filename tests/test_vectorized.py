@@ -118,7 +118,8 @@ def test_perturb_restore_bit_identical(dtype, n, sparsity, adaptive, scale, fma_
 @pytest.mark.parametrize("scale", [0.37, 0.0, float("inf"), float("nan")])
 def test_perturb_device_path_bit_identical(dtype, sparsity, scale, fma_path, monkeypatch):
     """The path of devices whose tensors the host does not read for free: the scale's activity blended
-    on the device and ``fma32`` (round to odd) instead of the host-checked ``fma32_fast``."""
+    on the device, and ``addcmul`` (where it is an FMA) or ``fma32`` (round to odd) instead of the
+    host-checked double rounding."""
     monkeypatch.setattr(_arith, "HOST_READ_DEVICES", ())
     n = 3 * 1024 + 7
     W, G = special_values(n, dtype), torch.randn(n).to(dtype)

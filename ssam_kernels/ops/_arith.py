@@ -77,7 +77,7 @@ def hardware_fma(device: torch.device) -> bool:
     PyTorch does not promise it: its CPU kernels compute ``c + a·b`` with the FMA instruction where the
     build's kernels for the running CPU have one (AVX2, AVX-512; not its ``DEFAULT`` kernels), CUDA's
     compiler contracts it; other devices are unknown. The probe covers every length up to 70 (vector
-    remainders), lengths past PyTorch's parallel grain (thread splits), subnormal results, overflow,
+    remainders), a length past PyTorch's parallel grain (thread splits), subnormal results, overflow,
     signed zeros, infinities and NaN, and random values of which about one in five differs without
     fusion.
     """
@@ -95,8 +95,7 @@ def _probe_addcmul(device: torch.device) -> bool:
     combos = torch.cartesian_prod(special, special, special)  # every (a, b, c) of specials
     cases = [tuple(combos.unbind(1))]
     for n in [*range(1, 71), 4099, 3 * 32768 + 37]:
-        a, b, c = torch.randn(3, n, generator=gen).unbind(0)
-        cases.append((a, b, c))
+        cases.append(torch.randn(3, n, generator=gen).unbind(0))
     cases.append((torch.randn(3, 4099, generator=gen) * 2.0**-60).unbind(0))  # results around 2^-126
     for a, b, c in cases:
         a, b, c = a.to(device), b.to(device), c.to(device)
