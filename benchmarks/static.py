@@ -2,9 +2,9 @@
 
 ``python -m benchmarks.static --out DIR [--archs 80,86,89,90]`` compiles
 
-- every native CUDA kernel: ``csrc/cuda.cu`` once with ``nvcc -c -Xptxas -v`` and one ``-gencode`` per
-  architecture (the flags of the extension build, as in ``csrc/check_cuda_compile.sh``); the kernels are
-  found in the object's SASS (``cuobjdump -sass``), so every ``__global__`` template instantiation is
+- every native CUDA kernel: each ``csrc/cuda/*.cu`` once with ``nvcc -c -Xptxas -v`` and one ``-gencode``
+  per architecture (the flags of the extension build, as in ``csrc/check_cuda_compile.sh``); the kernels
+  are found in the objects' SASS (``cuobjdump -sass``), so every ``__global__`` template instantiation is
   covered without naming it here;
 - every Triton kernel, with the specialisation a GPU launch would get: each case of
   :data:`TRITON_CASES` calls the public Triton op on CPU tensors while ``JITFunction.run`` is replaced by
@@ -58,7 +58,8 @@ CONSUMER_ARCHS = (86, 89)
 """Architectures whose fp64 units run at 1/64 of the fp32 rate (RTX 30xx/40xx, A10, L4, L40)."""
 FLOAT = ("fp32", "bf16", "fp16")
 SCORES = (*FLOAT, "int32")
-SOURCE = harness.REPO / "csrc" / "cuda.cu"
+SOURCES = tuple(sorted((harness.REPO / "csrc" / "cuda").glob("*.cu")))
+"""The CUDA sources of the native kernels (one per op family, each compiled on its own)."""
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def nvcc_command(source: Path, obj: Path, archs: Sequence[int]) -> list[str]:
     include = Path(torch.__file__).parent / "include"
     std = max(re.findall(r"-std=(c\+\+\d\d)", inspect.getsource(cpp_extension)), key=lambda s: int(s[3:]))
     cmd = ["nvcc", "-c", "-O3", f"-std={std}", *cpp_extension.COMMON_NVCC_FLAGS, "-DSSAM_WITH_CUDA=1",
-           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-I", str(source.parent),
+           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-I", str(harness.REPO / "csrc"),
            "-I", str(include), "-I", str(include / "torch" / "csrc" / "api" / "include"),
            "-Xcompiler", "-fPIC", "-diag-suppress", "3306", "-Xptxas", "-v"]
     if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
@@ -256,28 +257,31 @@ def nvcc_command(source: Path, obj: Path, archs: Sequence[int]) -> list[str]:
     return [*cmd, str(source), "-o", str(obj)]
 
 
-def native_records(source: Path, archs: Sequence[int], log: harness.Log,
+def native_records(sources: Sequence[Path], archs: Sequence[int], log: harness.Log,
                    kernel_filter: str | None = None) -> list[dict[str, Any]]:
-    """One record per ``__global__`` function × arch of ``source`` (template instantiations whose dtype
+    """One record per ``__global__`` function × arch of ``sources`` (template instantiations whose dtype
     the kernel's op does not accept are compiled but never launched, and left out)."""
     nvcc, cuobjdump = shutil.which("nvcc"), tool("cuobjdump")
     if nvcc is None or cuobjdump is None or shutil.which("c++filt") is None:
         missing = ", ".join(n for n, p in (("nvcc", nvcc), ("cuobjdump", cuobjdump),
                                            ("c++filt", shutil.which("c++filt"))) if p is None)
         return [_error_record("native", "*", arch, f"{missing} not found") for arch in archs]
+    sass = ptxas = ""
     with tempfile.TemporaryDirectory() as tmp:
-        obj = Path(tmp) / "kernels.o"
-        cmd = nvcc_command(source, obj, archs)
-        log.write("$ " + " ".join(cmd))
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        log.write(done.stdout + done.stderr)
-        if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            return [_error_record("native", "*", arch, f"nvcc failed ({done.returncode}): {tail}")
-                    for arch in archs]
-        sass = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True,
-                              check=True).stdout
-    resources = parse_ptxas_log(done.stderr + done.stdout)
+        for source in sources:
+            obj = Path(tmp) / f"{source.stem}.o"
+            cmd = nvcc_command(source, obj, archs)
+            log.write("$ " + " ".join(cmd))
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            log.write(done.stdout + done.stderr)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                why = f"nvcc failed on {source.name} ({done.returncode}): {tail}"
+                return [_error_record("native", "*", arch, why) for arch in archs]
+            ptxas += done.stderr + done.stdout
+            sass += subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True,
+                                   check=True).stdout
+    resources = parse_ptxas_log(ptxas)
     records = []
     for (symbol, arch), instructions in sorted(parse_sass(sass).items()):
         kernel, dtype, variant = demangled_kernel(symbol)
@@ -674,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="e.g. 80,86,89,90 (sm_80 ...)")
     p.add_argument("--backends", default="native,triton", help="native, triton or both")
     p.add_argument("--kernels", default=None, help="regex: only native kernels / Triton cases matching it")
-    p.add_argument("--source", default=str(SOURCE), help="CUDA source of the native kernels")
+    p.add_argument("--sources", nargs="+", default=[str(s) for s in SOURCES],
+                   help="CUDA sources of the native kernels")
     p.add_argument("--from-json", action="store_true",
                    help="compile nothing: re-render static.md from --out's static.json and static.meta.json")
     args = p.parse_args(argv)
@@ -696,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.write(json.dumps(meta))
     records: list[dict[str, Any]] = []
     if "native" in backends:
-        records += native_records(Path(args.source), archs, log, args.kernels)
+        records += native_records([Path(s) for s in args.sources], archs, log, args.kernels)
     if "triton" in backends:
         records += triton_records(archs, log, args.kernels)
     (out / "static.json").write_text(json.dumps(records, indent=1) + "\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles (nvcc -c, no link, no GPU needed) every csrc/*.cu against the installed torch's headers, for
+# Compiles (nvcc -c, no link, no GPU needed) every csrc/cuda/*.cu against the installed torch's headers, for
 # the architectures in SSAM_CHECK_ARCHS (default "80 90"; nvcc 13 dropped compute capabilities < 7.5).
 # Exits non-zero, naming the file, if any of them fails. Works with a CPU-only torch: its wheel ships the
 # c10/cuda and ATen headers, only the CMake-generated c10/cuda/impl/cuda_cmake_macros.h is missing, and
@@ -38,8 +38,8 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 failed=()
 shopt -s nullglob
-sources=("$here"/*.cu)
-[[ ${#sources[@]} -gt 0 ]] || { echo "check_cuda_compile: no .cu files in $here" >&2; exit 2; }
+sources=("$here"/cuda/*.cu)
+[[ ${#sources[@]} -gt 0 ]] || { echo "check_cuda_compile: no .cu files in $here/cuda" >&2; exit 2; }
 echo "check_cuda_compile: $("$nvcc" --version | tail -1); -std=$cxx_std; sm_${archs// /, sm_}"
 for src in "${sources[@]}"; do
   start=$SECONDS

@@ -570,7 +570,7 @@ void perturb_restore_cpu(const std::vector<ListEntry>& entries, const at::Tensor
   dispatch_dtype(entries[0].W->scalar_type(), "W", false, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, int32_t>) {  // dispatch_dtype instantiates int32, never run here
-      const scale_t<T> s = restore ? scale_t<T>(0) : load_scale<T>(scale_ptr.data, scale_ptr.is64);
+      const scale_t<T> s = restore ? scale_t<T>(0) : load_scale<T>(scale_ptr);
       const bool active = !restore && scale_active(s);
       std::vector<ElementArgs<T>> args;  // each entry's pointers, read once
       args.reserve(entries.size());

@@ -1,44 +1,16 @@
-// The schemas of the ssam_kernels operators (the backend interface of ssam_kernels/ops/reference.py).
-// Their CPU kernels are registered in cpu.cpp, their CUDA kernels in cuda.cu, their fake (meta)
-// implementations in ssam_kernels/ops/native.py.
+// The ssam_kernels operators (schemas: schemas.h). Their CPU kernels are registered in cpu.cpp, their CUDA
+// kernels in cuda/register.cu, their fake (meta) implementations in ssam_kernels/ops/native.py.
 //
 // Built by setup.py (SSAM_PYTHON_MODULE defined) this file is also the Python module ssam_kernels._C,
 // whose import loads the library and so registers the ops. Built by CMake it is a plain shared library
 // for torch.ops.load_library.
 #include <torch/library.h>
 
+#include "schemas.h"
+
 TORCH_LIBRARY(ssam_kernels, m) {
   m.set_python_module("ssam_kernels.ops.native");
-  m.def("grad_sq_norm(Tensor G, Tensor? W) -> Tensor");
-  m.def("perturb_(Tensor(a!) W, Tensor G, Tensor? mask, Tensor? offsets, Tensor(b!) backup, Tensor scale, "
-        "bool adaptive) -> ()");
-  m.def("restore_(Tensor(a!) W, Tensor? mask, Tensor? offsets, Tensor backup) -> ()");
-  m.def("fisher_accumulate_(Tensor(a!) F, Tensor G, float alpha) -> ()");
-  // The list forms (issue 15): entry j of every list belongs together, all tensors of one call share a
-  // device and (F excepted) a dtype; one call covers the whole list. A None in W / mask / offsets makes
-  // that entry plain (no ASAM) / dense.
-  m.def("grad_sq_norm_multi(Tensor[] G, Tensor?[] W) -> Tensor");
-  m.def("perturb_multi_(Tensor(a!)[] W, Tensor[] G, Tensor?[] mask, Tensor?[] offsets, Tensor(b!)[] backup, "
-        "Tensor scale, bool adaptive) -> ()");
-  m.def("restore_multi_(Tensor(a!)[] W, Tensor?[] mask, Tensor?[] offsets, Tensor[] backup) -> ()");
-  m.def("fisher_accumulate_multi_(Tensor(a!)[] F, Tensor[] G, float alpha) -> ()");
-  m.def("radix_histogram(Tensor scores, Tensor prefix, int shift, int bits, bool largest, "
-        "Tensor? filter_words, bool filter_value) -> Tensor");
-  m.def("threshold_mask(Tensor scores, Tensor threshold, Tensor tie_quota, bool largest, "
-        "Tensor? filter_words, bool filter_value) -> Tensor");
-  // The selection primitives over a list of segments (one device and score dtype; issue 15): the summed
-  // histogram, and the masks of the list as one sequence with the tie quota left after it.
-  m.def("radix_histogram_multi(Tensor[] scores, Tensor prefix, int shift, int bits, bool largest, "
-        "Tensor?[] filters, bool filter_value) -> Tensor");
-  m.def("threshold_mask_multi(Tensor[] scores, Tensor threshold, Tensor tie_quota, bool largest, "
-        "Tensor?[] filters, bool filter_value) -> (Tensor[], Tensor)");
-  // The bucket path's mask pass (ssam_kernels/ops/select.py; CUDA only): decided words and per-chunk
-  // counts written, undecided entries appended to the candidates at the cursor.
-  m.def("bucket_mask_multi(Tensor[] scores, Tensor prefix, int shift, bool largest, Tensor?[] filters, "
-        "bool filter_value, Tensor(a!)[] words, Tensor(b!)[] counts, int[] starts, Tensor(c!) candidates, "
-        "Tensor(d!) cursor) -> ()");
-  // hash_scores as an out= op: a factory op without tensor arguments would have no device to dispatch on.
-  m.def("hash_fill_(Tensor(a!) out, int seed, int step, int base) -> ()");
+  for (const char* schema : ssam::kSchemas) m.def(schema);
 }
 
 #if defined(SSAM_PYTHON_MODULE)

@@ -6,6 +6,7 @@
 // cannot drift apart; the PyTorch backends state the same meanings (ssam_kernels/ops/_arith.py for the
 // arithmetic of perturb_ and fisher_accumulate_, ssam_kernels/ops/reference.py for the rest).
 #pragma once
+#define SSAM_MATH_H  // csrc/sim/device.h must come first where it is used
 
 #include <cmath>
 #include <cstdint>
@@ -16,6 +17,12 @@
 #define SSAM_HD __host__ __device__ __forceinline__
 #else
 #define SSAM_HD inline
+#endif
+
+// How the helpers below that take a pointer into a kernel's global memory (load_scale, eligible) read
+// it: cuda_sim (csrc/sim/device.h) defines it to check the read against the tensors of the launch.
+#if !defined(SSAM_READ)
+#define SSAM_READ(p) (*(p))
 #endif
 
 namespace ssam {
@@ -107,11 +114,17 @@ struct ScaleOf<double> {
 template <typename T>
 using scale_t = typename ScaleOf<T>::type;
 
-// The scale of perturb_ for W of type T, read from device memory: a float32 or a float64 0-d tensor.
+// The scale of perturb_ as kernels see it: a float32 or float64 0-d tensor on W's device.
+struct ScaleView {
+  const void* data = nullptr;
+  bool is64 = false;
+};
+
+// The scale of perturb_ for W of type T, read from device memory.
 template <typename T>
-SSAM_HD scale_t<T> load_scale(const void* scale, bool scale64) {
-  return scale64 ? static_cast<scale_t<T>>(*static_cast<const double*>(scale))
-                 : static_cast<scale_t<T>>(*static_cast<const float*>(scale));
+SSAM_HD scale_t<T> load_scale(const ScaleView& scale) {
+  return scale.is64 ? static_cast<scale_t<T>>(SSAM_READ(static_cast<const double*>(scale.data)))
+                    : static_cast<scale_t<T>>(SSAM_READ(static_cast<const float*>(scale.data)));
 }
 
 // True when the perturbation applies: the scale as computed with (load_scale) is finite and non-zero;
@@ -243,7 +256,8 @@ SSAM_HD int bits_below(uint32_t word, int bit) {
 
 // Entry i is eligible for a selection: no filter, or its bit in the filter mask equals filter_value.
 SSAM_HD bool eligible(const int32_t* filter, bool filter_value, int64_t i) {
-  return filter == nullptr || (((static_cast<uint32_t>(filter[i >> 5]) >> (i & 31)) & 1u) != 0) == filter_value;
+  return filter == nullptr ||
+         (((static_cast<uint32_t>(SSAM_READ(filter + (i >> 5))) >> (i & 31)) & 1u) != 0) == filter_value;
 }
 
 }  // namespace ssam

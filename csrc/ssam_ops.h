@@ -101,12 +101,6 @@ inline void check_backup(const at::Tensor& backup, const at::Tensor& W, const Ma
                     "backup: expected one slot per perturbed entry");
 }
 
-// The scale of perturb_ as kernels see it: a float32 or float64 0-d tensor on W's device.
-struct ScaleView {
-  const void* data = nullptr;
-  bool is64 = false;
-};
-
 inline ScaleView scale_view(const at::Tensor& scale, const at::Tensor& W) {
   TORCH_CHECK_TYPE(scale.dim() == 0 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
                    "scale: expected a 0-d float32 or float64 tensor");

@@ -161,7 +161,7 @@ def test_triton_records_refuse_interpreted_kernels() -> None:
 TINY_CUDA = r"""
 #include <cuda_runtime.h>
 // A vectorised streaming kernel with fp64 arithmetic, a scalar one, and a template instantiation the
-// op's dtypes exclude (int); in an anonymous namespace, as in csrc/cuda.cu.
+// op's dtypes exclude (int); in an anonymous namespace, as in csrc/cuda/*.cuh.
 namespace {
 template <typename T>
 __global__ void fisher_kernel(float4* f, const float4* g, double alpha, long n) {
@@ -199,7 +199,7 @@ def test_native_records_of_a_tiny_source(tmp_path: Path) -> None:
         pytest.skip("cuobjdump not found (neither on PATH nor bundled with triton)")
     source = tmp_path / "tiny.cu"
     source.write_text(TINY_CUDA)
-    records = static.native_records(source, [86], harness.Log(tmp_path / "log", quiet=True))
+    records = static.native_records([source], [86], harness.Log(tmp_path / "log", quiet=True))
     by_kernel = {(r["kernel"], r["dtype"]): r for r in records}
     assert set(by_kernel) == {("fisher_kernel", "fp32"), ("restore_kernel", "-"),  # <int> left out
                               ("element_kernel", "fp32")}

@@ -1,0 +1,126 @@
+// Host launchers of perturb_ / restore_ and their list forms (kernels: element.cuh).
+#include "element.cuh"
+#include "host_common.h"
+#include "ops.h"
+
+namespace ssam {
+namespace cuda {
+namespace {
+
+template <typename Fn>
+void dispatch_op(bool restore, bool adaptive, Fn&& fn) {
+  if (restore) {
+    fn(Restore{});
+  } else if (adaptive) {
+    fn(PerturbAdaptive{});
+  } else {
+    fn(Perturb{});
+  }
+}
+
+template <typename T>
+void launch_element(const ElementArgs<T>& args, ScaleView scale, bool adaptive, bool restore) {
+  const int64_t blocks = grid_for(num_chunks(args.n), kWarpsPerBlock);
+  dispatch_op(restore, adaptive, [&](auto op) {
+    gpu::launch<element_kernel<T, decltype(op)>>(blocks, kThreads, 0, args, scale);
+  });
+}
+
+// The table of a perturb_ / restore_ list (G null for restore_), after the per-tensor checks.
+std::vector<int64_t> element_rows(at::TensorList W, const at::Tensor* const* G, const OptionalTensors& mask,
+                                  const OptionalTensors& offsets, at::TensorList backup) {
+  std::vector<int64_t> rows(W.size() * kColumns, 0);
+  for (size_t j = 0; j < W.size(); ++j) {
+    check_same_kind(W[j], W[0], "W", j);
+    const MaskView view = G != nullptr ? check_perturb_args(W[j], *G[j], mask.get(j), offsets.get(j), backup[j])
+                                       : check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]);
+    int64_t* row = rows.data() + j * kColumns;
+    row[kColW] = address(W[j]);
+    row[kColG] = G != nullptr ? address(*G[j]) : 0;
+    row[kColMask] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(view.words));
+    row[kColOffsets] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(view.offsets));
+    row[kColOffsets64] = view.offsets64;
+    row[kColBackup] = address(backup[j]);
+    row[kColN] = W[j].numel();
+    row[kColCapacity] = backup[j].numel();
+    set_vec(row);
+  }
+  return rows;
+}
+
+void launch_element_list(at::TensorList W, const std::vector<int64_t>& rows, ScaleView scale, bool adaptive,
+                         bool restore) {
+  if (W.empty()) return;
+  const gpu::DeviceGuard guard(W[0].device());
+  at::Tensor keep;
+  const ListTable table = upload_table(rows, W[0].device(), keep, restore ? "restore_multi_" : "perturb_multi_");
+  if (table.chunks == 0) return;
+  dispatch_dtype(W[0].scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_op(restore, adaptive, [&](auto op) {
+      gpu::launch<element_list_kernel<T, decltype(op)>>(grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, table,
+                                                        scale);
+    });
+  });
+}
+
+}  // namespace
+
+void perturb_(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
+              const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
+              bool adaptive) {
+  const MaskView view = check_perturb_args(W, G, mask, offsets, backup);
+  const ScaleView s = scale_view(scale, W);
+  const int64_t n = W.numel();
+  if (n == 0) return;
+  const gpu::DeviceGuard guard(W.device());
+  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* w = W.data_ptr<T>();
+    const T* g = G.data_ptr<T>();
+    T* b = backup.data_ptr<T>();
+    launch_element(ElementArgs<T>{w, g, b, n, backup.numel(), view.words, view.offsets, view.offsets64,
+                                  aligned16({w, g, b})},
+                   s, adaptive, false);
+  });
+}
+
+void restore_(const at::Tensor& W, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& offsets,
+              const at::Tensor& backup) {
+  const MaskView view = check_restore_args(W, mask, offsets, backup);
+  const int64_t n = W.numel();
+  if (n == 0) return;
+  const gpu::DeviceGuard guard(W.device());
+  if (view.words == nullptr) {  // dense: a device-to-device copy runs at copy bandwidth by definition
+    gpu::copy_async(W.data_ptr(), backup.data_ptr(), n * W.element_size());
+    return;
+  }
+  dispatch_dtype(W.scalar_type(), "W", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* w = W.data_ptr<T>();
+    T* b = backup.data_ptr<T>();
+    launch_element(ElementArgs<T>{w, nullptr, b, n, backup.numel(), view.words, view.offsets, view.offsets64,
+                                  aligned16({w, b})},
+                   ScaleView{}, false, true);
+  });
+}
+
+void perturb_multi_(at::TensorList W, at::TensorList G, const OptionalTensors& mask, const OptionalTensors& offsets,
+                    at::TensorList backup, const at::Tensor& scale, bool adaptive) {
+  check_list_lengths(W.size(), {{"G", G.size()}, {"mask", mask.size()}, {"offsets", offsets.size()},
+                                {"backup", backup.size()}});
+  if (W.empty()) return;
+  std::vector<const at::Tensor*> grads;
+  for (const at::Tensor& g : G) grads.push_back(&g);
+  const std::vector<int64_t> rows = element_rows(W, grads.data(), mask, offsets, backup);
+  launch_element_list(W, rows, scale_view(scale, W[0]), adaptive, false);
+}
+
+void restore_multi_(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
+                    at::TensorList backup) {
+  check_list_lengths(W.size(), {{"mask", mask.size()}, {"offsets", offsets.size()}, {"backup", backup.size()}});
+  launch_element_list(W, element_rows(W, nullptr, mask, offsets, backup), ScaleView{}, false, true);
+}
+
+}  // namespace cuda
+}  // namespace ssam

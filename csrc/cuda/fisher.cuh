@@ -1,0 +1,59 @@
+// fisher_accumulate_ on the GPU: F += alpha · g², one correctly rounded fp32 FMA (ssam_math.h:
+// fisher_update), one warp per 1024-entry chunk, for one tensor or a list.
+#pragma once
+
+#include "common.cuh"
+
+namespace ssam {
+namespace {
+
+// Entries per Fisher pack: a whole 16-byte pack of G and of the fp32 F (4 for float64 G; bf16 / fp16 G:
+// 8, with a 32-byte F pack).
+template <typename T>
+constexpr int kFisherVec = kVec<T> > kVec<float> ? kVec<T> : kVec<float>;
+
+template <typename T>
+struct FisherArgs {
+  float* f;
+  const T* g;
+  int64_t n;
+  bool vec;  // f and g 16-byte aligned
+};
+
+template <typename T>
+__device__ void fisher_chunk(const FisherArgs<T>& a, float alpha, int64_t c) {
+  constexpr int V = kFisherVec<T>;
+  for (int e = lane_id() * V; e < kChunk; e += 32 * V) {
+    const int64_t i = c * kChunk + e;
+    if (i >= a.n) return;
+    const uint32_t live = entries_below<V>(i, a.n);
+    const bool whole = a.vec && live == kAllEntries<V>;
+    Pack<float, V> f = load_slots<Path::kCoherent, V>(a.f, i, kAllEntries<V>, live, whole);
+    const Pack<T, V> g = load_slots<Path::kReadOnly, V>(a.g, i, kAllEntries<V>, live, whole);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if ((live >> k) & 1u) f.v[k] = fisher_update(f.v[k], g.v[k], alpha);
+    }
+    store_slots<V>(a.f, i, kAllEntries<V>, live, whole, f);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) fisher_kernel(FisherArgs<T> a, float alpha) {
+  const int64_t chunks = (a.n + kChunk - 1) / kChunk;
+  for (int64_t c = global_warp(); c < chunks; c += grid_warps()) fisher_chunk(a, alpha, c);
+}
+
+// F += alpha · g² for every (F, G) of the table (F at kColW, G at kColG): one warp per global chunk.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) fisher_list_kernel(ListTable t, float alpha) {
+  for (int64_t c = global_warp(); c < t.chunks; c += grid_warps()) {
+    const Row row = row_of(t, c);
+    const FisherArgs<T> a{column_ptr<float>(row, kColW), column_ptr<const T>(row, kColG), row.col[kColN],
+                          row.col[kColVec] != 0};
+    fisher_chunk(a, alpha, row.local);
+  }
+}
+
+}  // namespace
+}  // namespace ssam
