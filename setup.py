@@ -6,9 +6,12 @@
   extension (``ssam_kernels._C.compiled_archs()``), so the ``native`` backend can tell whether it runs on
   the current GPU and ``auto`` falls back to Triton where it does not.
 - CPU C++ extension: otherwise, when a C++ compiler is found.
+- cuda_sim, the testing backend ``ssam_kernels._cuda_sim`` (the CUDA launchers and device code of
+  ``csrc/cuda`` compiled by the host C++ compiler against HIP-CPU, registered for CPU tensors): only when
+  ``SSAM_HIP_CPU_DIR`` names the HIP-CPU headers (e.g. ``../shared/third_party/hip-cpu``).
 - Nothing compiled: ``SSAM_KERNELS_NO_EXT=1``, no compiler, no sources, or a failed build. The package
   then installs as pure Python and runs on the reference (and Triton) backends; a failed optional build
-  prints why and never leaves a broken install.
+  prints why and never leaves a broken install (each extension builds or fails on its own).
 
 Build with the installed torch: ``pip install --no-build-isolation .``
 """
@@ -61,7 +64,7 @@ def _extensions() -> tuple[list, type[build_ext]]:
         _log("SSAM_KERNELS_NO_EXT is set: installing without the compiled extension")
         return [], build_ext
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not cpp_sources:
         return [], build_ext
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -96,19 +99,41 @@ def _extensions() -> tuple[list, type[build_ext]]:
                                          define_macros=define_macros, extra_compile_args=cxx_flags,
                                          extra_link_args=["-fopenmp"])
         _log("building the CPU C++ extension (no CUDA torch or toolkit found)")
+    extensions = [ext]
+    sim = _cuda_sim_extension(cpp_extension, define_macros)
+    if sim is not None:
+        extensions.append(sim)
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Builds the extension; a failure leaves a working pure-Python install and says why."""
+        """Builds each extension; a failure leaves a working install without it and says why."""
 
-        def build_extensions(self) -> None:
+        def build_extension(self, ext) -> None:
             try:
-                super().build_extensions()
+                super().build_extension(ext)
             except Exception as exc:
-                _log(f"the compiled extension failed to build ({exc}); installing without it. "
-                     "The reference backend still works; see README 'Build from source'.")
-                self.extensions = []
+                _log(f"{ext.name} failed to build ({exc}); installing without it. The reference and "
+                     "vectorized backends still work; see docs/BUILD.md.")
 
-    return [ext], OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
+    return extensions, OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
+
+
+def _cuda_sim_extension(cpp_extension: object, define_macros: list) -> object | None:
+    """``ssam_kernels._cuda_sim`` when ``SSAM_HIP_CPU_DIR`` names HIP-CPU (its ``include/hip/hip_runtime.h``),
+    else None. Host C++ only, C++20 (``std::source_location``); hidden visibility, so that its copies of
+    the shared headers' inline functions never stand in for ``_C``'s in one process."""
+    hip_cpu = os.environ.get("SSAM_HIP_CPU_DIR", "").strip()
+    if not hip_cpu:
+        return None
+    hip_include = os.path.join(os.path.abspath(hip_cpu), "include")
+    if not os.path.isfile(os.path.join(hip_include, "hip", "hip_runtime.h")):
+        raise SystemExit(f"ssam_kernels setup: SSAM_HIP_CPU_DIR={hip_cpu!r} has no include/hip/hip_runtime.h")
+    _log(f"building the cuda_sim testing backend against HIP-CPU in {hip_cpu}")
+    return cpp_extension.CppExtension(
+        "ssam_kernels._cuda_sim", [os.path.join("csrc", "sim", "cuda_sim.cpp")],
+        include_dirs=[os.path.join(HERE, "csrc"), hip_include], define_macros=define_macros,
+        extra_compile_args=["-O2", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden",
+                            "-fvisibility-inlines-hidden", "-Wno-unknown-pragmas", "-pthread"],
+        extra_link_args=["-pthread"])
 
 
 extensions, build_ext_class = _extensions()

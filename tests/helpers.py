@@ -86,3 +86,20 @@ def selection_scores(n: int, dtype: torch.dtype, gen: torch.Generator, ties: boo
         values = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf")], dtype=torch.float64)
         x[torch.randint(0, n, (min(n, 5),), generator=gen)] = values[: min(n, 5)]
     return x.to(dtype)
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+         torch.float16: torch.int16}
+
+
+def assert_same_values(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal dtype, shape and bits, except that any NaN equals any NaN (the NaN contract of
+    docs/DESIGN.md: a NaN's payload is not promised)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape)
+    if actual.is_floating_point():
+        both_nan = torch.isnan(actual) & torch.isnan(expected)
+        actual, expected = torch.where(both_nan, 0, actual), torch.where(both_nan, 0, expected)
+    view = _BITS.get(actual.dtype, actual.dtype)
+    mismatch = (actual.view(view) != expected.view(view)).nonzero()
+    assert mismatch.numel() == 0, (f"{mismatch.numel()} entries differ, first at "
+                                   f"{mismatch[:5].flatten().tolist()}")

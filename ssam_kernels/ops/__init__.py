@@ -3,8 +3,10 @@
 Each function validates its inputs (errors name the argument), picks a backend for the tensors'
 device and calls that backend's primitive. Backends: ``"reference"`` (pure PyTorch, the simple oracle),
 ``"vectorized"`` (pure PyTorch written for speed, same results, any device), ``"triton"`` and ``"native"``
-(the compiled extension). ``backend=None`` reads the environment variable ``SSAM_KERNELS_BACKEND`` and
-defaults to ``"auto"``: native, else Triton (CUDA only), else vectorized; ``reference`` only by name.
+(the compiled extension), and ``"cuda_sim"`` (for tests: the native CUDA kernels run on CPU tensors, when
+built, :mod:`.cuda_sim`). ``backend=None`` reads the environment variable ``SSAM_KERNELS_BACKEND`` and
+defaults to ``"auto"``: native, else Triton (CUDA only), else vectorized; ``reference`` and ``cuda_sim``
+only by name.
 
 Masks are int32 bit-packed words with per-chunk offsets (:mod:`ssam_kernels.ops.bitmask`); a dense
 perturbation is ``mask=None``.
@@ -54,7 +56,7 @@ __all__ = [
     "select_topk",
 ]
 
-BACKENDS = ("reference", "vectorized", "triton", "native")
+BACKENDS = ("reference", "vectorized", "triton", "native", "cuda_sim")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ENV_VAR = "SSAM_KERNELS_BACKEND"
 

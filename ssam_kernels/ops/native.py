@@ -25,28 +25,31 @@ else:
     _IMPORT_ERROR = ""
 
 
-def unavailable_reason(device_type: str) -> str | None:
-    """Why the compiled kernels cannot run on ``device_type`` tensors, or None if they can. For CUDA also
-    whether the current GPU can run what was compiled (``_C.compiled_archs()``): without a kernel image
-    for it every launch would fail with "no kernel image is available", so ``auto`` picks Triton."""
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the compiled kernels cannot run on ``device`` tensors, or None if they can. For a GPU also
+    whether it can run what was compiled (``_C.compiled_archs()``; the current GPU when ``device`` has no
+    index): without a kernel image for it every launch would fail with "no kernel image is available",
+    so ``auto`` picks Triton."""
+    device = torch.device(device)
     if _C is None:
         return f"the compiled extension ssam_kernels._C is not built ({_IMPORT_ERROR})"
-    if device_type == "cpu":
+    if device.type == "cpu":
         return None
-    if device_type == "cuda":
+    if device.type == "cuda":
         if not _C.built_with_cuda():
             return "ssam_kernels._C was built without CUDA"
         if not torch.cuda.is_available():
             return None  # no GPU to judge; nothing runs on CUDA tensors here anyway
-        capability = torch.cuda.get_device_capability(torch.cuda.current_device())
+        capability = torch.cuda.get_device_capability(device.index if device.index is not None
+                                                      else torch.cuda.current_device())
         archs = _C.compiled_archs()
         if runs_on(archs, capability) is False:
             major, minor = capability
             return (f"ssam_kernels._C was compiled for TORCH_CUDA_ARCH_LIST={archs!r}, which has no kernel "
-                    f"image for this GPU (compute capability {major}.{minor}); rebuild with "
+                    f"image for {device} (compute capability {major}.{minor}); rebuild with "
                     f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (see docs/BUILD.md)")
         return None
-    return f"the compiled extension has no kernels for {device_type} tensors"
+    return f"the compiled extension has no kernels for {device.type} tensors"
 
 
 _ARCH = re.compile(r"(\d+)\.(\d+)([af]?)(\+PTX)?", re.IGNORECASE)
@@ -73,130 +76,136 @@ def runs_on(archs: str, capability: tuple[int, int]) -> bool | None:
     return False
 
 
-def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
-    """``Σ g_i²`` (or ``Σ (g_i · w_i)²`` with ``W``) accumulated in float64 in a fixed order; a float64
-    0-d tensor on ``G``'s device."""
-    return torch.ops.ssam_kernels.grad_sq_norm(G, W)
+class CompiledOps:
+    """The backend interface of :mod:`.reference` over the ops of one ``torch.library`` namespace: the
+    extension's ``ssam_kernels`` (this module) or cuda_sim's ``ssam_cuda_sim`` (:mod:`.cuda_sim`), which
+    share their schemas (``csrc/schemas.h``). ``direct``: eager list ops on plain CPU tensors first try
+    the extension's direct calls (``_C.*_cpu``), which skip ``torch.ops``' conversion of the lists."""
 
+    def __init__(self, namespace: str, direct: bool = False) -> None:
+        self.namespace = namespace
+        self.direct = direct
 
-def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
-    """For every set bit ``i`` below N with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``; then, if
-    ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+ scale·w_i²·g_i``) with
-    one fp32 fused multiply-add (float64 W: in float64; ``csrc/ssam_math.h``, bounds: ``ops.perturb_``)."""
-    torch.ops.ssam_kernels.perturb_(W, G, mask, _offsets(mask, offsets, W), backup, scale, adaptive)
+    @property
+    def _ops(self) -> object:
+        return getattr(torch.ops, self.namespace)
 
+    def _try_direct(self) -> bool:
+        """Whether a list op may try its direct ``_C`` call: not while torch.compile traces (the
+        registered op must be what it records); the C function checks the rest."""
+        return self.direct and not torch.compiler.is_compiling()
 
-def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor) -> None:
-    """``W[i] = backup[rank(i)]`` for every set bit ``i`` below N with ``rank(i) < len(backup)``."""
-    torch.ops.ssam_kernels.restore_(W, mask, _offsets(mask, offsets, W), backup)
+    def grad_sq_norm(self, G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ g_i²`` (or ``Σ (g_i · w_i)²`` with ``W``) accumulated in float64 in a fixed order; a float64
+        0-d tensor on ``G``'s device."""
+        return self._ops.grad_sq_norm(G, W)
 
+    def perturb_(self, W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None,
+                 offsets: torch.Tensor | None, backup: torch.Tensor, scale: torch.Tensor,
+                 adaptive: bool = False) -> None:
+        """For every set bit ``i`` below N with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``;
+        then, if ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+
+        scale·w_i²·g_i``) with one fp32 fused multiply-add (float64 W: in float64;
+        ``csrc/ssam_math.h``, bounds: ``ops.perturb_``)."""
+        self._ops.perturb_(W, G, mask, _offsets(mask, offsets, W), backup, scale, adaptive)
 
-def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
-    """``F += alpha · G²`` with ``F`` float32 (``G`` any float dtype), one fp32 fused multiply-add."""
-    torch.ops.ssam_kernels.fisher_accumulate_(F, G, alpha)
+    def restore_(self, W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
+                 backup: torch.Tensor) -> None:
+        """``W[i] = backup[rank(i)]`` for every set bit ``i`` below N with ``rank(i) < len(backup)``."""
+        self._ops.restore_(W, mask, _offsets(mask, offsets, W), backup)
 
+    def fisher_accumulate_(self, F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
+        """``F += alpha · G²`` with ``F`` float32 (``G`` any float dtype), one fp32 fused multiply-add."""
+        self._ops.fisher_accumulate_(F, G, alpha)
 
-def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
-    """The list form of :func:`grad_sq_norm` (one device and dtype) in one call. CPU: one parallel pass,
-    the per-tensor totals added in list order (bit-identical to adding the single results), eager on plain
-    CPU tensors through the direct ``_C.grad_sq_norm_multi_cpu`` (as :func:`perturb_multi_`); CUDA: one
-    launch over a table of the tensors, one partial per block of a one-wave grid added in a fixed order
-    (deterministic per device)."""
-    if _direct():
-        total = _C.grad_sq_norm_multi_cpu(G, W)
-        if total is not None:
-            return total
-    return torch.ops.ssam_kernels.grad_sq_norm_multi(G, W)
+    def grad_sq_norm_multi(self, G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+        """The list form of :meth:`grad_sq_norm` (one device and dtype) in one call. CPU: one parallel
+        pass, the per-tensor totals added in list order (bit-identical to adding the single results);
+        CUDA: one launch over a table of the tensors, one partial per block of a one-wave grid added in a
+        fixed order (deterministic per device)."""
+        if self._try_direct():
+            total = _C.grad_sq_norm_multi_cpu(G, W)
+            if total is not None:
+                return total
+        return self._ops.grad_sq_norm_multi(G, W)
 
+    def perturb_multi_(self, W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
+                       offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
+                       adaptive: bool = False) -> None:
+        """:meth:`perturb_` on every entry of the lists (one device and dtype) in one call; the
+        registered op serves torch.compile, fake tensors, modes, CUDA, and the errors of bad arguments."""
+        if self._try_direct() and _C.perturb_multi_cpu(W, G, mask, offsets, backup, scale, bool(adaptive)):
+            return
+        self._ops.perturb_multi_(W, G, mask, _offsets_list(mask, offsets, W), backup, scale, adaptive)
 
-def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
-                   offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
-                   adaptive: bool = False) -> None:
-    """:func:`perturb_` on every entry of the lists (one device and dtype) in one call: eager on plain CPU
-    tensors the direct ``_C.perturb_multi_cpu`` (no ``torch.ops`` conversion of the lists), else the
-    registered op (torch.compile, fake tensors, modes, CUDA, and the errors of bad arguments)."""
-    if _direct() and _C.perturb_multi_cpu(W, G, mask, offsets, backup, scale, bool(adaptive)):
-        return
-    offsets = _offsets_list(mask, offsets, W)
-    torch.ops.ssam_kernels.perturb_multi_(W, G, mask, offsets, backup, scale, adaptive)
+    def restore_multi_(self, W: list[torch.Tensor], mask: list[torch.Tensor | None],
+                       offsets: list[torch.Tensor | None], backup: list[torch.Tensor]) -> None:
+        """:meth:`restore_` on every entry of the lists (one device and dtype) in one call."""
+        if self._try_direct() and _C.restore_multi_cpu(W, mask, offsets, backup):
+            return
+        self._ops.restore_multi_(W, mask, _offsets_list(mask, offsets, W), backup)
 
+    def fisher_accumulate_multi_(self, F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0
+                                 ) -> None:
+        """:meth:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype) in one
+        call."""
+        self._ops.fisher_accumulate_multi_(F, G, alpha)
 
-def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
-                   backup: list[torch.Tensor]) -> None:
-    """:func:`restore_` on every entry of the lists (one device and dtype) in one call (as
-    :func:`perturb_multi_`: the direct ``_C.restore_multi_cpu`` where it applies)."""
-    if _direct() and _C.restore_multi_cpu(W, mask, offsets, backup):
-        return
-    torch.ops.ssam_kernels.restore_multi_(W, mask, _offsets_list(mask, offsets, W), backup)
+    def radix_histogram(self, scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int,
+                        largest: bool, filter_words: torch.Tensor | None = None, filter_value: bool = True
+                        ) -> torch.Tensor:
+        """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
+        ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys:
+        ``reference.score_keys``)."""
+        return self._ops.radix_histogram(scores, prefix, shift, bits, largest, filter_words, filter_value)
 
+    def threshold_mask(self, scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor,
+                       largest: bool, filter_words: torch.Tensor | None = None, filter_value: bool = True
+                       ) -> torch.Tensor:
+        """Mask words selecting the eligible entries with key > ``threshold``, plus the first
+        ``tie_quota`` eligible entries (index order) with key == ``threshold``."""
+        return self._ops.threshold_mask(scores, threshold, tie_quota, largest, filter_words, filter_value)
 
-def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0) -> None:
-    """:func:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype) in one call."""
-    torch.ops.ssam_kernels.fisher_accumulate_multi_(F, G, alpha)
+    def radix_histogram_multi(self, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
+                              largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
+                              ) -> torch.Tensor:
+        """The sum over the list (one device and dtype) of :meth:`radix_histogram` of each segment, in
+        one call (CPU: one parallel loop over all segments; CUDA: one launch over a table of them)."""
+        return self._ops.radix_histogram_multi(scores, prefix, shift, bits, largest, filters, filter_value)
 
+    def threshold_mask_multi(self, scores: list[torch.Tensor], threshold: torch.Tensor,
+                             tie_quota: torch.Tensor, largest: bool, filters: list[torch.Tensor | None],
+                             filter_value: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The mask words of each segment (eligible keys > ``threshold``, then the first ``tie_quota``
+        eligible ties of the list in list order) and the quota left, ``max(tie_quota - ties, 0)``."""
+        return self._ops.threshold_mask_multi(scores, threshold, tie_quota, largest, filters, filter_value)
 
-def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
-                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
-    """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
-    ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys: ``reference.score_keys``)."""
-    return torch.ops.ssam_kernels.radix_histogram(scores, prefix, shift, bits, largest, filter_words,
-                                                  filter_value)
+    def bucket_mask_multi(self, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
+                          filters: list[torch.Tensor | None], filter_value: bool, words: list[torch.Tensor],
+                          counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
+                          cursor: torch.Tensor) -> None:
+        """The bucket path's mask pass (:class:`ssam_kernels.ops.select.BucketBackend`), in one launch."""
+        self._ops.bucket_mask_multi(scores, prefix, shift, largest, filters, filter_value, words, counts,
+                                    starts, candidates, cursor)
 
-
-def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
-                   filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
-    """Mask words selecting the eligible entries with key > ``threshold``, plus the first ``tie_quota``
-    eligible entries (index order) with key == ``threshold``."""
-    return torch.ops.ssam_kernels.threshold_mask(scores, threshold, tie_quota, largest, filter_words,
-                                                 filter_value)
-
-
-def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
-                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
-                          ) -> torch.Tensor:
-    """The sum over the list (one device and dtype) of :func:`radix_histogram` of each segment, in one
-    call (CPU: one parallel loop over all segments; CUDA: one launch over a table of the segments)."""
-    return torch.ops.ssam_kernels.radix_histogram_multi(scores, prefix, shift, bits, largest, filters,
-                                                        filter_value)
-
-
-def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, tie_quota: torch.Tensor,
-                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
-                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The mask words of each segment (eligible keys > ``threshold``, then the first ``tie_quota`` eligible
-    ties of the list in list order) and the quota left, ``max(tie_quota - ties, 0)``, in one call."""
-    return torch.ops.ssam_kernels.threshold_mask_multi(scores, threshold, tie_quota, largest, filters,
-                                                       filter_value)
+    def hash_scores(self, n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
+        """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
+        (``reference.hash_scores``)."""
+        out = torch.empty(n, dtype=torch.int32, device=device)
+        self._ops.hash_fill_(out, seed, step, base)
+        return out
 
 
 BUCKET_MASK_DEVICES = ("cuda",)
 """Device types :func:`bucket_mask_multi` has kernels for (CPU tensors keep the third histogram pass and
 ``threshold_mask``)."""
 
-
-def bucket_mask_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
-                      filters: list[torch.Tensor | None], filter_value: bool, words: list[torch.Tensor],
-                      counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
-                      cursor: torch.Tensor) -> None:
-    """The bucket path's mask pass (:class:`ssam_kernels.ops.select.BucketBackend`), in one launch."""
-    torch.ops.ssam_kernels.bucket_mask_multi(scores, prefix, shift, largest, filters, filter_value, words,
-                                             counts, starts, candidates, cursor)
+_OPS = CompiledOps("ssam_kernels", direct=True)
 
 
-def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
-    """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
-    (``reference.hash_scores``)."""
-    out = torch.empty(n, dtype=torch.int32, device=device)
-    torch.ops.ssam_kernels.hash_fill_(out, seed, step, base)
-    return out
-
-
-def _direct() -> bool:
-    """Whether a list op may try its direct ``_C`` call: not while torch.compile traces (the registered op
-    must be what it records); the C function checks the rest."""
-    return not torch.compiler.is_compiling()
+def __getattr__(name: str) -> object:
+    """The backend's op functions are :class:`CompiledOps`' methods over ``torch.ops.ssam_kernels``."""
+    return getattr(_OPS, name)
 
 
 def _offsets(mask: torch.Tensor | None, offsets: torch.Tensor | None, W: torch.Tensor) -> torch.Tensor | None:
