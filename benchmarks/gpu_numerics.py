@@ -21,6 +21,18 @@ fit in 90 % of the free memory (``torch.cuda.mem_get_info`` on GPU), or when the
   bit (the op contract's single fp32 FMA; the distance in ulps is recorded); after ``restore_`` W equals
   its original bit for bit.
 
+Before them, three checks of the device code paths themselves (one record per backend):
+
+- ``selfcheck``: the first-use check of each compiled backend (:mod:`ssam_kernels.ops.selfcheck`), run by
+  ``ops.resolve_backend`` in this fresh process for float32, bfloat16, float16, float64 and int32 scores;
+  passes when the backend passes it, and records its one-time cost in seconds per dtype;
+- ``select_sync``: ``select_topk`` over two segments (a bucket path selection) with
+  ``torch.cuda.set_sync_debug_mode("warn")``: passes when it synchronises with the host at most once, the
+  documented read of the bucket's size (CUDA only);
+- ``graph_capture``: a list op inside ``torch.cuda.graph``: passes when it refuses with the error that says
+  why (its launch table comes from host memory at every call), instead of capturing a stale table (CUDA
+  only).
+
 The fused backends run first, the reference backend (slow at 2^31) in a second pass over the same
 inputs. Writes ``numerics.json`` (``{"meta": ..., "records": [...]}``, one record per check × variant ×
 backend, rewritten after every record) and ``numerics.log`` to ``--out``.
@@ -33,6 +45,7 @@ import argparse
 import contextlib
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,6 +224,59 @@ def check_perturb_restore(n: int, dtypes: list[torch.dtype], device: torch.devic
         del W0, G
 
 
+SELFCHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32)
+
+
+def check_device_paths(device: torch.device, run: Recorder) -> None:
+    """``selfcheck``, ``select_sync`` and ``graph_capture`` (module doc) on every backend of the run."""
+    def selfcheck(backend: str) -> dict[str, Any]:
+        seconds, failures = {}, []
+        for dtype in SELFCHECK_DTYPES:
+            started = time.perf_counter()
+            try:
+                ops.resolve_backend(backend, device, dtype)
+            except RuntimeError as exc:
+                failures.append(str(exc))
+            seconds[str(dtype).removeprefix("torch.")] = round(time.perf_counter() - started, 4)
+        return {"seconds": seconds, "failures": failures, "passed": not failures}
+
+    run("selfcheck", "first use", 0, selfcheck)
+    if device.type != "cuda":
+        return
+    gen = torch.Generator(device).manual_seed(7)
+    scores = [torch.randn(n, device=device, generator=gen) for n in (1 << 20, 4099)]
+
+    def select_sync(backend: str) -> dict[str, Any]:
+        ops.select_topk(scores, 1 << 18, backend=backend)  # warm-up: lazy initialisation may synchronise
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                ops.select_topk(scores, 1 << 18, backend=backend)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        return {"synchronisations": len(syncs), "messages": syncs[:5], "passed": len(syncs) <= 1}
+
+    def graph_capture(backend: str) -> dict[str, Any]:
+        W = [torch.randn(1000, device=device), torch.randn(3000, device=device)]
+        G, B = [torch.randn_like(w) for w in W], [torch.empty_like(w) for w in W]
+        scale = torch.tensor(0.1, device=device)
+        ops.perturb_(W, G, None, None, B, scale, backend=backend)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                ops.perturb_(W, G, None, None, B, scale, backend=backend)
+        except RuntimeError as exc:
+            refused = "CUDA graph" in str(exc)
+            return {"refused": refused, "error": str(exc).splitlines()[0], "passed": refused}
+        return {"refused": False, "passed": False}
+
+    run("select_sync", "bucket path", scores[0].numel(), select_sync)
+    run("graph_capture", "perturb_ list", 4000, graph_capture)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running, guarding and recording
 # ----------------------------------------------------------------------------------------------------
@@ -297,6 +363,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = {"select_topk": lambda n, gen: check_select(n, device, gen, recorder),
               "grad_sq_norm": lambda n, gen: check_norm(n, device, gen, recorder),
               "perturb_restore": lambda n, gen: check_perturb_restore(n, dtypes, device, gen, recorder)}
+    recorder.backends = [b for b in backends if b in ("native", "triton")]
+    try:
+        check_device_paths(device, recorder)
+    except Exception:
+        recorder.record({"check": "device paths", "variant": "setup", "n": 0, "backend": "all",
+                         "status": "error", "reason": traceback.format_exc(limit=8), "seconds": 0.0})
     # Two passes, the fused backends then the reference (which can take long at 2^31): a run cut short
     # loses the oracle's checks, not the kernels'. Each check draws its inputs from its own seed, so both
     # passes see the same inputs.

@@ -315,6 +315,7 @@ def test_auto_falls_back_to_triton_on_a_gpu_without_a_kernel_image(monkeypatch, 
     ``auto`` picks Triton instead of failing at every launch (issue 14, item 1). No GPU needed: the
     extension's compiled list and the device's capability are simulated."""
     monkeypatch.setattr(native, "_C", _FakeExtension("8.0;9.0"))
+    monkeypatch.setenv("SSAM_KERNELS_SELFCHECK", "0")  # no GPU to run the first-use check on
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -327,6 +328,19 @@ def test_auto_falls_back_to_triton_on_a_gpu_without_a_kernel_image(monkeypatch, 
     assert ops.resolve_backend("auto", torch.device("cuda")).__name__ == "ssam_kernels.ops.triton"
     with pytest.raises(RuntimeError, match="no kernel image"):
         ops.resolve_backend("native", torch.device("cuda"))
+
+
+def test_kernel_image_is_judged_for_the_tensors_gpu(monkeypatch):
+    """Two GPUs, the current one supported and the tensors' one not: native is unavailable for the
+    tensors' device (the check reads its capability, not the current device's)."""
+    monkeypatch.setattr(native, "_C", _FakeExtension("8.0;9.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: [(9, 0), (7, 5)][device])
+    assert native.unavailable_reason(torch.device("cuda", 0)) is None
+    assert native.unavailable_reason("cuda") is None  # the current device
+    why = native.unavailable_reason(torch.device("cuda", 1))
+    assert why is not None and "cuda:1" in why and "7.5" in why
 
 
 def test_setup_chooses_cuda_archs_with_ptx(monkeypatch):

@@ -170,6 +170,18 @@ class _Layout:
         self.entry_start = _starts(self.sizes)
 
 
+def device_ints(device: torch.device, *lists: Sequence[int]) -> list[torch.Tensor]:
+    """Each list of host ints as an int64 tensor on ``device``, from one host buffer in one copy: pinned
+    and asynchronous on CUDA, so the caller does not wait for the GPU (``torch.tensor(list, device=...)``
+    copies from pageable memory and synchronises)."""
+    host = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    elif host.device != device:
+        host = host.to(device)
+    return list(host.split([len(values) for values in lists]))
+
+
 def _starts(counts: Sequence[int]) -> list[int]:
     out = [0]
     for c in counts:
@@ -186,11 +198,12 @@ def _resolve(candidates: torch.Tensor, need: torch.Tensor, layout: _Layout, word
     ordered = torch.sort(candidates).values
     take = torch.arange(ordered.numel(), device=device) < need
     position = ordered & ((1 << 53) - 1)
-    entry_start = torch.tensor(layout.entry_start[:-1], device=device)
+    entry_start, word_start, chunk_start = device_ints(
+        device, layout.entry_start[:-1], layout.word_start[:-1], layout.chunk_start[:-1])
     segment = torch.searchsorted(entry_start, position, right=True) - 1  # empty segments own no position
     index = position - entry_start[segment]
-    word = torch.tensor(layout.word_start[:-1], device=device)[segment] + index // 32
-    chunk = torch.tensor(layout.chunk_start[:-1], device=device)[segment] + index // bitmask.CHUNK
+    word = word_start[segment] + index // 32
+    chunk = chunk_start[segment] + index // bitmask.CHUNK
     # Each candidate's bit is 0 in its word and distinct from the others': adding them is OR-ing them,
     # and no int32 sum overflows.
     bits = bitmask.to_int32(torch.where(take, torch.ones_like(index) << (index % 32), 0))
@@ -310,10 +323,9 @@ def chunk_offsets(per_chunk: torch.Tensor, n_chunks: Sequence[int]) -> list[torc
     each a view of one buffer. A fixed number of ops over the chunks."""
     device = per_chunk.device
     total = per_chunk.numel()
-    counts = torch.tensor(list(n_chunks), device=device)
+    counts, starts = device_ints(device, n_chunks, _starts(n_chunks)[:-1])
     scan = torch.cumsum(per_chunk, 0, dtype=torch.int64)
-    first = torch.repeat_interleave(torch.tensor(_starts(n_chunks)[:-1], device=device), counts,
-                                    output_size=total)
+    first = torch.repeat_interleave(starts, counts, output_size=total)
     within = scan - (scan - per_chunk).gather(0, first)
     # Mask s's offsets are entries chunk_start[s] + s ... of the output: a 0, then its scan.
     owner = torch.repeat_interleave(torch.arange(len(n_chunks), device=device), counts, output_size=total)
@@ -336,13 +348,18 @@ class MaskList:
         layout = _Layout(sizes)
         self.n_words, self.n_chunks = layout.n_words, layout.n_chunks
         words = layout.word_start[-1]
-        word_counts = torch.tensor(self.n_words, device=device)
+        word_counts, word_start, entries, chunk_start = device_ints(
+            device, self.n_words, layout.word_start[:-1], self.sizes, layout.chunk_start[:-1])
         self.total_chunks = layout.chunk_start[-1]
-        local = torch.arange(words, device=device) - self._per(layout.word_start[:-1], word_counts, words)
+
+        def per_word(values: torch.Tensor) -> torch.Tensor:  # each mask's value, repeated for its words
+            return torch.repeat_interleave(values, word_counts, output_size=words)
+
+        local = torch.arange(words, device=device) - per_word(word_start)
         # Bits of each word below its mask's N: all 32, except in a mask's last word.
-        bits = (self._per(self.sizes, word_counts, words) - 32 * local).clamp(max=32)
+        bits = (per_word(entries) - 32 * local).clamp(max=32)
         self.valid = (1 << bits) - 1
-        self.chunk = self._per(layout.chunk_start[:-1], word_counts, words) + local // bitmask.WORDS_PER_CHUNK
+        self.chunk = per_word(chunk_start) + local // bitmask.WORDS_PER_CHUNK
 
     @staticmethod
     def of(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> MaskList | None:
@@ -357,9 +374,6 @@ class MaskList:
                 or any(w.device != words[0].device for w in words)):
             return None
         return MaskList(sizes, words[0].device)
-
-    def _per(self, values: list[int], counts: torch.Tensor, total: int) -> torch.Tensor:
-        return torch.repeat_interleave(torch.tensor(values, device=self.device), counts, output_size=total)
 
     def trimmed(self, words: Sequence[torch.Tensor]) -> torch.Tensor:
         """All words concatenated, as unsigned values (int64) with the bits past each mask's N cleared."""

@@ -59,9 +59,9 @@ BINCOUNT_DEVICES = ("cpu",)
 reads its input's maximum on the host to size the output)."""
 
 
-def unavailable_reason(device_type: str) -> str | None:
-    """Always None: plain PyTorch ops run on every device type."""
-    del device_type
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Always None: plain PyTorch ops run on every device."""
+    del device
     return None
 
 

@@ -44,10 +44,11 @@ __all__ = ["BUCKET_MASK_DEVICES", "bucket_mask_multi", "fisher_accumulate_", "fi
            "restore_", "restore_multi_", "threshold_mask", "threshold_mask_multi", "unavailable_reason"]
 
 
-def unavailable_reason(device_type: str) -> str | None:
-    """None when the Triton backend can run on ``device_type`` tensors, else why not."""
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """None when the Triton backend can run on ``device`` tensors, else why not."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
+    device_type = torch.device(device).type
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "torch.cuda is not available"
     if device_type == "cpu":

@@ -152,4 +152,11 @@ def launch_table(columns: list[tuple[int, ...]], sizes: list[int], tile: int, de
     first = torch.repeat_interleave(torch.cumsum(tiles, 0) - tiles, tiles)
     rows = torch.stack([owner, torch.arange(count) - first], dim=1).view(-1)
     table = torch.cat([rows, torch.tensor(columns, dtype=torch.int64).view(-1)])
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("ssam_kernels (Triton): a list op cannot be captured in a CUDA graph: it "
+                               "copies its launch table from host memory at every call. Run the optimizer "
+                               "step outside the captured region (e.g. torch.compile without "
+                               "mode='reduce-overhead' around it).")
+        table = table.pin_memory()  # an asynchronous copy: the host does not wait for the GPU
     return table.to(device, non_blocking=True), count, 2 * count

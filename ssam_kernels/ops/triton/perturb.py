@@ -239,11 +239,10 @@ _COLUMNS = tl.constexpr(7)  # per tensor: w, g, mask, offsets, backup (addresses
 def _launch(kernel: triton.JITFunction, W: list[torch.Tensor], G: list[torch.Tensor],
             mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None], backup: list[torch.Tensor],
             *args: object, **constexprs: object) -> None:
-    """One launch per kind of entry (masked, dense) and alignment (:func:`._config.aligned` of W, G and,
-    dense, the backup, which the dense kernel addresses like W) over the table of those entries."""
+    """One launch per kind of entry (masked, dense) and alignment (:func:`._config.aligned` of W, G and
+    the backup: an ``ALIGNED`` launch declares all three 16-byte aligned) over the table of those entries."""
     def kind(j: int) -> tuple[bool, bool]:
-        masked = mask[j] is not None
-        return masked, _config.aligned(W[j], G[j], *(() if masked else (backup[j],)))
+        return mask[j] is not None, _config.aligned(W[j], G[j], backup[j])
 
     for masked, aligned in ((True, True), (True, False), (False, True), (False, False)):
         index = [j for j in range(len(W)) if W[j].numel() > 0 and kind(j) == (masked, aligned)]
