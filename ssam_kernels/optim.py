@@ -198,7 +198,7 @@ class SSAM(torch.optim.Optimizer):
         """Bookkeeping for a laid-out group: its backend is checked, its parameters outside the segments
         are zeroed as in plain PyTorch, and its trainable parameters get gradient hooks."""
         for segment in segments:
-            ops.resolve_backend(self.backend, segment.device)  # fail now, not mid-training
+            ops.resolve_backend(self.backend, segment.device, segment.dtype)  # fail now, not mid-training
         in_layout = {id(p) for s in segments for p in s.params}
         self._outside += [p for p in group["params"] if id(p) not in in_layout]
         where = {id(p): (segment, index) for segment in segments
@@ -245,7 +245,7 @@ class SSAM(torch.optim.Optimizer):
         for p in group["params"]:
             if p.requires_grad and group["perturb"]:
                 check_param(p)
-                ops.resolve_backend(self.backend, p.device)
+                ops.resolve_backend(self.backend, p.device, p.dtype)
         self.base_optimizer.add_param_group(group)  # the last check (its own options); nothing changed yet
         group = self.param_groups[-1]
         self._attach(group, self.layout.add_group(group["params"] if group["perturb"] else []))

@@ -41,7 +41,7 @@ from types import ModuleType
 
 import torch
 
-from . import bitmask, reference
+from . import bitmask, reference, selfcheck
 
 try:
     from .. import _C  # its first_invalid_entry speeds up the checks of long lists
@@ -79,12 +79,12 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         return None, f"it could not be imported ({exc})"
 
 
-def _unavailable(name: str, device_type: str) -> str | None:
-    """Why backend ``name`` cannot run on ``device_type`` tensors, or None if it can."""
+def _unavailable(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` tensors, or None if it can."""
     module, why = _load(name)
     if module is None:
         return why
-    return None if module is reference else module.unavailable_reason(device_type)
+    return None if module is reference else module.unavailable_reason(device)
 
 
 def _requested(backend: str | None) -> str:
@@ -95,18 +95,37 @@ def _requested(backend: str | None) -> str:
     return name
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
-    """The backend module that runs ops on ``device`` tensors for the requested ``backend``."""
+def _self_check(name: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why the compiled backend ``name`` failed its first-use check on ``device`` with ``dtype``
+    (:mod:`.selfcheck`), or None."""
+    if name not in selfcheck.CHECKED_BACKENDS:
+        return None
+    dtype = dtype if dtype is not None else torch.float32
+    return selfcheck.verdict(name, lambda: _load(name)[0], device, dtype)
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None
+                    ) -> ModuleType:
+    """The backend module that runs ops on ``device`` tensors of ``dtype`` for the requested ``backend``.
+
+    ``auto`` takes the first of native, Triton (CUDA only) and vectorized that is available and passes
+    its first-use check with ``dtype`` (:mod:`.selfcheck`; None: float32). A backend asked for by name
+    raises ``RuntimeError`` if it is unavailable or fails the check."""
     name = _requested(backend)
     if name == "auto":
         order = ("native", "triton", "vectorized") if device.type == "cuda" else ("native", "vectorized")
+        native_why: tuple[str | None, str | None] = (None, None)  # unavailable, failed its check
         for candidate in order:
-            if _unavailable(candidate, device.type) is None:
+            unavailable = _unavailable(candidate, device)
+            failed = None if unavailable is not None else _self_check(candidate, device, dtype)
+            if unavailable is None and failed is None:
                 if candidate == "vectorized":
-                    _warn_fallback(device.type)
+                    _warn_fallback(device.type, *native_why)
                 return _load(candidate)[0]
+            if candidate == "native":
+                native_why = (unavailable, failed)
         raise RuntimeError(f"no backend can run on {device.type} tensors")
-    why = _unavailable(name, device.type)
+    why = _unavailable(name, device)
     if why is not None:
         hint = {
             "native": "build the extension: pip install --no-build-isolation . (see README, "
@@ -115,23 +134,31 @@ def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
         }.get(name, "")
         raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {why}. {hint}; "
                            "or use backend='vectorized' (pure PyTorch, any device)")
+    failed = _self_check(name, device, dtype)
+    if failed is not None:
+        raise RuntimeError(f"{failed}. Use backend='auto' to fall back to a backend that passes, or set "
+                           f"{selfcheck.ENV_VAR}=0 to skip the check")
     return _load(name)[0]
 
 
 _WARNED_FALLBACK: set[str] = set()
 
 
-def _warn_fallback(device_type: str) -> None:
+def _warn_fallback(device_type: str, unavailable: str | None, failed: str | None) -> None:
     """Warn once per device type when ``auto`` runs the pure-PyTorch backend where a compiled one could:
-    a failed or skipped extension build is silent at pip's normal verbosity, and the step is slower."""
+    a failed or skipped extension build is silent at pip's normal verbosity, and the step is slower. Why
+    the native backend is not used: ``unavailable``, or ``failed`` its first-use check."""
     if device_type in _WARNED_FALLBACK or device_type not in ("cpu", "cuda"):
         return  # other devices (MPS, XPU, ...) have no compiled backend to build
     _WARNED_FALLBACK.add(device_type)
-    fix = "pip install triton, or " if device_type == "cuda" else ""
-    warnings.warn(f"ssam_kernels: no compiled backend for {device_type} tensors "
-                  f"({_unavailable('native', device_type)}); backend='auto' runs the pure-PyTorch "
-                  f"'vectorized' backend, which is several times slower. To fix: {fix}build the extension "
-                  "with pip install --no-build-isolation . (README, 'Build from source'); pass "
+    if failed is not None:
+        fix = f"{failed}; report it with your GPU's name and the message above"
+    else:
+        fix = (f"no compiled backend ({unavailable}). To fix: "
+               f"{'pip install triton, or ' if device_type == 'cuda' else ''}build the extension with pip "
+               "install --no-build-isolation . (README, 'Build from source')")
+    warnings.warn(f"ssam_kernels: backend='auto' runs the pure-PyTorch 'vectorized' backend on "
+                  f"{device_type} tensors, which is several times slower: {fix}. Pass "
                   "backend='vectorized' to choose it and silence this warning.", stacklevel=3)
 
 
@@ -303,16 +330,16 @@ def _groups(backend: str | None, tensors: list[torch.Tensor]
     """The indices of ``tensors`` grouped by (device, dtype), in order of first appearance, each with
     the backend module that runs it."""
     if _C is not None and _C.same_kind(tensors):  # the usual case, one group, without a key per tensor
-        return [(resolve_backend(backend, tensors[0].device), range(len(tensors)))]
+        return [(resolve_backend(backend, tensors[0].device, tensors[0].dtype), range(len(tensors)))]
     keys = [(t.device, t.dtype) for t in tensors]
     if not keys:
         return []
     if keys.count(keys[0]) == len(keys):  # the usual case: one group, the whole list
-        return [(resolve_backend(backend, keys[0][0]), list(range(len(keys))))]
+        return [(resolve_backend(backend, *keys[0]), list(range(len(keys))))]
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    return [(resolve_backend(backend, device), index) for (device, _), index in groups.items()]
+    return [(resolve_backend(backend, *key), index) for key, index in groups.items()]
 
 
 def _pick(items: list, index: Sequence[int]) -> list:
@@ -383,7 +410,7 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
         G = _check_vector("G", G)
         if W is not None:
             _check_like("W", _check_vector("W", W), "G", G)
-        return resolve_backend(backend, G.device).grad_sq_norm(G, W)
+        return resolve_backend(backend, G.device, G.dtype).grad_sq_norm(G, W)
     Gs = _as_list("G", G, allow_empty=False)
     Ws = _optional_list("W", W, len(Gs))
     _check_norm_lists(Gs, Ws)
@@ -434,7 +461,8 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
         _check_like("G", _check_vector("G", G), "W", W)
         _check_mask_and_backup(W, mask, offsets, backup)
         _check_scale(scale, W.device)
-        resolve_backend(backend, W.device).perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
+        module = resolve_backend(backend, W.device, W.dtype)
+        module.perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
         return
     Ws = _as_list("W", W)
     Gs, backups = _as_list("G", G, len(Ws)), _as_list("backup", backup, len(Ws))
@@ -464,7 +492,7 @@ def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorLis
     if isinstance(W, torch.Tensor):
         W = _check_vector("W", W)
         _check_mask_and_backup(W, mask, offsets, backup)
-        resolve_backend(backend, W.device).restore_(W, mask, offsets, backup)
+        resolve_backend(backend, W.device, W.dtype).restore_(W, mask, offsets, backup)
         return
     Ws = _as_list("W", W)
     backups = _as_list("backup", backup, len(Ws))
@@ -496,7 +524,7 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     if isinstance(F, torch.Tensor):
         F = _check_vector("F", F, (torch.float32,))
         _check_like("G", _check_vector("G", G), "F", F, dtype=False)
-        resolve_backend(backend, F.device).fisher_accumulate_(F, G, float(alpha))
+        resolve_backend(backend, F.device, G.dtype).fisher_accumulate_(F, G, float(alpha))
         return
     Fs = _as_list("F", F)
     Gs = _as_list("G", G, len(Fs))
@@ -541,7 +569,7 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
     scores = _check_scores("scores", scores, (*FLOAT_DTYPES, torch.int32))
     total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
     k = _check_count("k", k, total)
-    backends = [resolve_backend(backend, s.device) for s in scores]
+    backends = [resolve_backend(backend, s.device, s.dtype) for s in scores]
     return select_with_offsets(scores, k, True, backends, comm)
 
 
@@ -553,7 +581,8 @@ def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.devic
     n = _check_count("n", n)
     seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
     device = torch.device(device)
-    return resolve_backend(backend, device).hash_scores(n, seed, step, _check_count("base", base), device)
+    base = _check_count("base", base)
+    return resolve_backend(backend, device, torch.int32).hash_scores(n, seed, step, base, device)
 
 
 def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor], n_drop: int,
@@ -593,7 +622,7 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     live = int(live_count.item())
     dead = _global_total(sum(sizes), home, comm) - live
     n_drop = _check_count("n_drop", n_drop, min(live, dead))
-    backends = [resolve_backend(backend, s.device) for s in drop_scores]
+    backends = [resolve_backend(backend, s.device, s.dtype) for s in drop_scores]
     if isinstance(grow, str):
         if grow != "random":
             raise ValueError(f"grow: expected 'random' or a list of score tensors, got {grow!r}")
