@@ -29,8 +29,8 @@ inline void add_tensor(const at::Tensor& t, std::string name) {
 // as the compiler spells it, without the ssam:: namespaces.
 template <auto Kernel>
 const char* kernel_name() {
-  static const std::string name = [] {
-    std::string s = __PRETTY_FUNCTION__;
+  static const std::string name = [pretty = std::string(__PRETTY_FUNCTION__)] {
+    std::string s = pretty;
     const size_t start = s.find("Kernel = ");
     s = start == std::string::npos ? s : s.substr(start + 9, s.rfind(']') - start - 9);
     for (const std::string_view prefix : {"ssam::{anonymous}::", "ssam::"}) {
