@@ -55,7 +55,7 @@ def live(mask: list[torch.Tensor]) -> int:
     return sum(int(m.sum()) for m in mask)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp-bucket-view", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp-bucket-view", "ddp-flat", "ddp-bucket-view-flat", "fsdp"])
 @pytest.mark.parametrize("scenario", worker.SCENARIOS)
 def test_same_training_as_one_process(ranks, single, mode, scenario):
     reference = single[scenario]
