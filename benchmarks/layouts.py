@@ -87,6 +87,19 @@ def thread_time_median(fn: Any, runs: int, warmup: int) -> float:
     return harness.Timing.of(samples).median_s
 
 
+def check_clock(clock: str, device: torch.device) -> None:
+    if clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("--clock thread: CPU with --threads 1 only (other threads' work would not count)")
+
+
+def median_s(fn: Callable[[], object], device: torch.device, clock: str, runs: int, warmup: int) -> float:
+    """Median seconds of ``runs`` calls after ``warmup``: wall clock (:func:`benchmarks.harness.measure`)
+    or this thread's CPU time (:func:`thread_time_median`)."""
+    if clock == "thread":
+        return thread_time_median(fn, runs, warmup)
+    return harness.measure(fn, device, runs=runs, warmup=warmup).median_s
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = harness.parse_device(args.device, args.threads)
     dtype = getattr(torch, args.dtype)
@@ -95,17 +108,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "threads": torch.get_num_threads(), "base": args.base,
                                "sparsity": args.sparsity, "rounds": args.rounds, "runs": args.runs,
                                "clock": args.clock}
-    if args.clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
-        raise ValueError("--clock thread: CPU with --threads 1 only (other threads' work would not count)")
+    check_clock(args.clock, device)
     foreach = True if args.base == "sgd-foreach" else None
     opts = {layout: build(layout, make_params(args.tensors, 0, dtype, device, args.shapes, args.max_entries),
                           args.sparsity, args.backend, foreach) for layout in ("flat", "tensors")}
     medians: dict[str, list[float]] = {layout: [] for layout in opts}
     for _ in range(args.rounds):
         for layout, opt in opts.items():
-            medians[layout].append(
-                thread_time_median(step_fn(opt), args.runs, 3) if args.clock == "thread"
-                else harness.measure(step_fn(opt), device, runs=args.runs, warmup=3).median_s)
+            medians[layout].append(median_s(step_fn(opt), device, args.clock, args.runs, 3))
     for layout, values in medians.items():
         results[f"{layout}_ms"] = statistics.median(values) * 1e3
     results["ratio"] = results["tensors_ms"] / results["flat_ms"]
@@ -153,6 +163,7 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
     device = harness.parse_device(args.device, args.threads)
     if args.model not in MODELS:
         raise SystemExit(f"--model: unknown model {args.model!r}; expected one of {sorted(MODELS)}")
+    check_clock(args.clock, device)
     spec, on_gpu = MODELS[args.model], device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else spec.dtype
     scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.0625)
@@ -170,7 +181,8 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."), "batch": batch_size, "seq": seq if spec.gpu_seq else None,
         "sparsity": args.sparsity, "backend": args.backend, "rounds": args.rounds, "runs": args.runs,
         "warmup": args.warmup, "lr": LR, "rho": RHO, "momentum": MOMENTUM, "time_limit_s": args.time_limit,
-        "timer": "cuda events" if on_gpu else "perf_counter"}
+        "timer": "cuda events" if on_gpu else ("thread_time (CPU time of the timing thread)"
+                                               if args.clock == "thread" else "perf_counter")}
     log.write(f"layouts: {meta['device_name']} ({device}), torch {meta['torch']}, "
               f"commit {meta['commit'][:10]}, {args.model} x{scale}: {n / 1e6:.2f} M parameters in "
               f"{tensors} tensors, {meta['dtype']}, "
@@ -196,8 +208,8 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
             break
         for case, (case_model, opt) in cases.items():
             for phase, fn in model_steps(case_model, opt, batch).items():
-                timing = harness.measure(fn, device, runs=args.runs, warmup=args.warmup)
-                rows[case][f"{phase}_ms"].append(timing.median_s * 1e3)
+                seconds = median_s(fn, device, args.clock, args.runs, args.warmup)
+                rows[case][f"{phase}_ms"].append(seconds * 1e3)
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
@@ -276,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--base", choices=("sgd", "sgd-foreach"), default="sgd",
                    help="base optimizer: SGD(momentum) as torch picks it on the device, or with foreach=True")
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                   help="wall: benchmarks.harness (perf_counter); thread: this thread's CPU time")
+                   help="wall: benchmarks.harness (perf_counter, CUDA events); thread: this thread's CPU "
+                   "time (CPU, 1 thread: leaves out the time spent waiting for a core on a shared machine)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--runs", type=int, default=20)
     model = p.add_argument_group("whole step on a real model (--model)")

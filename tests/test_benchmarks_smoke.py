@@ -81,7 +81,8 @@ def test_layouts_script(base: str, shapes: str) -> None:
 def test_layouts_whole_step_on_a_model(tmp_path: Path) -> None:
     payload = layouts.main(["--model", "resnet18", "--scale", "0.02", "--batch", "2", "--rounds", "2",
                             "--runs", "2", "--warmup", "1", "--threads", "1", "--backend", "reference",
-                            "--quiet", "--out", str(tmp_path)])
+                            "--clock", "thread", "--quiet", "--out", str(tmp_path)])
+    assert payload["meta"]["timer"].startswith("thread_time")
     rows = {r["case"]: r for r in payload["results"]}
     assert list(rows) == list(layouts.MODEL_CASES) == ["tensors", "flat", "refcode"]
     assert rows["tensors"]["layout"] == "tensors" and rows["flat"]["layout"] == "flat"
