@@ -36,11 +36,12 @@ def hook_counts(model: nn.Module) -> list[int]:
 
 
 def live_tensor_bytes() -> int:
-    """Bytes of the distinct CPU storages of every tensor the garbage collector can reach."""
+    """Bytes of the distinct CPU storages of every plain tensor and parameter the garbage collector can
+    reach (tensor subclasses, e.g. the fake tensors other tests leave behind, hold no memory of ours)."""
     gc.collect()
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+        if type(obj) in (torch.Tensor, nn.Parameter) and obj.is_cpu and obj.layout == torch.strided:
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
