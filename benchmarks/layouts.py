@@ -243,7 +243,7 @@ def model_table(payload: dict[str, Any]) -> str:
         header.append("peak step MiB")
     table = []
     for r in payload["results"]:
-        cells = [r["case"], harness.fmt(r["full_median_ms"]), harness.fmt(r["full_vs_tensors"]),
+        cells = [r["case"], harness.fmt(r["full_median_ms"], digits=4), harness.fmt(r["full_vs_tensors"]),
                  harness.fmt(r["overhead_median_ms"]), harness.fmt(r["overhead_vs_tensors"]),
                  harness.fmt(r["held_bytes"], 1 / 2**20)]
         if "peak step MiB" in header:
