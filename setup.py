@@ -105,7 +105,7 @@ def _extensions() -> tuple[list, type[build_ext]]:
                 super().build_extensions()
             except Exception as exc:
                 _log(f"the compiled extension failed to build ({exc}); installing without it. "
-                     "The reference backend still works; see README 'Build from source'.")
+                     "The reference backend still works; see docs/building.md.")
                 self.extensions = []
 
     return [ext], OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)

@@ -576,7 +576,7 @@ class SSAM(torch.optim.Optimizer):
         """SSAM's own state: format version, step count, phase, the mask (one entry per parameter), a
         pending refresh and the backups while perturbed, the policy's kind and state, the sparsity and
         K. With FSDP2 save it with ``torch.distributed.checkpoint`` beside
-        ``get_optimizer_state_dict(model, opt.base_optimizer)`` (see README, "Distributed training");
+        ``get_optimizer_state_dict(model, opt.base_optimizer)`` (see docs/distributed.md);
         there it must be taken between steps."""
         run, params, sharded = self._run, self._params(), self.distributed == "sharded"
         if sharded and run.phase != _IDLE:

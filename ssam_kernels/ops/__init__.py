@@ -107,8 +107,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> ModuleType:
     why = _unavailable(name, device.type)
     if why is not None:
         hint = {
-            "native": "build the extension: pip install --no-build-isolation . (see README, "
-                      "'Build from source')",
+            "native": "build the extension: pip install --no-build-isolation . (see docs/building.md)",
             "triton": "pip install triton (on CPU, also set TRITON_INTERPRET=1)",
         }.get(name, "")
         raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {why}. {hint}; "
@@ -129,7 +128,7 @@ def _warn_fallback(device_type: str) -> None:
     warnings.warn(f"ssam_kernels: no compiled backend for {device_type} tensors "
                   f"({_unavailable('native', device_type)}); backend='auto' runs the pure-PyTorch "
                   f"'vectorized' backend, which is several times slower. To fix: {fix}build the extension "
-                  "with pip install --no-build-isolation . (README, 'Build from source'); pass "
+                  "with pip install --no-build-isolation . (docs/building.md); pass "
                   "backend='vectorized' to choose it and silence this warning.", stacklevel=3)
 
 
