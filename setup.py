@@ -112,7 +112,7 @@ def _extensions() -> tuple[list, type[build_ext]]:
                 super().build_extension(ext)
             except Exception as exc:
                 _log(f"{ext.name} failed to build ({exc}); installing without it. The reference and "
-                     "vectorized backends still work; see docs/BUILD.md.")
+                     "vectorized backends still work; see docs/building.md.")
 
     return extensions, OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
 

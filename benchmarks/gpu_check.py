@@ -17,11 +17,13 @@ one stage is recorded and the next stage still runs):
 4. ``kernels``: :mod:`benchmarks.kernels` at 2^20, 2^24 and 2^28 entries (fp32; the full run adds bf16),
    every op as a fraction of the copy bandwidth measured in the same run, ours beside the baselines.
 5. ``step``: :mod:`benchmarks.step` on GPT-2-medium (355 M parameters in 292 tensors).
+6. ``layouts``: :mod:`benchmarks.layouts` ``--model gpt2_medium``: the whole training step in the tensors
+   layout (the default), the flat layout and the published code's loop, side by side.
 
-``--quick`` runs all five in one 10-minute command on an H100 (the test stage runs the CUDA test files
+``--quick`` runs all six in one 10-minute command on an H100 (the test stage runs the CUDA test files
 without the ``slow`` tests; the numerics cover the large sizes). Without it the run is two commands:
 ``--part 1`` (build, the whole test suite, numerics) and ``--part 2`` (build, kernels in fp32 and bf16,
-step). ``--device cpu`` is a smoke test at CPU-sized scales (numerics at 2^20, one test file, tiny
+step, layouts). ``--device cpu`` is a smoke test at CPU-sized scales (numerics at 2^20, one test file, tiny
 benchmarks).
 
 Budget: ``--budget`` seconds for the whole command (default 540: a 600 s command with room to start
@@ -32,8 +34,8 @@ starting cases and still write their results.
 
 Outputs in ``--out`` (and nothing else, at most 4 files, rewritten after every stage so a command cut
 short still leaves its results): ``summary.md``, ``results.json``, ``junit.xml`` and ``logs.tar.gz``
-(every raw log: build, pytest per file, numerics, kernels and step JSON/Markdown/logs); with ``--part N``
-each name ends in ``-partN``.
+(every raw log: build, pytest per file, numerics, kernels, step and layouts JSON/Markdown/logs); with
+``--part N`` each name ends in ``-partN``.
 """
 
 from __future__ import annotations
@@ -63,14 +65,14 @@ from typing import Any
 
 import torch
 
-from . import harness, kernels
+from . import harness, kernels, layouts
 
 REPO = harness.REPO
 
-WEIGHTS = {"build": 0.3, "tests": 0.25, "numerics": 0.1, "kernels": 0.175, "step": 0.175}
+WEIGHTS = {"build": 0.3, "tests": 0.25, "numerics": 0.1, "kernels": 0.175, "step": 0.125, "layouts": 0.05}
 """Shares of the remaining budget per stage (renormalised over the stages still to run)."""
-MIN_SECONDS = {"cuda": {"build": 30, "tests": 30, "numerics": 20, "kernels": 30, "step": 30},
-               "cpu": {"build": 5, "tests": 5, "numerics": 5, "kernels": 5, "step": 5}}
+MIN_SECONDS = {"cuda": {"build": 30, "tests": 30, "numerics": 20, "kernels": 30, "step": 30, "layouts": 30},
+               "cpu": {"build": 5, "tests": 5, "numerics": 5, "kernels": 5, "step": 5, "layouts": 5}}
 """A stage starts only with at least this many seconds left for it."""
 RESERVE_S = {"cuda": 15.0, "cpu": 3.0}
 """Seconds kept for the summary and the packing at the end."""
@@ -110,6 +112,7 @@ class Plan:
     step_args: tuple[str, ...]
     suffix: str = ""
     notes: tuple[str, ...] = ()
+    layouts_args: tuple[str, ...] = ()
 
 
 def all_test_files() -> tuple[str, ...]:
@@ -128,7 +131,8 @@ def make_plan(device: str, quick: bool, part: int | None, budget_s: float | None
         raise ValueError(f"part: expected 1 or 2, got {part!r}")
     if quick and part is not None:
         raise ValueError("part: --quick runs everything in one command; --part splits the full run")
-    stages = {None: tuple(WEIGHTS), 1: ("build", "tests", "numerics"), 2: ("build", "kernels", "step")}[part]
+    stages = {None: tuple(WEIGHTS), 1: ("build", "tests", "numerics"),
+              2: ("build", "kernels", "step", "layouts")}[part]
     default_budget = 540.0 if quick or part is not None else 1080.0
     budget = budget_s if budget_s is not None else default_budget
     suffix = f"-part{part}" if part is not None else ""
@@ -140,7 +144,9 @@ def make_plan(device: str, quick: bool, part: int | None, budget_s: float | None
                      "--threads", "1"),
                     ("--models", "resnet18", "--scale", "0.02", "--batch", "2", "--runs", "2",
                      "--warmup", "1", "--threads", "1"), suffix,
-                    ("--device cpu: a smoke test at CPU-sized scales; no build, one test file",))
+                    ("--device cpu: a smoke test at CPU-sized scales; no build, one test file",),
+                    ("--model", "resnet18", "--scale", "0.02", "--batch", "2", "--rounds", "1", "--runs", "2",
+                     "--warmup", "1", "--threads", "1", "--backend", "auto"))
     # The reference backend is the oracle, not a fast path: on the 355 M-parameter step it would take most
     # of the budget, and the quick kernel run keeps its time for the fused backends and the baselines.
     # The quick step uses batch 2: the forward/backward passes (the "full" column) take most of its time,
@@ -149,11 +155,14 @@ def make_plan(device: str, quick: bool, part: int | None, budget_s: float | None
         return Plan(device, stages, budget, CUDA_TEST_FILES, ("-m", "not slow"), 120, (), ("float32",),
                     ("--sizes", sizes, "--runs", "10", "--warmup", "2", "--backends", "triton,native"),
                     ("--models", "gpt2_medium", "--runs", "5", "--warmup", "1", "--batch", "2",
-                     "--backends", "triton,native"), suffix)
+                     "--backends", "triton,native"), suffix,
+                    layouts_args=("--model", "gpt2_medium", "--batch", "2", "--rounds", "3", "--runs", "5",
+                                  "--warmup", "1", "--backend", "auto"))
     return Plan(device, stages, budget, all_test_files(), (), 300, (), ("float32", "bfloat16"),
                 ("--sizes", sizes, "--runs", "20", "--warmup", "2"),
                 ("--models", "gpt2_medium", "--runs", "10", "--warmup", "2", "--backends", "triton,native"),
-                suffix)
+                suffix, layouts_args=("--model", "gpt2_medium", "--rounds", "5", "--runs", "10", "--warmup",
+                                      "2", "--backend", "auto"))
 
 
 def allowance(stage: str, remaining_s: float, todo: Sequence[str], device: str) -> float | None:
@@ -522,14 +531,23 @@ def stage_kernels(run: Run, limit_s: float) -> dict[str, Any]:
             **({"reason": f"{len(bad)} run(s) failed or stopped (see kernels-*-stdout.log)"} if bad else {})}
 
 
-def stage_step(run: Run, limit_s: float) -> dict[str, Any]:
-    out = run.raw / "step"
-    cmd = _python("benchmarks.step", "--device", run.plan.device, "--out", str(out), "--no-plots", "--quiet",
-                  "--time-limit", f"{_soft_limit(limit_s, run.plan.device):.0f}", *run.plan.step_args)
-    rc, seconds = run_logged(cmd, run.raw / "step-stdout.log", limit_s, _env())
-    payload = _read_json(out / "step.json")
+def _benchmark_stage(run: Run, limit_s: float, name: str, args: Sequence[str]) -> dict[str, Any]:
+    """``python -m benchmarks.<name>`` with its outputs in ``<raw>/<name>/``; the record holds its JSON."""
+    out = run.raw / name
+    cmd = _python(f"benchmarks.{name}", "--device", run.plan.device, "--out", str(out), "--quiet",
+                  "--time-limit", f"{_soft_limit(limit_s, run.plan.device):.0f}", *args)
+    rc, seconds = run_logged(cmd, run.raw / f"{name}-stdout.log", limit_s, _env())
+    payload = _read_json(out / f"{name}.json")
     return {"status": "ok" if rc == 0 and payload else "failed", "rc": rc, "seconds_run": round(seconds, 1),
-            "payload": payload, **({"reason": "see step-stdout.log"} if rc != 0 else {})}
+            "payload": payload, **({"reason": f"see {name}-stdout.log"} if rc != 0 else {})}
+
+
+def stage_step(run: Run, limit_s: float) -> dict[str, Any]:
+    return _benchmark_stage(run, limit_s, "step", ("--no-plots", *run.plan.step_args))
+
+
+def stage_layouts(run: Run, limit_s: float) -> dict[str, Any]:
+    return _benchmark_stage(run, limit_s, "layouts", run.plan.layouts_args)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -541,7 +559,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 STAGES: dict[str, Callable[[Run, float], dict[str, Any]]] = {
     "build": stage_build, "tests": stage_tests, "numerics": stage_numerics, "kernels": stage_kernels,
-    "step": stage_step,
+    "step": stage_step, "layouts": stage_layouts,
 }
 
 
@@ -721,11 +739,15 @@ def summary_markdown(results: dict[str, Any]) -> str:
     step = (results.get("step") or {}).get("payload")
     if step:
         lines += ["## Optimizer step", "", step_table(step, results.get("targets", [])), ""]
+    layout_payload = (results.get("layouts") or {}).get("payload")
+    if layout_payload:
+        lines += ["## Layouts: the whole step", "", layouts.model_table(layout_payload), ""]
     if results.get("targets"):
         lines += ["## All targets", "", harness.markdown_table(
             ["target", "subject", "value", "threshold", "met"],
             [(t["target"], t["subject"], _fmt(t["value"]), t["threshold"], t["met"]) for t in targets]), ""]
-    lines += [f"Raw logs: `logs{plan['suffix']}.tar.gz` (build, pytest per file, numerics, kernels, step).",
+    lines += [f"Raw logs: `logs{plan['suffix']}.tar.gz` (build, pytest per file, numerics, kernels, step, "
+              "layouts).",
               ""]
     return "\n".join(lines)
 
@@ -845,7 +867,7 @@ def parser() -> argparse.ArgumentParser:
                    help="default: cuda when torch sees a GPU; cpu is a smoke test at small scales")
     p.add_argument("--part", type=int, choices=[1, 2], default=None,
                    help="the full run in two commands: 1 = build, all tests, numerics; "
-                   "2 = build, kernels, step")
+                   "2 = build, kernels, step, layouts")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole command (default 540 with --quick or --part, 1080 for the "
                    "whole full run, 300 on CPU)")

@@ -112,8 +112,9 @@ def methods(backends: Sequence[str]) -> list[Method]:
 
 
 def build_optimizer(method: Method, params: list[torch.nn.Parameter], fisher: list[torch.Tensor],
-                    update: bool) -> Any:
-    """The optimizer of ``method`` over ``params``; ``update``: refresh the mask at every step."""
+                    update: bool, layout: str = "auto") -> Any:
+    """The optimizer of ``method`` over ``params``; ``update``: refresh the mask at every step;
+    ``layout``: ours' layout."""
     interval = 1 if update else NEVER
     if method.family == "plain":
         if method.name == "SGD":
@@ -123,11 +124,12 @@ def build_optimizer(method: Method, params: list[torch.nn.Parameter], fisher: li
         base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
         return baselines.LoopSSAM(params, base, RHO, method.sparsity, method.policy, fisher, interval)
     if method.policy is None:
-        return sk.SAM(params, torch.optim.SGD, rho=RHO, backend=method.backend, lr=LR, momentum=MOMENTUM)
+        return sk.SAM(params, torch.optim.SGD, rho=RHO, backend=method.backend, layout=layout, lr=LR,
+                      momentum=MOMENTUM)
     policy = (FixedFisherMask(dict(zip(map(id, params), fisher, strict=True)), interval)
               if method.policy == "fisher" else sk.DynamicMask(interval, drop_rate=0.5))
     return sk.SSAM(params, torch.optim.SGD, rho=RHO, sparsity=method.sparsity, mask=policy,
-                   backend=method.backend, lr=LR, momentum=MOMENTUM)
+                   backend=method.backend, layout=layout, lr=LR, momentum=MOMENTUM)
 
 
 def _base_of(opt: Any) -> torch.optim.Optimizer:
@@ -161,7 +163,7 @@ def bench_method(method: Method, model: torch.nn.Module, batch: tuple[torch.Tens
     params = [p for p in model.parameters() if p.requires_grad]
     row: dict[str, Any] = {"method": method.label, **vars(method), "skipped": {}}
     for update in (False, True) if method.policy else (False,):
-        opt = build_optimizer(method, params, fisher, update)
+        opt = build_optimizer(method, params, fisher, update, args.layout)
 
         def closure(opt: Any = opt) -> torch.Tensor:
             opt.zero_grad()
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = harness.environment(device, args.note) | {
         "models": names, "scale": args.scale, "runs": args.runs, "warmup": args.warmup,
         "budget_s": args.budget, "time_limit_s": args.time_limit, "thread_counts": counts,
-        "benchmarked_backends": backends, "lr": LR, "rho": RHO, "momentum": MOMENTUM,
+        "benchmarked_backends": backends, "layout": args.layout, "lr": LR, "rho": RHO, "momentum": MOMENTUM,
         "timer": "cuda events" if device.type == "cuda" else "perf_counter",
     }
     log.write(f"step: {meta['device_name']} ({device}), torch {meta['torch']}, commit {meta['commit'][:10]}, "
@@ -362,7 +364,8 @@ def markdown(payload: dict[str, Any]) -> str:
     parts = [f"# Optimizer-step benchmarks: {meta['device_name']}", "", harness.markdown_meta(meta),
              f"- **scale** {meta['scale']}, **runs** {meta['runs']} timed after {meta['warmup']} warm-up, "
              f"timer {meta['timer']}, base optimizer of the SAM family SGD(momentum={meta['momentum']}), rho "
-             f"{meta['rho']}, wall {meta['wall_s']} s", "",
+             f"{meta['rho']}, layout of ours {meta['layout']}, "
+             f"wall {meta['wall_s']} s", "",
              "Median ms per call. *perturb+restore*: first_step + restore; *overhead*: the step without its "
              "forward/backward passes, no mask update; *update*: the mask update alone (difference of "
              "overhead medians with and without an update at every step; SSAM-F: selection on a fixed "
@@ -450,6 +453,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="batch size (default: per model on GPU, 2 on CPU)")
     p.add_argument("--seq", type=int, default=None,
                    help="tokens per sequence (default: the context on GPU, 32 on CPU)")
+    p.add_argument("--layout", default="auto", choices=("auto", "tensors", "flat"),
+                   help="layout of sk.SAM / sk.SSAM (auto: the tensors layout; benchmarks.layouts compares "
+                   "both side by side)")
     p.add_argument("--budget", type=float, default=None, help="seconds per (method, phase); slower ones "
                    "are skipped with their first-call time (default 15 on CPU, 120 on GPU)")
     return p

@@ -42,7 +42,8 @@ def eager_train_step(model: nn.Module, opt: sk.SSAM) -> Step:
 
 
 def compiled_train_step(model: nn.Module, opt: sk.SSAM, backend: str = "inductor") -> Step:
-    """The README's recipe: the same step with the model and the step compiled, the optimizer eager."""
+    """The recipe of docs/recipes.md, "torch.compile": the same step with the model and the step compiled,
+    the optimizer eager."""
     compiled = torch.compile(model, backend=backend)
 
     @torch.compile(backend=backend)

@@ -7,7 +7,7 @@
 Every rank reads the same embedded dataset (MNIST-1D by default) and trains on its slice of each global
 batch, so the run takes the steps one process would take on the whole batch. On CPU the process group is
 gloo, on GPUs nccl (one GPU per rank). SSAM detects the mode: replicated for DDP (masks identical on every
-rank), sharded for FSDP2 (norm and mask selection across the shards). See README, "Distributed training".
+rank), sharded for FSDP2 (norm and mask selection across the shards). See docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ssam_kernels: Sparse SAM (SSAM) for PyTorch with fused kernels.
 
-See README.md for usage and ``docs/DESIGN.md`` for the design and the op contract.
+See README.md and ``docs/usage.md`` for usage, ``docs/DESIGN.md`` for the design and the op contract.
 """
 
 from . import ops

@@ -26,6 +26,16 @@ def real(name: str, value: object, positive: bool = False) -> float:
     return float(value)
 
 
+def check_keyword_only(optimizer: str, positional: tuple[Any, ...]) -> None:
+    """The options after ``rho`` are keyword-only. davda54/sam's signature is ``(params, base_optimizer,
+    rho, adaptive)``: a port that passes ``adaptive`` (or anything else) by position gets this error
+    instead of a confusing one about another argument."""
+    if positional:
+        raise TypeError(f"{optimizer}() takes params, base_optimizer and rho by position; pass the other "
+                        f"options by keyword (got {len(positional)} more positional argument(s): "
+                        f"{', '.join(repr(v) for v in positional)}), e.g. adaptive=True, sparsity=0.5")
+
+
 def check_type(name: str, value: object, kind: type | tuple[type, ...], expected: str) -> None:
     if not isinstance(value, kind):
         raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")

@@ -10,7 +10,7 @@ parameter (in ``param_groups`` order) so that it loads into either layout and, u
 :func:`validate` checks a whole :meth:`SSAM.ssam_state_dict` against the optimizer and returns a
 :class:`Loaded` holding everything already decoded, so that applying it cannot fail half-way.
 
-Load rules (also in the README):
+Load rules (also in docs/checkpoints.md):
 
 - the phase must be ``idle``/``restored`` or ``perturbed``; a perturbed checkpoint must carry its backups;
 - every mask must have exactly the optimizer's ``K`` live entries (the rule of

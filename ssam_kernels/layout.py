@@ -3,12 +3,13 @@
 A segment is a 1-D weight view ``W`` and its gradient ``G`` of the same dtype over some parameters of
 one parameter group. Two layouts produce them:
 
-- ``"flat"``: one segment per (param group, device, dtype), in order of first appearance. The
+- ``"tensors"`` (also ``"auto"``, the default): one segment per parameter (its ``view(-1)``); each
+  parameter keeps its own storage and its ``.grad`` is PyTorch's. The list ops still make one call per op
+  per (device, dtype), whatever the number of tensors.
+- ``"flat"`` (opt-in): one segment per (param group, device, dtype), in order of first appearance. The
   parameters' data and ``.grad`` become views into two contiguous buffers, packed back to back with no
-  padding (so no padding entry exists that a mask could select). One launch covers many tensors.
-- ``"tensors"``: one segment per parameter (its ``view(-1)``); for DTensor/FSDP2 local shards and for
-  users who need each parameter to own its storage (safetensors refuses shared storage).
-- ``"auto"``: flat, unless a parameter is a DTensor.
+  padding (so no padding entry exists that a mask could select). It saves per-tensor host work; what it
+  changes for the user is in docs/usage.md, "The flat layout".
 
 Segments are split by parameter group because ``rho`` and ``adaptive`` are per group; a group added
 later gets segments after the existing ones (:meth:`ParamLayout.add_group`). Frozen parameters
@@ -273,10 +274,7 @@ class ParamLayout:
     def __init__(self, groups: Sequence[Sequence[torch.nn.Parameter]], kind: str = "auto") -> None:
         if kind not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {kind!r}")
-        has_dtensor = any(is_dtensor(p) for params in groups for p in params if p.requires_grad)
-        if kind == "auto":
-            kind = "tensors" if has_dtensor else "flat"
-        self.kind = kind
+        self.kind = "tensors" if kind == "auto" else kind
         self.segments: list[Segment] = []
         self.groups = 0  # groups added so far (a group's index is its place in param_groups)
         self._frozen: list[torch.nn.Parameter] = []  # frozen when added: in no segment
@@ -324,6 +322,23 @@ class ParamLayout:
         self.segments += segments
         self.version += 1
         return segments
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Flat layout: give every parameter still in a segment's buffers its own storage and its
+        gradient PyTorch's value (a copy, or None where no gradient arrived since the last
+        ``zero_grad(set_to_none=True)``), so the buffers are freed with the optimizer. Parameters bound
+        elsewhere since (another optimizer's layout) are left alone. The tensors layout has nothing to
+        give back."""
+        for segment in self.segments:
+            if segment.grad_buffer is None:
+                continue
+            buffer = segment.weight.untyped_storage().data_ptr()
+            for index, (p, view) in enumerate(zip(segment.params, segment.grad_views, strict=True)):
+                if p.untyped_storage().data_ptr() == buffer:
+                    p.data = p.data.clone()
+                if p.grad is view:
+                    p.grad = view.clone() if segment.has_grad[index] else None
 
     def newly_trainable(self) -> list[torch.nn.Parameter]:
         """Parameters frozen when their group was laid out that now require a gradient (``[]`` in one

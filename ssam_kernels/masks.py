@@ -132,6 +132,13 @@ class MaskPolicy:
         """Whether the mask is refreshed once ``step`` steps have completed."""
         return self.interval is not None and step > 0 and step % self.interval == 0
 
+    def __repr__(self) -> str:
+        """The class, ``interval`` (None: never refreshed) and the policy's other plain settings."""
+        settings = {"interval": self.interval} | {
+            name: value for name, value in vars(self).items()
+            if not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
     def state_dict(self) -> dict:
         return {}
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ from ._validation import (
     BaseOptimizer,
     build_base,
     check_group,
+    check_keyword_only,
     check_materialized,
     check_type,
     group_lists,
@@ -115,6 +118,15 @@ def _grad_arrived(run: _RunState, segment: Segment | None, index: int, param: to
         segment.has_grad[index] = True
 
 
+def _remove_hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Remove the hooks an optimizer registered on its parameters. Runs at ``close()`` or when the
+    optimizer is garbage collected (``weakref.finalize``): the hooks hold the optimizer's buffers, so
+    leaving them would keep every rebuilt optimizer's memory alive as long as the parameters live."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 class SSAM(torch.optim.Optimizer):
     """Sparse SAM: SAM whose perturbation touches only the entries of a mask chosen by a policy.
 
@@ -147,12 +159,13 @@ class SSAM(torch.optim.Optimizer):
     run eagerly under ``torch.compile`` (Dynamo breaks the graph around them).
     """
 
-    def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer,
-                 rho: float = 0.05, sparsity: float = 0.5, mask: MaskPolicy | str | None = "dynamic",
+    def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer, rho: float = 0.05,
+                 *positional: Any, sparsity: float = 0.5, mask: MaskPolicy | str | None = "dynamic",
                  adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
                  layout: str = "auto", distributed: str = "auto", process_group: Any = None,
                  sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
                  **base_kwargs: Any) -> None:
+        check_keyword_only(type(self).__name__, positional)
         rho, eps = real("rho", rho), real("eps", eps, positive=True)
         sparsity = check_sparsity(sparsity)
         check_type("adaptive", adaptive, bool, "a bool")
@@ -184,6 +197,8 @@ class SSAM(torch.optim.Optimizer):
         check_distinct_storage([g["params"] for g in self.param_groups])
         self.layout = ParamLayout(perturbed, "tensors" if self.distributed == "sharded" else layout)
         self._run = _RunState()
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []  # on the parameters; removed by _release
+        self._release = weakref.finalize(self, _remove_hooks, self._hooks)
         self._outside: list[torch.nn.Parameter] = []  # not in a segment: plain PyTorch zero_grad
         self._sparsity = sparsity  # as given, for live_count (0.9 means 9/10)
         for index, group in enumerate(self.param_groups):
@@ -210,7 +225,7 @@ class SSAM(torch.optim.Optimizer):
             if p.requires_grad and not is_dtensor(p):
                 segment, index = where.get(id(p), (None, 0))
                 hook = functools.partial(_grad_arrived, self._run, segment, index)
-                p.register_post_accumulate_grad_hook(hook)
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     def _count_live(self) -> int:
         numel = self._context().global_count(sum(s.numel for s in self.layout.segments))
@@ -231,6 +246,7 @@ class SSAM(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         self._refuse_if_perturbed("add_param_group")
+        self._refuse_if_closed("add_param_group")
         check_type("param_group", param_group, dict, "a dict")
         index = len(self.param_groups)
         group = group_lists([*self.param_groups, param_group])[index]  # duplicates raise here
@@ -256,6 +272,7 @@ class SSAM(torch.optim.Optimizer):
     def _check_params(self) -> None:
         """Host-side checks at each first_step: parameters moved since they were laid out are followed
         or refused (:meth:`ParamLayout.reattach`); a parameter unfrozen since is reported."""
+        self._refuse_if_closed("first_step")
         self.layout.reattach()
         unfrozen = self.layout.newly_trainable()
         if unfrozen:
@@ -285,6 +302,30 @@ class SSAM(torch.optim.Optimizer):
     def steps(self) -> int:
         """Completed optimizer steps."""
         return self._run.steps
+
+    def close(self) -> None:
+        """Hand the parameters back as plain PyTorch ones: restore the weights if they are perturbed,
+        remove the gradient hooks SSAM registered on the parameters (this also happens when the optimizer
+        is garbage collected), and in the flat layout give every parameter still in the buffers its own
+        storage again, with ``.grad`` None where no gradient arrived since ``zero_grad``. The optimizer
+        cannot step afterwards; its state dict can still be saved."""
+        self.unperturb()
+        self._release()
+        self.layout.release()
+
+    def __repr__(self) -> str:
+        """``torch.optim``'s repr (each group's options) with SSAM's own settings on its first line."""
+        requested = self.backend or os.environ.get(ops.ENV_VAR) or "auto"
+        devices = dict.fromkeys(s.device.type for s in self.layout.segments) if requested == "auto" else {}
+        resolved = ", ".join(  # what auto picked per device type
+            f"{d}: {ops.resolve_backend(self.backend, torch.device(d)).__name__.rpartition('.')[2]}"
+            for d in devices)
+        settings = (f"sparsity={self.sparsity}, mask={self.policy!r}, rho={self.defaults['rho']}, "
+                    f"adaptive={self.defaults['adaptive']}, eps={self.eps}, layout={self.layout.kind!r}, "
+                    f"backend={requested!r}{f' ({resolved})' if resolved else ''}, "
+                    f"base_optimizer={type(self.base_optimizer).__name__}")
+        head, _, groups = super().__repr__().partition("\n")
+        return f"{head}{settings}\n{groups}"
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -349,6 +390,10 @@ class SSAM(torch.optim.Optimizer):
             self._run.fresh_grad = fresh
             for segment, flags in zip(self.layout.segments, seen, strict=True):
                 segment.has_grad[:] = flags
+
+    def _refuse_if_closed(self, what: str) -> None:
+        if not self._release.alive:
+            raise RuntimeError(f"{what}: this optimizer was closed (close()); build a new one")
 
     def _refuse_if_perturbed(self, what: str) -> None:
         if self._run.phase == _PERTURBED:
@@ -531,7 +576,7 @@ class SSAM(torch.optim.Optimizer):
         """SSAM's own state: format version, step count, phase, the mask (one entry per parameter), a
         pending refresh and the backups while perturbed, the policy's kind and state, the sparsity and
         K. With FSDP2 save it with ``torch.distributed.checkpoint`` beside
-        ``get_optimizer_state_dict(model, opt.base_optimizer)`` (see README, "Distributed training");
+        ``get_optimizer_state_dict(model, opt.base_optimizer)`` (see docs/distributed.md);
         there it must be taken between steps."""
         run, params, sharded = self._run, self._params(), self.distributed == "sharded"
         if sharded and run.phase != _IDLE:
@@ -616,11 +661,12 @@ class SAM(SSAM):
     """Dense SAM (``adaptive=True``: ASAM) through the same kernels, with no mask overhead:
     ``e = rho · g / (||g|| + eps)`` on every entry of the perturbed groups."""
 
-    def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer,
-                 rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
+    def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer, rho: float = 0.05,
+                 *positional: Any, adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
                  layout: str = "auto", distributed: str = "auto", process_group: Any = None,
                  sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
                  **base_kwargs: Any) -> None:
+        check_keyword_only(type(self).__name__, positional)
         super().__init__(params, base_optimizer, rho=rho, sparsity=0.0, mask=None, adaptive=adaptive, eps=eps,
                          backend=backend, layout=layout, distributed=distributed, process_group=process_group,
                          sync_perturbation=sync_perturbation, ddp_model=ddp_model, **base_kwargs)

@@ -77,14 +77,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _ddp(scenario: str, rank: int, world: int, bucket_view: bool, sync: bool) -> dict:
+def _ddp(scenario: str, rank: int, world: int, bucket_view: bool, sync: bool, layout: str = "auto") -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     inner = make_model()
     model = DistributedDataParallel(inner, gradient_as_bucket_view=bucket_view)
     fisher_data = [shard(b, rank, world) for b in fisher_samples()]  # each rank its own samples
-    opt = make_optimizer(scenario, model, inner, fisher_data, sync_perturbation=sync, ddp_model=model)
-    assert opt.distributed == "replicated" and opt.layout.kind == "flat"
+    opt = make_optimizer(scenario, model, inner, fisher_data, sync_perturbation=sync, ddp_model=model,
+                         layout=layout)
+    assert opt.distributed == "replicated" and opt.layout.kind == ("flat" if layout == "flat" else "tensors")
     train(model, opt, [shard(b, rank, world) for b in global_batches()])
     return {"weights": [p.detach().clone() for p in inner.parameters()], "mask": opt.get_mask()}
 
@@ -159,6 +160,9 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
         for scenario in SCENARIOS:
             results[("ddp", scenario)] = _ddp(scenario, rank, world, bucket_view=False, sync=True)
             results[("ddp-bucket-view", scenario)] = _ddp(scenario, rank, world, bucket_view=True, sync=True)
+            # the flat layout copies DDP's gradients (bucket views included) into its own buffer
+            for bucket_view, mode in ((False, "ddp-flat"), (True, "ddp-bucket-view-flat")):
+                results[(mode, scenario)] = _ddp(scenario, rank, world, bucket_view, True, layout="flat")
             results[("fsdp", scenario)] = _fsdp(scenario, rank, world)
         results[("ddp-no-sync", "ssam-d")] = _ddp("ssam-d", rank, world, bucket_view=False, sync=False)
         results["checkpoint"] = _fsdp_checkpoint(rank, world, Path(out) / "dcp")

@@ -1,14 +1,37 @@
-"""Small helpers shared by the test files: weight snapshots, exact comparison, a seeded MLP, and counters
-of native op calls and Triton launches."""
+"""Small helpers shared by the test files: weight snapshots, exact comparison, a seeded MLP, counters
+of native op calls and Triton launches, and the code blocks of the documentation."""
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+_PYTHON_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
+
+
+def python_blocks(text: str, start: int = 0) -> list[tuple[int, str]]:
+    """``(position, code)`` of the ```python blocks of a Markdown ``text`` from ``start``, the code of a
+    block indented under a list item dedented."""
+    return [(m.start(), textwrap.dedent(m.group(2))) for m in _PYTHON_BLOCK.finditer(text, start)]
+
+
+def doc_block(page: str, heading: str) -> str:
+    """The first ```python block after the heading of ``page`` (a path from the repository root, e.g.
+    ``docs/recipes.md``) that starts with ``heading`` (without its ``#`` marks)."""
+    text = (ROOT / page).read_text()
+    start = re.compile(rf"^#+ {re.escape(heading)}", re.M).search(text)
+    assert start is not None, f"{page}: no heading {heading!r}"
+    found = python_blocks(text, start.end())
+    assert found, f"{page}: no python block after {heading!r}"
+    return found[0][1]
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:

@@ -53,8 +53,12 @@ def test_step_script(tmp_path: Path) -> None:
         assert r["overhead"]["runs"] == 2 and r["full"]["median_s"] > 0
     assert rows["SGD"]["state_bytes_per_param"] == pytest.approx(4, rel=0.01)  # momentum
     assert rows["refcode SSAM-F s=0.5"]["extra_bytes_per_param"] == pytest.approx(8, rel=0.01)  # mask + e_w
-    # ours at s = 0.5: a compact fp32 backup of half the entries + the bit mask + chunk offsets
-    assert rows["sk.SSAM-F[reference] s=0.5"]["extra_bytes_per_param"] < 0.5 * 4 + 1 / 8 + 0.1
+    # ours at s = 0.5 in the tensors layout (the default): a compact fp32 backup of half the entries, per
+    # tensor its bit mask (whole 32-bit words) and its int64 chunk offsets (one more than its chunks), and
+    # the last gradient norm (float64)
+    assert payload["meta"]["layout"] == "auto"
+    bound = 0.5 * 4 + 1 / 8 + 1 / 128 + ((4 + 16) * shape["tensors"] + 8) / shape["params"]
+    assert 2.0 < rows["sk.SSAM-F[reference] s=0.5"]["extra_bytes_per_param"] <= bound
     assert rows["sk.SSAM-D[reference] s=0.5"]["update_s"] is not None
     assert rows["sk.SSAM-F[reference] s=0.5"]["x_vs_loop"]["overhead"] > 0
     md = (tmp_path / "step.md").read_text()
@@ -76,3 +80,27 @@ def test_layouts_script(base: str, shapes: str) -> None:
     assert set(sizes) == {1, 2, 3}
     with pytest.raises(ValueError, match="max_entries"):
         layouts.make_params(1, 0, torch.float32, torch.device("cpu"), max_entries=0)
+
+
+def test_layouts_whole_step_on_a_model(tmp_path: Path) -> None:
+    payload = layouts.main(["--model", "resnet18", "--scale", "0.02", "--batch", "2", "--rounds", "2",
+                            "--runs", "2", "--warmup", "1", "--threads", "1", "--backend", "reference",
+                            "--clock", "thread", "--quiet", "--out", str(tmp_path)])
+    assert payload["meta"]["timer"].startswith("thread_time")
+    rows = {r["case"]: r for r in payload["results"]}
+    assert list(rows) == list(layouts.MODEL_CASES) == ["tensors", "flat", "refcode"]
+    assert rows["tensors"]["layout"] == "tensors" and rows["flat"]["layout"] == "flat"
+    for r in rows.values():
+        assert r["rounds_done"] == 2 and len(r["full_ms"]) == len(r["overhead_ms"]) == 2
+        assert r["full_median_ms"] > 0 and r["overhead_median_ms"] > 0
+    assert rows["tensors"]["full_vs_tensors"] == rows["tensors"]["overhead_vs_tensors"] == 1
+    flat, tensors = rows["flat"], rows["tensors"]
+    assert flat["full_vs_tensors"] == flat["full_median_ms"] / tensors["full_median_ms"]
+    # Between steps the flat layout keeps its gradient buffer (4 bytes per fp32 parameter); PyTorch, and so
+    # the tensors layout, frees the gradients at zero_grad(). The tensors layout's per-tensor mask words and
+    # chunk offsets take back a little of it on this tiny model (62 tensors, 4661 parameters).
+    n = payload["meta"]["params"]
+    assert 3.5 * n < flat["held_bytes"] - tensors["held_bytes"] <= 4 * n
+    md = (tmp_path / "layouts.md").read_text()
+    assert "| flat |" in md and "| refcode |" in md and "resnet18 at width x0.02" in md
+    assert (tmp_path / "layouts.log").read_text().count("\nround ") == 2

@@ -1,9 +1,10 @@
 """A training step under torch.compile gives the weights and masks of the same step run eagerly
-(README, "torch.compile"): Dynamo compiles the model's forward/backward and breaks the graph around
-SSAM's methods, which run eagerly (refreshes included)."""
+(docs/recipes.md, "torch.compile"): Dynamo compiles the model's forward/backward and breaks the graph
+around SSAM's methods, which run eagerly (refreshes included)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import seeded_mlp as make_model
 from torch import nn
@@ -19,17 +20,19 @@ def batches(count: int = STEPS, seed: int = 1) -> list[tuple[torch.Tensor, torch
             for _ in range(count)]
 
 
-def make_optimizer(kind: str, model: nn.Module) -> SSAM:
+def make_optimizer(kind: str, model: nn.Module, layout: str = "auto") -> SSAM:
     if kind == "ssam-d":
         mask = DynamicMask(interval=2, drop_rate=0.5, seed=3)  # a refresh every 2 steps
     else:
         mask = FisherMask(model, nn.functional.cross_entropy, batches(1, seed=2), num_samples=16, interval=2)
-    return SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, mask=mask, lr=0.1, momentum=0.9)
+    return SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, mask=mask, layout=layout, lr=0.1,
+                momentum=0.9)
 
 
-def run(kind: str, form: str, backend: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def run(kind: str, form: str, backend: str | None, layout: str = "auto"
+        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     model = make_model()
-    opt = make_optimizer(kind, model)
+    opt = make_optimizer(kind, model, layout)
 
     def loss_fn(x, y):
         return nn.functional.cross_entropy(model(x), y)
@@ -61,11 +64,11 @@ def run(kind: str, form: str, backend: str | None) -> tuple[list[torch.Tensor], 
     return [p.detach().clone() for p in model.parameters()], [m for ms in masks for m in ms]
 
 
-def check(backend: str, exact: bool) -> None:
+def check(backend: str, exact: bool, layout: str = "auto") -> None:
     for kind in ("ssam-d", "ssam-f"):
         for form in ("two_steps", "closure"):
-            eager_w, eager_m = run(kind, form, None)
-            got_w, got_m = run(kind, form, backend)
+            eager_w, eager_m = run(kind, form, None, layout)
+            got_w, got_m = run(kind, form, backend, layout)
             for a, b in zip(got_m, eager_m, strict=True):  # every step's mask, refreshes included
                 assert torch.equal(a, b), (kind, form)
             for a, b in zip(got_w, eager_w, strict=True):
@@ -75,8 +78,9 @@ def check(backend: str, exact: bool) -> None:
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_step_eager_backend_is_bit_identical():
-    check("eager", exact=True)
+@pytest.mark.parametrize("layout", ["tensors", "flat"])
+def test_compiled_step_eager_backend_is_bit_identical(layout):
+    check("eager", exact=True, layout=layout)
 
 
 def test_compiled_step_inductor_matches_eager():  # ~12 s on a loaded 2-core CPU: not marked slow

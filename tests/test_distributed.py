@@ -55,7 +55,7 @@ def live(mask: list[torch.Tensor]) -> int:
     return sum(int(m.sum()) for m in mask)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp-bucket-view", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp-bucket-view", "ddp-flat", "ddp-bucket-view-flat", "fsdp"])
 @pytest.mark.parametrize("scenario", worker.SCENARIOS)
 def test_same_training_as_one_process(ranks, single, mode, scenario):
     reference = single[scenario]
@@ -92,7 +92,8 @@ def test_fsdp_checkpoint_resumes_bit_identically(ranks):
 
 
 def test_torchrun_example_runs(tmp_path):
-    """The README's torchrun command (python/train_distributed.py) trains under FSDP2 on two ranks."""
+    """The torchrun command of docs/distributed.md (python/train_distributed.py) trains under FSDP2 on two
+    ranks."""
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), str(root / "python" / "train_distributed.py"), "--mode", "fsdp",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as tf
+from helpers import doc_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -536,15 +537,10 @@ def test_fisher_mask_hugging_face_in_ssam() -> None:
     assert opt.steps == 1
 
 
-def test_readme_fisher_mask_recipe() -> None:
-    import re
-    from pathlib import Path
-
+def test_fisher_mask_recipe() -> None:
     import ssam_kernels as sk
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("### `FisherMask` on real models")
-    code = re.compile(r"```python\n(.*?)```", re.S).search(text, start).group(1)
+    code = doc_block("docs/recipes.md", "`FisherMask` on real models")
     assert code.count("num_samples=128") == 3
     code = code.replace("num_samples=128", "num_samples=8")  # a small run
     model = tiny_bert()

@@ -18,7 +18,7 @@ from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
-from benchmarks import gpu_check, gpu_numerics, harness, kernels, step
+from benchmarks import gpu_check, gpu_numerics, harness, kernels, layouts, step
 
 
 @pytest.mark.slow
@@ -34,10 +34,10 @@ def test_cpu_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "logs.tar.gz", "results.json", "summary.md"]
     stages = {s["name"]: s for s in results["stages"]}
-    assert list(stages) == ["build", "tests", "numerics", "kernels", "step"]
+    assert list(stages) == ["build", "tests", "numerics", "kernels", "step", "layouts"]
     assert stages["build"]["status"] == "error" and "planted failure" in stages["build"]["reason"]
     assert {name: s["status"] for name, s in stages.items() if name != "build"} == dict.fromkeys(
-        ["tests", "numerics", "kernels", "step"], "ok")
+        ["tests", "numerics", "kernels", "step", "layouts"], "ok")
 
     saved = json.loads((out / "results.json").read_text())
     assert saved["meta"]["device"] == "cpu" and saved["meta"]["torch"] and saved["meta"]["source_digest"]
@@ -57,23 +57,26 @@ def test_cpu_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = saved["kernels"]["payloads"]["float32"]["results"]
     assert {r["op"] for r in rows} == set(kernels.IMPLS) and all(r["copy_fraction"] > 0 for r in rows)
     assert saved["step"]["payload"]["meta"]["models"] == ["resnet18"]
+    layout_rows = {r["case"]: r for r in saved["layouts"]["payload"]["results"]}
+    assert list(layout_rows) == ["tensors", "flat", "refcode"] and layout_rows["flat"]["full_median_ms"] > 0
     assert any(t["met"] is not None for t in saved["targets"])
 
     summary = (out / "summary.md").read_text()
     assert "- **device**: cpu" in summary
     assert f"**Tests: {counts['passed']} passed, 0 failed, 0 errors, {counts['skipped']} skipped" in summary
     assert "## Kernel bandwidth (float32" in summary and "## Numerics at scale" in summary
+    assert "## Layouts: the whole step" in summary and "| flat |" in summary
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
     for name in ("gpu_check.log", "pytest-test_ops.log", "junit-test_ops.xml", "numerics/numerics.json",
-                 "kernels-float32/kernels.json", "step/step.json"):
+                 "kernels-float32/kernels.json", "step/step.json", "layouts/layouts.json"):
         assert f"gpu_check/{name}" in names
 
 
 def test_out_of_budget_run_still_writes_its_outputs(tmp_path: Path) -> None:
     # With no time for any stage, every stage is skipped with the reason, and the four files are written.
     results = gpu_check.main(["--device", "cpu", "--quick", "--budget", "1", "--out", str(tmp_path)])
-    assert [s["status"] for s in results["stages"]] == ["skipped"] * 5
+    assert [s["status"] for s in results["stages"]] == ["skipped"] * 6
     assert all(s["reason"].startswith("budget:") for s in results["stages"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
     assert "| tests | skipped |" in (tmp_path / "summary.md").read_text()
@@ -81,11 +84,14 @@ def test_out_of_budget_run_still_writes_its_outputs(tmp_path: Path) -> None:
 
 def test_plans() -> None:
     quick = gpu_check.make_plan("cuda", True, None, None)
-    assert quick.stages == ("build", "tests", "numerics", "kernels", "step") and quick.budget_s == 540
+    assert quick.stages == ("build", "tests", "numerics", "kernels", "step", "layouts")
+    assert quick.budget_s == 540
+    assert "gpt2_medium" in quick.layouts_args
     assert quick.test_files == gpu_check.CUDA_TEST_FILES and quick.pytest_args == ("-m", "not slow")
     assert "1048576,16777216,268435456" in quick.kernel_args and quick.suffix == ""
     part1, part2 = gpu_check.make_plan("cuda", False, 1, None), gpu_check.make_plan("cuda", False, 2, 400)
-    assert part1.stages == ("build", "tests", "numerics") and part2.stages == ("build", "kernels", "step")
+    assert part1.stages == ("build", "tests", "numerics")
+    assert part2.stages == ("build", "kernels", "step", "layouts")
     assert part1.pytest_args == () and part1.test_files[:3] == gpu_check.CUDA_TEST_FILES
     assert part1.test_files[3:6] == gpu_check.CPU_TEST_FILES_FIRST
     every = {f"tests/{p.name}" for p in Path(__file__).parent.glob("test_*.py")}
@@ -231,6 +237,12 @@ def test_benchmarks_stop_at_the_time_limit(tmp_path: Path) -> None:
     rows = payload["results"]
     assert rows and all("past --time-limit" in r["skipped"]["all"] for r in rows)
     assert (tmp_path / "s" / "step.md").exists()
+    payload = layouts.main(["--model", "resnet18", "--scale", "0.02", "--batch", "2", "--runs", "1",
+                            "--warmup", "1", "--quiet", "--threads", "1", "--time-limit", "0",
+                            "--out", str(tmp_path / "l")])
+    assert all(r["rounds_done"] == 0 and r["full_median_ms"] is None for r in payload["results"])
+    assert "round 1: not started, past --time-limit" in (tmp_path / "l" / "layouts.log").read_text()
+    assert (tmp_path / "l" / "layouts.md").exists()
 
 
 def test_log_without_tqdm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

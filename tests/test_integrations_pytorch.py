@@ -1,10 +1,9 @@
-"""The plain-PyTorch recipes of the README, executed from README.md: gradient accumulation, clipping and
+"""The plain-PyTorch recipes, executed from docs/recipes.md: gradient accumulation, clipping and
 GradScaler; BatchNorm statistics once per step (sk.frozen_bn_stats); torch.compile of a whole step."""
 
 from __future__ import annotations
 
 import copy
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as tf
+from helpers import doc_block
 from torch import nn
 
 import ssam_kernels as sk
@@ -21,13 +21,8 @@ sys.path.insert(0, str(ROOT / "python"))  # the examples' modules
 import compiled_step  # noqa: E402
 
 
-def readme_block(heading: str) -> str:
-    """The first ```python block after the README heading that starts with ``heading``."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"### {heading}")
-    match = re.compile(r"```python\n(.*?)```", re.S).search(text, start)
-    assert match is not None, heading
-    return match.group(1)
+def recipe(heading: str) -> str:
+    return doc_block("docs/recipes.md", heading)
 
 
 def mlp(seed: int = 0, norm: bool = False) -> nn.Module:
@@ -36,9 +31,9 @@ def mlp(seed: int = 0, norm: bool = False) -> nn.Module:
                          nn.Linear(16, 4))
 
 
-def ssam(model: nn.Module) -> sk.SSAM:
+def ssam(model: nn.Module, layout: str = "auto") -> sk.SSAM:
     return sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, lr=0.1, momentum=0.9,
-                   mask=sk.DynamicMask(interval=1), backend="reference")
+                   mask=sk.DynamicMask(interval=1), backend="reference", layout=layout)
 
 
 def batches(steps: int, micro: int, size: int = 4, seed: int = 1) -> list[list[tuple[torch.Tensor, ...]]]:
@@ -58,7 +53,7 @@ def samples(steps: int) -> list[tuple[torch.Tensor, ...]]:
 
 def run_recipe(model: nn.Module, opt: sk.SSAM, steps: list, scaler: torch.amp.GradScaler,
                max_norm: float, autocast: bool = True) -> None:
-    code = readme_block("Gradient accumulation")
+    code = recipe("Gradient accumulation")
     if not autocast:
         code = code.replace("enabled=scaler.is_enabled()", "enabled=False")
     for micro_batches in steps:
@@ -80,10 +75,11 @@ def full_batch_steps(model: nn.Module, opt: sk.SSAM, steps: list, max_norm: floa
 
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("max_norm", [0.05, 100.0])
-def test_accumulation_recipe_equals_the_full_batch(scaled: bool, max_norm: float) -> None:
+@pytest.mark.parametrize("layout", ["tensors", "flat"])  # clipping and the scaler read .grad
+def test_accumulation_recipe_equals_the_full_batch(scaled: bool, max_norm: float, layout: str) -> None:
     steps = batches(3, micro=3)
     model, reference = mlp(), mlp()
-    opt, ref_opt = ssam(model), ssam(reference)
+    opt, ref_opt = ssam(model, layout), ssam(reference, layout)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaled)
     if scaled:  # the scaler without fp16 autocast: powers of two scale and unscale exactly
         run_recipe(model, opt, steps, scaler, max_norm, autocast=False)
@@ -217,7 +213,7 @@ def test_compile_recipe_default_backend_matches_eager() -> None:
     model, eager_model = mlp(), mlp()
     opt, eager_opt = ssam(model), ssam(eager_model)
     namespace = {"torch": torch, "model": model, "opt": opt, "loss_fn": tf.cross_entropy}
-    exec(readme_block("`torch.compile`"), namespace)  # compiles with the default backend (Inductor)
+    exec(recipe("`torch.compile`"), namespace)  # compiles with the default backend (Inductor)
     eager = compiled_step.eager_train_step(eager_model, eager_opt)
     for x, y in samples(4):
         torch.testing.assert_close(namespace["train_step"](x, y), eager(x, y), rtol=1e-5, atol=1e-6)

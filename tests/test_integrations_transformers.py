@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import doc_block
 
 import ssam_kernels as sk
 
@@ -55,9 +55,9 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-def make_ssam(model: torch.nn.Module) -> sk.SSAM:
+def make_ssam(model: torch.nn.Module, layout: str = "auto") -> sk.SSAM:
     return sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, momentum=0.9,
-                   mask=sk.DynamicMask(interval=2), lr=0.5, backend="reference")
+                   mask=sk.DynamicMask(interval=2), lr=0.5, backend="reference", layout=layout)
 
 
 def constant(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -74,9 +74,10 @@ def arguments(tmp_path: Path, **overrides: object) -> transformers.TrainingArgum
 
 
 def hand_written(model: torch.nn.Module, data: TokenDataset, steps: int, accumulation: int,
-                 max_grad_norm: float, autocast: bool = False, batch: int = BATCH) -> torch.nn.Module:
+                 max_grad_norm: float, autocast: bool = False, batch: int = BATCH, layout: str = "auto"
+                 ) -> torch.nn.Module:
     """The plain-PyTorch SSAM loop: accumulate at w, first_step once, the same micro-batches at w + e."""
-    opt = make_ssam(model)
+    opt = make_ssam(model, layout)
     sched = constant(opt)
     model.train()
     batches = [{"input_ids": data.ids[i: i + batch], "labels": data.labels[i: i + batch]}
@@ -103,9 +104,9 @@ def hand_written(model: torch.nn.Module, data: TokenDataset, steps: int, accumul
     return model
 
 
-def train(tmp_path: Path, model: torch.nn.Module, resume: str | None = None, **overrides: object
-          ) -> transformers.Trainer:
-    opt = make_ssam(model)
+def train(tmp_path: Path, model: torch.nn.Module, resume: str | None = None, layout: str = "auto",
+          **overrides: object) -> transformers.Trainer:
+    opt = make_ssam(model, layout)
     trainer = InOrderTrainer(model=model, args=arguments(tmp_path, **overrides), train_dataset=TokenDataset(),
                              optimizers=(opt, constant(opt)))
     trainer.train(resume_from_checkpoint=resume)
@@ -117,14 +118,18 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize(("accumulation", "max_grad_norm"), [(1, 0.0), (3, 1e-3)])  # (2, 0.5): below
-def test_trainer_matches_hand_written_loop(tmp_path: Path, accumulation: int, max_grad_norm: float) -> None:
+@pytest.mark.parametrize(("accumulation", "max_grad_norm", "layout"),
+                         [(1, 0.0, "auto"), (3, 1e-3, "auto"), (3, 1e-3, "flat")])  # (2, 0.5): below
+def test_trainer_matches_hand_written_loop(tmp_path: Path, accumulation: int, max_grad_norm: float,
+                                           layout: str) -> None:
     start = tiny_gpt2()
     trained = train(tmp_path, copy.deepcopy(start), gradient_accumulation_steps=accumulation,
-                    max_grad_norm=max_grad_norm)
+                    max_grad_norm=max_grad_norm, layout=layout)
     ssam = unwrap_ssam(trained.optimizer)
     assert trained.state.global_step == 3 and ssam.steps == 3
-    expected = hand_written(copy.deepcopy(start), TokenDataset(), 3, accumulation, max_grad_norm)
+    assert ssam.layout.kind == ("flat" if layout == "flat" else "tensors")
+    expected = hand_written(copy.deepcopy(start), TokenDataset(), 3, accumulation, max_grad_norm,
+                            layout=layout)
     assert_same_weights(trained.model, expected)
     assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), expected.parameters(), strict=True))
 
@@ -266,10 +271,8 @@ def test_fp16_grad_scaler_trains(tmp_path: Path) -> None:
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters(), strict=True))
 
 
-def test_readme_recipe(tmp_path: Path) -> None:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("### Hugging Face `Trainer`")
-    code = re.compile(r"```python\n(.*?)```", re.S).search(text, start).group(1)
+def test_trainer_recipe(tmp_path: Path) -> None:
+    code = doc_block("docs/recipes.md", "Hugging Face `Trainer`")
 
     def training_arguments(output_dir: str, **options: object) -> transformers.TrainingArguments:
         # the recipe's own options, run briefly on CPU in a temporary folder

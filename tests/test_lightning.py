@@ -1,11 +1,11 @@
-"""SSAM under Lightning's manual optimization, through ``LightningOptimizer`` (README, "Lightning")."""
+"""SSAM under Lightning's manual optimization, through ``LightningOptimizer`` (docs/recipes.md,
+"Lightning")."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import doc_block
 from helpers import seeded_mlp as make_model
 from torch import nn
 
@@ -22,19 +22,16 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def readme_module() -> type:
-    """The ``SSAMModule`` of the README's "Lightning" section, executed as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Lightning"):]
-    code = section[section.index("```python") + len("```python"):]
-    code = code[: code.index("\n```")]
+def recipe_module() -> type:
+    """The ``SSAMModule`` of docs/recipes.md, "Lightning", executed as written."""
+    code = doc_block("docs/recipes.md", "Lightning")
     namespace = {"lightning": lightning, "torch": torch, "nn": nn, "sk": sk}
-    exec(compile(code, "README.md (Lightning)", "exec"), namespace)
+    exec(compile(code, "docs/recipes.md (Lightning)", "exec"), namespace)
     return namespace["SSAMModule"]
 
 
 def test_manual_optimization_through_the_wrapper_matches_plain_pytorch():
-    module = readme_module()(make_model())
+    module = recipe_module()(make_model())
     data = torch.utils.data.DataLoader(batches(), batch_size=None, shuffle=False)
     trainer = lightning.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False,
@@ -43,7 +40,7 @@ def test_manual_optimization_through_the_wrapper_matches_plain_pytorch():
     assert trainer.global_step == STEPS
 
     model = make_model()
-    opt = readme_module()(model).configure_optimizers()  # the same optimizer, used in plain PyTorch
+    opt = recipe_module()(model).configure_optimizers()  # the same optimizer, used in plain PyTorch
     for x, y in batches():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.first_step(zero_grad=True)

@@ -128,8 +128,7 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     why = _unavailable(name, device)
     if why is not None:
         hint = {
-            "native": "build the extension: pip install --no-build-isolation . (see README, "
-                      "'Build from source')",
+            "native": "build the extension: pip install --no-build-isolation . (see docs/building.md)",
             "triton": "pip install triton (on CPU, also set TRITON_INTERPRET=1)",
         }.get(name, "")
         raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {why}. {hint}; "
@@ -156,7 +155,7 @@ def _warn_fallback(device_type: str, unavailable: str | None, failed: str | None
     else:
         fix = (f"no compiled backend ({unavailable}). To fix: "
                f"{'pip install triton, or ' if device_type == 'cuda' else ''}build the extension with pip "
-               "install --no-build-isolation . (README, 'Build from source')")
+               "install --no-build-isolation . (docs/building.md)")
     warnings.warn(f"ssam_kernels: backend='auto' runs the pure-PyTorch 'vectorized' backend on "
                   f"{device_type} tensors, which is several times slower: {fix}. Pass "
                   "backend='vectorized' to choose it and silence this warning.", stacklevel=3)

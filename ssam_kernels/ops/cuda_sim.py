@@ -47,7 +47,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     if _cuda_sim is None:
         return (f"the cuda_sim extension ssam_kernels._cuda_sim is not built ({_IMPORT_ERROR}); build it "
                 "with "
-                "SSAM_HIP_CPU_DIR=<HIP-CPU> pip install --no-build-isolation -e . (docs/BUILD.md)")
+                "SSAM_HIP_CPU_DIR=<HIP-CPU> pip install --no-build-isolation -e . (docs/building.md)")
     if torch.device(device).type != "cpu":
         return "cuda_sim runs the CUDA kernels on CPU tensors only"
     return None

@@ -47,7 +47,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
             major, minor = capability
             return (f"ssam_kernels._C was compiled for TORCH_CUDA_ARCH_LIST={archs!r}, which has no kernel "
                     f"image for {device} (compute capability {major}.{minor}); rebuild with "
-                    f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (see docs/BUILD.md)")
+                    f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (see docs/building.md)")
         return None
     return f"the compiled extension has no kernels for {device.type} tensors"
 
