@@ -1,8 +1,10 @@
-"""The element-wise arithmetic of ``perturb_`` and ``fisher_accumulate_`` in device-agnostic PyTorch.
+"""The element-wise arithmetic of ``perturb_`` and ``fisher_accumulate_``, and the summation order of
+``grad_sq_norm``, in device-agnostic PyTorch.
 
 The one PyTorch statement of that part of the op contract (docs/DESIGN.md, "The op contract"), shared by
 the ``reference`` and ``vectorized`` backends; the C++/CUDA kernels state it in ``csrc/ssam_math.h``
-(``perturbed``, ``fisher_update``) and the Triton kernels in ``ops/triton/_math.py``.
+(``perturbed``, ``fisher_update``) and ``csrc/cpu.cpp`` (``sq_sum``, the norm's order), the Triton kernels
+in ``ops/triton/_math.py``.
 
 - ``perturb_``, ``W`` float32/bfloat16/float16: ``w``, ``g`` as fp32 (exact) and the scale as fp32 (a
   float64 scale rounded to nearest once); ``r = fma(s, g, w)`` (adaptive: ``fma(s, rn(rn(w·w)·g), w)``),
@@ -192,3 +194,45 @@ def fisher_updated(f: torch.Tensor, g: torch.Tensor, alpha: float, fma: Fma = fm
     :func:`perturbed`."""
     g32 = g.float()
     return fma(g32, g32 * fp32_value(alpha), f)
+
+
+NORM_BLOCK = 1 << 14
+"""Entries per block of :func:`sq_norm` (a power of two)."""
+NORM_CHUNK = 1 << 18
+"""Entries :func:`sq_norm` squares per pass (a multiple of ``NORM_BLOCK``): a 2 MiB float64 workspace, and
+few enough passes that the per-op cost of the halving steps stays small."""
+
+
+def sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ v_i²`` with ``v = g`` (``g · w`` with ``W``), a float64 0-d tensor on ``G``'s device, summed in
+    one fixed order made of single IEEE additions, so that the bits depend on the values only (not on the
+    device or the thread count): ``v`` and ``v²`` in float64 (each product rounded once); per block of
+    ``NORM_BLOCK`` entries (the last one padded with zeros, which add exactly), the two halves added
+    element by element, again and again, down to one value; the blocks' sums, padded with zeros to a power
+    of two, the same way. The compiled backends sum in their own fixed orders (the native CPU kernel in
+    interleaved lanes per block), equal to this one up to float64 rounding."""
+    n = G.numel()
+    blocks = -(-n // NORM_BLOCK)
+    sums = torch.zeros(1 << max(blocks - 1, 0).bit_length(), dtype=torch.float64, device=G.device)
+    work = torch.empty(min(NORM_CHUNK, blocks * NORM_BLOCK), dtype=torch.float64, device=G.device)
+    for start in range(0, n, NORM_CHUNK):
+        stop = min(start + NORM_CHUNK, n)
+        rows = work[: -(-(stop - start) // NORM_BLOCK) * NORM_BLOCK]
+        v = rows[: stop - start].copy_(G[start:stop])
+        if W is not None:
+            v.mul_(W[start:stop])
+        v.mul_(v)
+        rows[stop - start:].zero_()
+        first = start // NORM_BLOCK
+        sums[first: first + rows.numel() // NORM_BLOCK] = _halving_sum(rows.view(-1, NORM_BLOCK))
+    return _halving_sum(sums.view(1, -1)).view(())
+
+
+def _halving_sum(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's sum (rows of a power-of-two length, summed in place): the second half added to the first
+    element by element, then the same over the first half, until one value."""
+    width = rows.shape[1]
+    while width > 1:
+        width //= 2
+        rows[:, :width].add_(rows[:, width: 2 * width])
+    return rows[:, 0]
