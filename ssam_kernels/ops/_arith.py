@@ -197,20 +197,23 @@ def fisher_updated(f: torch.Tensor, g: torch.Tensor, alpha: float, fma: Fma = fm
 
 
 NORM_BLOCK = 1 << 14
-"""Entries per block of :func:`sq_norm` (a power of two)."""
+"""Entries per block of :func:`sq_norm`: a power of two below the 2^15 entries from which PyTorch's CPU
+reductions split one output's sum across threads."""
 NORM_CHUNK = 1 << 18
-"""Entries :func:`sq_norm` squares per pass (a multiple of ``NORM_BLOCK``): a 2 MiB float64 workspace, and
-few enough passes that the per-op cost of the halving steps stays small."""
+"""Entries :func:`sq_norm` squares per pass (a multiple of ``NORM_BLOCK``): a 2 MiB float64 workspace."""
 
 
 def sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ v_i²`` with ``v = g`` (``g · w`` with ``W``), a float64 0-d tensor on ``G``'s device, summed in
-    one fixed order made of single IEEE additions, so that the bits depend on the values only (not on the
-    device or the thread count): ``v`` and ``v²`` in float64 (each product rounded once); per block of
-    ``NORM_BLOCK`` entries (the last one padded with zeros, which add exactly), the two halves added
-    element by element, again and again, down to one value; the blocks' sums, padded with zeros to a power
-    of two, the same way. The compiled backends sum in their own fixed orders (the native CPU kernel in
-    interleaved lanes per block), equal to this one up to float64 rounding."""
+    one fixed order, so that the same input on the same device gives the same bits for any number of
+    threads: ``v`` and ``v²`` in float64 (each product rounded once); each block of ``NORM_BLOCK`` entries
+    (the last one padded with zeros, which add exactly) summed by ``torch.sum`` over the block as one row
+    of a ``(blocks, NORM_BLOCK)`` view (PyTorch reduces each row whole on one thread, in an order fixed
+    by the row's length: it splits a sum across threads only from 2^15 entries, and a sum of many rows
+    by rows); then the blocks' sums, padded with zeros to a power of two, by halves added element by
+    element down to one value (single IEEE additions in a fixed pairing). ``torch.dot``, used before,
+    sums in MKL's thread-dependent order. The compiled backends sum in their own fixed orders (the native
+    CPU kernel in interleaved lanes per block), equal to this one up to float64 rounding."""
     n = G.numel()
     blocks = -(-n // NORM_BLOCK)
     sums = torch.zeros(1 << max(blocks - 1, 0).bit_length(), dtype=torch.float64, device=G.device)
@@ -224,15 +227,9 @@ def sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
         v.mul_(v)
         rows[stop - start:].zero_()
         first = start // NORM_BLOCK
-        sums[first: first + rows.numel() // NORM_BLOCK] = _halving_sum(rows.view(-1, NORM_BLOCK))
-    return _halving_sum(sums.view(1, -1)).view(())
-
-
-def _halving_sum(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's sum (rows of a power-of-two length, summed in place): the second half added to the first
-    element by element, then the same over the first half, until one value."""
-    width = rows.shape[1]
+        torch.sum(rows.view(-1, NORM_BLOCK), dim=1, out=sums[first: first + rows.numel() // NORM_BLOCK])
+    width = sums.numel()
     while width > 1:
         width //= 2
-        rows[:, :width].add_(rows[:, width: 2 * width])
-    return rows[:, 0]
+        sums[:width].add_(sums[width: 2 * width])
+    return sums[0]
