@@ -465,6 +465,10 @@ class SSAM(torch.optim.Optimizer):
         constructor's rules, with ``eps``; a group's ``perturb`` decided its segments when it was laid out
         and cannot change."""
         eps = real("eps", self.eps, positive=True)
+        if len(self.param_groups) != len(self._laid_out):
+            raise ValueError(f"param_groups: {len(self.param_groups)} groups, {len(self._laid_out)} laid "
+                             "out; add groups with opt.add_param_group (not the base optimizer's), which "
+                             "lays out their parameters")
         options = []
         for index, group in enumerate(self.param_groups):
             check_group(index, group, eps)

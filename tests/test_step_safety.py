@@ -80,6 +80,19 @@ def test_group_options_are_checked_when_read(layout, key, value, error):
     opt.second_step()
 
 
+def test_a_group_added_to_the_base_optimizer_is_named():
+    """A group added through the base optimizer (which shares param_groups) was never laid out: named,
+    before any write."""
+    model = make_model(2)
+    opt = two_groups(model)
+    opt.base_optimizer.add_param_group({"params": [nn.Parameter(torch.randn(4))]})
+    loss_of(model).backward()
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"^param_groups: 3 groups, 2 laid out; add groups with "):
+        opt.first_step()
+    assert_same(weights(model), before)
+
+
 def test_eps_is_checked_when_read():
     model = make_model(2)
     opt = two_groups(model)
