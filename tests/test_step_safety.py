@@ -328,23 +328,30 @@ def test_step_counts_out_of_range_are_refused(steps):
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("magnitude", [1e200, 1e300])
-def test_float64_gradients_whose_squares_overflow_still_perturb(layout, magnitude):
-    """||g|| of float64 gradients near 1e200 overflows as a sum of squares; the perturbation is still
-    w + rho · g / ||g|| (computed here with Python floats, scaled the same way)."""
-    params = [nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (7, 5)]
-    grads = [torch.randn(n, dtype=torch.float64) * magnitude for n in (7, 5)]
-    opt = SAM(params, torch.optim.SGD, rho=0.5, layout=layout, lr=0.1)
+def test_float64_gradients_whose_squares_overflow_still_perturb(layout, adaptive, magnitude):
+    """||g|| (ASAM: || |w| ⊙ g ||) of float64 gradients near 1e200 overflows as a sum of squares; the
+    perturbation is still w + rho · g / ||g|| (ASAM: w + s · w² · g), the norm computed here with Python
+    floats scaled the same way. A float32 parameter beside them (its own segment) counts in the norm."""
+    gen = torch.Generator().manual_seed(20)
+    params = [nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64)) for n in (7, 5)]
+    params.append(nn.Parameter(torch.randn(3, generator=gen)))
+    grads = [torch.randn(n, generator=gen, dtype=torch.float64) * magnitude for n in (7, 5)]
+    grads.append(torch.randn(3, generator=gen))
+    opt = SAM(params, torch.optim.SGD, rho=0.5, adaptive=adaptive, layout=layout, lr=0.1)
     before = [p.detach().clone() for p in params]
     for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
     opt.first_step()
-    norm = math.sqrt(sum((x / magnitude) ** 2 for g in grads for x in g.tolist())) * magnitude
-    assert opt.grad_norm.item() == pytest.approx(norm, rel=1e-12)
-    for p, w, g in zip(params, before, grads, strict=True):
-        expected = w + (0.5 / (opt.grad_norm + opt.eps)) * g
-        assert torch.equal(p.detach(), expected)
+    terms = [(gi * (abs(wi) if adaptive else 1.0)) / magnitude for w, g in zip(before, grads, strict=True)
+             for wi, gi in zip(w.tolist(), g.tolist(), strict=True)]
+    assert opt.grad_norm.item() == pytest.approx(math.sqrt(sum(t * t for t in terms)) * magnitude, rel=1e-12)
+    scale = 0.5 / (opt.grad_norm + opt.eps)
+    for p, w, g in zip(params[:2], before[:2], grads[:2], strict=True):
+        assert torch.equal(p.detach(), w + scale * ((w * w) * g if adaptive else g))
         assert not torch.equal(p.detach(), w)
+    assert torch.equal(params[2].detach(), before[2])  # its share rounds to 0 in float32
     opt.second_step()
     assert all(torch.isfinite(p).all() for p in params)
 
