@@ -50,29 +50,15 @@ inline __attribute__((always_inline)) void prefetch_span(const void* p) {
   for (uintptr_t off = 0; off < kBytes; off += kLineBytes) __builtin_prefetch(reinterpret_cast<const void*>(ahead + off));
 }
 
-// Calls fn(i, r) for every set bit i < n of the mask in chunks [c0, c1) whose rank r lies in
-// [0, capacity), in index order. Bits past n are ignored; ranks outside the backup are skipped. The
-// offsets were checked against the mask (check_offsets_match_masks), so a chunk's ranks are
-// [offsets[c], offsets[c + 1]) and only a chunk reaching past the backup needs the per-bit test.
+// Calls fn(i, r) for every set bit i < n of the mask words [w0, w1) whose rank r lies in [0, capacity), in
+// index order, r0 the rank of the first set bit. Bits past n are ignored; ranks outside the backup are
+// skipped: whatever the mask and offsets hold, every slot addressed is inside the backup.
 template <typename Fn>
-void for_each_set_bit(const MaskView& mask, int64_t n, int64_t capacity, int64_t c0, int64_t c1, Fn&& fn) {
-  const int64_t words = num_words(n);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t first = load_offset(mask.offsets, mask.offsets64, c);
-    const int64_t w_begin = c * kWordsPerChunk;
-    const int64_t w_end = std::min((c + 1) * kWordsPerChunk, words);
-    auto walk = [&](auto checked) {
-      int64_t r = first;
-      for (int64_t w = w_begin; w < w_end; ++w) {
-        for (uint32_t bits = mask_word(mask.words, w, n); bits != 0; bits &= bits - 1, ++r) {
-          if (!decltype(checked)::value || rank_in_range(r, capacity)) fn(w * 32 + __builtin_ctz(bits), r);
-        }
-      }
-    };
-    if (first >= 0 && load_offset(mask.offsets, mask.offsets64, c + 1) <= capacity) {
-      walk(std::false_type{});
-    } else {
-      walk(std::true_type{});
+void bounded_walk(const MaskView& mask, int64_t n, int64_t capacity, int64_t w0, int64_t w1, int64_t r0, Fn&& fn) {
+  int64_t r = r0;
+  for (int64_t w = w0; w < w1; ++w) {
+    for (uint32_t bits = mask_word(mask.words, w, n); bits != 0; bits &= bits - 1, ++r) {
+      if (rank_in_range(r, capacity)) fn(w * 32 + __builtin_ctz(bits), r);
     }
   }
 }
@@ -316,25 +302,36 @@ SSAM_INLINE void blend_word(T* __restrict x, const T* __restrict g, uint32_t bit
 template <typename T, typename Word, bool kRestore, bool kAdaptive>
 SSAM_INLINE void masked_run(const ElementArgs<T>& a, int64_t c0, int64_t c1) {
   const int64_t words = num_words(a.n);
+  // Words [w0, w_end) one set bit at a time, every slot bounded.
+  auto bounded = [&](int64_t w0, int64_t w_end, int64_t r0) {
+    bounded_walk(a.mask, a.n, a.capacity, w0, w_end, r0, [&](int64_t i, int64_t rank) {
+      if constexpr (kRestore) {
+        a.w[i] = a.b[rank];
+      } else {
+        const T wi = a.w[i];
+        a.b[rank] = wi;
+        a.w[i] = a.active ? perturbed(wi, a.g[i], a.scale, kAdaptive) : wi;
+      }
+    });
+  };
   for (int64_t c = c0; c < c1; ++c) {
     int64_t r = load_offset(a.mask.offsets, a.mask.offsets64, c);
+    const int64_t k_end = std::min((c + 1) * kWordsPerChunk, words);
     if (r < 0 || load_offset(a.mask.offsets, a.mask.offsets64, c + 1) > a.capacity) {
-      // Ranks reach past the backup: bound every slot, one set bit at a time.
-      for_each_set_bit(a.mask, a.n, a.capacity, c, c + 1, [&](int64_t i, int64_t rank) {
-        if constexpr (kRestore) {
-          a.w[i] = a.b[rank];
-        } else {
-          const T wi = a.w[i];
-          a.b[rank] = wi;
-          a.w[i] = a.active ? perturbed(wi, a.g[i], a.scale, kAdaptive) : wi;
-        }
-      });
+      bounded(c * kWordsPerChunk, k_end, r);  // ranks reach past the backup
       continue;
     }
-    for (int64_t k = c * kWordsPerChunk, k_end = std::min((c + 1) * kWordsPerChunk, words); k < k_end; ++k) {
+    for (int64_t k = c * kWordsPerChunk; k < k_end; ++k) {
       prefetch_span<sizeof(uint32_t)>(a.mask.words + k);
       const uint32_t bits = mask_word(a.mask.words, k, a.n);
       if (bits == 0) continue;
+      const int64_t count = swar_popcount(bits);
+      if (r + count > a.capacity) {
+        // Only a mask changed since its offsets were checked (by another thread) gets here: the word's
+        // slots would pass the backup's end, so the rest of the chunk is bounded bit by bit.
+        bounded(k, k_end, r);
+        break;
+      }
       T* x = a.w + k * 32;
       prefetch_span<32 * sizeof(T)>(x);
       prefetch_span<32 * sizeof(T)>(a.b + r);
@@ -354,7 +351,7 @@ SSAM_INLINE void masked_run(const ElementArgs<T>& a, int64_t c0, int64_t c1) {
       if constexpr (!kRestore) {
         if (a.active) blend_word<T, kAdaptive>(x, a.g + k * 32, bits, len, a.scale);
       }
-      r += swar_popcount(bits);
+      r += count;
     }
   }
 }
@@ -557,10 +554,12 @@ void check_offsets_match_masks(const std::vector<ListEntry>& entries, const std:
 }
 
 // backup[rank(i)] = w[i] and, unless restore, w[i] = perturbed(w[i], g[i]) for the entries of every
-// tensor (restore: w[i] = backup[rank(i)]). scale is read once (a host scalar on CPU).
+// tensor (restore: w[i] = backup[rank(i)]), after the overlap rule over the whole call (`list`: the
+// messages name entries) and the offsets check. scale is read once (a host scalar on CPU).
 void perturb_restore_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive, bool restore,
                          bool list) {
   if (entries.empty()) return;
+  check_disjoint(element_spans(entries, scale, list));
   int64_t units = 0;
   const std::vector<Task> tasks = make_tasks(entries, &units);
   // Tasks per parallel piece: about kGrain entries' worth (all inline when the list is small).
@@ -595,7 +594,7 @@ void perturb_multi_cpu(at::TensorList W, at::TensorList G, const OptionalTensors
   entries.reserve(W.size());
   for (size_t j = 0; j < W.size(); ++j) {
     check_same_kind(W[j], W[0], "W", j);
-    entries.push_back({&W[j], &G[j], check_perturb_args(W[j], G[j], mask.get(j), offsets.get(j), backup[j]),
+    entries.push_back({&W[j], &G[j], perturb_view(W[j], G[j], mask.get(j), offsets.get(j), backup[j]),
                        &backup[j]});
   }
   perturb_restore_cpu(entries, &scale, adaptive, false, true);
@@ -608,7 +607,7 @@ void restore_multi_cpu(at::TensorList W, const OptionalTensors& mask, const Opti
   entries.reserve(W.size());
   for (size_t j = 0; j < W.size(); ++j) {
     check_same_kind(W[j], W[0], "W", j);
-    entries.push_back({&W[j], nullptr, check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]), &backup[j]});
+    entries.push_back({&W[j], nullptr, restore_view(W[j], mask.get(j), offsets.get(j), backup[j]), &backup[j]});
   }
   perturb_restore_cpu(entries, nullptr, false, true, true);
 }
@@ -616,20 +615,19 @@ void restore_multi_cpu(at::TensorList W, const OptionalTensors& mask, const Opti
 void perturb_cpu(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
                  bool adaptive) {
-  perturb_restore_cpu({{&W, &G, check_perturb_args(W, G, mask, offsets, backup), &backup}}, &scale, adaptive, false,
+  perturb_restore_cpu({{&W, &G, perturb_view(W, G, mask, offsets, backup), &backup}}, &scale, adaptive, false,
                       false);
 }
 
 void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                  const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
-  perturb_restore_cpu({{&W, nullptr, check_restore_args(W, mask, offsets, backup), &backup}}, nullptr, false, true,
+  perturb_restore_cpu({{&W, nullptr, restore_view(W, mask, offsets, backup), &backup}}, nullptr, false, true,
                       false);
 }
 
 // F += alpha · g² with one fp32 fused multiply-add per entry (ssam_math.h: fisher_update; alpha rounded to
-// fp32 once, fisher_alpha), G of any float dtype, in parallel over fixed ranges of entries.
-void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
-  check_fisher_args(F, G);
+// fp32 once, fisher_alpha), G of any float dtype, in parallel over fixed ranges of entries. Checked already.
+void fisher_run_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
   float* f = F.data_ptr<float>();
   const float a = fisher_alpha(alpha);
   dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
@@ -641,15 +639,21 @@ void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alph
   });
 }
 
+void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
+  check_fisher_args(F, G);
+  fisher_run_cpu(F, G, alpha);
+}
+
 // The list form: one C++ call; each tensor runs the single-tensor loop (parallel within the tensor). Not
 // on the per-step path (the Fisher pass accumulates once per sample batch).
 void fisher_accumulate_multi_cpu(at::TensorList F, at::TensorList G, double alpha) {
   check_list_lengths(F.size(), {{"G", G.size()}});
   for (size_t j = 0; j < F.size(); ++j) {
-    check_fisher_args(F[j], G[j]);
+    check_fisher_shapes(F[j], G[j]);
     check_same_kind(G[j], G[0], "G", j);
   }
-  for (size_t j = 0; j < F.size(); ++j) fisher_accumulate_cpu(F[j], G[j], alpha);
+  check_disjoint(fisher_spans(F, G, true));
+  for (size_t j = 0; j < F.size(); ++j) fisher_run_cpu(F[j], G[j], alpha);
 }
 
 // ---------------------------------------------------------------------------------------------------

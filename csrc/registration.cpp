@@ -112,13 +112,37 @@ PyObject* first_invalid_entry(PyObject*, PyObject* args) {
 // tensor a plain CPU tensor (no subclass, fake, functional or batched tensor), no dispatch or torch-function
 // mode active, every entry accepted by entry_ok (the checks of ops/__init__.py, which imply those of the
 // registered op) on one device and dtype. Otherwise they return False having done nothing, and the caller
-// calls the registered op (which also serves torch.compile and reports the errors). The offsets are still
-// checked against the masks before any write (ValueError naming offsets[j]); the profiler sees the op's
-// name, and W and backup get the version bump of an in-place op.
+// calls the registered op (which also serves torch.compile and reports the errors). Arguments that share
+// memory are refused (ValueError, the message of ops/__init__.py) and the offsets are still checked against
+// the masks before any write (ValueError naming offsets[j]); the profiler sees the op's name, and W and
+// backup get the version bump of an in-place op.
 bool plain_cpu(PyObject* obj) {
   return obj == Py_None || (THPVariable_Check(obj) && THPVariable_Unpack(obj).device().is_cpu() &&
                             !at::isTensorSubclassLike(THPVariable_Unpack(obj)));
 }
+
+// New references, dropped (with the GIL held) when this goes out of scope.
+class References {
+ public:
+  References() = default;
+  References(const References&) = delete;
+  References& operator=(const References&) = delete;
+  ~References() {
+    for (PyObject* obj : owned_) Py_DECREF(obj);
+  }
+  // Takes `obj`, a new reference (nullptr: the Python error set by the call that made it is raised).
+  PyObject* own(PyObject* obj) {
+    if (obj == nullptr) throw python_error();
+    owned_.push_back(obj);
+    return obj;
+  }
+  // A copy of `list` (a Python list; None stays None) whose items are kept alive: the kernels run without
+  // the GIL, and another thread may empty the caller's list meanwhile.
+  PyObject* hold(PyObject* list) { return list == Py_None ? list : own(PyList_GetSlice(list, 0, PyList_GET_SIZE(list))); }
+
+ private:
+  std::vector<PyObject*> owned_;
+};
 
 PyObject* perturb_restore_direct(PyObject* args, bool restore) {
   HANDLE_TH_ERRORS
@@ -139,6 +163,12 @@ PyObject* perturb_restore_direct(PyObject* args, bool restore) {
   for (PyObject* list : {G, mask, offsets, backup}) {
     if (list != Py_None && PyList_GET_SIZE(list) != size) Py_RETURN_FALSE;
   }
+  References held;  // the args tuple holds the lists and scale, not the lists' items
+  W = held.hold(W);
+  G = held.hold(G);
+  mask = held.hold(mask);
+  offsets = held.hold(offsets);
+  backup = held.hold(backup);
   PyObject* first = PyList_GET_ITEM(W, 0);
   if (!THPVariable_Check(first) || (!restore && !(plain_cpu(scale) && scale != Py_None))) Py_RETURN_FALSE;
   const at::Tensor& like = THPVariable_Unpack(first);
@@ -168,7 +198,6 @@ PyObject* perturb_restore_direct(PyObject* args, bool restore) {
                        &THPVariable_Unpack(b)});
   }
   {
-    // The lists (held by the caller) keep every tensor alive while the GIL is released.
     pybind11::gil_scoped_release no_gil;
     RECORD_FUNCTION(restore ? "ssam_kernels::restore_multi_" : "ssam_kernels::perturb_multi_",
                     c10::ArrayRef<const c10::IValue>{});
@@ -219,11 +248,69 @@ PyObject* grad_sq_norm_multi_cpu(PyObject*, PyObject* args) {
   }
   at::Tensor total;
   {
+    // gs and ws own their tensors: another thread emptying the lists meanwhile frees none of them.
     pybind11::gil_scoped_release no_gil;
     RECORD_FUNCTION("ssam_kernels::grad_sq_norm_multi", c10::ArrayRef<const c10::IValue>{});
     total = ssam::grad_sq_norm_checked_cpu(gs, ws);
   }
   return THPVariable_Wrap(std::move(total));
+  END_HANDLE_TH_ERRORS
+}
+
+// ssam_kernels._C.check_disjoint(arguments, indexed): the overlap rule of ssam_ops.h (check_disjoint) for the
+// ops layer (ops/__init__.py: _check_disjoint), with its argument order. `arguments`: a tuple of (name,
+// written, tensors), tensors a list (entry j of every list belongs together; a None entry is skipped) or one
+// tensor (after every entry, named without an index). `indexed`: the lists' names carry the entry index.
+// Tensors without memory of their own (fake, functional or other subclass-like tensors, meta) are skipped.
+// Raises ValueError naming the two arguments; returns None.
+PyObject* check_disjoint(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* arguments;
+  int indexed = 0;
+  if (!PyArg_ParseTuple(args, "O!p", &PyTuple_Type, &arguments, &indexed)) return nullptr;
+  struct Argument {
+    const char* name;
+    bool written;
+    PyObject* items;  // a list or tuple (PySequence_Fast), or nullptr for a single tensor
+    PyObject* single;
+  };
+  std::vector<Argument> parsed;
+  References held;
+  Py_ssize_t entries = 0;
+  for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(arguments); ++a) {
+    PyObject *name, *written, *tensors;
+    if (!PyArg_ParseTuple(PyTuple_GET_ITEM(arguments, a), "UOO", &name, &written, &tensors)) return nullptr;
+    const char* utf8 = PyUnicode_AsUTF8(name);
+    if (utf8 == nullptr) return nullptr;
+    if (THPVariable_Check(tensors)) {
+      parsed.push_back({utf8, PyObject_IsTrue(written) == 1, nullptr, tensors});
+      continue;
+    }
+    PyObject* fast = held.own(PySequence_Fast(tensors, "check_disjoint: expected a list of tensors"));
+    entries = std::max(entries, PySequence_Fast_GET_SIZE(fast));
+    parsed.push_back({utf8, PyObject_IsTrue(written) == 1, fast, nullptr});
+  }
+  std::vector<ssam::ArgSpan> spans;
+  spans.reserve(entries * parsed.size() + parsed.size());
+  auto add = [&](PyObject* obj, const Argument& arg, int64_t index) {
+    if (obj == nullptr || !THPVariable_Check(obj)) return;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    // at::isTensorSubclassLike's keys (without its per-tensor read of the dispatch-mode TLS)
+    if (!(t.key_set() & at::kTensorSubclassLike).empty() || !t.has_storage() || t.is_meta()) return;
+    ssam::add_span(spans, t, arg.name, index, arg.written);
+  };
+  for (Py_ssize_t j = 0; j < entries; ++j) {
+    for (const Argument& arg : parsed) {
+      if (arg.items != nullptr && j < PySequence_Fast_GET_SIZE(arg.items)) {
+        add(PySequence_Fast_GET_ITEM(arg.items, j), arg, indexed ? j : -1);
+      }
+    }
+  }
+  for (const Argument& arg : parsed) {
+    if (arg.single != nullptr) add(arg.single, arg, -1);
+  }
+  ssam::check_disjoint(spans);
+  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -261,6 +348,8 @@ PyMethodDef methods[] = {
     {"compiled_archs", compiled_archs, METH_NOARGS, "The CUDA architectures compiled in (TORCH_CUDA_ARCH_LIST)."},
     {"first_invalid_entry", first_invalid_entry, METH_VARARGS,
      "The first entry of a list op's lists that fails the fast checks, or -1."},
+    {"check_disjoint", check_disjoint, METH_VARARGS,
+     "Refuse (ValueError) arguments of one op call where a tensor the op writes shares memory with another."},
     {"perturb_multi_cpu", perturb_multi_cpu, METH_VARARGS,
      "perturb_multi_ on plain CPU tensors without torch.ops; False (nothing done) where it does not apply."},
     {"grad_sq_norm_multi_cpu", grad_sq_norm_multi_cpu, METH_VARARGS,

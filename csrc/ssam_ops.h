@@ -9,8 +9,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <initializer_list>
+#include <numeric>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -108,6 +112,142 @@ inline ScaleView scale_view(const at::Tensor& scale, const at::Tensor& W) {
   return {scale.data_ptr(), scale.scalar_type() == at::kDouble};
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Arguments that share memory. A tensor an op writes (perturb_'s W and backup, restore_'s W,
+// fisher_accumulate_'s F, bucket_mask_multi's outputs) must share no byte with any other tensor argument
+// of the call, in any entry of any list: a write into mask words, offsets or backup slots the kernel has
+// yet to read moves the ranks it computes, and any overlap makes the result depend on the order of the
+// writes. Tensors that are only read may overlap each other. Decided from byte ranges on the host (no
+// device work). The rule, the argument order and the message are those of _check_disjoint in
+// ssam_kernels/ops/__init__.py: the spans sorted by (device, first byte, argument position); the first
+// span that starts inside an earlier one while either of the two is written is reported, with that earlier
+// one (the earlier span reaching furthest, among the written ones if the later span is only read).
+// ---------------------------------------------------------------------------------------------------
+
+// The bytes [begin, end) of one tensor argument; `position` is its place in the argument order (lists:
+// entry by entry, each entry's arguments in signature order; then the single tensors such as scale).
+struct ArgSpan {
+  int64_t device;
+  uintptr_t begin, end;
+  bool written;
+  const char* name;
+  int64_t index;  // its entry in its list; -1 for a tensor that is not in a list
+  size_t position;
+};
+
+inline int64_t device_key(const at::Device& d) { return static_cast<int64_t>(d.type()) * 65536 + d.index(); }
+
+// Appends t's span, from its first to its last byte, unless it holds none (empty, or no data: meta).
+inline void add_span(std::vector<ArgSpan>& spans, const at::Tensor& t, const char* name, int64_t index, bool written) {
+  const int64_t numel = t.numel();
+  if (numel == 0) return;
+  int64_t reach = numel;  // elements from the first to the last one, inclusive (strides are never negative)
+  if (!t.is_contiguous()) {
+    reach = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) reach += (t.size(d) - 1) * t.stride(d);
+  }
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  if (begin != 0) {
+    spans.push_back({device_key(t.device()), begin, begin + static_cast<uintptr_t>(reach) * t.element_size(), written,
+                     name, index, spans.size()});
+  }
+}
+
+inline bool span_before(const ArgSpan& a, const ArgSpan& b) {
+  return a.device != b.device ? a.device < b.device
+                              : a.begin != b.begin ? a.begin < b.begin : a.position < b.position;
+}
+
+inline std::string span_name(const ArgSpan& s) {
+  return s.index < 0 ? std::string(s.name) : std::string(s.name) + "[" + std::to_string(s.index) + "]";
+}
+
+// The first conflict in the documented order: (the written span of the two or the later one, the other).
+inline std::optional<std::pair<ArgSpan, ArgSpan>> first_conflict(std::vector<ArgSpan> spans) {
+  std::sort(spans.begin(), spans.end(), span_before);
+  const ArgSpan* reach = nullptr;          // the earlier span of this device reaching furthest
+  const ArgSpan* written_reach = nullptr;  // likewise among the written ones
+  for (size_t k = 0; k < spans.size(); ++k) {
+    const ArgSpan& s = spans[k];
+    if (k > 0 && s.device != spans[k - 1].device) reach = written_reach = nullptr;
+    const ArgSpan* other = written_reach != nullptr && s.begin < written_reach->end ? written_reach
+                           : s.written && reach != nullptr && s.begin < reach->end  ? reach
+                                                                                    : nullptr;
+    if (other != nullptr) return std::make_pair(s.written ? s : *other, s.written ? *other : s);
+    if (reach == nullptr || s.end > reach->end) reach = &s;
+    if (s.written && (written_reach == nullptr || s.end > written_reach->end)) written_reach = &s;
+  }
+  return std::nullopt;
+}
+
+// check_disjoint's fast test: whether any written span meets another span. The written spans are sorted
+// by first byte (the order of the last call with as many written spans is tried first: the optimizer passes
+// the same weights and backups at every step, so this is usually one linear pass) and checked against each
+// other; each read span is then looked up among them by binary search (the last written span starting
+// before its end is the only one that can reach into it). Spans on several devices (the ops layer's lists
+// may mix them) take the sorted sweep of first_conflict.
+inline bool any_overlap(const std::vector<ArgSpan>& spans) {
+  size_t n_written = 0;
+  bool one_device = true;
+  for (const ArgSpan& s : spans) {
+    n_written += s.written;
+    one_device = one_device && s.device == spans.front().device;
+  }
+  if (n_written == 0) return false;
+  if (!one_device) return first_conflict(spans).has_value();
+  std::vector<uint32_t> written;
+  written.reserve(n_written);
+  for (size_t k = 0; k < spans.size(); ++k) {
+    if (spans[k].written) written.push_back(static_cast<uint32_t>(k));
+  }
+  thread_local std::vector<std::vector<uint32_t>> orders(4);  // recent orders (positions among `written`)
+  std::vector<uint32_t>* order = nullptr;
+  for (auto& o : orders) {
+    if (o.size() == n_written) order = &o;
+  }
+  auto begin_of = [&](uint32_t w) { return spans[written[w]].begin; };
+  bool sorted = order != nullptr;
+  for (size_t k = 1; sorted && k < n_written; ++k) sorted = begin_of((*order)[k - 1]) < begin_of((*order)[k]);
+  if (!sorted) {
+    if (order == nullptr) {
+      std::rotate(orders.begin(), orders.end() - 1, orders.end());
+      order = &orders.front();
+    }
+    order->resize(n_written);
+    std::iota(order->begin(), order->end(), 0u);
+    std::sort(order->begin(), order->end(), [&](uint32_t a, uint32_t b) { return begin_of(a) < begin_of(b); });
+  }
+  std::vector<uintptr_t> begins(n_written), ends(n_written);
+  for (size_t k = 0; k < n_written; ++k) {
+    const ArgSpan& w = spans[written[(*order)[k]]];
+    begins[k] = w.begin;
+    ends[k] = w.end;
+    if (k > 0 && w.begin < ends[k - 1]) return true;
+  }
+  size_t before = 0;  // the number of written spans starting before the read span's end
+  for (const ArgSpan& s : spans) {
+    if (s.written) continue;
+    // The previous read span's count is tried first (the masks or offsets of a list are often views of one
+    // buffer, in order), else a branch-free binary search (gradients lie anywhere: a branching search
+    // would mispredict half of its steps).
+    if ((before > 0 && begins[before - 1] >= s.end) || (before < n_written && begins[before] < s.end)) {
+      const uintptr_t* base = begins.data();
+      for (size_t size = n_written; size > 1; size -= size / 2) base = base[size / 2] < s.end ? base + size / 2 : base;
+      before = static_cast<size_t>(base - begins.data()) + (*base < s.end);
+    }
+    if (before > 0 && ends[before - 1] > s.begin) return true;
+  }
+  return false;
+}
+
+// Refuses (ValueError, naming the first conflict) a call whose spans break the rule.
+inline void check_disjoint(const std::vector<ArgSpan>& spans) {
+  if (!any_overlap(spans)) return;
+  const auto conflict = first_conflict(spans);
+  TORCH_CHECK_VALUE(!conflict.has_value(), span_name(conflict->first), ": shares memory with ",
+                    span_name(conflict->second), "; a tensor the op writes must not overlap any other argument");
+}
+
 // Checks the optional eligibility filter of radix_histogram / threshold_mask.
 inline const int32_t* filter_view(const std::optional<at::Tensor>& filter_words, const at::Tensor& scores) {
   if (!filter_words.has_value()) return nullptr;
@@ -136,8 +276,10 @@ inline void check_grad_sq_norm_args(const at::Tensor& G, const std::optional<at:
   }
 }
 
-inline MaskView check_perturb_args(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
+// The per-tensor checks of perturb_'s arguments (shapes, dtypes, devices). The checks of a whole call add
+// the overlap rule: check_perturb_args for one call here, element_spans for the list of a call.
+inline MaskView perturb_view(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
+                             const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
   check_vector(W, "W", W);
   check_vector(G, "G", W);
   TORCH_CHECK(G.scalar_type() == W.scalar_type() && G.numel() == W.numel(), "G: expected the dtype and size of W");
@@ -146,19 +288,86 @@ inline MaskView check_perturb_args(const at::Tensor& W, const at::Tensor& G, con
   return view;
 }
 
-inline MaskView check_restore_args(const at::Tensor& W, const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
+inline MaskView restore_view(const at::Tensor& W, const std::optional<at::Tensor>& mask,
+                             const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
   check_vector(W, "W", W);
   const MaskView view = mask_view(mask, offsets, W);
   check_backup(backup, W, view);
   return view;
 }
 
-inline void check_fisher_args(const at::Tensor& F, const at::Tensor& G) {
+// One entry of a perturb_/restore_ list, checked (G nullptr for restore_).
+struct ListEntry {
+  const at::Tensor* W;
+  const at::Tensor* G;
+  MaskView view;
+  const at::Tensor* backup;
+};
+
+// The spans of the arguments of perturb_ (G given) or restore_ over `entries` and perturb_'s scale (nullptr:
+// none), in the argument order of check_disjoint; `list`: the names carry the entry index. The mask words and
+// offsets are those of each entry's MaskView (checked: num_words(N) words, num_chunks(N) + 1 offsets).
+inline std::vector<ArgSpan> element_spans(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool list) {
+  std::vector<ArgSpan> spans;
+  spans.reserve(entries.size() * 5 + 1);
+  auto raw = [&](const void* p, size_t bytes, const at::Tensor& like, const char* name, int64_t index) {
+    const uintptr_t begin = bytes == 0 ? 0 : reinterpret_cast<uintptr_t>(p);
+    if (begin != 0) spans.push_back({device_key(like.device()), begin, begin + bytes, false, name, index, spans.size()});
+  };
+  for (size_t j = 0; j < entries.size(); ++j) {
+    const ListEntry& e = entries[j];
+    const int64_t index = list ? static_cast<int64_t>(j) : -1;
+    const int64_t n = e.W->numel();
+    add_span(spans, *e.W, "W", index, true);
+    if (e.G != nullptr) add_span(spans, *e.G, "G", index, false);
+    if (e.view.words != nullptr) {
+      raw(e.view.words, num_words(n) * sizeof(int32_t), *e.W, "mask", index);
+      raw(e.view.offsets, (num_chunks(n) + 1) * (e.view.offsets64 ? 8 : 4), *e.W, "offsets", index);
+    }
+    add_span(spans, *e.backup, "backup", index, e.G != nullptr);
+  }
+  if (scale != nullptr) add_span(spans, *scale, "scale", -1, false);
+  return spans;
+}
+
+// The argument checks of one perturb_ / restore_ call on one tensor (the CUDA launchers call them for every
+// entry of a list too): per tensor, then the overlap rule within the call.
+inline MaskView check_perturb_args(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
+  const MaskView view = perturb_view(W, G, mask, offsets, backup);
+  check_disjoint(element_spans({{&W, &G, view, &backup}}, nullptr, false));
+  return view;
+}
+
+inline MaskView check_restore_args(const at::Tensor& W, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
+  const MaskView view = restore_view(W, mask, offsets, backup);
+  check_disjoint(element_spans({{&W, nullptr, view, &backup}}, nullptr, false));
+  return view;
+}
+
+inline void check_fisher_shapes(const at::Tensor& F, const at::Tensor& G) {
   check_vector(F, "F", F);
   check_vector(G, "G", F);
   TORCH_CHECK(F.scalar_type() == at::kFloat, "F: expected float32");
   TORCH_CHECK(G.numel() == F.numel(), "G: expected ", F.numel(), " elements");
+}
+
+// fisher_accumulate_'s F (written) and G of every entry, in argument order (`list`: indexed names).
+inline std::vector<ArgSpan> fisher_spans(at::TensorList F, at::TensorList G, bool list) {
+  std::vector<ArgSpan> spans;
+  spans.reserve(2 * F.size());
+  for (size_t j = 0; j < F.size(); ++j) {
+    const int64_t index = list ? static_cast<int64_t>(j) : -1;
+    add_span(spans, F[j], "F", index, true);
+    add_span(spans, G[j], "G", index, false);
+  }
+  return spans;
+}
+
+inline void check_fisher_args(const at::Tensor& F, const at::Tensor& G) {
+  check_fisher_shapes(F, G);
+  check_disjoint(fisher_spans({F}, {G}, false));
 }
 
 // The list ops: entry j of every list belongs together; all entries share the first W's device and dtype.
@@ -177,16 +386,8 @@ inline void check_same_kind(const at::Tensor& t, const at::Tensor& first, const 
                    " (that of ", name, "[0]), got ", t.scalar_type());
 }
 
-// One entry of a perturb_/restore_ list, checked (G nullptr for restore_).
-struct ListEntry {
-  const at::Tensor* W;
-  const at::Tensor* G;
-  MaskView view;
-  const at::Tensor* backup;
-};
-
 // perturb_ (restore: restore_) of CPU list entries whose arguments were checked (shapes, dtypes, one device;
-// check_perturb_args / check_restore_args accept each): one call, the offsets still checked against the
+// perturb_view / restore_view accept each): one call, the overlap rule and the offsets checked against the
 // masks before any write (cpu.cpp). For the direct eager calls of registration.cpp.
 void perturb_restore_checked_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive,
                                  bool restore);
@@ -229,7 +430,8 @@ inline std::vector<const int32_t*> check_selection_list(at::TensorList scores, c
 // bucket_mask_multi (CUDA only; the selection driver's bucket path): words[j] / counts[j] the int32 mask
 // words / per-chunk counts of scores[j], starts[j] its first entry position (positions stay below 2^53,
 // the candidates' position field), shift <= 10 (the low key bits above the position field), an int64
-// candidate buffer and an int32 one-entry cursor on the scores' device. Call after check_selection_list.
+// candidate buffer and an int32 one-entry cursor on the scores' device, none of the outputs (words, counts,
+// candidates, cursor) sharing memory with another argument. Call after check_selection_list.
 inline void check_bucket_mask_args(at::TensorList scores, int64_t shift, at::TensorList words, at::TensorList counts,
                                    at::IntArrayRef starts, const at::Tensor& candidates, const at::Tensor& cursor) {
   check_list_lengths(scores.size(), {{"words", words.size()}, {"counts", counts.size()}, {"starts", starts.size()}});
@@ -250,6 +452,15 @@ inline void check_bucket_mask_args(at::TensorList scores, int64_t shift, at::Ten
   TORCH_CHECK_VALUE(candidates.scalar_type() == at::kLong, "candidates: expected int64");
   check_vector(cursor, "cursor", scores[0]);
   TORCH_CHECK_VALUE(cursor.scalar_type() == at::kInt && cursor.numel() == 1, "cursor: expected one int32");
+  std::vector<ArgSpan> spans;
+  for (size_t j = 0; j < scores.size(); ++j) {
+    add_span(spans, scores[j], "scores", static_cast<int64_t>(j), false);
+    add_span(spans, words[j], "words", static_cast<int64_t>(j), true);
+    add_span(spans, counts[j], "counts", static_cast<int64_t>(j), true);
+  }
+  add_span(spans, candidates, "candidates", -1, true);
+  add_span(spans, cursor, "cursor", -1, true);
+  check_disjoint(spans);
 }
 
 inline void check_hash_fill_args(const at::Tensor& out, int64_t base) {

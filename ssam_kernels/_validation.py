@@ -47,7 +47,9 @@ def group_lists(params: Iterable[Any]) -> list[dict[str, Any]]:
     if isinstance(params, torch.Tensor):
         raise TypeError("params: expected an iterable of tensors or of dicts, got a single tensor")
     items = list(params)
-    as_groups = bool(items) and all(isinstance(g, dict) for g in items)
+    if not items:
+        raise ValueError("params: optimizer got an empty parameter list")  # torch.optim's rule and words
+    as_groups = all(isinstance(g, dict) for g in items)
     groups = [dict(g) for g in items] if as_groups else [{"params": items}]
     seen: dict[int, tuple[int, int]] = {}
     for index, group in enumerate(groups):
@@ -65,9 +67,15 @@ def group_lists(params: Iterable[Any]) -> list[dict[str, Any]]:
     return groups
 
 
-def check_group(index: int, group: dict[str, Any]) -> None:
-    """SSAM's per-group options: ``rho`` a finite non-negative real, ``adaptive``/``perturb`` bools."""
-    real(f"rho (param group {index})", group["rho"])
+def check_group(index: int, group: dict[str, Any], eps: float) -> None:
+    """SSAM's per-group options: ``rho`` a finite non-negative real with ``rho / eps < 1e38``,
+    ``adaptive``/``perturb`` bools."""
+    name = f"rho (param group {index})"
+    rho = real(name, group["rho"])
+    if rho / eps >= HUGE:
+        raise ValueError(f"{name}: rho / eps = {rho / eps:.3g} would overflow the float32 scale "
+                         f"rho / (||g|| + eps) of a small gradient (eps = {eps:g}); keep rho / eps below "
+                         "1e38 (a smaller rho or a larger eps)")
     for key in ("adaptive", "perturb"):
         check_type(f"{key} (param group {index})", group[key], bool, "a bool")
 

@@ -12,7 +12,10 @@ parameter (in ``param_groups`` order) so that it loads into either layout and, u
 
 Load rules (also in docs/checkpoints.md):
 
-- the phase must be ``idle``/``restored`` or ``perturbed``; a perturbed checkpoint must carry its backups;
+- the phase must be ``idle``/``restored`` or ``perturbed``; a perturbed checkpoint must carry its backups,
+  each in its parameter's dtype (a converted backup would not restore ``w`` bit for bit);
+- the step count is an int in ``[0, 2^63 - 1]`` (the policies' 32-bit hash counters wrap past 2^32, so
+  no count can make a refresh fail after the base step);
 - every mask must have exactly the optimizer's ``K`` live entries (the rule of
   :func:`ssam_kernels.masks.live_count`), or none for ``FisherMask(initial="zeros")``; a checkpoint from
   another sparsity whose count differs is refused with a ``ValueError`` naming both counts;
@@ -36,6 +39,7 @@ from .masks import Mask, MaskPolicy
 from .ops import bitmask
 
 FORMAT_VERSION = 2
+MAX_STEPS = 2**63 - 1  # the step count is an int64 counter (torch.optim's state counts steps in tensors)
 IDLE, PERTURBED, RESTORED = "idle", "perturbed", "restored"
 PHASES = (IDLE, PERTURBED, RESTORED)
 
@@ -140,9 +144,10 @@ def _decode_backups(encoded: object, layout: ParamLayout, params: Sequence[torch
                          f"{_describe(encoded)}")
     by_param = {}
     for i, (b, p, m) in enumerate(zip(encoded, params, per_param_masks, strict=True)):
-        live = int(m.sum())
-        if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.numel() != live or not b.is_floating_point():
-            raise ValueError(f"backups[{i}]: expected a 1-D float tensor of the parameter's {live} live "
+        live, dtype = int(m.sum()), local_tensor(p).dtype
+        if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.numel() != live or b.dtype != dtype:
+            # the parameter's dtype exactly: a converted backup would not restore w bit for bit
+            raise ValueError(f"backups[{i}]: expected a 1-D {dtype} tensor of the parameter's {live} live "
                              f"entries, got {_describe(b)}")
         by_param[id(p)] = b
     return [torch.cat([by_param[id(p)].to(s.device, s.dtype) for p in s.params]) for s in layout.segments]
@@ -189,8 +194,8 @@ def validate(state: object, *, layout: ParamLayout, params: Sequence[torch.Tenso
         if key not in state:
             raise ValueError(f"state: not an SSAM state dict (no {key!r} entry)")
     steps, phase, started = state["steps"], state["phase"], state["started"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps: expected an int in [0, 2^63 - 1], got {steps!r}")
     if phase not in PHASES:
         raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
     if not isinstance(started, bool):
@@ -236,16 +241,17 @@ def validate(state: object, *, layout: ParamLayout, params: Sequence[torch.Tenso
     return Loaded(steps, phase, started, masks, pending, backups, state["policy"] if same_policy else None)
 
 
-def check_loaded_groups(saved: object, groups: Sequence[dict[str, Any]]) -> None:
-    """The checkpoint's ``param_groups`` carry valid SSAM options (``rho``, ``adaptive``, ``perturb``),
-    and the same ``perturb`` as the optimizer's ``groups`` (which decides the segments)."""
+def check_loaded_groups(saved: object, groups: Sequence[dict[str, Any]], eps: float) -> None:
+    """The checkpoint's ``param_groups`` carry valid SSAM options (``rho``, ``adaptive``, ``perturb``; the
+    constructor's rules, with the optimizer's ``eps``), and the same ``perturb`` as the optimizer's
+    ``groups`` (which decides the segments)."""
     if not isinstance(saved, list):
         return  # the base optimizer's load reports it
     for index, (group, ours) in enumerate(zip(saved, groups, strict=False)):
         if not isinstance(group, dict):
             raise ValueError(f"param_groups[{index}]: expected a dict, got {type(group).__name__}")
         options = {key: group.get(key, ours[key]) for key in ("rho", "adaptive", "perturb")}
-        check_group(index, options)
+        check_group(index, options, eps)
         if options["perturb"] != ours["perturb"]:
             raise ValueError(f"param_groups[{index}]: perturb={options['perturb']} in the checkpoint, "
                              f"{ours['perturb']} here; build the optimizer with the checkpoint's groups")

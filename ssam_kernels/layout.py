@@ -290,6 +290,7 @@ class ParamLayout:
         self._dtypes: list[torch.dtype] = []
         self._reshaped: list[int] = []
         self._dtensors = False
+        self._views: list[torch.nn.Parameter] = []  # flat layout: the parameters that are views of a buffer
         for params in groups:
             self.add_group(params)
 
@@ -313,6 +314,8 @@ class ParamLayout:
                     self._pointers.append(p.data_ptr())
                     self._shapes[id(p)] = p.shape
         self._frozen += [p for p in params if not p.requires_grad]
+        if self.kind == "flat":
+            self._views += [p for segment in segments for p in segment.params]
         if self.kind == "tensors":
             first = len(self._params)
             self._reshaped += [first + i for i, s in enumerate(segments) if s.params[0].dim() != 1]
@@ -339,6 +342,14 @@ class ParamLayout:
                     p.data = p.data.clone()
                 if p.grad is view:
                     p.grad = view.clone() if segment.has_grad[index] else None
+
+    def mark_modified(self) -> None:
+        """Tell autograd that the segments' weights were changed in place (perturbed or restored), as
+        every in-place op does: a graph that saved a parameter before then refuses to backward through it.
+        A per-tensor segment is a view of its parameter, so the op's own bump reaches the parameter; a
+        flat one is a buffer of which the parameters are views with counters of their own, bumped here."""
+        if self._views:
+            torch.autograd.graph.increment_version(self._views)
 
     def newly_trainable(self) -> list[torch.nn.Parameter]:
         """Parameters frozen when their group was laid out that now require a gradient (``[]`` in one

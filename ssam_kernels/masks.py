@@ -104,6 +104,12 @@ def _check_interval(interval: object, allow_none: bool) -> int | None:
     return interval
 
 
+def hash_counter(step: int) -> int:
+    """The random-growth hash's 32-bit counter for a step count (``ops.hash_scores``' ``step``): counts past
+    2^32 - 1 wrap, so no step count can make a refresh fail (it runs after the base step)."""
+    return step & 0xFFFFFFFF
+
+
 def _check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed: expected an int in [0, 2^32), got {seed!r}")
@@ -217,9 +223,15 @@ class DynamicMask(MaskPolicy):
     def __init__(self, interval: int = 100, drop_rate: float = 0.5, total_steps: int | None = None,
                  drop: str = "gradient", grow: str = "random", seed: int = 0) -> None:
         self.interval = _check_interval(interval, allow_none=False)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, numbers.Real):
+            raise TypeError(f"drop_rate: expected a real number in [0, 1], got {type(drop_rate).__name__} "
+                            f"{drop_rate!r}")
         if not 0.0 <= drop_rate <= 1.0:
             raise ValueError(f"drop_rate: expected a value in [0, 1], got {drop_rate!r}")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
+            raise TypeError(f"total_steps: expected a positive int or None, got {type(total_steps).__name__} "
+                            f"{total_steps!r}")
+        if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps: expected a positive int or None, got {total_steps!r}")
         if drop not in ("gradient", "weight"):
             raise ValueError(f"drop: expected 'gradient' or 'weight', got {drop!r}")
@@ -248,8 +260,8 @@ class DynamicMask(MaskPolicy):
         live = ctx.global_count(sum(int(offsets[-1]) for _, offsets in ctx.masks))
         numel = ctx.global_count(sum(s.numel for s in ctx.segments))
         n_drop = min(math.floor(self.rate(step) * k), live, numel - live)
-        return ops.dynamic_update([words for words, _ in ctx.masks], drop, n_drop, grow, self.seed, step,
-                                  backend=ctx.backend, comm=ctx.comm,
+        return ops.dynamic_update([words for words, _ in ctx.masks], drop, n_drop, grow, self.seed,
+                                  hash_counter(step), backend=ctx.backend, comm=ctx.comm,
                                   positions=[s.position for s in ctx.segments])
 
 
@@ -264,7 +276,7 @@ class RandomMask(MaskPolicy):
         return ctx.random_mask(k, self.seed, 0)
 
     def refresh(self, ctx: MaskContext, k: int, step: int) -> list[Mask]:
-        return ctx.random_mask(k, self.seed, step)
+        return ctx.random_mask(k, self.seed, hash_counter(step))
 
 
 def make_policy(mask: MaskPolicy | str | None) -> MaskPolicy | None:

@@ -18,9 +18,11 @@ import contextlib
 import functools
 import itertools
 import os
+import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,12 @@ from .layout import (
     zero_grads,
 )
 from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
+
+_NO_FIRST_STEP = ("{what}: no first_step() was taken in this step (the weights were never perturbed); "
+                  "call first_step() after the first backward, or step(closure)")
+_NORM_DOWN = 2.0 ** -600
+"""What float64 gradients are multiplied by (exactly: a power of two) where their squares overflow the
+norm's float64 sum: ``|g| ≤ 1.8e308`` becomes ``≤ 4.3e127``, whose square is below ``1.9e255``."""
 
 
 @dataclass
@@ -92,6 +100,7 @@ class _StepLists:
     weights: list[torch.Tensor]  # restore_'s lists, every segment in order
     words: list[torch.Tensor | None]
     offsets: list[torch.Tensor | None]
+    wide: list[int]  # the float64 segments: the only ones whose squared gradients can overflow the norm
 
 
 @dataclass
@@ -108,6 +117,7 @@ class _RunState:
     grad_norm: torch.Tensor | None = None
     fresh_grad: bool = False  # a gradient accumulated since the last zero_grad() or step
     lists: _StepLists | None = None  # SSAM._step_lists; dropped where the masks or backups are replaced
+    stepping: dict[str, int] = field(default_factory=dict)  # who is inside a step method (SSAM._one_thread)
 
 
 def _grad_arrived(run: _RunState, segment: Segment | None, index: int, param: torch.Tensor) -> None:
@@ -182,9 +192,9 @@ class SSAM(torch.optim.Optimizer):
         self.base_optimizer = build_base(base_optimizer, base_kwargs, self.param_groups, self.defaults)
         self.param_groups = self.base_optimizer.param_groups  # one list, updated in place on load
         self.defaults.update(self.base_optimizer.defaults)
-        self.sparsity, self.eps, self.backend = float(sparsity), eps, backend
+        self.eps, self.backend = eps, backend
         for index, group in enumerate(self.param_groups):
-            check_group(index, group)
+            check_group(index, group, eps)
         perturbed = [list(g["params"]) if g["perturb"] else [] for g in self.param_groups]
         self.distributed = resolve_mode(distributed, any(is_dtensor(p) for ps in perturbed for p in ps))
         ranks = ProcessGroupComm(process_group) if self.distributed != "none" else None
@@ -200,6 +210,7 @@ class SSAM(torch.optim.Optimizer):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []  # on the parameters; removed by _release
         self._release = weakref.finalize(self, _remove_hooks, self._hooks)
         self._outside: list[torch.nn.Parameter] = []  # not in a segment: plain PyTorch zero_grad
+        self._laid_out: list[bool] = []  # each group's perturb when it was laid out (it decided the segments)
         self._sparsity = sparsity  # as given, for live_count (0.9 means 9/10)
         for index, group in enumerate(self.param_groups):
             self._attach(group, [s for s in self.layout.segments if s.group == index])
@@ -214,6 +225,7 @@ class SSAM(torch.optim.Optimizer):
         are zeroed as in plain PyTorch, and its trainable parameters get gradient hooks."""
         for segment in segments:
             ops.resolve_backend(self.backend, segment.device, segment.dtype)  # fail now, not mid-training
+        self._laid_out.append(group["perturb"])
         in_layout = {id(p) for s in segments for p in s.params}
         self._outside += [p for p in group["params"] if id(p) not in in_layout]
         where = {id(p): (segment, index) for segment in segments
@@ -245,6 +257,10 @@ class SSAM(torch.optim.Optimizer):
         if not hasattr(self, "layout"):  # torch.optim.Optimizer.__init__ adds the initial groups
             super().add_param_group(param_group)
             return
+        with self._one_thread("add_param_group"):
+            self._add_param_group(param_group)
+
+    def _add_param_group(self, param_group: dict[str, Any]) -> None:
         self._refuse_if_perturbed("add_param_group")
         self._refuse_if_closed("add_param_group")
         check_type("param_group", param_group, dict, "a dict")
@@ -252,7 +268,7 @@ class SSAM(torch.optim.Optimizer):
         group = group_lists([*self.param_groups, param_group])[index]  # duplicates raise here
         for key in ("rho", "adaptive", "perturb"):
             group.setdefault(key, self.defaults[key])
-        check_group(index, group)
+        check_group(index, group, self.eps)
         check_materialized(group["params"])
         check_distinct_storage([g["params"] for g in [*self.param_groups, group]])
         if self.distributed != "sharded" and any(is_dtensor(p) for p in group["params"]):
@@ -266,6 +282,10 @@ class SSAM(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._attach(group, self.layout.add_group(group["params"] if group["perturb"] else []))
         self._live_count = self._count_live()
+        self._restart_masks()
+
+    def _restart_masks(self) -> None:
+        """After K changed: the mask is built again by the policy's ``initial`` at the next first_step."""
         run = self._run
         run.started, run.masks, run.pending, run.backups, run.lists = False, None, None, [], None
 
@@ -327,6 +347,37 @@ class SSAM(torch.optim.Optimizer):
         head, _, groups = super().__repr__().partition("\n")
         return f"{head}{settings}\n{groups}"
 
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the perturbed groups' entries that are not perturbed, in [0, 1]. Setting it
+        takes effect at the next :meth:`first_step`, as :meth:`add_param_group` does: ``K`` is recomputed
+        and the mask rebuilt by the policy's ``initial`` (a pending refresh is dropped; the step count
+        and the refresh schedule go on). Checked as the constructor checks it; refused while perturbed."""
+        return float(self._sparsity)
+
+    @sparsity.setter
+    def sparsity(self, value: float) -> None:
+        with self._one_thread("sparsity"):
+            self._refuse_if_perturbed("sparsity")
+            value = check_sparsity(value)
+            if self.policy is None and value != 0:
+                raise ValueError("sparsity: a dense mask (mask=None) perturbs every entry; use sparsity=0 "
+                                 "or a mask policy")
+            self._sparsity = value
+            self._live_count = self._count_live()
+            self._restart_masks()
+
+    @property
+    def state(self) -> defaultdict:
+        """The base optimizer's per-parameter state (momentum buffers, Adam's moments); SSAM's own state
+        is in :meth:`ssam_state_dict`."""
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: defaultdict) -> None:
+        if "base_optimizer" in self.__dict__:  # torch.optim.Optimizer.__init__ sets one before it exists
+            self.base_optimizer.state = value
+
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"]]
 
@@ -368,7 +419,8 @@ class SSAM(torch.optim.Optimizer):
             for (group, device, precision), index in where.items()]
         run.lists = _StepLists(layout.version, run.masks, run.backups, adaptive,
                                [s.weight if adaptive[s.group] else None for s in segments], partitions,
-                               weights, words, offsets)
+                               weights, words, offsets,
+                               [i for i, s in enumerate(segments) if s.dtype == torch.float64])
         return run.lists
 
     def _start(self) -> None:
@@ -395,6 +447,23 @@ class SSAM(torch.optim.Optimizer):
         if not self._release.alive:
             raise RuntimeError(f"{what}: this optimizer was closed (close()); build a new one")
 
+    @contextlib.contextmanager
+    def _one_thread(self, what: str) -> Iterator[None]:
+        """Refuse ``what`` (a method that changes the weights or the run state) from a second thread while
+        another thread is inside one: their writes to the weights, the backups and the phase would
+        interleave. Calls from the thread inside nest (step(closure) calls first_step)."""
+        stepping, me = self._run.stepping, threading.get_ident()
+        if stepping.setdefault("thread", me) != me:  # one atomic dict operation: no lock to pickle
+            raise RuntimeError(f"{what}: another thread is inside a step of this optimizer; an SSAM "
+                               "optimizer takes its steps from one thread at a time")
+        stepping["depth"] = stepping.get("depth", 0) + 1
+        try:
+            yield
+        finally:
+            stepping["depth"] -= 1
+            if not stepping["depth"]:
+                del stepping["depth"], stepping["thread"]
+
     def _refuse_if_perturbed(self, what: str) -> None:
         if self._run.phase == _PERTURBED:
             raise RuntimeError(f"{what}: the weights are perturbed (between first_step and second_step); "
@@ -408,55 +477,159 @@ class SSAM(torch.optim.Optimizer):
     @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Perturb the masked weights along the gradient at ``w``: ``w ← w + rho · g ⊙ m / (||g|| + eps)``."""
-        run = self._run
-        if run.phase == _PERTURBED:
-            raise RuntimeError("first_step: the weights are already perturbed; call second_step() (or "
-                               "unperturb()) before the next first_step()")
-        run.pending = None  # a refresh from a step the GradScaler skipped is void
-        self._check_params()
-        if not run.started:
-            self._start()
-        segments = self.layout.segments
-        grads = self.layout.grads()
-        policy = self.policy
-        if segments and policy is not None and policy.uses_gradient and policy.due(run.steps + 1):
-            run.pending = self._policy_masks(policy.refresh, run.steps + 1)
-        if segments:
-            lists = self._step_lists()
-            # One list op for every segment (one call per (device, dtype) on the fast backends).
-            total = ops.grad_sq_norm(grads, lists.norm_weights, backend=self.backend).to(segments[0].device)
-            if self.comm is not None:
-                self.comm.all_reduce_(total)
-            run.grad_norm = total.sqrt()
-            # One perturb_ list per (rho, adaptive, device, precision), the segments sharing a scale. A
-            # non-finite norm gives a non-finite scale, which perturb_ treats as "leave W as it is" (the
-            # step is skipped, the backup still written).
-            calls: dict[tuple[float, bool, torch.device, torch.dtype], list[_Partition]] = {}
-            for part in lists.partitions:
-                group = self.param_groups[part.group]
-                key = (group["rho"], group["adaptive"], part.device, part.precision)
-                calls.setdefault(key, []).append(part)
-            for (rho, adaptive, device, precision), parts in calls.items():
-                scale = (rho / (run.grad_norm + self.eps)).to(device, precision)
-                args = parts[0].perturb_args(grads) if len(parts) == 1 else [
-                    list(itertools.chain.from_iterable(items))
-                    for items in zip(*(part.perturb_args(grads) for part in parts), strict=True)]
+        """Perturb the masked weights along the gradient at ``w``: ``w ← w + rho · g ⊙ m / (||g|| + eps)``.
+
+        All or nothing: every group's options are checked before the first weight is written, and if a
+        perturbation call raises anyway (an interrupt between two calls), the weights it already changed
+        are restored, bit-exact, before the exception propagates; the phase stays what it was."""
+        with self._one_thread("first_step"):
+            run = self._run
+            if run.phase == _PERTURBED:
+                raise RuntimeError("first_step: the weights are already perturbed; call second_step() (or "
+                                   "unperturb()) before the next first_step()")
+            options = self._group_options()
+            run.pending = None  # a refresh from a step the GradScaler skipped is void
+            self._check_params()
+            if not run.started:
+                self._start()
+            segments = self.layout.segments
+            grads = self.layout.grads()
+            policy = self.policy
+            if segments and policy is not None and policy.uses_gradient and policy.due(run.steps + 1):
+                run.pending = self._policy_masks(policy.refresh, run.steps + 1)
+            if segments:
+                lists = self._step_lists()
+                run.grad_norm = self._grad_norm(grads, lists)
+                self._perturb(self._perturb_calls(grads, lists, options))
+            run.phase = _PERTURBED
+            if zero_grad:
+                self.zero_grad()
+
+    def _group_options(self) -> list[tuple[float, bool]]:
+        """Each group's ``(rho, adaptive)`` as it is now (a schedule may change them), checked by the
+        constructor's rules, with ``eps``; a group's ``perturb`` decided its segments when it was laid out
+        and cannot change."""
+        eps = real("eps", self.eps, positive=True)
+        if len(self.param_groups) != len(self._laid_out):
+            raise ValueError(f"param_groups: {len(self.param_groups)} groups, {len(self._laid_out)} laid "
+                             "out; add groups with opt.add_param_group (not the base optimizer's), which "
+                             "lays out their parameters")
+        options = []
+        for index, group in enumerate(self.param_groups):
+            check_group(index, group, eps)
+            if group["perturb"] != self._laid_out[index]:
+                raise ValueError(f"perturb (param group {index}): {group['perturb']} now, "
+                                 f"{self._laid_out[index]} when the group was laid out, which fixed the "
+                                 "perturbed parameters; build a new optimizer, or add the parameters as a "
+                                 "new group (add_param_group)")
+            options.append((group["rho"], group["adaptive"]))
+        return options
+
+    def _grad_norm(self, grads: list[torch.Tensor], lists: _StepLists) -> torch.Tensor:
+        """``||g||`` (ASAM: ``|| |w| ⊙ g ||``) over every perturbed entry, float64 on the first segment's
+        device. The float64 sum of squares overflows only for float64 gradients past ~1e154 (fp32 ones stay
+        below 1e77 each): where it does, the float64 segments' gradients are scaled by 2^-600 (exact) and
+        the sum taken again, so that every finite gradient gets its finite norm. Telling needs a host
+        read of the sum, made only when a float64 segment exists (free on CPU, a synchronisation on GPUs)."""
+        total = self._sq_sum(grads, lists.norm_weights)
+        if not lists.wide or not bool(torch.isinf(total)):
+            return total.sqrt()
+        scaled = self._sq_sum([grads[i] * _NORM_DOWN for i in lists.wide],
+                              [lists.norm_weights[i] for i in lists.wide])
+        narrow = [i for i in range(len(grads)) if i not in lists.wide]
+        if narrow:  # the other segments' squares, on the same scale (they do not overflow)
+            scaled += self._sq_sum([grads[i] for i in narrow], [lists.norm_weights[i] for i in narrow]) * (
+                _NORM_DOWN * _NORM_DOWN)
+        return scaled.sqrt() / _NORM_DOWN
+
+    def _sq_sum(self, grads: list[torch.Tensor], weights: list[torch.Tensor | None]) -> torch.Tensor:
+        """``ops.grad_sq_norm`` of the lists (one list op), summed over the ranks when sharded."""
+        total = ops.grad_sq_norm(grads, weights, backend=self.backend).to(self.layout.segments[0].device)
+        if self.comm is not None:
+            self.comm.all_reduce_(total)
+        return total
+
+    def _perturb_calls(self, grads: list[torch.Tensor], lists: _StepLists, options: list[tuple[float, bool]]
+                       ) -> list[tuple[list[list[Any]], torch.Tensor, bool]]:
+        """The step's ``perturb_`` calls ``(W, G, mask, offsets, backup), scale, adaptive``: one per (rho,
+        adaptive, device, precision), the segments sharing a scale. ``rho / eps < 1e38`` (checked), so the
+        scale ``rho / (||g|| + eps)`` is finite in float32 for every gradient; a non-finite norm gives a
+        non-finite scale, which perturb_ treats as "leave W as it is" (the step is skipped, the backup
+        still written)."""
+        calls: dict[tuple[float, bool, torch.device, torch.dtype], list[_Partition]] = {}
+        for part in lists.partitions:
+            rho, adaptive = options[part.group]
+            calls.setdefault((rho, adaptive, part.device, part.precision), []).append(part)
+        prepared = []
+        for (rho, adaptive, device, precision), parts in calls.items():
+            scale = (rho / (self._run.grad_norm + self.eps)).to(device, precision)
+            args = parts[0].perturb_args(grads) if len(parts) == 1 else [
+                list(itertools.chain.from_iterable(items))
+                for items in zip(*(part.perturb_args(grads) for part in parts), strict=True)]
+            prepared.append((args, scale, adaptive))
+        return prepared
+
+    def _perturb(self, calls: list[tuple[list[list[Any]], torch.Tensor, bool]]) -> None:
+        """Run the ``perturb_`` calls; if one raises, restore what the calls before it perturbed (each
+        list op checks all its arguments before it writes) and re-raise."""
+        done: list[list[list[Any]]] = []
+        try:
+            for args, scale, adaptive in calls:
                 ops.perturb_(*args, scale, adaptive, backend=self.backend)
-        run.phase = _PERTURBED
-        if zero_grad:
-            self.zero_grad()
+                done.append(args)
+        except BaseException:
+            for W, _, words, offsets, backups in reversed(done):
+                ops.restore_(W, words, offsets, backups, backend=self.backend)
+            raise
+        finally:
+            if done:
+                self.layout.mark_modified()
 
     @torch.compiler.disable
     @torch.no_grad()
     def unperturb(self) -> None:
         """Restore the weights if they are perturbed (bit-exact); a no-op otherwise."""
-        run = self._run
-        if run.phase != _PERTURBED:
-            return
-        lists = self._step_lists()
-        ops.restore_(lists.weights, lists.words, lists.offsets, run.backups, backend=self.backend)
-        run.phase = _RESTORED
+        with self._one_thread("unperturb"):
+            run = self._run
+            if run.phase != _PERTURBED:
+                return
+            lists = self._step_lists()
+            ops.restore_(lists.weights, lists.words, lists.offsets, run.backups, backend=self.backend)
+            self.layout.mark_modified()
+            run.phase = _RESTORED
+
+    def _abandon_step(self) -> None:
+        """Undo the step in progress after an exception: ``w`` restored (bit-exact) if perturbed, the
+        refresh computed for the step dropped, the phase idle."""
+        self.unperturb()
+        self._run.phase = _IDLE
+        self._run.pending = None
+
+    @contextlib.contextmanager
+    def perturbed(self, zero_grad: bool = True) -> Iterator[None]:
+        """The second pass of the two-step form, made all or nothing::
+
+            loss_fn(model(x), y).backward()
+            with opt.perturbed():                 # first_step(zero_grad=True)
+                loss_fn(model(x), y).backward()   # at w + e
+            # second_step(zero_grad=True) ran on leaving the block
+
+        On entry :meth:`first_step` (unless the weights are already perturbed: call ``first_step()``
+        yourself first, e.g. after ``scaler.unscale_(opt)``); on leaving :meth:`second_step`, unless the
+        block already finished or undid the step (``opt.unperturb(); scaler.step(opt)``). If the block
+        raises (``KeyboardInterrupt`` included), the weights are restored to ``w`` bit-exact, the step
+        is abandoned (phase idle) and the exception propagates: a ``model.state_dict()`` saved in the
+        handler holds ``w``, never ``w + e``."""
+        if self._run.phase != _PERTURBED:
+            self.first_step(zero_grad=zero_grad)
+        try:
+            yield
+        except BaseException:
+            with self._one_thread("perturbed"):
+                self._abandon_step()
+            raise
+        if self._run.phase == _PERTURBED:
+            self.second_step(zero_grad=zero_grad)
 
     @torch.compiler.disable
     def second_step(self, zero_grad: bool = False) -> None:
@@ -464,9 +637,12 @@ class SSAM(torch.optim.Optimizer):
 
         Runs through :meth:`step`, so LR schedulers, optimizer step hooks and wrappers that count steps
         (Lightning's ``LightningOptimizer``) see every step."""
-        self.step()
-        if zero_grad:
-            self.zero_grad()
+        with self._one_thread("second_step"):
+            if self._run.phase == _IDLE:
+                raise RuntimeError(_NO_FIRST_STEP.format(what="second_step"))
+            self.step()
+            if zero_grad:
+                self.zero_grad()
 
     @torch.compiler.disable
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -483,11 +659,22 @@ class SSAM(torch.optim.Optimizer):
         - the weights are perturbed (``first_step()`` was called; Lightning's wrapper calls
           ``step(closure)`` from ``second_step()``): the closure is the second pass; it runs once,
           without zeroing the gradients, and the step is finished.
+
+        If anything raises on the way (the closure in either pass, ``KeyboardInterrupt`` included), the
+        weights are restored to ``w`` bit-exact, the step is abandoned (phase idle) and the exception
+        propagates.
         """
-        if closure is None:
-            self._finish_step()
-            return None
-        closure = torch.enable_grad()(closure)
+        with self._one_thread("step"):
+            if closure is None:
+                self._finish_step()
+                return None
+            try:
+                return self._closure_step(torch.enable_grad()(closure))
+            except BaseException:
+                self._abandon_step()
+                raise
+
+    def _closure_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         run = self._run
         if run.phase != _PERTURBED and run.fresh_grad:
             self.first_step(zero_grad=True)
@@ -506,10 +693,11 @@ class SSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _finish_step(self) -> None:
+        """Restore ``w``, take the base step, then count the step (the state is consistent from here: a
+        refresh computed after the base step that raises leaves the step taken and the mask as it was)."""
         run = self._run
         if run.phase == _IDLE:
-            raise RuntimeError("second_step: no first_step() was taken in this step; the weights were "
-                               "never perturbed")
+            raise RuntimeError(_NO_FIRST_STEP.format(what="step"))
         self.unperturb()
         with self.layout.hide_missing_grads():  # no gradient since zero_grad: not stepped, as in PyTorch
             self.base_optimizer.step()
@@ -549,7 +737,14 @@ class SSAM(torch.optim.Optimizer):
         """Perturb exactly the entries set in ``mask`` (bool tensors aligned with :meth:`get_mask`),
         which must hold exactly :attr:`live_count` live entries in total (the policies keep that count).
         It stays in force until the policy's next scheduled refresh."""
+        with self._one_thread("set_mask"):
+            self._set_mask(mask)
+
+    def _set_mask(self, mask: list[torch.Tensor]) -> None:
         self._refuse_if_perturbed("set_mask")
+        if self.policy is None:
+            raise ValueError("mask: this optimizer is dense (SAM, or SSAM with mask=None): it perturbs every "
+                             "entry and takes no mask; use SSAM with a mask policy to choose the entries")
         params = self._params()
         if not isinstance(mask, (list, tuple)) or len(mask) != len(params):
             raise ValueError(f"mask: expected a list of {len(params)} bool tensors (one per parameter)")
@@ -560,10 +755,9 @@ class SSAM(torch.optim.Optimizer):
             if id(p) not in in_layout and bool(m.any()):
                 raise ValueError(f"mask[{i}]: this parameter is not perturbed (frozen or perturb=False)")
         count = self._context().global_count(sum(int(m.sum()) for m in mask))
-        if self.policy is None or count != self.live_count:
+        if count != self.live_count:
             raise ValueError(f"mask: {count} live entries given; this optimizer keeps exactly K = "
-                             f"{self.live_count} (sparsity {self.sparsity}"
-                             f"{', dense: use SSAM with a mask policy' if self.policy is None else ''})")
+                             f"{self.live_count} (sparsity {self.sparsity})")
         self._run.started = True
         self._run.pending = None
         self._set_masks(checkpoint.masks_from_params(self.layout, params, list(mask)))
@@ -623,24 +817,46 @@ class SSAM(torch.optim.Optimizer):
         """Restore what :meth:`ssam_state_dict` saved. Everything is checked first (see
         :mod:`ssam_kernels.checkpoint` for the rules); on error nothing changes. Refused while the
         weights are perturbed."""
-        self._refuse_if_perturbed("load_ssam_state_dict")
-        self._apply(self._validate(state))
+        with self._one_thread("load_ssam_state_dict"):
+            self._refuse_if_perturbed("load_ssam_state_dict")
+            self._apply(self._validate(state))
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus ``"ssam"``: :meth:`ssam_state_dict`."""
+        """The base optimizer's state dict plus ``"ssam"``: :meth:`ssam_state_dict`. The hooks registered
+        with ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` run as in torch.optim
+        (a post hook may return a replacement)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.base_optimizer.state_dict()
         state["ssam"] = self.ssam_state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` atomically: SSAM's part is checked first, then the base optimizer
-        loads (rolled back if it raises), then SSAM's part is applied. Refused while perturbed."""
+        loads (rolled back if it raises), then SSAM's part is applied. Refused while perturbed. The hooks
+        registered with ``register_load_state_dict_pre_hook`` (which may return a replacement) and
+        ``register_load_state_dict_post_hook`` run as in torch.optim."""
+        with self._one_thread("load_state_dict"):
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+            self._load_state_dict(state_dict)
+            for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+                post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._refuse_if_perturbed("load_state_dict")
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
         state = dict(state_dict)
         ours = state.pop("ssam", None)
-        checkpoint.check_loaded_groups(state.get("param_groups"), self.param_groups)
+        checkpoint.check_loaded_groups(state.get("param_groups"), self.param_groups,
+                                       real("eps", self.eps, positive=True))
         loaded = self._validate(ours) if ours is not None else None
         base, groups = self.base_optimizer, self.param_groups
         kept_state, kept_groups = base.state, list(groups)  # the base's load replaces both, never mutates

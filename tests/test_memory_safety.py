@@ -18,14 +18,18 @@ GPU is present, where wrong offsets are bounded rather than refused.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 N = 3000 + 13  # not a multiple of 32: the last mask word has unused bits
 MARGIN = 4096  # guard entries on each side of W and of the backup
@@ -158,16 +162,77 @@ def _case(backend: str, name: str, device: str) -> str:
     return ""
 
 
+# Arguments that share memory, where the op writes one of them: (case, op, the two arguments named).
+ALIASES = {
+    "mask_in_backup/perturb": ("backup", "mask"),  # the backup writes change mask words not yet read
+    "offsets_in_backup/perturb": ("backup", "offsets"),
+    "mask_in_w/perturb": ("W", "mask"),
+    "mask_in_w/restore": ("W", "mask"),
+    "offsets_in_w/restore": ("W", "offsets"),
+    "backup_in_w/restore": ("W", "backup"),
+    "g_is_w/perturb": ("W", "G"),
+    "backup_in_g/perturb": ("backup", "G"),
+    "scale_in_w/perturb": ("W", "scale"),
+}
+
+
+def _alias_case(backend: str, name: str, device: str) -> str:
+    """Runs one case of ``ALIASES``: the op must raise ``ValueError`` naming both arguments (the written
+    one first) and write nothing. The tensors are views of one arena, as in :func:`_case`."""
+    from ssam_kernels.ops import bitmask
+
+    perturb, restore = _ops(backend)
+    words, live = _live_mask(False)
+    offsets = bitmask.offsets(words, N).to(torch.int32)
+    arena, W, backup = _arena(len(live), device)
+    W.copy_(torch.randn(N))
+    G, scale = torch.randn(N, device=device), torch.tensor(SCALE, device=device)
+    region = {"backup": backup, "w": W, "g": G}[name.split("_")[-1].split("/")[0]]
+    if name.startswith(("mask_in", "offsets_in")):
+        inside = region.view(torch.int32)
+        source = words if name.startswith("mask") else offsets
+        aliased = inside[3: 3 + source.numel()]
+        aliased.copy_(source.to(device))
+        if name.startswith("mask"):
+            words = aliased
+        else:
+            offsets = aliased
+    elif name.startswith("backup_in"):
+        backup = region[: len(live)]
+    elif name.startswith("g_is"):
+        G = W
+    elif name.startswith("scale_in"):
+        scale = W[5]
+    before = arena.to("cpu", copy=True), G.to("cpu", copy=True)
+    try:
+        if name.endswith("/restore"):
+            restore(W, words.to(device), offsets.to(device), backup)
+        else:
+            perturb(W, G, words.to(device), offsets.to(device), backup, scale)
+    except ValueError as exc:
+        written, other = ALIASES[name]
+        index = r"\[1\]" if backend.endswith("[list]") else ""
+        if not re.match(rf"{written}{index}: shares memory with {other}{index if other != 'scale' else ''};",
+                        str(exc)):
+            return f"raised the wrong error: {exc}"
+        unchanged = (torch.equal(arena.cpu().view(torch.int32), before[0].view(torch.int32))
+                     and torch.equal(G.cpu().view(torch.int32), before[1].view(torch.int32)))
+        return "" if unchanged else "raised after writing"
+    except RuntimeError as exc:
+        return f"raised {type(exc).__name__}: {exc}"
+    return "accepted arguments that share memory"
+
+
 CASES = [f"{case}/{op}" for case in ("short_backup", "long_backup", "bits_past_n", "offsets_shifted_up",
                                      "offsets_shifted_down", "offsets_scrambled")
-         for op in ("perturb", "restore")]
+         for op in ("perturb", "restore")] + list(ALIASES)
 
 
 def _worker(backend: str, device: str) -> None:
     torch.manual_seed(0)
     for name in CASES:
         print(f"START {name}", flush=True)
-        problem = _case(backend, name, device)
+        problem = (_alias_case if name in ALIASES else _case)(backend, name, device)
         print(f"{'OK' if not problem else 'FAIL'} {name} {problem}", flush=True)
     print("DONE", flush=True)
 
@@ -243,5 +308,179 @@ def test_dynamic_update_ignores_mask_bits_past_n() -> None:
         assert torch.equal(new, bitmask.trim(new, n)), backend
 
 
+# ----------------------------------------------------------------------------------------------------
+# Arguments that share memory across the entries of a list, and the rule's two implementations
+# ----------------------------------------------------------------------------------------------------
+
+def _list_routes() -> dict[str, tuple[Callable, Callable, Callable]]:
+    """``(perturb_, restore_, fisher_accumulate_)`` list forms by route: the ops layer on each backend, the
+    registered native operators, and the native direct calls (``_C``)."""
+    from ssam_kernels import ops
+
+    routes = {}
+    for backend in ("reference", "vectorized", "native", "triton"):
+        if _available(backend) is None:
+            routes[backend] = (functools.partial(ops.perturb_, backend=backend),
+                               functools.partial(ops.restore_, backend=backend),
+                               functools.partial(ops.fisher_accumulate_, backend=backend))
+    if _available("native") is None:
+        from ssam_kernels import _C
+
+        lib = torch.ops.ssam_kernels
+
+        def direct(fn: Callable) -> Callable:
+            def call(*args):
+                assert fn(*args), "the direct call declined"
+            return call
+
+        def dense(W: list, masks: list | None) -> list:  # the operators take Nones for dense entries
+            return masks if masks is not None else [None] * len(W)
+
+        routes["torch.ops"] = (
+            lambda W, G, m, o, b, *rest: lib.perturb_multi_(W, G, dense(W, m), dense(W, o), b, *rest),
+            lambda W, m, o, b: lib.restore_multi_(W, dense(W, m), dense(W, o), b),
+            lib.fisher_accumulate_multi_)
+        routes["_C"] = (direct(_C.perturb_multi_cpu), direct(_C.restore_multi_cpu), None)
+    return routes
+
+
+@pytest.mark.parametrize("route", ["reference", "vectorized", "native", "triton", "torch.ops", "_C"])
+def test_list_entries_sharing_memory_are_refused(route: str) -> None:
+    """One entry's written tensor inside another entry's argument: ValueError naming both, nothing
+    written, on every route into the list ops."""
+    routes = _list_routes()
+    if route not in routes:
+        pytest.skip(f"{route} unavailable")
+    perturb, restore, fisher = routes[route]
+    arena = torch.randn(1000)
+    W0, W1, G0 = arena[:100], arena[500:600], torch.randn(100)
+    scale = torch.tensor(0.5)
+
+    def refused(fn: Callable, pattern: str, *args) -> None:
+        before = arena.clone()
+        with pytest.raises(ValueError, match=pattern):
+            fn(*args)
+        assert torch.equal(arena, before), "written before the error"
+
+    # entry 1's backup inside entry 0's weights
+    refused(perturb, r"W\[0\]: shares memory with backup\[1\];|backup\[1\]: shares memory with W\[0\];",
+            [W0, W1], [G0, torch.randn(100)], None, None, [torch.empty(100), arena[50:150]], scale, False)
+    # entry 1's gradient is entry 0's weights
+    refused(perturb, r"W\[0\]: shares memory with G\[1\];", [W0, W1], [G0, W0], None, None,
+            [torch.empty(100), torch.empty(100)], scale, False)
+    # restore_: entry 0's weights are entry 1's backup
+    refused(restore, r"W\[0\]: shares memory with backup\[1\];", [W0, W1], None, None, [torch.randn(100), W0])
+    if fisher is not None:
+        F = torch.zeros(100)
+        refused(fisher, r"F\[1\]: shares memory with G\[0\];", [torch.zeros(100), F], [F, torch.randn(100)],
+                1.0)
+
+
+def _brute_force_conflict(arguments, indexed: bool) -> bool:
+    """Whether two tensors of ``arguments`` (``ops._check_disjoint``'s form) share a byte while one of
+    them is written: every pair compared, from the tensors' own byte ranges."""
+    tensors = []
+    for _, written, items in arguments:
+        for t in [items] if isinstance(items, torch.Tensor) else items:
+            if t is not None and t.numel():
+                start = t.data_ptr()
+                tensors.append((start, start + t.numel() * t.element_size(), written))
+    return any(a[0] < b[1] and b[0] < a[1] and (a[2] or b[2])
+               for i, a in enumerate(tensors) for b in tensors[i + 1:])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_overlap_rule_is_one_rule(data) -> None:
+    """The overlap check of the ops layer: its Python form and the compiled one (``_C.check_disjoint``,
+    also what the native operators run) refuse exactly the argument sets in which a written tensor shares
+    a byte with another (every pair compared), and name the same two arguments."""
+    from ssam_kernels import ops
+
+    arena = torch.zeros(256)
+    entries = data.draw(st.integers(1, 4))
+    names = [("W", True), ("G", False), ("mask", False), ("offsets", False), ("backup", True)]
+
+    def view() -> torch.Tensor | None:
+        if data.draw(st.booleans()) and data.draw(st.booleans()):
+            return None
+        start = data.draw(st.integers(0, 250))
+        piece = arena[start: start + data.draw(st.integers(0, 40))]
+        return piece.view(torch.int32) if data.draw(st.booleans()) else piece
+
+    arguments = tuple((name, written, [view() for _ in range(entries)]) for name, written in names)
+    if data.draw(st.booleans()):
+        arguments += (("scale", False, arena[data.draw(st.integers(0, 255))]),)
+    indexed = data.draw(st.booleans())
+    messages = []
+    for compiled in (False, True):
+        if compiled and ops._C is None:
+            continue
+        try:
+            with mock.patch.object(ops, "_C", ops._C if compiled else None):
+                ops._check_disjoint(arguments, indexed)
+            messages.append(None)
+        except ValueError as exc:
+            messages.append(str(exc))
+    assert (messages[0] is not None) == _brute_force_conflict(arguments, indexed), messages[0]
+    assert len(set(messages)) == 1, messages
+
+
+def _thread_worker(op: str) -> None:
+    """Another thread empties the lists of a list op while its kernel runs without the GIL (and frees
+    their tensors, unless the op holds its own references): the op must finish on the tensors it was
+    given. Tensors of 8 MiB are mmap'ed by malloc and unmapped when freed, so a kernel writing one that
+    was freed faults."""
+    import threading
+    import time
+
+    from ssam_kernels import ops
+
+    torch.set_num_threads(1)  # a longer kernel (~100 ms): the other thread runs while it does
+    sys.setswitchinterval(100.0)  # no forced switch: the other thread gets the GIL when the main one waits
+    n, count = 1 << 21, 16
+    lists = {"W": [torch.randn(n) for _ in range(count)], "G": [torch.randn(n) for _ in range(count)],
+             "backup": [torch.empty(n) for _ in range(count)]}
+    checksum = sum(float(w.sum()) for w in lists["W"])
+    start = threading.Event()
+
+    def empty_the_lists() -> None:
+        start.wait()
+        time.sleep(0.01)  # past the op's checks (some torch calls there release the GIL): into the kernel
+        for items in lists.values():
+            items.clear()
+        garbage = [torch.ones(n) for _ in range(3 * count)]  # reuse what was freed
+        del garbage
+
+    def run(W: list, G: list, backup: list) -> None:
+        if op == "perturb":
+            ops.perturb_(W, G, None, None, backup, torch.tensor(0.0), backend="native")
+        elif op == "restore":
+            ops.restore_(W, None, None, backup, backend="native")
+        else:
+            assert torch.isfinite(ops.grad_sq_norm(G, backend="native"))
+
+    run([torch.ones(3)], [torch.ones(3)], [torch.ones(3)])  # imports and first-call work, before the race
+    thread = threading.Thread(target=empty_the_lists)
+    thread.start()
+    start.set()
+    run(lists["W"], lists["G"], lists["backup"])
+    thread.join()
+    print("DONE", checksum, flush=True)
+
+
+@pytest.mark.parametrize("op", ["perturb", "restore", "norm"])
+def test_list_op_keeps_its_tensors_alive(op: str) -> None:
+    if _available("native") is not None:
+        pytest.skip("native unavailable")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", op], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("DONE"), (done.returncode, done.stderr[-3000:])
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(sys.argv[2], sys.argv[3])
+if __name__ == "__main__" and sys.argv[1:2] == ["--threads"]:
+    _thread_worker(sys.argv[2])

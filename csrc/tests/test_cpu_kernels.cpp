@@ -1,4 +1,5 @@
-// C++ tests of the CPU kernels against hand-computed cases, run by ctest.
+// C++ tests of the CPU kernels against hand-computed cases, run by ctest (also under valgrind when it is
+// installed: the memory-safety cases below then prove that no access leaves the tensors given).
 //
 // Usage: test_cpu_kernels <path of the ops library>. The library is dlopen()ed, as
 // torch.ops.load_library does, and every op is called through the dispatcher by its schema name, so the
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -163,6 +165,84 @@ void test_hash_fill() {
   EXPECT(same(out, i32({655090511, -1162428316})));
 }
 
+using Tensors = std::vector<at::Tensor>;
+using OptTensors = c10::List<std::optional<at::Tensor>>;
+
+const auto perturb_multi = [] {
+  return op<void(at::TensorList, at::TensorList, const OptTensors&, const OptTensors&, at::TensorList,
+                 const at::Tensor&, bool)>("ssam_kernels::perturb_multi_");
+};
+
+// `call` raises a ValueError whose message starts with `message`, and `arena` (the memory of every tensor
+// involved) is unchanged: nothing was written before the error.
+template <typename Fn>
+void expect_refused(Fn&& call, const std::string& message, const at::Tensor& arena) {
+  const at::Tensor before = arena.clone();
+  bool refused = false;
+  try {
+    call();
+  } catch (const c10::ValueError& e) {
+    refused = std::string(e.msg()).rfind(message, 0) == 0;
+    if (!refused) std::fprintf(stderr, "unexpected message: %s\n", e.msg().c_str());
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "unexpected error: %s\n", e.msg().c_str());
+  }
+  EXPECT(refused);
+  EXPECT(same(arena.view(at::kInt), before.view(at::kInt)));
+}
+
+// Arguments that share memory with a tensor the op writes are refused before any write. The mask of the
+// first case is a view of the backup's memory: a kernel that ran would overwrite mask words it has yet to
+// read, count more live entries than the offsets say and write past the backup's end.
+void test_overlapping_arguments() {
+  constexpr int64_t n = 3000;  // every third entry live: 1000 of them, 342 / 341 / 317 per 1024-entry chunk
+  std::vector<int32_t> bits((n + 31) / 32, 0);
+  for (int64_t i = 0; i < n; i += 3) bits[i / 32] |= static_cast<int32_t>(1u << (i % 32));
+  const at::Tensor words = i32(bits);
+  const int64_t k = 1000;
+  const at::Tensor offsets = at::tensor(std::vector<int64_t>{0, 342, 683, k}, at::kLong);
+  const at::Tensor arena = at::randn({n + k});  // W, then the backup, ending where the allocation ends
+  at::Tensor W = arena.narrow(0, 0, n), backup = arena.narrow(0, n, k), G = at::randn({n});
+  at::Tensor mask_in_backup = backup.view(at::kInt).narrow(0, 8, words.numel());
+  mask_in_backup.copy_(words);
+  expect_refused([&] { perturb().call(W, G, mask_in_backup, offsets, backup, scalar_f32(0.5f), false); },
+                 "backup: shares memory with mask", arena);
+  at::Tensor mask_in_w = W.view(at::kInt).narrow(0, 8, words.numel());
+  mask_in_w.copy_(words);
+  expect_refused([&] { restore().call(W, mask_in_w, offsets, backup); }, "W: shares memory with mask", arena);
+  expect_refused([&] { perturb().call(W, W, words, offsets, backup, scalar_f32(0.5f), false); },
+                 "W: shares memory with G", arena);
+  expect_refused([&] { perturb().call(W, G, words, offsets, backup, W.narrow(0, 7, 1).squeeze(0), false); },
+                 "W: shares memory with scale", arena);
+  // Across the entries of a list: entry 1's backup is entry 0's weights.
+  const at::Tensor W0 = arena.narrow(0, 0, 100), W1 = arena.narrow(0, 200, 100);
+  expect_refused(
+      [&] {
+        perturb_multi().call(Tensors{W0, W1}, Tensors{at::randn({100}), at::randn({100})}, OptTensors({{}, {}}),
+                             OptTensors({{}, {}}), Tensors{at::empty({100}), W0}, scalar_f32(0.5f), false);
+      },
+      "backup[1]: shares memory with W[0]", arena);
+  const auto fisher = op<void(const at::Tensor&, const at::Tensor&, double)>("ssam_kernels::fisher_accumulate_");
+  expect_refused([&] { fisher.call(W0, W0, 1.0); }, "F: shares memory with G", arena);
+}
+
+// Masks, offsets and backups that disagree stay inside the tensors given (valgrind watches every access):
+// a short backup, mask bits past N, and offsets that do not match the mask (refused on CPU).
+void test_bounded_arguments() {
+  const at::Tensor words = i32({-1, -1, -1, -1});  // 128 bits over 100 entries: 28 bits past N
+  const at::Tensor offsets = at::tensor(std::vector<int64_t>{0, 100}, at::kLong);
+  at::Tensor W = at::arange(100, at::kFloat);
+  at::Tensor short_backup = at::full({40}, NAN, at::kFloat);
+  perturb().call(W, at::ones({100}, at::kFloat), words, offsets, short_backup, scalar_f32(1.0f), false);
+  EXPECT(same(short_backup, at::arange(40, at::kFloat)));
+  EXPECT(same(W.narrow(0, 0, 40), at::arange(1, 41, at::kFloat)) && same(W.narrow(0, 40, 60), at::arange(40, 100, at::kFloat)));
+  restore().call(W, words, offsets, short_backup);
+  EXPECT(same(W, at::arange(100, at::kFloat)));
+  const at::Tensor wrong = at::tensor(std::vector<int64_t>{0, 7}, at::kLong);
+  expect_refused([&] { perturb().call(W, at::ones({100}, at::kFloat), words, wrong, short_backup, scalar_f32(1.0f), false); },
+                 "offsets: do not match the mask", W);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -184,6 +264,8 @@ int main(int argc, char** argv) {
   test_radix_histogram();
   test_threshold_mask();
   test_hash_fill();
+  test_overlapping_arguments();
+  test_bounded_arguments();
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 BACKENDS = ("reference", "vectorized", "triton", "native", "cuda_sim")
+_MAX_POSITION = 2**63 - 1  # entry positions (the random-growth hash's j) are int64 in every backend
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ENV_VAR = "SSAM_KERNELS_BACKEND"
 
@@ -312,6 +313,89 @@ def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, 
                 raise ValueError(f"W{at}: expected device {device} (that of scale), got {w.device}")
 
 
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def _span(t: object) -> tuple[tuple[str, int], int, int] | None:
+    """``(device, first byte, end byte)`` of a tensor's memory, from its first to its last element; None
+    for a tensor that holds none (empty, meta, or subclass-like: fake, functional, wrappers)."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or type(t).__torch_dispatch__ is not _PLAIN_DISPATCH:
+        return None
+    try:
+        begin = t.data_ptr()
+    except RuntimeError:  # no storage of its own (e.g. a batched tensor under vmap)
+        return None
+    if begin == 0:
+        return None
+    reach = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    device = (t.device.type, -1 if t.device.index is None else t.device.index)
+    return device, begin, begin + reach * t.element_size()
+
+
+def _check_disjoint(arguments: tuple[tuple[str, bool, object], ...], indexed: bool) -> None:
+    """Refuse a call in which a tensor the op writes shares memory with any other tensor argument.
+
+    ``arguments``: ``(name, written, tensors)`` in signature order, ``tensors`` a list (entry ``j`` of every
+    list belongs together; None entries are skipped) or one tensor (named without an index, after every
+    entry). A write into mask words, offsets or backup slots a kernel has yet to read moves the ranks it
+    computes (out of bounds, were the kernels not bounded), and any overlap makes the result depend on
+    the order of the writes; tensors that are only read may overlap each other. Decided from byte ranges
+    on the host, no device work: the spans are sorted by (device, first byte, argument position, entries
+    first), and the first span that starts inside an earlier one while either is written is reported
+    with that earlier one (the one reaching furthest, among the written ones if the later is only read):
+    ``ValueError`` naming the written one first. The compiled extension's ``_C.check_disjoint`` (the same
+    rule in ``csrc/ssam_ops.h``, used by the native ops themselves) runs instead when it is built.
+    """
+    if _C is not None:
+        _C.check_disjoint(arguments, indexed)
+        return
+    lists = [argument for argument in arguments if not isinstance(argument[2], torch.Tensor)]
+    order = [(name, written, items[j], j if indexed else -1)
+             for j in range(max((len(items) for _, _, items in lists), default=0))
+             for name, written, items in lists if j < len(items)]
+    order += [(name, written, t, -1) for name, written, t in arguments if isinstance(t, torch.Tensor)]
+    spans = []  # (device, first byte, position, end byte, written, name)
+    for position, (name, written, t, index) in enumerate(order):
+        span = _span(t)
+        if span is not None:
+            device, begin, end = span
+            spans.append((device, begin, position, end, written, f"{name}[{index}]" if index >= 0 else name))
+    spans.sort()
+    reach = written_reach = None  # the earlier span of this device reaching furthest (of the written ones)
+    for k, (device, begin, _, end, written, name) in enumerate(spans):
+        if k and device != spans[k - 1][0]:
+            reach = written_reach = None
+        other = (written_reach if written_reach is not None and begin < written_reach[3] else
+                 reach if written and reach is not None and begin < reach[3] else None)
+        if other is not None:
+            first, second = (name, other[5]) if written else (other[5], name)
+            raise ValueError(f"{first}: shares memory with {second}; a tensor the op writes must not overlap "
+                             "any other argument")
+        if reach is None or end > reach[3]:
+            reach = spans[k]
+        if written and (written_reach is None or end > written_reach[3]):
+            written_reach = spans[k]
+
+
+def _check_disjoint_for(module: ModuleType, device: torch.device,
+                        arguments: tuple[tuple[str, bool, object], ...], indexed: bool) -> None:
+    """:func:`_check_disjoint`, unless the one backend call that runs these arguments applies the same
+    rule to them itself (its ``CHECKS_OVERLAP`` device types: native on CPU), which spares a second pass
+    over every tensor."""
+    if device.type not in getattr(module, "CHECKS_OVERLAP", ()):
+        _check_disjoint(arguments, indexed)
+
+
+def _check_list_disjoint(groups: list[tuple[ModuleType, Sequence[int]]], first: list[torch.Tensor],
+                         arguments: tuple[tuple[str, bool, object], ...]) -> None:
+    """:func:`_check_disjoint_for` of a list op's arguments: one (device, dtype) group goes to one backend
+    call that may check them itself; several groups are checked here, across the groups."""
+    if len(groups) == 1:
+        _check_disjoint_for(groups[0][0], first[0].device, arguments, indexed=True)
+    elif groups:
+        _check_disjoint(arguments, indexed=True)
+
+
 def _check_norm_lists(Gs: list[torch.Tensor], Ws: list[torch.Tensor | None]) -> None:
     """``grad_sq_norm``'s lists: float vectors ``G``; each ``W`` None or of its ``G``'s dtype, size and
     device."""
@@ -389,9 +473,10 @@ def _check_scores(name: str, scores: object, dtypes: Sequence[torch.dtype] = FLO
 def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | None = None
                  ) -> torch.Tensor:
     """Squared gradient norm: ``Σ g_i²``, or ``Σ (g_i · |w_i|)²`` when ``W`` is given (ASAM). Returns a
-    float64 0-d tensor; the sum is accumulated in float64 and is deterministic for the same input on
-    the same device. Totals of several segments (and ranks) add without another rounding, so the flat
-    and per-tensor layouts give the same norm.
+    float64 0-d tensor; the sum is accumulated in float64 in a fixed order, so the same input on the same
+    device gives the same bits for any number of threads (the reference and vectorized backends: the
+    order of ``ops._arith.sq_norm``, the same bits on every device). Totals of several segments (and
+    ranks) add without another rounding, so the flat and per-tensor layouts give the same norm.
 
     ``G`` is one 1-D tensor or a list of them (any devices and float dtypes); ``W`` then is None or a
     list of the same length whose entries are tensors (ASAM for that entry) or None. A list is validated
@@ -399,7 +484,8 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
     group on native CUDA; on Triton one per kind, with and without ``W``, and 16-byte alignment). The
     list's total is the sum, over the groups in order of first appearance, of each group's total, moved
     to ``G[0]``'s device. A group's total is, on the reference, vectorized and native CPU backends, the
-    float64 sum in list order of what the single-tensor op gives for each tensor (bit for bit); on
+    float64 sum in list order of what the single-tensor op gives for each tensor (bit for bit; native CPU's
+    per-tensor sums are in interleaved lanes per block, equal to the reference's up to rounding); on
     Triton, ``torch.sum`` of the fixed per-tile partials of all its tensors; on native CUDA, the
     fixed-order sum of one partial per block of a one-wave grid, whose size depends on the device (both
     deterministic, equal to the in-order sum up to float64 rounding). Either way the same list on the
@@ -422,6 +508,16 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
                                                                     for g, w in zip(gs, ws, strict=True))
         total = part.to(home) if total is None else total + part.to(home)
     return total
+
+
+def _element_arguments(Ws: list, Gs: list | None, masks: list, offs: list, backups: list,
+                       scale: torch.Tensor | None) -> tuple[tuple[str, bool, object], ...]:
+    """The arguments of ``perturb_`` (``Gs`` given: ``W`` and ``backup`` written) or ``restore_`` (``W``
+    written) for :func:`_check_disjoint`."""
+    perturb = Gs is not None
+    arguments = [("W", True, Ws), ("G", False, Gs), ("mask", False, masks), ("offsets", False, offs),
+                 ("backup", perturb, backups), ("scale", False, scale)]
+    return tuple(a for a in arguments if a[2] is not None)
 
 
 def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: OptionalTensorList,
@@ -461,15 +557,19 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
         _check_mask_and_backup(W, mask, offsets, backup)
         _check_scale(scale, W.device)
         module = resolve_backend(backend, W.device, W.dtype)
+        arguments = _element_arguments([W], [G], [mask], [offsets], [backup], scale)
+        _check_disjoint_for(module, W.device, arguments, indexed=False)
         module.perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
         return
     Ws = _as_list("W", W)
     Gs, backups = _as_list("G", G, len(Ws)), _as_list("backup", backup, len(Ws))
     masks, offs = _optional_list("mask", mask, len(Ws)), _optional_list("offsets", offsets, len(Ws))
     if Ws:
-        _check_scale(scale, Ws[0].device)
+        _check_scale(scale, _check_vector("W[0]", Ws[0]).device)
     _check_element_lists(Ws, Gs, masks, offs, backups, scale if Ws else None)
-    for module, index in _groups(backend, Ws):
+    groups = _groups(backend, Ws)
+    _check_list_disjoint(groups, Ws, _element_arguments(Ws, Gs, masks, offs, backups, scale))
+    for module, index in groups:
         args = [_pick(t, index) for t in (Ws, Gs, masks, offs, backups)]
         multi = getattr(module, "perturb_multi_", None)
         if multi is not None:
@@ -491,13 +591,18 @@ def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorLis
     if isinstance(W, torch.Tensor):
         W = _check_vector("W", W)
         _check_mask_and_backup(W, mask, offsets, backup)
-        resolve_backend(backend, W.device, W.dtype).restore_(W, mask, offsets, backup)
+        module = resolve_backend(backend, W.device, W.dtype)
+        arguments = _element_arguments([W], None, [mask], [offsets], [backup], None)
+        _check_disjoint_for(module, W.device, arguments, indexed=False)
+        module.restore_(W, mask, offsets, backup)
         return
     Ws = _as_list("W", W)
     backups = _as_list("backup", backup, len(Ws))
     masks, offs = _optional_list("mask", mask, len(Ws)), _optional_list("offsets", offsets, len(Ws))
     _check_element_lists(Ws, None, masks, offs, backups, None)
-    for module, index in _groups(backend, Ws):
+    groups = _groups(backend, Ws)
+    _check_list_disjoint(groups, Ws, _element_arguments(Ws, None, masks, offs, backups, None))
+    for module, index in groups:
         args = [_pick(t, index) for t in (Ws, masks, offs, backups)]
         multi = getattr(module, "restore_multi_", None)
         if multi is not None:
@@ -523,7 +628,9 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     if isinstance(F, torch.Tensor):
         F = _check_vector("F", F, (torch.float32,))
         _check_like("G", _check_vector("G", G), "F", F, dtype=False)
-        resolve_backend(backend, F.device, G.dtype).fisher_accumulate_(F, G, float(alpha))
+        module = resolve_backend(backend, F.device, G.dtype)
+        _check_disjoint_for(module, F.device, (("F", True, [F]), ("G", False, [G])), indexed=False)
+        module.fisher_accumulate_(F, G, float(alpha))
         return
     Fs = _as_list("F", F)
     Gs = _as_list("G", G, len(Fs))
@@ -531,7 +638,9 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
         if not (_is_vector(f, _F32) and _is_vector(g) and f.numel() == g.numel() and f.device == g.device):
             _check_vector(f"F[{i}]", f, _F32)
             _check_like(f"G[{i}]", _check_vector(f"G[{i}]", g), f"F[{i}]", f, dtype=False)
-    for module, index in _groups(backend, Gs):
+    groups = _groups(backend, Gs)
+    _check_list_disjoint(groups, Gs, (("F", True, Fs), ("G", False, Gs)))
+    for module, index in groups:
         fs, gs = _pick(Fs, index), _pick(Gs, index)
         multi = getattr(module, "fisher_accumulate_multi_", None)
         if multi is not None:
@@ -579,8 +688,8 @@ def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.devic
     backend, so random masks built from it match across backends, layouts and resumes."""
     n = _check_count("n", n)
     seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
+    base = _check_count("base", base, _MAX_POSITION - n)  # positions are int64 in every backend
     device = torch.device(device)
-    base = _check_count("base", base)
     return resolve_backend(backend, device, torch.int32).hash_scores(n, seed, step, base, device)
 
 
@@ -630,6 +739,8 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
             positions = [base + sum(sizes[:i]) for i in range(len(sizes))]
         elif len(positions) != len(sizes):
             raise ValueError(f"positions: expected {len(sizes)} ints, got {len(positions)}")
+        for i, (position, size) in enumerate(zip(positions, sizes, strict=True)):
+            _check_count(f"positions[{i}]", position, _MAX_POSITION - size)
         grow_scores = _grow_hashes(backends, sizes, list(positions), seed, step, drop_scores)
     else:
         grow_scores = _check_scores("grow", grow)

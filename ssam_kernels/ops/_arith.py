@@ -1,8 +1,10 @@
-"""The element-wise arithmetic of ``perturb_`` and ``fisher_accumulate_`` in device-agnostic PyTorch.
+"""The element-wise arithmetic of ``perturb_`` and ``fisher_accumulate_``, and the summation order of
+``grad_sq_norm``, in device-agnostic PyTorch.
 
 The one PyTorch statement of that part of the op contract (docs/DESIGN.md, "The op contract"), shared by
 the ``reference`` and ``vectorized`` backends; the C++/CUDA kernels state it in ``csrc/ssam_math.h``
-(``perturbed``, ``fisher_update``) and the Triton kernels in ``ops/triton/_math.py``.
+(``perturbed``, ``fisher_update``) and ``csrc/cpu.cpp`` (``sq_sum``, the norm's order), the Triton kernels
+in ``ops/triton/_math.py``.
 
 - ``perturb_``, ``W`` float32/bfloat16/float16: ``w``, ``g`` as fp32 (exact) and the scale as fp32 (a
   float64 scale rounded to nearest once); ``r = fma(s, g, w)`` (adaptive: ``fma(s, rn(rn(w·w)·g), w)``),
@@ -192,3 +194,42 @@ def fisher_updated(f: torch.Tensor, g: torch.Tensor, alpha: float, fma: Fma = fm
     :func:`perturbed`."""
     g32 = g.float()
     return fma(g32, g32 * fp32_value(alpha), f)
+
+
+NORM_BLOCK = 1 << 14
+"""Entries per block of :func:`sq_norm`: a power of two below the 2^15 entries from which PyTorch's CPU
+reductions split one output's sum across threads."""
+NORM_CHUNK = 1 << 18
+"""Entries :func:`sq_norm` squares per pass (a multiple of ``NORM_BLOCK``): a 2 MiB float64 workspace."""
+
+
+def sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ v_i²`` with ``v = g`` (``g · w`` with ``W``), a float64 0-d tensor on ``G``'s device, summed in
+    one fixed order, so that the same input on the same device gives the same bits for any number of
+    threads: ``v`` and ``v²`` in float64 (each product rounded once); each block of ``NORM_BLOCK`` entries
+    (the last one padded with zeros, which add exactly) summed by ``torch.sum`` over the block as one row
+    of a ``(blocks, NORM_BLOCK)`` view (PyTorch reduces each row whole on one thread, in an order fixed
+    by the row's length: it splits a sum across threads only from 2^15 entries, and a sum of many rows
+    by rows); then the blocks' sums, padded with zeros to a power of two, by halves added element by
+    element down to one value (single IEEE additions in a fixed pairing). ``torch.dot``, used before,
+    sums in MKL's thread-dependent order. The compiled backends sum in their own fixed orders (the native
+    CPU kernel in interleaved lanes per block), equal to this one up to float64 rounding."""
+    n = G.numel()
+    blocks = -(-n // NORM_BLOCK)
+    sums = torch.zeros(1 << max(blocks - 1, 0).bit_length(), dtype=torch.float64, device=G.device)
+    work = torch.empty(min(NORM_CHUNK, blocks * NORM_BLOCK), dtype=torch.float64, device=G.device)
+    for start in range(0, n, NORM_CHUNK):
+        stop = min(start + NORM_CHUNK, n)
+        rows = work[: -(-(stop - start) // NORM_BLOCK) * NORM_BLOCK]
+        v = rows[: stop - start].copy_(G[start:stop])
+        if W is not None:
+            v.mul_(W[start:stop])
+        v.mul_(v)
+        rows[stop - start:].zero_()
+        first = start // NORM_BLOCK
+        torch.sum(rows.view(-1, NORM_BLOCK), dim=1, out=sums[first: first + rows.numel() // NORM_BLOCK])
+    width = sums.numel()
+    while width > 1:
+        width //= 2
+        sums[:width].add_(sums[width: 2 * width])
+    return sums[0]

@@ -25,6 +25,12 @@ else:
     _IMPORT_ERROR = ""
 
 
+CHECKS_OVERLAP = ("cpu",)
+"""Device types on which these ops apply the overlap rule of ``ops._check_disjoint`` to a whole call
+themselves, with its messages (``csrc/ssam_ops.h``: ``check_disjoint``, run by the CPU kernels): the ops
+layer leaves it to them there. The CUDA launchers check each tensor's arguments only."""
+
+
 def unavailable_reason(device: torch.device | str) -> str | None:
     """Why the compiled kernels cannot run on ``device`` tensors, or None if they can. For a GPU also
     whether it can run what was compiled (``_C.compiled_archs()``; the current GPU when ``device`` has no

@@ -28,14 +28,9 @@ _U32 = 0xFFFFFFFF
 # ----------------------------------------------------------------------------------------------------
 
 def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
-    """``Σ g_i²`` (or ``Σ (g_i · |w_i|)²`` with ``W``), accumulated in float64; a float64 0-d tensor."""
-    total = torch.zeros((), dtype=torch.float64, device=G.device)
-    for start in range(0, G.numel(), BLOCK):
-        g = G[start: start + BLOCK].to(torch.float64)
-        if W is not None:
-            g = g * W[start: start + BLOCK].to(torch.float64)
-        total += torch.dot(g, g)
-    return total
+    """``Σ g_i²`` (or ``Σ (g_i · |w_i|)²`` with ``W``), accumulated in float64 in the fixed order of
+    :func:`._arith.sq_norm`; a float64 0-d tensor."""
+    return _arith.sq_norm(G, W)
 
 
 def _touched(mask: torch.Tensor, offsets: torch.Tensor | None, n: int, capacity: int) -> torch.Tensor:

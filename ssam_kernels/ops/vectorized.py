@@ -1,10 +1,9 @@
 """The ``vectorized`` backend: the op contract in device-agnostic PyTorch tensor ops, written for speed.
 
 It is what runs when no compiled backend can (no C++ build, MPS, XPU, ROCm without Triton...), so it
-gives the results of :mod:`.reference` bit for bit (perturbation and Fisher update by the same
-:mod:`._arith` formulas, masks identical; the norm is accumulated in float64 over other blocks, so it
-agrees to rounding) at a fraction of its cost. What differs from the reference is only how the work is
-laid out:
+gives the results of :mod:`.reference` bit for bit (perturbation, Fisher update and the norm's summation
+order by the same :mod:`._arith` formulas, masks identical) at a fraction of its cost. What differs from
+the reference is only how the work is laid out:
 
 - Every op walks its buffers in chunks of ``CHUNK_ENTRIES`` entries (a multiple of 1024): temporaries
   stay bounded whatever the size, and no op allocates a buffer-sized temporary. Per-chunk temporaries
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _arith, bitmask
+from .reference import grad_sq_norm  # noqa: F401  (its fixed order is already written for speed)
 
 CHUNK_ENTRIES = 1 << 16
 """Entries per chunk (a multiple of ``bitmask.CHUNK``): int32/float64 temporaries of 256-512 KiB."""
@@ -148,18 +148,6 @@ def _chunk_counts(words: torch.Tensor, n: int, offsets: torch.Tensor | None) -> 
 # ----------------------------------------------------------------------------------------------------
 # Element-wise ops
 # ----------------------------------------------------------------------------------------------------
-
-def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
-    """``Σ g_i²`` (or ``Σ (g_i · w_i)²`` with ``W``): float64 products, float64 partial sums per chunk
-    added in chunk order (deterministic); a float64 0-d tensor on ``G``'s device."""
-    total = torch.zeros((), dtype=torch.float64, device=G.device)
-    for start in _chunks(G.numel()):
-        g = G[start: start + CHUNK_ENTRIES].to(torch.float64)
-        if W is not None:
-            g = g * W[start: start + CHUNK_ENTRIES].to(torch.float64)
-        total += torch.dot(g, g)
-    return total
-
 
 class _Perturbation:
     """``w + scale·g`` (adaptive ``w + scale·w²·g``) by the reference's :func:`._arith.perturbed`, with
