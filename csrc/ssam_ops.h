@@ -277,7 +277,7 @@ inline void check_grad_sq_norm_args(const at::Tensor& G, const std::optional<at:
 }
 
 // The per-tensor checks of perturb_'s arguments (shapes, dtypes, devices). The checks of a whole call add
-// the overlap rule: check_perturb_args for one call here, element_spans for the list of a call.
+// the overlap rule over element_spans of its entries.
 inline MaskView perturb_view(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
                              const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
   check_vector(W, "W", W);
@@ -294,6 +294,22 @@ inline MaskView restore_view(const at::Tensor& W, const std::optional<at::Tensor
   const MaskView view = mask_view(mask, offsets, W);
   check_backup(backup, W, view);
   return view;
+}
+
+// The list ops: entry j of every list belongs together; all entries share the first W's device and dtype.
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+inline void check_list_lengths(size_t n, std::initializer_list<std::pair<const char*, size_t>> others) {
+  for (const auto& [name, size] : others) {
+    TORCH_CHECK_VALUE(size == n, name, ": expected ", n, " tensors (one per tensor of the first list), got ", size);
+  }
+}
+
+inline void check_same_kind(const at::Tensor& t, const at::Tensor& first, const char* name, size_t j) {
+  TORCH_CHECK_VALUE(t.device() == first.device(), name, "[", j, "]: expected device ", first.device(), " (that of ",
+                    name, "[0]), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), name, "[", j, "]: expected dtype ", first.scalar_type(),
+                   " (that of ", name, "[0]), got ", t.scalar_type());
 }
 
 // One entry of a perturb_/restore_ list, checked (G nullptr for restore_).
@@ -330,20 +346,21 @@ inline std::vector<ArgSpan> element_spans(const std::vector<ListEntry>& entries,
   return spans;
 }
 
-// The argument checks of one perturb_ / restore_ call on one tensor (the CUDA launchers call them for every
-// entry of a list too): per tensor, then the overlap rule within the call.
-inline MaskView check_perturb_args(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
-  const MaskView view = perturb_view(W, G, mask, offsets, backup);
-  check_disjoint(element_spans({{&W, &G, view, &backup}}, nullptr, false));
-  return view;
-}
-
-inline MaskView check_restore_args(const at::Tensor& W, const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& offsets, const at::Tensor& backup) {
-  const MaskView view = restore_view(W, mask, offsets, backup);
-  check_disjoint(element_spans({{&W, nullptr, view, &backup}}, nullptr, false));
-  return view;
+// The argument checks of a perturb_ (G given) / restore_ list: each entry's tensors, then the overlap rule
+// over the whole call, scale included (the CUDA launchers; the CPU ones check in perturb_restore_cpu).
+inline std::vector<ListEntry> check_element_args(at::TensorList W, const at::Tensor* const* G,
+                                                 const OptionalTensors& mask, const OptionalTensors& offsets,
+                                                 at::TensorList backup, const at::Tensor* scale) {
+  std::vector<ListEntry> entries;
+  entries.reserve(W.size());
+  for (size_t j = 0; j < W.size(); ++j) {
+    check_same_kind(W[j], W[0], "W", j);
+    const MaskView view = G != nullptr ? perturb_view(W[j], *G[j], mask.get(j), offsets.get(j), backup[j])
+                                       : restore_view(W[j], mask.get(j), offsets.get(j), backup[j]);
+    entries.push_back({&W[j], G != nullptr ? G[j] : nullptr, view, &backup[j]});
+  }
+  check_disjoint(element_spans(entries, scale, true));
+  return entries;
 }
 
 inline void check_fisher_shapes(const at::Tensor& F, const at::Tensor& G) {
@@ -368,22 +385,6 @@ inline std::vector<ArgSpan> fisher_spans(at::TensorList F, at::TensorList G, boo
 inline void check_fisher_args(const at::Tensor& F, const at::Tensor& G) {
   check_fisher_shapes(F, G);
   check_disjoint(fisher_spans({F}, {G}, false));
-}
-
-// The list ops: entry j of every list belongs together; all entries share the first W's device and dtype.
-using OptionalTensors = c10::List<std::optional<at::Tensor>>;
-
-inline void check_list_lengths(size_t n, std::initializer_list<std::pair<const char*, size_t>> others) {
-  for (const auto& [name, size] : others) {
-    TORCH_CHECK_VALUE(size == n, name, ": expected ", n, " tensors (one per tensor of the first list), got ", size);
-  }
-}
-
-inline void check_same_kind(const at::Tensor& t, const at::Tensor& first, const char* name, size_t j) {
-  TORCH_CHECK_VALUE(t.device() == first.device(), name, "[", j, "]: expected device ", first.device(), " (that of ",
-                    name, "[0]), got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), name, "[", j, "]: expected dtype ", first.scalar_type(),
-                   " (that of ", name, "[0]), got ", t.scalar_type());
 }
 
 // perturb_ (restore: restore_) of CPU list entries whose arguments were checked (shapes, dtypes, one device;
@@ -431,9 +432,11 @@ inline std::vector<const int32_t*> check_selection_list(at::TensorList scores, c
 // words / per-chunk counts of scores[j], starts[j] its first entry position (positions stay below 2^53,
 // the candidates' position field), shift <= 10 (the low key bits above the position field), an int64
 // candidate buffer and an int32 one-entry cursor on the scores' device, none of the outputs (words, counts,
-// candidates, cursor) sharing memory with another argument. Call after check_selection_list.
-inline void check_bucket_mask_args(at::TensorList scores, int64_t shift, at::TensorList words, at::TensorList counts,
-                                   at::IntArrayRef starts, const at::Tensor& candidates, const at::Tensor& cursor) {
+// candidates, cursor) sharing memory with another argument (scores, filters and prefix included). Call after
+// check_selection_list.
+inline void check_bucket_mask_args(at::TensorList scores, const OptionalTensors& filters, const at::Tensor& prefix,
+                                   int64_t shift, at::TensorList words, at::TensorList counts, at::IntArrayRef starts,
+                                   const at::Tensor& candidates, const at::Tensor& cursor) {
   check_list_lengths(scores.size(), {{"words", words.size()}, {"counts", counts.size()}, {"starts", starts.size()}});
   TORCH_CHECK_VALUE(shift >= 0 && shift <= 10, "shift: expected 0 <= shift <= 10, got ", shift);
   for (size_t j = 0; j < scores.size(); ++j) {
@@ -455,9 +458,12 @@ inline void check_bucket_mask_args(at::TensorList scores, int64_t shift, at::Ten
   std::vector<ArgSpan> spans;
   for (size_t j = 0; j < scores.size(); ++j) {
     add_span(spans, scores[j], "scores", static_cast<int64_t>(j), false);
+    const std::optional<at::Tensor> filter = filters.get(j);
+    if (filter.has_value()) add_span(spans, *filter, "filters", static_cast<int64_t>(j), false);
     add_span(spans, words[j], "words", static_cast<int64_t>(j), true);
     add_span(spans, counts[j], "counts", static_cast<int64_t>(j), true);
   }
+  add_span(spans, prefix, "prefix", -1, false);
   add_span(spans, candidates, "candidates", -1, true);
   add_span(spans, cursor, "cursor", -1, true);
   check_disjoint(spans);

@@ -12,8 +12,10 @@ must give the documented result (:func:`ssam_kernels.ops.perturb_`), the same on
 - offsets that do not match the mask: ``ValueError`` naming ``offsets`` on CPU tensors, nothing written.
 
 Backends: ``reference``, ``vectorized``, ``native`` (through the public op and through
-``torch.ops.ssam_kernels.*`` directly) and ``triton`` (in its interpreter on CPU); on CUDA too when a
-GPU is present, where wrong offsets are bounded rather than refused.
+``torch.ops.ssam_kernels.*`` directly), ``triton`` (in its interpreter on CPU) and ``cuda_sim`` (the CUDA
+kernels on CPU tensors, every access checked against the tensors); on CUDA too when a GPU is present.
+On CUDA, and on cuda_sim, which runs the CUDA kernels' contract, wrong offsets are bounded rather than
+refused.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def _case(backend: str, name: str, device: str) -> str:
         return "wrote outside W and backup"
     if bad_offsets is not None:
         # On CUDA wrong offsets are not checked (that would synchronise): bounded is all that is promised.
-        return "wrong offsets were accepted on CPU tensors" if device == "cpu" else ""
+        checked = device == "cpu" and not backend.startswith("cuda_sim")
+        return "wrong offsets were accepted on CPU tensors" if checked else ""
     touched = torch.tensor(live[:capacity], dtype=torch.int64)
     if restoring:
         want = W0.clone()
@@ -241,8 +244,9 @@ def _worker(backend: str, device: str) -> None:
 # The tests: one subprocess per backend, one test per case
 # ----------------------------------------------------------------------------------------------------
 
-BACKENDS = ["reference", "vectorized", "native", "torch.ops", "triton",
-            "reference[list]", "vectorized[list]", "native[list]", "torch.ops[list]", "triton[list]"]
+BACKENDS = ["reference", "vectorized", "native", "torch.ops", "triton", "cuda_sim",
+            "reference[list]", "vectorized[list]", "native[list]", "torch.ops[list]", "triton[list]",
+            "cuda_sim[list]"]
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
 _RUNS: dict[tuple[str, str], subprocess.CompletedProcess] = {}
@@ -318,7 +322,7 @@ def _list_routes() -> dict[str, tuple[Callable, Callable, Callable]]:
     from ssam_kernels import ops
 
     routes = {}
-    for backend in ("reference", "vectorized", "native", "triton"):
+    for backend in ("reference", "vectorized", "native", "triton", "cuda_sim"):
         if _available(backend) is None:
             routes[backend] = (functools.partial(ops.perturb_, backend=backend),
                                functools.partial(ops.restore_, backend=backend),
@@ -344,7 +348,8 @@ def _list_routes() -> dict[str, tuple[Callable, Callable, Callable]]:
     return routes
 
 
-@pytest.mark.parametrize("route", ["reference", "vectorized", "native", "triton", "torch.ops", "_C"])
+@pytest.mark.parametrize("route", ["reference", "vectorized", "native", "triton", "cuda_sim", "torch.ops",
+                                   "_C"])
 def test_list_entries_sharing_memory_are_refused(route: str) -> None:
     """One entry's written tensor inside another entry's argument: ValueError naming both, nothing
     written, on every route into the list ops."""

@@ -26,23 +26,20 @@ void launch_element(const ElementArgs<T>& args, ScaleView scale, bool adaptive, 
   });
 }
 
-// The table of a perturb_ / restore_ list (G null for restore_), after the per-tensor checks.
-std::vector<int64_t> element_rows(at::TensorList W, const at::Tensor* const* G, const OptionalTensors& mask,
-                                  const OptionalTensors& offsets, at::TensorList backup) {
-  std::vector<int64_t> rows(W.size() * kColumns, 0);
-  for (size_t j = 0; j < W.size(); ++j) {
-    check_same_kind(W[j], W[0], "W", j);
-    const MaskView view = G != nullptr ? check_perturb_args(W[j], *G[j], mask.get(j), offsets.get(j), backup[j])
-                                       : check_restore_args(W[j], mask.get(j), offsets.get(j), backup[j]);
+// The table of a perturb_ / restore_ list (G null for restore_) from its checked entries.
+std::vector<int64_t> element_rows(const std::vector<ListEntry>& entries) {
+  std::vector<int64_t> rows(entries.size() * kColumns, 0);
+  for (size_t j = 0; j < entries.size(); ++j) {
+    const ListEntry& e = entries[j];
     int64_t* row = rows.data() + j * kColumns;
-    row[kColW] = address(W[j]);
-    row[kColG] = G != nullptr ? address(*G[j]) : 0;
-    row[kColMask] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(view.words));
-    row[kColOffsets] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(view.offsets));
-    row[kColOffsets64] = view.offsets64;
-    row[kColBackup] = address(backup[j]);
-    row[kColN] = W[j].numel();
-    row[kColCapacity] = backup[j].numel();
+    row[kColW] = address(*e.W);
+    row[kColG] = e.G != nullptr ? address(*e.G) : 0;
+    row[kColMask] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(e.view.words));
+    row[kColOffsets] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(e.view.offsets));
+    row[kColOffsets64] = e.view.offsets64;
+    row[kColBackup] = address(*e.backup);
+    row[kColN] = e.W->numel();
+    row[kColCapacity] = e.backup->numel();
     set_vec(row);
   }
   return rows;
@@ -69,7 +66,8 @@ void launch_element_list(at::TensorList W, const std::vector<int64_t>& rows, Sca
 void perturb_(const at::Tensor& W, const at::Tensor& G, const std::optional<at::Tensor>& mask,
               const std::optional<at::Tensor>& offsets, const at::Tensor& backup, const at::Tensor& scale,
               bool adaptive) {
-  const MaskView view = check_perturb_args(W, G, mask, offsets, backup);
+  const MaskView view = perturb_view(W, G, mask, offsets, backup);
+  check_disjoint(element_spans({{&W, &G, view, &backup}}, &scale, false));
   const ScaleView s = scale_view(scale, W);
   const int64_t n = W.numel();
   if (n == 0) return;
@@ -87,7 +85,8 @@ void perturb_(const at::Tensor& W, const at::Tensor& G, const std::optional<at::
 
 void restore_(const at::Tensor& W, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& offsets,
               const at::Tensor& backup) {
-  const MaskView view = check_restore_args(W, mask, offsets, backup);
+  const MaskView view = restore_view(W, mask, offsets, backup);
+  check_disjoint(element_spans({{&W, nullptr, view, &backup}}, nullptr, false));
   const int64_t n = W.numel();
   if (n == 0) return;
   const gpu::DeviceGuard guard(W.device());
@@ -112,14 +111,15 @@ void perturb_multi_(at::TensorList W, at::TensorList G, const OptionalTensors& m
   if (W.empty()) return;
   std::vector<const at::Tensor*> grads;
   for (const at::Tensor& g : G) grads.push_back(&g);
-  const std::vector<int64_t> rows = element_rows(W, grads.data(), mask, offsets, backup);
+  const std::vector<int64_t> rows = element_rows(check_element_args(W, grads.data(), mask, offsets, backup, &scale));
   launch_element_list(W, rows, scale_view(scale, W[0]), adaptive, false);
 }
 
 void restore_multi_(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
                     at::TensorList backup) {
   check_list_lengths(W.size(), {{"mask", mask.size()}, {"offsets", offsets.size()}, {"backup", backup.size()}});
-  launch_element_list(W, element_rows(W, nullptr, mask, offsets, backup), ScaleView{}, false, true);
+  launch_element_list(W, element_rows(check_element_args(W, nullptr, mask, offsets, backup, nullptr)), ScaleView{},
+                      false, true);
 }
 
 }  // namespace cuda

@@ -25,7 +25,7 @@ void fisher_accumulate_multi_(at::TensorList F, at::TensorList G, double alpha) 
   if (F.empty()) return;
   std::vector<int64_t> rows(F.size() * kColumns, 0);
   for (size_t j = 0; j < F.size(); ++j) {
-    check_fisher_args(F[j], G[j]);
+    check_fisher_shapes(F[j], G[j]);
     check_same_kind(G[j], G[0], "G", j);
     int64_t* row = rows.data() + j * kColumns;
     row[kColW] = address(F[j]);
@@ -33,6 +33,7 @@ void fisher_accumulate_multi_(at::TensorList F, at::TensorList G, double alpha) 
     row[kColN] = F[j].numel();
     set_vec(row);
   }
+  check_disjoint(fisher_spans(F, G, true));
   const gpu::DeviceGuard guard(F[0].device());
   at::Tensor keep;
   const ListTable table = upload_table(rows, F[0].device(), keep, "fisher_accumulate_multi_");

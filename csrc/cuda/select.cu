@@ -89,7 +89,7 @@ void bucket_mask_multi(at::TensorList scores, const at::Tensor& prefix, int64_t 
                        at::TensorList counts, at::IntArrayRef starts, const at::Tensor& candidates,
                        const at::Tensor& cursor) {
   const std::vector<const int32_t*> filter = check_selection_list(scores, filters, {{"prefix", &prefix}});
-  check_bucket_mask_args(scores, shift, words, counts, starts, candidates, cursor);
+  check_bucket_mask_args(scores, filters, prefix, shift, words, counts, starts, candidates, cursor);
   if (scores.empty()) return;
   const gpu::DeviceGuard guard(prefix.device());
   const std::vector<at::Tensor> word_list(words.begin(), words.end());

@@ -380,7 +380,7 @@ def _check_disjoint(arguments: tuple[tuple[str, bool, object], ...], indexed: bo
 def _check_disjoint_for(module: ModuleType, device: torch.device,
                         arguments: tuple[tuple[str, bool, object], ...], indexed: bool) -> None:
     """:func:`_check_disjoint`, unless the one backend call that runs these arguments applies the same
-    rule to them itself (its ``CHECKS_OVERLAP`` device types: native on CPU), which spares a second pass
+    rule to them itself (its ``CHECKS_OVERLAP`` device types), which spares a second pass
     over every tensor."""
     if device.type not in getattr(module, "CHECKS_OVERLAP", ()):
         _check_disjoint(arguments, indexed)
@@ -541,9 +541,9 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
     CUDA). Instead only entries with ``rank(i) < backup.numel()`` are backed up and perturbed: with a
     short backup the entries ranked past its end are left unchanged, with a longer one the slots past
     ``K`` are not written. ``offsets`` must equal ``bitmask.offsets(mask, N)``: on CPU tensors every
-    backend checks it (``ValueError``); on CUDA it is not checked, and wrong offsets give wrong ranks but
-    every access stays inside ``W``, ``G`` and ``backup`` (a rank outside ``[0, backup.numel())`` is
-    skipped).
+    backend checks it (``ValueError``); on CUDA (and on ``cuda_sim``, which runs the CUDA kernels) it is
+    not checked, and wrong offsets give wrong ranks but every access stays inside ``W``, ``G`` and
+    ``backup`` (a rank outside ``[0, backup.numel())`` is skipped).
 
     Lists: ``W``, ``G`` and ``backup`` may be lists of the same length (tensor ``j`` of each belongs
     together), ``mask`` and ``offsets`` then None (all dense) or lists whose entries may be None (that

@@ -32,6 +32,8 @@ else:
 
 BUCKET_MASK_DEVICES = ("cpu",)
 """The CUDA bucket-path kernel runs here on CPU tensors (:func:`ssam_kernels.ops.select` takes that path)."""
+CHECKS_OVERLAP = ("cpu",)
+"""The CUDA launchers apply the overlap rule to whole calls (``native.CHECKS_OVERLAP``)."""
 
 _OPS = CompiledOps("ssam_cuda_sim")
 

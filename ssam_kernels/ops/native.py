@@ -25,10 +25,10 @@ else:
     _IMPORT_ERROR = ""
 
 
-CHECKS_OVERLAP = ("cpu",)
+CHECKS_OVERLAP = ("cpu", "cuda")
 """Device types on which these ops apply the overlap rule of ``ops._check_disjoint`` to a whole call
-themselves, with its messages (``csrc/ssam_ops.h``: ``check_disjoint``, run by the CPU kernels): the ops
-layer leaves it to them there. The CUDA launchers check each tensor's arguments only."""
+themselves, with its messages (``csrc/ssam_ops.h``: ``check_disjoint``, run by the CPU kernels and the CUDA
+launchers): the ops layer leaves it to them there."""
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
