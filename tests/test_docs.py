@@ -36,6 +36,8 @@ EXECUTED_ELSEWHERE = {
         "tests/test_integrations_pytorch.py (recipe)",
     ("docs/recipes.md", "`torch.compile`"): "tests/test_integrations_pytorch.py (recipe)",
     ("docs/recipes.md", "`FisherMask` on real models"): "tests/test_fisher.py::test_fisher_mask_recipe",
+    ("docs/safety.md", "A step either completes or leaves the weights as they were"):
+        "tests/test_step_safety.py::test_perturbed_context_manager (and ..._after_unscale_and_skipped_step)",
 }
 COMPILED_ONLY = {  # what they need, CPU tests cannot have; what they do is tested in the file named
     ("docs/distributed.md", "Distributed training"): "a DDP process group (tests/test_distributed.py)",
