@@ -644,7 +644,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _pow2(n: int) -> str:
-    return f"2^{math.log2(n):g}" if n & (n - 1) == 0 else str(n)
+    return f"2^{math.log2(n):g}" if n > 0 and n & (n - 1) == 0 else str(n)
 
 
 def kernel_table(payload: dict[str, Any]) -> str:
