@@ -5,7 +5,8 @@
 # c10/cuda and ATen headers, only the CMake-generated c10/cuda/impl/cuda_cmake_macros.h is missing, and
 # C10_CUDA_NO_CMAKE_CONFIGURE_FILE tells c10 to do without it.
 #
-# Usage: csrc/check_cuda_compile.sh            (NVCC=/path/to/nvcc to pick a compiler)
+# Usage: csrc/check_cuda_compile.sh   (NVCC=/path/to/nvcc picks the compiler, SSAM_CHECK_JOBS=N the number of
+#                                     files compiled at once, default nproc)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,21 +37,38 @@ done
 
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-failed=()
 shopt -s nullglob
 sources=("$here"/cuda/*.cu)
 [[ ${#sources[@]} -gt 0 ]] || { echo "check_cuda_compile: no .cu files in $here/cuda" >&2; exit 2; }
-echo "check_cuda_compile: $("$nvcc" --version | tail -1); -std=$cxx_std; sm_${archs// /, sm_}"
-for src in "${sources[@]}"; do
+jobs="${SSAM_CHECK_JOBS:-$(nproc)}"
+echo "check_cuda_compile: $("$nvcc" --version | tail -1); -std=$cxx_std; sm_${archs// /, sm_}; $jobs at a time"
+
+# One file: its compiler output to $out/NAME.log, its verdict to stdout after it finished.
+compile() {
+  local src="$1" name start
+  name="$(basename "$src")"
   start=$SECONDS
-  if "$nvcc" "${flags[@]}" "$src" -o "$out/$(basename "$src").o"; then
-    echo "check_cuda_compile: OK     $(basename "$src") ($((SECONDS - start)) s)"
+  if "$nvcc" "${flags[@]}" "$src" -o "$out/$name.o" >"$out/$name.log" 2>&1; then
+    cat "$out/$name.log"
+    echo "check_cuda_compile: OK     $name ($((SECONDS - start)) s)"
   else
-    echo "check_cuda_compile: FAILED $(basename "$src")" >&2
-    failed+=("$src")
+    cat "$out/$name.log" >&2
+    echo "check_cuda_compile: FAILED $name" >&2
+    touch "$out/$name.failed"
   fi
+}
+
+# The files are independent and each spends most of its time in torch's headers: they compile in parallel.
+for src in "${sources[@]}"; do
+  while [[ $(jobs -rp | wc -l) -ge $jobs ]]; do
+    wait -n || true
+  done
+  compile "$src" &
 done
+wait
+failed=("$out"/*.failed)
 if [[ ${#failed[@]} -gt 0 ]]; then
-  echo "check_cuda_compile: ${#failed[@]} CUDA source(s) failed to compile: ${failed[*]}" >&2
+  names=("${failed[@]##*/}")
+  echo "check_cuda_compile: ${#failed[@]} CUDA source(s) failed to compile: ${names[*]%.failed}" >&2
   exit 1
 fi
