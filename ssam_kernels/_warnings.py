@@ -12,7 +12,8 @@ import warnings
 
 import torch
 
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)),
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
              os.path.abspath(contextlib.__file__), os.path.abspath(functools.__file__))
 
 
