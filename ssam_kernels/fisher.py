@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
+from ._warnings import warn
 from .layout import is_dtensor, local_tensor
 from .ops import FLOAT_DTYPES
 
@@ -164,10 +164,8 @@ def fisher_information(model: nn.Module, loss_fn: LossFn | None, data: Iterable[
                         # Rerun this micro-batch with the loop: if the loop raises too, the error is the
                         # model's or the data's (raised, chained to this one), not torch.func's.
                         _loop_step(batch_loss, params, fisher, part, backend)
-                        warnings.warn(f"fisher_information: the torch.func path failed "
-                                      f"({type(exc).__name__}: {exc}); using the per-sample loop "
-                                      f"(method='loop') instead",
-                                      RuntimeWarning, stacklevel=2)
+                        warn(f"fisher_information: the torch.func path failed ({type(exc).__name__}: "
+                             f"{exc}); using the per-sample loop (method='loop') instead", RuntimeWarning)
                         func_step = None
                         continue
                     # Added only after the whole micro-batch succeeded, so a fallback never double-counts.

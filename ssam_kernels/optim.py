@@ -9,17 +9,17 @@ One step (DESIGN.md, "Data flow of one step"), with ``m`` the mask and ``s`` the
 2. backward at ``w + e``; ``second_step()``: restore ``w`` bit-exactly from the backup, take the base
    optimizer's step with the gradient at ``w + e``, and refresh the mask when the policy says so.
 
-No host synchronisation happens on this path; a mask refresh may synchronise.
+The class holds the parameters, groups, masks and run state and gathers the step's lists; the
+computations on those lists are :mod:`ssam_kernels._step`'s. No host synchronisation happens on this
+path; a mask refresh may synchronise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import os
 import threading
-import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, ops
+from . import _step, checkpoint, ops
 from ._validation import (
     BaseOptimizer,
     build_base,
@@ -39,6 +39,7 @@ from ._validation import (
     group_lists,
     real,
 )
+from ._warnings import warn
 from .checkpoint import IDLE as _IDLE
 from .checkpoint import PERTURBED as _PERTURBED
 from .checkpoint import RESTORED as _RESTORED
@@ -56,51 +57,6 @@ from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, ma
 
 _NO_FIRST_STEP = ("{what}: no first_step() was taken in this step (the weights were never perturbed); "
                   "call first_step() after the first backward, or step(closure)")
-_NORM_DOWN = 2.0 ** -600
-"""What float64 gradients are multiplied by (exactly: a power of two) where their squares overflow the
-norm's float64 sum: ``|g| ≤ 1.8e308`` becomes ``≤ 4.3e127``, whose square is below ``1.9e255``."""
-
-
-@dataclass
-class _Partition:
-    """The segments of one parameter group on one device with one scale precision (float64 for float64
-    segments, float32 for the others: the op contract). They share a ``perturb_`` call, merged with the
-    partitions of any other group that has the same ``rho`` and ``adaptive`` at that step."""
-
-    group: int
-    device: torch.device
-    precision: torch.dtype
-    index: list[int] | None  # its segments' places in the segment order; None: all of them, in order
-    weights: list[torch.Tensor]
-    words: list[torch.Tensor | None]
-    offsets: list[torch.Tensor | None]
-    backups: list[torch.Tensor]
-
-    def perturb_args(self, grads: list[torch.Tensor]) -> list[list[Any]]:
-        """``perturb_``'s lists ``W, G, mask, offsets, backup`` with this step's gradients."""
-        picked = grads if self.index is None else [grads[i] for i in self.index]
-        return [self.weights, picked, self.words, self.offsets, self.backups]
-
-
-@dataclass
-class _StepLists:
-    """The arguments of the step's list ops that do not change between steps, built once and reused
-    until what they were built from changes: the segments (``layout.version``: add_param_group), the
-    masks and the backups (every change installs new lists and drops these, so that they never keep
-    replaced backups alive, see :meth:`SSAM._set_masks` and :meth:`SSAM._apply`; also compared by
-    identity) and the groups' ``adaptive``. ``rho`` is read at each step (a schedule may change it).
-    Only the gradients are gathered per step."""
-
-    version: int
-    masks: list[Mask] | None
-    backups: list[torch.Tensor]
-    adaptive: list[bool]
-    norm_weights: list[torch.Tensor | None]  # grad_sq_norm's W: the weights of adaptive groups
-    partitions: list[_Partition]
-    weights: list[torch.Tensor]  # restore_'s lists, every segment in order
-    words: list[torch.Tensor | None]
-    offsets: list[torch.Tensor | None]
-    wide: list[int]  # the float64 segments: the only ones whose squared gradients can overflow the norm
 
 
 @dataclass
@@ -116,8 +72,14 @@ class _RunState:
     backups: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
     fresh_grad: bool = False  # a gradient accumulated since the last zero_grad() or step
-    lists: _StepLists | None = None  # SSAM._step_lists; dropped where the masks or backups are replaced
+    lists: _step.StepListCache = field(default_factory=_step.StepListCache)
     stepping: dict[str, int] = field(default_factory=dict)  # who is inside a step method (SSAM._one_thread)
+
+    def install(self, masks: list[Mask] | None, backups: list[torch.Tensor]) -> None:
+        """The masks (None: dense, or not built yet) and their backups; the one place they are replaced,
+        so the cached step lists, which hold the old ones, are dropped here."""
+        self.masks, self.backups = masks, backups
+        self.lists.invalidate()
 
 
 def _grad_arrived(run: _RunState, segment: Segment | None, index: int, param: torch.Tensor) -> None:
@@ -287,7 +249,8 @@ class SSAM(torch.optim.Optimizer):
     def _restart_masks(self) -> None:
         """After K changed: the mask is built again by the policy's ``initial`` at the next first_step."""
         run = self._run
-        run.started, run.masks, run.pending, run.backups, run.lists = False, None, None, [], None
+        run.started, run.pending = False, None
+        run.install(None, [])
 
     def _check_params(self) -> None:
         """Host-side checks at each first_step: parameters moved since they were laid out are followed
@@ -300,12 +263,10 @@ class SSAM(torch.optim.Optimizer):
                      for i, p in enumerate(group["params"])}
             names = ", ".join(f"group {where[id(p)][0]} index {where[id(p)][1]} (shape {tuple(p.shape)})"
                               for p in unfrozen if id(p) in where)
-            warnings.warn(f"SSAM: {len(unfrozen)} parameter(s) were frozen when the optimizer was built and "
-                          f"require a gradient now ({names}); the base optimizer steps them but SSAM does "
-                          "not perturb them. To perturb them, build the optimizer over the trainable "
-                          "parameters only and add the unfrozen ones with opt.add_param_group({'params': "
-                          "...}), or rebuild the optimizer after unfreezing", UserWarning,
-                          stacklevel=5)  # the caller of first_step, past its two decorators
+            warn(f"SSAM: {len(unfrozen)} parameter(s) were frozen when the optimizer was built and require a "
+                 f"gradient now ({names}); the base optimizer steps them but SSAM does not perturb them. To "
+                 "perturb them, build the optimizer over the trainable parameters only and add the unfrozen "
+                 "ones with opt.add_param_group({'params': ...}), or rebuild the optimizer after unfreezing")
 
     @property
     def live_count(self) -> int:
@@ -389,39 +350,13 @@ class SSAM(torch.optim.Optimizer):
         """Install masks (None: dense) and size the compact backups to each segment's live count."""
         sizes = ([s.numel for s in self.layout.segments] if masks is None
                  else [int(offsets[-1]) for _, offsets in masks])
-        self._run.lists = None  # it holds the old masks and backups: free them now, not at the next step
-        self._run.masks = masks
-        self._run.backups = [torch.empty(n, dtype=s.dtype, device=s.device)
-                             for n, s in zip(sizes, self.layout.segments, strict=True)]
+        self._run.install(masks, [torch.empty(n, dtype=s.dtype, device=s.device)
+                                  for n, s in zip(sizes, self.layout.segments, strict=True)])
 
-    def _segment_masks(self) -> list[Mask] | list[tuple[None, None]]:
-        """``(words, offsets)`` per segment; ``(None, None)`` everywhere when dense."""
-        return self._run.masks or [(None, None)] * len(self.layout.segments)
-
-    def _step_lists(self) -> _StepLists:
-        """The step's cached op lists (:class:`_StepLists`), rebuilt first if what they hold changed."""
-        run, layout = self._run, self.layout
-        adaptive = [group["adaptive"] for group in self.param_groups]
-        lists = run.lists
-        if (lists is not None and lists.version == layout.version and lists.masks is run.masks
-                and lists.backups is run.backups and lists.adaptive == adaptive):
-            return lists
-        segments = layout.segments
-        masks = self._segment_masks()
-        weights, words, offsets = [s.weight for s in segments], [m for m, _ in masks], [o for _, o in masks]
-        where: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
-        for i, segment in enumerate(segments):
-            precision = torch.float64 if segment.dtype == torch.float64 else torch.float32
-            where.setdefault((segment.group, segment.device, precision), []).append(i)
-        partitions = [
-            _Partition(group, device, precision, None if len(index) == len(segments) else index,
-                       *([items[i] for i in index] for items in (weights, words, offsets, run.backups)))
-            for (group, device, precision), index in where.items()]
-        run.lists = _StepLists(layout.version, run.masks, run.backups, adaptive,
-                               [s.weight if adaptive[s.group] else None for s in segments], partitions,
-                               weights, words, offsets,
-                               [i for i, s in enumerate(segments) if s.dtype == torch.float64])
-        return run.lists
+    def _step_lists(self) -> _step.StepLists:
+        """The step's list-op arguments but the gradients (:class:`~ssam_kernels._step.StepListCache`)."""
+        run, adaptive = self._run, [group["adaptive"] for group in self.param_groups]
+        return run.lists.get(self.layout, run.masks, run.backups, adaptive)
 
     def _start(self) -> None:
         """Build the initial mask, before the first perturbation."""
@@ -499,8 +434,10 @@ class SSAM(torch.optim.Optimizer):
                 run.pending = self._policy_masks(policy.refresh, run.steps + 1)
             if segments:
                 lists = self._step_lists()
-                run.grad_norm = self._grad_norm(grads, lists)
-                self._perturb(self._perturb_calls(grads, lists, options))
+                run.grad_norm = _step.grad_norm(grads, lists, device=segments[0].device, comm=self.comm,
+                                                backend=self.backend)
+                calls = _step.perturb_calls(grads, lists, options, run.grad_norm, self.eps)
+                _step.perturb(calls, backend=self.backend, modified=self.layout.mark_modified)
             run.phase = _PERTURBED
             if zero_grad:
                 self.zero_grad()
@@ -525,66 +462,6 @@ class SSAM(torch.optim.Optimizer):
             options.append((group["rho"], group["adaptive"]))
         return options
 
-    def _grad_norm(self, grads: list[torch.Tensor], lists: _StepLists) -> torch.Tensor:
-        """``||g||`` (ASAM: ``|| |w| ⊙ g ||``) over every perturbed entry, float64 on the first segment's
-        device. The float64 sum of squares overflows only for float64 gradients past ~1e154 (fp32 ones stay
-        below 1e77 each): where it does, the float64 segments' gradients are scaled by 2^-600 (exact) and
-        the sum taken again, so that every finite gradient gets its finite norm. Telling needs a host
-        read of the sum, made only when a float64 segment exists (free on CPU, a synchronisation on GPUs)."""
-        total = self._sq_sum(grads, lists.norm_weights)
-        if not lists.wide or not bool(torch.isinf(total)):
-            return total.sqrt()
-        scaled = self._sq_sum([grads[i] * _NORM_DOWN for i in lists.wide],
-                              [lists.norm_weights[i] for i in lists.wide])
-        narrow = [i for i in range(len(grads)) if i not in lists.wide]
-        if narrow:  # the other segments' squares, on the same scale (they do not overflow)
-            scaled += self._sq_sum([grads[i] for i in narrow], [lists.norm_weights[i] for i in narrow]) * (
-                _NORM_DOWN * _NORM_DOWN)
-        return scaled.sqrt() / _NORM_DOWN
-
-    def _sq_sum(self, grads: list[torch.Tensor], weights: list[torch.Tensor | None]) -> torch.Tensor:
-        """``ops.grad_sq_norm`` of the lists (one list op), summed over the ranks when sharded."""
-        total = ops.grad_sq_norm(grads, weights, backend=self.backend).to(self.layout.segments[0].device)
-        if self.comm is not None:
-            self.comm.all_reduce_(total)
-        return total
-
-    def _perturb_calls(self, grads: list[torch.Tensor], lists: _StepLists, options: list[tuple[float, bool]]
-                       ) -> list[tuple[list[list[Any]], torch.Tensor, bool]]:
-        """The step's ``perturb_`` calls ``(W, G, mask, offsets, backup), scale, adaptive``: one per (rho,
-        adaptive, device, precision), the segments sharing a scale. ``rho / eps < 1e38`` (checked), so the
-        scale ``rho / (||g|| + eps)`` is finite in float32 for every gradient; a non-finite norm gives a
-        non-finite scale, which perturb_ treats as "leave W as it is" (the step is skipped, the backup
-        still written)."""
-        calls: dict[tuple[float, bool, torch.device, torch.dtype], list[_Partition]] = {}
-        for part in lists.partitions:
-            rho, adaptive = options[part.group]
-            calls.setdefault((rho, adaptive, part.device, part.precision), []).append(part)
-        prepared = []
-        for (rho, adaptive, device, precision), parts in calls.items():
-            scale = (rho / (self._run.grad_norm + self.eps)).to(device, precision)
-            args = parts[0].perturb_args(grads) if len(parts) == 1 else [
-                list(itertools.chain.from_iterable(items))
-                for items in zip(*(part.perturb_args(grads) for part in parts), strict=True)]
-            prepared.append((args, scale, adaptive))
-        return prepared
-
-    def _perturb(self, calls: list[tuple[list[list[Any]], torch.Tensor, bool]]) -> None:
-        """Run the ``perturb_`` calls; if one raises, restore what the calls before it perturbed (each
-        list op checks all its arguments before it writes) and re-raise."""
-        done: list[list[list[Any]]] = []
-        try:
-            for args, scale, adaptive in calls:
-                ops.perturb_(*args, scale, adaptive, backend=self.backend)
-                done.append(args)
-        except BaseException:
-            for W, _, words, offsets, backups in reversed(done):
-                ops.restore_(W, words, offsets, backups, backend=self.backend)
-            raise
-        finally:
-            if done:
-                self.layout.mark_modified()
-
     @torch.compiler.disable
     @torch.no_grad()
     def unperturb(self) -> None:
@@ -593,8 +470,7 @@ class SSAM(torch.optim.Optimizer):
             run = self._run
             if run.phase != _PERTURBED:
                 return
-            lists = self._step_lists()
-            ops.restore_(lists.weights, lists.words, lists.offsets, run.backups, backend=self.backend)
+            _step.restore(self._step_lists(), backend=self.backend)
             self.layout.mark_modified()
             run.phase = _RESTORED
 
@@ -803,15 +679,14 @@ class SSAM(torch.optim.Optimizer):
         if loaded.policy_state is not None and self.policy is not None:
             self.policy.load_state_dict(loaded.policy_state)
         run = self._run
-        run.lists = None  # built from the masks and backups replaced here
         run.steps, run.phase, run.started = loaded.steps, loaded.phase, loaded.started
         run.pending, run.grad_norm, run.fresh_grad = loaded.pending, None, False
-        if loaded.started:
+        if loaded.backups is not None:
+            run.install(loaded.masks, loaded.backups)
+        elif loaded.started:
             self._set_masks(loaded.masks)
         else:
-            run.masks, run.backups = None, []
-        if loaded.backups is not None:
-            run.backups = loaded.backups
+            run.install(None, [])
 
     def load_ssam_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`ssam_state_dict` saved. Everything is checked first (see
@@ -875,14 +750,13 @@ class SSAM(torch.optim.Optimizer):
 
 class SAM(SSAM):
     """Dense SAM (``adaptive=True``: ASAM) through the same kernels, with no mask overhead:
-    ``e = rho · g / (||g|| + eps)`` on every entry of the perturbed groups."""
+    ``e = rho · g / (||g|| + eps)`` on every entry of the perturbed groups. Takes :class:`SSAM`'s
+    arguments but ``sparsity`` and ``mask`` (always 0 and none)."""
 
     def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer, rho: float = 0.05,
-                 *positional: Any, adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
-                 layout: str = "auto", distributed: str = "auto", process_group: Any = None,
-                 sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
-                 **base_kwargs: Any) -> None:
-        check_keyword_only(type(self).__name__, positional)
-        super().__init__(params, base_optimizer, rho=rho, sparsity=0.0, mask=None, adaptive=adaptive, eps=eps,
-                         backend=backend, layout=layout, distributed=distributed, process_group=process_group,
-                         sync_perturbation=sync_perturbation, ddp_model=ddp_model, **base_kwargs)
+                 *positional: Any, **kwargs: Any) -> None:
+        for fixed in ("sparsity", "mask"):
+            if fixed in kwargs:
+                raise TypeError(f"SAM() got {fixed}={kwargs[fixed]!r}: SAM perturbs every entry; use SSAM "
+                                "for a sparse mask")
+        super().__init__(params, base_optimizer, rho, *positional, sparsity=0.0, mask=None, **kwargs)

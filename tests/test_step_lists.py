@@ -93,34 +93,34 @@ def test_step_lists_are_reused_and_rebuilt_exactly_when_their_inputs_change(layo
     model = Net()
     opt = make_opt(model, layout)
     checked_step(opt, model, 0)
-    lists = opt._run.lists
+    lists = opt._run.lists.built
     checked_step(opt, model, 1)
-    assert opt._run.lists is lists  # nothing changed: reused
+    assert opt._run.lists.built is lists  # nothing changed: reused
 
     opt.param_groups[1]["rho"] = 0.05  # a rho schedule: read at each step, the lists stay
     model.loss(2).backward()
     opt.first_step()
-    assert opt._run.lists is lists
+    assert opt._run.lists.built is lists
     opt.unperturb()
     opt.zero_grad()
     checked_step(opt, model, 2)  # the third step: the mask is refreshed after it, the lists dropped
-    assert opt._run.lists is None
+    assert opt._run.lists.built is None
     checked_step(opt, model, 3)  # the refreshed mask is in force
-    assert opt._run.lists is not None and opt._run.lists is not lists
-    lists = opt._run.lists
+    assert opt._run.lists.built is not None and opt._run.lists.built is not lists
+    lists = opt._run.lists.built
 
     opt.param_groups[0]["adaptive"] = True  # ASAM's norm needs the weights: rebuilt
     checked_step(opt, model, 4)
-    assert opt._run.lists is not lists
+    assert opt._run.lists.built is not lists
     opt.param_groups[0]["adaptive"] = False
 
     current = opt.get_mask()  # all entries rolled by one: another mask with the same count
     rolled = torch.cat([m.reshape(-1) for m in current]).roll(1).split([m.numel() for m in current])
     flipped = [r.reshape(m.shape) for r, m in zip(rolled, current, strict=True)]
-    lists = opt._run.lists
+    lists = opt._run.lists.built
     opt.set_mask(flipped)
     checked_step(opt, model, 5)  # checks that the perturbation follows the mask set
-    assert opt._run.lists is not lists
+    assert opt._run.lists.built is not lists
 
     state = io.BytesIO()
     torch.save(opt.state_dict(), state)  # 6 steps done, the mask refreshed after the 6th
@@ -130,16 +130,16 @@ def test_step_lists_are_reused_and_rebuilt_exactly_when_their_inputs_change(layo
     assert not all(torch.equal(a, b) for a, b in zip(opt.get_mask(), saved_mask, strict=True))
     opt.load_state_dict(torch.load(io.BytesIO(state.getvalue()), weights_only=False))
     assert all(torch.equal(a, b) for a, b in zip(opt.get_mask(), saved_mask, strict=True))
-    lists = opt._run.lists
+    lists = opt._run.lists.built
     checked_step(opt, model, 9)  # with the loaded mask
-    assert opt._run.lists is not lists
+    assert opt._run.lists.built is not lists
 
     extra = nn.Parameter(torch.randn(4, 2))
     opt.add_param_group({"params": [extra], "rho": 0.3})
     extra.grad = torch.randn(4, 2)  # the loss does not use it: its gradient is given by hand
-    lists = opt._run.lists
+    lists = opt._run.lists.built
     checked_step(opt, model, 10)
-    assert opt._run.lists is not lists
+    assert opt._run.lists.built is not lists
     assert any(p is extra for s in opt.layout.segments for p in s.params)
 
 
@@ -183,7 +183,7 @@ def test_parameters_rebound_after_the_lists_are_built_are_followed(layout, how):
     for step in range(2):
         for model, opt in zip((moved, still), opts, strict=True):
             checked_step(opt, model, step)
-    lists = opts[0]._run.lists
+    lists = opts[0]._run.lists.built
     if how == "module_to":
         moved.to("cpu:0")
     else:
@@ -192,7 +192,7 @@ def test_parameters_rebound_after_the_lists_are_built_are_followed(layout, how):
     for step in range(2, 5):
         for model, opt in zip((moved, still), opts, strict=True):
             checked_step(opt, model, step)
-    assert opts[0]._run.lists is not lists  # refreshed after step 3 (interval 3)
+    assert opts[0]._run.lists.built is not lists  # refreshed after step 3 (interval 3)
     for p, q in zip(moved.parameters(), still.parameters(), strict=True):
         assert torch.equal(p, q)
     for segment in opts[0].layout.segments:

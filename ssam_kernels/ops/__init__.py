@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 import torch
 
+from .._warnings import warn
 from . import bitmask, reference, selfcheck
 
 try:
@@ -157,9 +157,9 @@ def _warn_fallback(device_type: str, unavailable: str | None, failed: str | None
         fix = (f"no compiled backend ({unavailable}). To fix: "
                f"{'pip install triton, or ' if device_type == 'cuda' else ''}build the extension with pip "
                "install --no-build-isolation . (docs/building.md)")
-    warnings.warn(f"ssam_kernels: backend='auto' runs the pure-PyTorch 'vectorized' backend on "
-                  f"{device_type} tensors, which is several times slower: {fix}. Pass "
-                  "backend='vectorized' to choose it and silence this warning.", stacklevel=3)
+    warn(f"ssam_kernels: backend='auto' runs the pure-PyTorch 'vectorized' backend on {device_type} tensors, "
+         f"which is several times slower: {fix}. Pass backend='vectorized' to choose it and silence this "
+         "warning.")
 
 
 def available_backends() -> dict[str, list[str]]:

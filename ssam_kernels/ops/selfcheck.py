@@ -18,12 +18,12 @@ when it is built, and a call made while ``torch.compile`` traces is not checked.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
+from .._warnings import warn
 from . import bitmask, select
 
 ENV_VAR = "SSAM_KERNELS_SELFCHECK"
@@ -56,7 +56,7 @@ def verdict(name: str, load: Callable[[], ModuleType], device: torch.device, dty
             f"ssam_kernels self-check: backend {name!r} on {_describe(device)} gives wrong results for "
             f"{problem} ({dtype}); it is not used there")
         if known is not None:
-            warnings.warn(known, RuntimeWarning, stacklevel=4)
+            warn(known, RuntimeWarning)
     return known
 
 
