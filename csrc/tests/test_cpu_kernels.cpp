@@ -15,18 +15,11 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-int failures = 0;
-
-#define EXPECT(cond)                                                    \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                       \
-    }                                                                   \
-  } while (0)
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -266,10 +259,5 @@ int main(int argc, char** argv) {
   test_hash_fill();
   test_overlapping_arguments();
   test_bounded_arguments();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("all CPU kernel checks passed\n");
-  return 0;
+  return ssam_test::check_status("test_cpu_kernels");
 }

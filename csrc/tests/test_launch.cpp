@@ -6,24 +6,14 @@
 #include <vector>
 
 #include "../launch.h"
+#include "check.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT_EQ(a, b)                                                                      \
-  do {                                                                                       \
-    const long long got_ = (a), want_ = (b);                                                 \
-    if (got_ != want_) {                                                                     \
-      std::fprintf(stderr, "%s:%d: FAILED %s == %s (%lld != %lld)\n", __FILE__, __LINE__, #a, #b, got_, want_); \
-      ++failures;                                                                            \
-    }                                                                                        \
-  } while (0)
-
 void test_wave_grid() {
   using ssam::launch::wave_grid;
-  // An H100 (132 SMs) at 8 resident 256-thread blocks per SM: one wave is 1056 blocks, the old fixed
-  // 1024-block grid at 6 blocks per SM (792 resident) was 1.29 waves.
+  // An H100 (132 SMs) at 8 resident 256-thread blocks per SM: one wave is 1056 blocks; a fixed 1024-block
+  // grid at 6 blocks per SM (792 resident) would be 1.29 waves.
   EXPECT_EQ(wave_grid(132, 8, 1 << 26, 256), 1056);
   EXPECT_EQ(wave_grid(132, 6, 1 << 26, 256), 792);
   EXPECT_EQ(wave_grid(58, 6, int64_t{1} << 33, 8), 348);  // L4: never more than one wave
@@ -98,6 +88,5 @@ int main() {
   test_wave_grid();
   test_aligned16();
   test_warp_search();
-  if (failures == 0) std::printf("test_launch: all passed\n");
-  return failures == 0 ? 0 : 1;
+  return ssam_test::check_status("test_launch");
 }

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 1024
-"""Entries per offsets chunk (32 mask words)."""
-
-WORDS_PER_CHUNK = CHUNK // 32
+from .contract import CHUNK, WORDS_PER_CHUNK
 
 _BLOCK_WORDS = 1 << 20  # words per block in the helpers below (32 Mi entries)
 _BIT_WEIGHTS_CACHE: dict[torch.device, torch.Tensor] = {}

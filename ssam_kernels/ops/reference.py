@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 
 from . import _arith, bitmask
+from .contract import KEY_MASK, KEY_SIGN_BIT, NAN_KEY, hash_key, mix32
 
 BLOCK = 1 << 24
 """Entries per block of the blocked loops (a multiple of 32; tests shrink it to exercise the loop)."""
-
-_U32 = 0xFFFFFFFF
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,9 +101,9 @@ def score_keys(scores: torch.Tensor, largest: bool = True) -> torch.Tensor:
         x = scores.float()
         x = torch.where(x == 0, torch.zeros_like(x), x)
         bits = bitmask.to_uint(x.view(torch.int32))
-        keys = torch.where(bits >= 1 << 31, _U32 - bits, bits | (1 << 31))
-        keys = torch.where(torch.isnan(x), torch.zeros_like(keys), keys)
-    return keys if largest else _U32 - keys
+        keys = torch.where(bits >= KEY_SIGN_BIT, KEY_MASK - bits, bits | KEY_SIGN_BIT)
+        keys = torch.where(torch.isnan(x), torch.full_like(keys, NAN_KEY), keys)
+    return keys if largest else KEY_MASK - keys
 
 
 def _eligible(filter_words: torch.Tensor | None, filter_value: bool, start: int,
@@ -161,23 +160,6 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
     return words
 
 
-def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
-    """Chris Wellons' ``lowbias32`` finaliser: a bijection on 32-bit integers with strong avalanche."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _U32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _U32
-    return x ^ (x >> 16)
-
-
-HASH_GOLDEN = 0x9E3779B9
-
-
-def hash_key(seed: int, step: int) -> int:
-    """The per-update key of the growth hash: ``mix32(seed ^ mix32(step ^ 0x9E3779B9))``."""
-    return _mix32((seed & _U32) ^ _mix32((step & _U32) ^ HASH_GOLDEN))
-
-
 def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
     """The random-growth hash of entry positions ``j = base … base + n - 1``, as int32 bit patterns.
 
@@ -190,5 +172,5 @@ def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
         j = torch.arange(base + start, base + stop, dtype=torch.int64, device=device)
-        out[start:stop] = bitmask.to_int32(_mix32((j & _U32) ^ _mix32((j >> 32) ^ key)))
+        out[start:stop] = bitmask.to_int32(mix32((j & 0xFFFFFFFF) ^ mix32((j >> 32) ^ key)))
     return out

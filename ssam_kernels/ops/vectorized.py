@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _arith, bitmask
+from .contract import KEY_SIGN_BIT, MIX32_MULTIPLIERS, MIX32_SHIFTS, NAN_KEY, hash_key, mix32
 from .reference import grad_sq_norm  # noqa: F401  (its fixed order is already written for speed)
 
 CHUNK_ENTRIES = 1 << 16
@@ -350,7 +351,7 @@ def _signed_keys(scores: torch.Tensor, largest: bool) -> torch.Tensor:
     """``reference.score_keys`` with its top bit flipped, as int32: signed order = unsigned key order.
 
     For a float (as its fp32 value, ``-0.0`` made ``+0.0``) with bits ``b``: ``b`` when ``b >= 0``,
-    ``b ^ 0x7FFFFFFF`` when negative, INT_MIN for NaN; an int32 score ``x`` gives ``x ^ INT_MIN``.
+    ``b ^ 0x7FFFFFFF`` when negative, ``NAN_KEY - 2^31`` for NaN; an int32 score ``x`` gives ``x ^ INT_MIN``.
     ``largest=False`` complements the key.
     """
     if scores.dtype == torch.int32:
@@ -358,14 +359,14 @@ def _signed_keys(scores: torch.Tensor, largest: bool) -> torch.Tensor:
     else:
         x = scores.to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0; a new tensor, never the caller's
         bits = x.view(torch.int32)
-        keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        keys.masked_fill_(torch.isnan(x), _INT_MIN)
+        keys = bits ^ ((bits >> 31) & (KEY_SIGN_BIT - 1))
+        keys.masked_fill_(torch.isnan(x), NAN_KEY - KEY_SIGN_BIT)
     return keys if largest else keys.bitwise_not_()
 
 
 def _to_signed(key: torch.Tensor) -> torch.Tensor:
     """An int64 0-d unsigned key in ``[0, 2^32)`` as the int32 signed key (on the device)."""
-    return (key - (1 << 31)).to(torch.int32)
+    return (key - KEY_SIGN_BIT).to(torch.int32)
 
 
 @dataclass
@@ -510,25 +511,24 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
 def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
     """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
     (``reference.hash_scores``: the same unsigned 32-bit arithmetic, here in int64 lanes)."""
-    from .reference import _mix32, hash_key
-
     key = hash_key(seed, step)
     out = torch.empty(n, dtype=torch.int32, device=device)
     u32 = 0xFFFFFFFF
+    (s0, s1, s2), (m0, m1) = MIX32_SHIFTS, MIX32_MULTIPLIERS
     for start in _chunks(n):
         stop = min(start + CHUNK_ENTRIES, n)
         first, last = base + start, base + stop - 1
         j = torch.arange(first, last + 1, dtype=torch.int64, device=device)
         if first >> 32 == last >> 32:  # one high word in the chunk: its mix is a host constant
-            x = (j & u32) ^ _mix32((first >> 32) ^ key)
+            x = (j & u32) ^ mix32((first >> 32) ^ key)
         else:
-            x = (j & u32) ^ _mix32((j >> 32) ^ key)
-        x ^= x >> 16
-        x *= 0x7FEB352D
+            x = (j & u32) ^ mix32((j >> 32) ^ key)
+        x ^= x >> s0  # mix32 in place
+        x *= m0
         x &= u32
-        x ^= x >> 15
-        x *= 0x846CA68B
+        x ^= x >> s1
+        x *= m1
         x &= u32
-        x ^= x >> 16
+        x ^= x >> s2
         out[start:stop] = x.to(torch.int32)  # int64 -> int32 keeps the low 32 bits
     return out

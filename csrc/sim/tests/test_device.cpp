@@ -12,20 +12,11 @@
 
 #include "cuda/common.cuh"
 #include "cuda/element.cuh"
+#include "tests/check.h"
 
 namespace {
 
 using namespace ssam;
-
-int failures = 0;
-
-#define EXPECT(cond)                                                                \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond);        \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 struct Tensor {
   const char* name;
@@ -275,10 +266,5 @@ int main() {
   test_warps_with_different_trip_counts();
   test_element_kernel();
   test_checker();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d failure(s)\n", failures);
-    return 1;
-  }
-  std::printf("all passed\n");
-  return 0;
+  return ssam_test::check_status("test_device");
 }

@@ -2,7 +2,7 @@
 
 ``h(seed, step, j) = mix32(lo32(j) ^ mix32(hi32(j) ^ hash_key(seed, step)))`` with ``mix32`` the
 ``lowbias32`` finaliser, in uint32 arithmetic (multiplications wrap modulo 2^32). The per-update key is
-computed on the host by ``reference.hash_key``; positions ``j`` are int64.
+computed on the host by ``contract.hash_key``; positions ``j`` are int64.
 """
 
 from __future__ import annotations
@@ -11,19 +11,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import hash_key
+from ..contract import MIX32_MULTIPLIERS, MIX32_SHIFTS, hash_key
 from . import _config
 from ._config import CONFIG, cdiv, launch_options
+
+_S0, _S1, _S2 = (tl.constexpr(s) for s in MIX32_SHIFTS)
+_M0, _M1 = (tl.constexpr(m) for m in MIX32_MULTIPLIERS)
 
 
 @triton.jit
 def _mix32(x):
     """``lowbias32`` on uint32 values."""
-    x ^= x >> 16
-    x *= 0x7FEB352D
-    x ^= x >> 15
-    x *= 0x846CA68B
-    x ^= x >> 16
+    x ^= x >> _S0
+    x *= _M0
+    x ^= x >> _S1
+    x *= _M1
+    x ^= x >> _S2
     return x
 
 

@@ -30,11 +30,13 @@ import triton
 import triton.language as tl
 
 from ..bitmask import check_offsets, num_chunks
+from ..contract import WORDS_PER_CHUNK
 from . import _config
 from ._config import CONFIG, launch_table
 from ._math import load_scale, perturbed
 
 _ALIGN = tl.constexpr(_config.ALIGN)
+_WORDS_PER_CHUNK = tl.constexpr(WORDS_PER_CHUNK)
 
 
 @triton.jit
@@ -75,7 +77,7 @@ def _tile_entries(mask_ptr, offsets_ptr, N, CAPACITY, tile, HAS_MASK: tl.constex
     ``full``: some / every entry of the entry's group selected. The two are constant across a group, so
     accesses masked by them are whole-group vector accesses. Last, ``(bits, before, low, high)``, the
     word data :func:`_tail_entries` reuses (dense: unused zeros)."""
-    ROWS: tl.constexpr = CHUNKS * 32  # a chunk of 1024 entries is 32 words
+    ROWS: tl.constexpr = CHUNKS * _WORDS_PER_CHUNK
     GROUPS: tl.constexpr = 32 // VEC
     start = tile * (ROWS * 32)
     room = tl.minimum(N - start, ROWS * 32).to(tl.int32)  # entries of the tile below N (> 0)

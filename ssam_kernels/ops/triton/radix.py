@@ -36,9 +36,14 @@ import triton
 import triton.language as tl
 
 from ..bitmask import num_words
+from ..contract import CHUNK, KEY_SIGN_BIT, NAN_KEY
 from . import _config
 from ._config import CONFIG, cdiv, launch_table, persistent_programs
 from ._convert import to_float32
+
+_CHUNK = tl.constexpr(CHUNK)
+_KEY_SIGN_BIT = tl.constexpr(KEY_SIGN_BIT)
+_NAN_KEY = tl.constexpr(NAN_KEY)
 
 
 @triton.jit
@@ -53,8 +58,8 @@ def _score_keys(scores_ptr, filter_ptr, index, N, LARGEST: tl.constexpr, INT_SCO
         x = to_float32(tl.load(scores_ptr + index, mask=eligible, other=0.0))
         x = tl.where(x == 0.0, 0.0, x)  # -0.0 == +0.0: one key for both
         b = x.to(tl.uint32, bitcast=True)
-        key = tl.where(b >= 0x80000000, ~b, b | 0x80000000)
-        key = tl.where(x != x, tl.zeros_like(key), key)  # NaN below every number
+        key = tl.where(b >= _KEY_SIGN_BIT, ~b, b | _KEY_SIGN_BIT)
+        key = tl.where(x != x, tl.full(key.shape, _NAN_KEY, tl.uint32), key)  # NaN below every number
     if not LARGEST:
         key = ~key
     if HAS_FILTER:
@@ -183,7 +188,7 @@ def _bucket_mask_kernel(table_ptr, ENTRIES_AT, scores_like, prefix_ptr, candidat
     tl.store(words_ptr + word, packed.to(tl.int32, bitcast=True), mask=word * 32 < n)
     per_part = tl.sum(tl.reshape(tl.sum(selected.to(tl.int32), axis=1), (BLOCK // PART, PART // 32)), axis=1)
     part_start = tile * BLOCK + tl.arange(0, BLOCK // PART) * PART
-    tl.atomic_add(counts_ptr + part_start // 1024, per_part, mask=part_start < n)
+    tl.atomic_add(counts_ptr + part_start // _CHUNK, per_part, mask=part_start < n)
     undecided = (eligible & (high == bucket)).to(tl.int32)
     found = tl.sum(tl.sum(undecided, axis=1), axis=0)
     if found > 0:
@@ -294,4 +299,4 @@ def bucket_mask_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: i
     with _config.on_device(scores[0]):
         _config.launch(_bucket_mask_kernel, (rows,), table, entries_at, scores[0], prefix, candidates,
                        candidates.numel(), cursor, SHIFT=shift, BLOCK=CONFIG.block,
-                       PART=min(CONFIG.block, 1024), **_key_flags(scores[0], largest, filters, filter_value))
+                       PART=min(CONFIG.block, CHUNK), **_key_flags(scores[0], largest, filters, filter_value))

@@ -1,0 +1,72 @@
+"""The constants of the op contract (docs/DESIGN.md, "Mask format" and "The op contract"), defined once for
+the Python backends: the reference, vectorized and Triton backends import them from here. The C++ and CUDA
+kernels still spell the same numbers in csrc/ (ssam_math.h, cpu.cpp, cuda/*.cuh); the parity tests hold
+every backend to them. Plain Python without torch.
+
+``tests/oracles.py`` writes the same numbers again on purpose: the tests check the backends against the
+documented contract, so a change here that every backend follows still fails them.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+# ---------------------------------------------------------------------------------------------------
+# The mask format
+# ---------------------------------------------------------------------------------------------------
+
+CHUNK = 1024
+"""Entries per offsets chunk: ``offsets[c]`` counts the set bits of entries ``[0, c · CHUNK)``."""
+
+WORDS_PER_CHUNK = CHUNK // 32
+"""int32 mask words per chunk (entry ``i`` is bit ``i % 32`` of word ``i // 32``); the native CUDA kernels
+give each of a warp's 32 lanes one word of a chunk."""
+
+# ---------------------------------------------------------------------------------------------------
+# Score keys of the selection: the order-preserving unsigned 32-bit image of a score
+# ---------------------------------------------------------------------------------------------------
+
+KEY_BITS = 32
+"""Bits of a score key."""
+
+KEY_MASK = (1 << KEY_BITS) - 1
+"""All key bits: ``largest=False`` maps a key to ``KEY_MASK - key`` (its complement)."""
+
+KEY_SIGN_BIT = 1 << (KEY_BITS - 1)
+"""A float score's fp32 bit pattern ``b``: key ``b | KEY_SIGN_BIT`` when the sign bit (this one) is clear,
+``~b`` when it is set, so that unsigned key order is numeric order."""
+
+NAN_KEY = 0
+"""The key of a NaN score: below every number."""
+
+# ---------------------------------------------------------------------------------------------------
+# The random-growth hash: h(seed, step, j) = mix32(lo32(j) ^ mix32(hi32(j) ^ hash_key(seed, step)))
+# ---------------------------------------------------------------------------------------------------
+
+MIX32_SHIFTS = (16, 15, 16)
+MIX32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+"""Chris Wellons' ``lowbias32`` finaliser ``mix32``: ``x ^= x >> s0; x *= m0; x ^= x >> s1; x *= m1;
+x ^= x >> s2`` on unsigned 32-bit integers (products modulo 2^32), a bijection with strong avalanche."""
+
+HASH_STEP_SALT = 0x9E3779B9
+"""The per-update key of the growth hash: ``hash_key(seed, step) = mix32(seed ^ mix32(step ^ salt))``."""
+
+_U32 = (1 << 32) - 1
+_Uint32s = TypeVar("_Uint32s")  # a Python int, or an int64 tensor of values in [0, 2^32)
+
+
+def mix32(x: _Uint32s) -> _Uint32s:
+    """``lowbias32`` of ``x`` in ``[0, 2^32)``: a Python int, or element-wise an int64 tensor."""
+    s0, s1, s2 = MIX32_SHIFTS
+    m0, m1 = MIX32_MULTIPLIERS
+    x = x ^ (x >> s0)
+    x = (x * m0) & _U32
+    x = x ^ (x >> s1)
+    x = (x * m1) & _U32
+    return x ^ (x >> s2)
+
+
+def hash_key(seed: int, step: int) -> int:
+    """The per-update key of the growth hash: ``mix32(seed ^ mix32(step ^ HASH_STEP_SALT))`` of the low 32
+    bits of ``seed`` and ``step``."""
+    return mix32((seed & _U32) ^ mix32((step & _U32) ^ HASH_STEP_SALT))
