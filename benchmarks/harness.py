@@ -185,7 +185,7 @@ def environment(device: torch.device, note: str = "") -> dict[str, Any]:
 def backends_for(device: torch.device, requested: str, log: Log) -> list[str]:
     """The backends to benchmark on ``device``: those of ``requested`` (comma-separated or ``all``) that
     :func:`ssam_kernels.available_backends` reports for the device type. Triton on CPU tensors only
-    runs in its interpreter, which is never benchmarked."""
+    runs in its interpreter and cuda_sim is a simulator: neither is ever benchmarked."""
     available = sk.available_backends()
     names = list(sk.ops.BACKENDS) if requested == "all" else [n.strip() for n in requested.split(",") if n]
     chosen = []
@@ -197,6 +197,8 @@ def backends_for(device: torch.device, requested: str, log: Log) -> list[str]:
             log.write(f"backend {name}: not available for {device.type} tensors here, skipped")
         elif name == "triton" and device.type == "cpu":
             log.write("backend triton: CPU tensors run only in the Triton interpreter, never benchmarked")
+        elif name == "cuda_sim":
+            log.write("backend cuda_sim: the CUDA kernels in a CPU simulator, for tests, never benchmarked")
         else:
             chosen.append(name)
     return chosen

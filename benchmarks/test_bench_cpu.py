@@ -15,7 +15,8 @@ from benchmarks import kernels
 
 N = 1 << 18
 SPARSITY = 0.5
-CPU_BACKENDS = [b for b, devices in sk.available_backends().items() if "cpu" in devices and b != "triton"]
+CPU_BACKENDS = [b for b, devices in sk.available_backends().items()
+                if "cpu" in devices and b not in ("triton", "cuda_sim")]  # interpreter and simulator
 CASES = kernels._cases(CPU_BACKENDS)
 
 
