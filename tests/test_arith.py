@@ -1,4 +1,4 @@
-"""The element-wise arithmetic of the op contract (issue 14: one correctly rounded fp32 fused multiply-add
+"""The element-wise arithmetic of the op contract (one correctly rounded fp32 fused multiply-add
 instead of float64), against exact rational arithmetic (``oracles.fma_exact`` and friends).
 
 First the PyTorch emulation of the fp32 FMA (``ops._arith.fma32``: float64 product, round-to-odd sum) on

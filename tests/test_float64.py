@@ -1,4 +1,4 @@
-"""float64 in every op and on every backend available on CPU (issue 13), against float64 transcriptions
+"""float64 in every op and on every backend available on CPU, against float64 transcriptions
 of the formulas (``oracles.perturb64`` etc.), at odd sizes.
 
 The contract for float64 tensors: the perturbation is evaluated in float64 with each operation rounded

@@ -1,4 +1,4 @@
-"""The list forms of the per-step ops (issue 15): ``grad_sq_norm``, ``perturb_``, ``restore_`` and
+"""The list forms of the per-step ops: ``grad_sq_norm``, ``perturb_``, ``restore_`` and
 ``fisher_accumulate_`` over lists of tensors, on every backend available on CPU, against the reference
 backend's single-tensor ops applied tensor by tensor (the oracle), bit for bit; validation once per list
 with errors naming the entry; and launches per step that do not grow with the number of parameters.

@@ -1,4 +1,4 @@
-"""The optimizer is never silently wrong (issue 12): PyTorch's gradient semantics, argument checks,
+"""The optimizer is never silently wrong: PyTorch's gradient semantics, argument checks,
 exact K, set_mask's count, meta and empty parameter sets, atomic and documented checkpoint loads, the
 closure conventions. Expected values come from plain PyTorch or from arithmetic written here."""
 

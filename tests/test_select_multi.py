@@ -1,4 +1,4 @@
-"""The list forms of the selection primitives (issue 15): ``radix_histogram_multi`` and
+"""The list forms of the selection primitives: ``radix_histogram_multi`` and
 ``threshold_mask_multi`` of every backend that has them, against the reference's single-segment
 primitives applied segment by segment (the oracle); ``select_topk`` / ``dynamic_update`` over lists of
 segments (mixed dtypes, ties, filters) against the reference backend; and calls / launches per mask

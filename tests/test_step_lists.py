@@ -1,5 +1,5 @@
 """The step's cached op lists (``SSAM._step_lists``) and the per-tensor layout's gradient gathering
-(``ParamLayout.grads``), issue 15: built once, reused while nothing they hold changes, rebuilt exactly
+(``ParamLayout.grads``): built once, reused while nothing they hold changes, rebuilt exactly
 when something does. Every step below is checked against a float64 re-computation of the perturbation
 from what is in force at that step (mask, rho, adaptive, gradients, the parameters' current storage),
 so a stale list shows as a wrong perturbation, not only as a changed cache object.

@@ -201,8 +201,8 @@ def _record_launches(monkeypatch: pytest.MonkeyPatch) -> tuple[set[str], list[tu
 
 
 def test_every_launch_runs_on_the_tensors_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Triton launches on the *current* CUDA device and stream: tensors on ``cuda:1`` would fail or race
-    (issue 14 item 2). Every launch must happen inside ``_config.on_device`` of the op's tensors."""
+    """Triton launches on the *current* CUDA device and stream: tensors on ``cuda:1`` would fail or race.
+    Every launch must happen inside ``_config.on_device`` of the op's tensors."""
     kernels, launches = _record_launches(monkeypatch)
     assert {name for name, _, _ in launches} == kernels
     for name, devices, _ in launches:
@@ -211,7 +211,7 @@ def test_every_launch_runs_on_the_tensors_device(monkeypatch: pytest.MonkeyPatch
 
 def test_no_launch_gets_a_python_float(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU JIT types a Python float argument fp32 while the interpreter keeps float64, so a float
-    ``alpha`` was rounded on the GPU only (issue 14 item 3): scalars travel as tensors or ints."""
+    ``alpha`` was rounded on the GPU only: scalars travel as tensors or ints."""
     kernels, launches = _record_launches(monkeypatch)
     assert {name for name, _, _ in launches} == kernels
     for name, _, arg_types in launches:

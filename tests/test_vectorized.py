@@ -154,7 +154,7 @@ def test_block_counts_match_offsets(n):
 
 
 # ------------------------------------------------------------------------------------------------
-# Memory safety (issue 12): bits past N ignored; nothing past backup.numel() read, written or changed
+# Memory safety: bits past N ignored; nothing past backup.numel() read, written or changed
 # ------------------------------------------------------------------------------------------------
 
 def _truncated(words: torch.Tensor, n: int, keep: int) -> torch.Tensor:
