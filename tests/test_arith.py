@@ -21,10 +21,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import fisher_exact, fma_exact, perturb64, perturb_exact, round_exact
 
 from ssam_kernels import ops
 from ssam_kernels.ops import _arith, bitmask
+from tests.oracles import fisher_exact, fma_exact, perturb64, perturb_exact, round_exact
 
 BACKENDS = [b for b in ops.BACKENDS if ops._unavailable(b, "cpu") is None]
 TINY = 2.0**-149  # smallest fp32 subnormal

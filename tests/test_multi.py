@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import native_op_counts, triton_launch_log
 
 import ssam_kernels as sk
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask
+from tests.helpers import native_op_counts, triton_launch_log
 
 FAST = [b for b in ("native", "triton") if ops._unavailable(b, "cpu") is None]
 ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

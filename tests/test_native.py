@@ -16,11 +16,11 @@ import torch
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, native, reference
 from ssam_kernels.ops.select import PASSES
+from tests.helpers import DTYPES
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason("cpu") is not None,
                                 reason=f"native backend unavailable: {native.unavailable_reason('cpu')}")
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 31, 33, 1023, 1025, 4999]
 SPARSITIES = [None, 0.0, 0.5, 0.9, 0.999, 1.0]  # None: dense (mask=None)
 DEVICES = [

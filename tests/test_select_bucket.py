@@ -14,12 +14,12 @@ import sys
 
 import pytest
 import torch
-from helpers import SCORE_DTYPES, cpu_backend, selection_scores
-from helpers import SEGMENT_SIZES as SIZES
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
 from ssam_kernels.ops.select import BUCKET_SHIFT, chunk_offsets, select_with_offsets
+from tests.helpers import SCORE_DTYPES, cpu_backend, selection_scores
+from tests.helpers import SEGMENT_SIZES as SIZES
 
 _scores = functools.partial(selection_scores, specials=True)  # specials whether or not tied
 

@@ -13,11 +13,11 @@ import weakref
 
 import pytest
 import torch
-from helpers import native_op_counts
 from torch import nn
 
 from ssam_kernels import SSAM, DynamicMask, ops
 from ssam_kernels.layout import ParamLayout, Segment
+from tests.helpers import native_op_counts
 
 EPS = 1e-12
 

@@ -25,6 +25,7 @@ import pytest
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
 from ssam_kernels.ops.select import PASSES
+from tests.helpers import DTYPES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _WHY = ops._unavailable("triton", DEVICE.type)
@@ -35,7 +36,6 @@ if _WHY is None:
     from ssam_kernels.ops.triton import _config
 
 SIZES = [0, 1, 31, 33, 1023, 1025, 5003]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
 # "gpu": the GPU launch configuration in the interpreter, at sizes that end mid-word, mid-vector and
 # mid-tile, with the partial last group alone in its tile (2051, 2056: a whole last group, a partial
