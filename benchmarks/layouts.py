@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backend", default="native", help="backend of ours (auto: what auto picks)")
     p.add_argument("--tensors", type=int, default=600)
     p.add_argument("--max-entries", type=int, default=4095,
-                   help="largest parameter (entries); sizes are uniform in 1..max (issue 15's GPU case, "
+                   help="largest parameter (entries); sizes are uniform in 1..max (the GPU case, "
                         "~100 M entries in 300 tensors: --tensors 300 --max-entries 670000)")
     p.add_argument("--shapes", choices=("1d", "mixed"), default="1d",
                    help="1d: every parameter 1-D; mixed: every second one 2-D (1, n)")

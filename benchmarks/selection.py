@@ -1,5 +1,5 @@
-"""Time of the selection ops of one mask refresh over many small segments (issue 15: the selection
-passes as list ops): ``select_topk`` (an SSAM-F / random-mask refresh) and ``dynamic_update`` (an SSAM-D
+"""Time of the selection ops of one mask refresh over many small segments (the selection passes
+as list ops): ``select_topk`` (an SSAM-F / random-mask refresh) and ``dynamic_update`` (an SSAM-D
 refresh: drop by ``|g|``, grow at random) over ``--segments`` float32 segments of 1 to 4095 entries (the
 per-tensor layout of a model with that many small parameters), ``k`` = half the entries.
 

@@ -551,7 +551,7 @@ class Violation(NamedTuple):
 
 
 def violations(records: Sequence[dict[str, Any]]) -> list[Violation]:
-    """Every missed target (issue 14):
+    """Every missed target:
 
     - no spills (every kernel);
     - streaming kernels use >= 64-bit global accesses: at least half of the bytes of their global

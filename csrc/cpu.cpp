@@ -37,7 +37,7 @@ constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block 
 // loops: on the VM we measure on, the hardware prefetcher alone kept too few lines in flight for one
 // core (the norm ran at 0.62-0.64x the speed of torch's sum over the same buffer, 0.93x with this; the
 // masked perturb_ ~7 % faster). The dense perturb_ and Fisher loops measured 2-5 % slower with it and
-// go without (benchmarks/NOTES.md, "CPU paths (issue 16)"). A prefetch is a hint that never faults and
+// go without (benchmarks/NOTES.md, "CPU paths"). A prefetch is a hint that never faults and
 // whose data the program never reads, so addresses past a buffer's end are harmless (they are formed as
 // integers: no pointer past the end is ever made).
 constexpr uintptr_t kPrefetchBytes = 4096;
@@ -660,7 +660,7 @@ void fisher_accumulate_multi_cpu(at::TensorList F, at::TensorList G, double alph
 // Selection primitives
 // ---------------------------------------------------------------------------------------------------
 
-// The list forms (issue 15) run every segment of the list in one parallel loop over tasks of at most
+// The list forms run every segment of the list in one parallel loop over tasks of at most
 // `grain` entries of one segment (32 | grain, so a task owns whole mask words); the single-segment ops are
 // lists of one.
 struct ScoreTask {

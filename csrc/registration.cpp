@@ -106,7 +106,7 @@ PyObject* first_invalid_entry(PyObject*, PyObject* args) {
   return PyLong_FromLong(result);
 }
 
-// The direct eager calls of perturb_multi_ / restore_multi_ on CPU (issue 15): torch.ops converts every
+// The direct eager calls of perturb_multi_ / restore_multi_ on CPU: torch.ops converts every
 // entry of every list argument (~800 instructions per tensor per list); these take the Python lists as
 // they are. They run only where the registered op would run its CPU kernel with nothing around it: every
 // tensor a plain CPU tensor (no subclass, fake, functional or batched tensor), no dispatch or torch-function

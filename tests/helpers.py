@@ -1,5 +1,5 @@
-"""Small helpers shared by the test files: weight snapshots, exact comparison, a seeded MLP, counters
-of native op calls and Triton launches, and the code blocks of the documentation."""
+"""Small helpers shared by the test files: the dtype lists, weight snapshots, exact comparison, a seeded
+MLP, counters of native op calls and Triton launches, and the code blocks of the documentation."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+"""The storage dtypes whose element-wise math runs in fp32 (the op contract)."""
+
+ALL_DTYPES = [*DTYPES, torch.float64]
+"""Every floating storage dtype (float64 computes in float64)."""
 _PYTHON_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
 
 

@@ -1,4 +1,4 @@
-"""The element-wise arithmetic of the op contract (issue 14: one correctly rounded fp32 fused multiply-add
+"""The element-wise arithmetic of the op contract (one correctly rounded fp32 fused multiply-add
 instead of float64), against exact rational arithmetic (``oracles.fma_exact`` and friends).
 
 First the PyTorch emulation of the fp32 FMA (``ops._arith.fma32``: float64 product, round-to-odd sum) on
@@ -21,10 +21,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import fisher_exact, fma_exact, perturb64, perturb_exact, round_exact
 
 from ssam_kernels import ops
 from ssam_kernels.ops import _arith, bitmask
+from tests.oracles import fisher_exact, fma_exact, perturb64, perturb_exact, round_exact
 
 BACKENDS = [b for b in ops.BACKENDS if ops._unavailable(b, "cpu") is None]
 TINY = 2.0**-149  # smallest fp32 subnormal

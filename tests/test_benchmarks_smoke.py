@@ -5,13 +5,10 @@ and Markdown structure so the scripts cannot rot. Timings are not checked."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
 
 pytest.importorskip("tqdm", reason="the benchmarks need the 'bench' extra")
 from benchmarks import kernels, layouts, step

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import seeded_mlp as make_model
 from torch import nn
 
 from ssam_kernels import SSAM, DynamicMask, FisherMask
+from tests.helpers import seeded_mlp as make_model
 
 STEPS = 6
 

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests import distributed_worker as worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, python_blocks
 from torch import nn
 
 import ssam_kernels as sk
+from tests.helpers import ROOT, python_blocks
 
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
          "benchmarks/README.md"]

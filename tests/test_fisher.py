@@ -9,13 +9,13 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as tf
-from helpers import doc_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from ssam_kernels import fisher
 from ssam_kernels.fisher import fisher_information
+from tests.helpers import doc_block
 
 # ----------------------------------------------------------------------------------------------------
 # Models, data and the oracle

@@ -1,4 +1,4 @@
-"""float64 in every op and on every backend available on CPU (issue 13), against float64 transcriptions
+"""float64 in every op and on every backend available on CPU, against float64 transcriptions
 of the formulas (``oracles.perturb64`` etc.), at odd sizes.
 
 The contract for float64 tensors: the perturbation is evaluated in float64 with each operation rounded
@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import (
+from torch.nn import functional as nnf
+
+import ssam_kernels as sk
+from ssam_kernels import ops
+from ssam_kernels.ops import bitmask
+from tests.oracles import (
     as_fp32_values,
     dynamic_update_positions,
     fisher_exact,
@@ -20,11 +25,6 @@ from oracles import (
     sq_norm64,
     top_k_positions,
 )
-from torch.nn import functional as nnf
-
-import ssam_kernels as sk
-from ssam_kernels import ops
-from ssam_kernels.ops import bitmask
 
 BACKENDS = [b for b in ops.BACKENDS if ops._unavailable(b, "cpu") is None]
 SIZES = [1, 33, 1025, 4099]

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import gpu_check, gpu_numerics, harness, kernels, layouts, step
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
-from benchmarks import gpu_check, gpu_numerics, harness, kernels, layouts, step
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as tf
-from helpers import doc_block
 from torch import nn
 
 import ssam_kernels as sk
+from tests.helpers import doc_block
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))  # the examples' modules

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import doc_block
 
 import ssam_kernels as sk
+from tests.helpers import doc_block
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -313,7 +313,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path: Path) -> None:
                str(port), __file__, str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-                              [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])})
+                              [str(root), os.environ.get("PYTHONPATH", "")])})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     expected = hand_written(tiny_gpt2(), TokenDataset(), 2, 2, 0.5, batch=2 * BATCH).state_dict()

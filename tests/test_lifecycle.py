@@ -9,10 +9,10 @@ import io
 
 import pytest
 import torch
-from helpers import assert_same, weights
 from torch import nn
 
 import ssam_kernels as sk
+from tests.helpers import assert_same, weights
 
 
 def mlp(seed: int = 0) -> nn.Module:

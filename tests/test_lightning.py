@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import doc_block
-from helpers import seeded_mlp as make_model
 from torch import nn
 
 import ssam_kernels as sk
+from tests.helpers import doc_block
+from tests.helpers import seeded_mlp as make_model
 
 lightning = pytest.importorskip("lightning")
 

@@ -1,4 +1,4 @@
-"""No input to a public op reads or writes outside the tensors it was given (issue 12, memory safety).
+"""No input to a public op reads or writes outside the tensors it was given (memory safety).
 
 Every bad case runs in a subprocess, one per backend, so a crash (SIGSEGV, ``free(): invalid next
 size``) fails the tests instead of killing pytest. ``W`` and ``backup`` are interior slices of one
@@ -83,7 +83,7 @@ def _expected(W0: torch.Tensor, G: torch.Tensor, positions: list[int]) -> torch.
 
 def _ops(backend: str) -> tuple[Callable, Callable]:
     """``(perturb_, restore_)`` of a backend, as a user calls them. ``<backend>[list]``: the list form,
-    the case's tensors as the second entry after a well-formed dense one (issue 15)."""
+    the case's tensors as the second entry after a well-formed dense one."""
     from ssam_kernels import ops
 
     if backend.endswith("[list]"):

@@ -1,4 +1,4 @@
-"""The list forms of the per-step ops (issue 15): ``grad_sq_norm``, ``perturb_``, ``restore_`` and
+"""The list forms of the per-step ops: ``grad_sq_norm``, ``perturb_``, ``restore_`` and
 ``fisher_accumulate_`` over lists of tensors, on every backend available on CPU, against the reference
 backend's single-tensor ops applied tensor by tensor (the oracle), bit for bit; validation once per list
 with errors naming the entry; and launches per step that do not grow with the number of parameters.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import native_op_counts, triton_launch_log
 
 import ssam_kernels as sk
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask
+from tests.helpers import native_op_counts, triton_launch_log
 
 FAST = [b for b in ("native", "triton") if ops._unavailable(b, "cpu") is None]
 ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

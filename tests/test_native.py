@@ -16,11 +16,11 @@ import torch
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, native, reference
 from ssam_kernels.ops.select import PASSES
+from tests.helpers import DTYPES
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason("cpu") is not None,
                                 reason=f"native backend unavailable: {native.unavailable_reason('cpu')}")
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 31, 33, 1023, 1025, 4999]
 SPARSITIES = [None, 0.0, 0.5, 0.9, 0.999, 1.0]  # None: dense (mask=None)
 DEVICES = [
@@ -312,8 +312,8 @@ class _FakeExtension:
 @pytest.mark.parametrize("capability, fallback", [((9, 0), False), ((7, 5), True), ((12, 0), True)])
 def test_auto_falls_back_to_triton_on_a_gpu_without_a_kernel_image(monkeypatch, capability, fallback):
     """A GPU the extension has no image for: native is unavailable (saying why and how to rebuild), and
-    ``auto`` picks Triton instead of failing at every launch (issue 14, item 1). No GPU needed: the
-    extension's compiled list and the device's capability are simulated."""
+    ``auto`` picks Triton instead of failing at every launch. No GPU needed: the extension's
+    compiled list and the device's capability are simulated."""
     monkeypatch.setattr(native, "_C", _FakeExtension("8.0;9.0"))
     monkeypatch.setenv("SSAM_KERNELS_SELFCHECK", "0")  # no GPU to run the first-use check on
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

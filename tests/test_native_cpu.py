@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ssam_kernels.ops import native, reference
+from tests.helpers import DTYPES
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason("cpu") is not None,
                                 reason=f"native backend unavailable: {native.unavailable_reason('cpu')}")
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [15, 17, (1 << 14) - 1, (1 << 14) + 17, 5 * (1 << 15) + 3]
 
 

@@ -1,6 +1,6 @@
-"""The direct eager CPU calls of the native list ops (``_C.perturb_multi_cpu`` / ``_C.restore_multi_cpu``,
-issue 15): the same results as the registered ops, nothing done (False) where they do not apply, the
-offsets checked before any write, and the version bump of an in-place op."""
+"""The direct eager CPU calls of the native list ops (``_C.perturb_multi_cpu`` / ``_C.restore_multi_cpu``):
+the same results as the registered ops, nothing done (False) where they do not apply, the offsets
+checked before any write, and the version bump of an in-place op."""
 
 import pytest
 import torch

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES
 from hypothesis import given
 from hypothesis import strategies as st
-from oracles import dynamic_update_positions, fisher_exact, growth_hash, perturb_exact, top_k_positions
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
+from tests.helpers import DTYPES
+from tests.oracles import dynamic_update_positions, fisher_exact, growth_hash, perturb_exact, top_k_positions
 
 SIZES = [0, 1, 31, 33, 1023, 1025, 3 * 1024 + 7]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]

@@ -14,12 +14,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_same, weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from ssam_kernels import SAM, SSAM, DynamicMask, FisherMask, RandomMask, topk_mask
+from tests.helpers import assert_same, weights
 
 EPS = 1e-12
 

@@ -22,15 +22,15 @@ import zlib
 
 import pytest
 import torch
-from helpers import assert_same_values, selection_scores
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference, select
 from ssam_kernels.ops.select import PASSES
+from tests.helpers import ALL_DTYPES, assert_same_values, selection_scores
 
 SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
 LARGE = (1 << 20) + 3
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPES = ALL_DTYPES
 OFFSETS = [0, 1, 3]
 MASKS = ["dense", "zeros", "ones", "random"]
 SMALL_GPU = (1, 2, 3)  # SMs, resident blocks per SM, grid cap

@@ -1,4 +1,4 @@
-"""The optimizer is never silently wrong (issue 12): PyTorch's gradient semantics, argument checks,
+"""The optimizer is never silently wrong: PyTorch's gradient semantics, argument checks,
 exact K, set_mask's count, meta and empty parameter sets, atomic and documented checkpoint loads, the
 closure conventions. Expected values come from plain PyTorch or from arithmetic written here."""
 
@@ -10,11 +10,11 @@ import io
 
 import pytest
 import torch
-from helpers import assert_same, weights
 from torch import nn
 
 from ssam_kernels import SAM, SSAM, DynamicMask, FisherMask, RandomMask, topk_mask
 from ssam_kernels.masks import live_count
+from tests.helpers import assert_same, weights
 
 
 def make_model(seed: int = 0, sizes=(5, 4, 3)) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""The bucket path of the selection driver (issue 14, "Selection"): two histogram passes, then one mask
+"""The bucket path of the selection driver (DESIGN.md, "Selection"): two histogram passes, then one mask
 pass (``bucket_mask_multi``) that writes every entry decided by the 22-bit key prefix, counts them per
 1024-entry chunk and collects the undecided ones as candidates, whose first ``need`` in selection order
 (key descending, then entry order) are added on the candidates only. Checked against the reference
@@ -14,12 +14,12 @@ import sys
 
 import pytest
 import torch
-from helpers import SCORE_DTYPES, cpu_backend, selection_scores
-from helpers import SEGMENT_SIZES as SIZES
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
 from ssam_kernels.ops.select import BUCKET_SHIFT, chunk_offsets, select_with_offsets
+from tests.helpers import SCORE_DTYPES, cpu_backend, selection_scores
+from tests.helpers import SEGMENT_SIZES as SIZES
 
 _scores = functools.partial(selection_scores, specials=True)  # specials whether or not tied
 

@@ -1,4 +1,4 @@
-"""The list forms of the selection primitives (issue 15): ``radix_histogram_multi`` and
+"""The list forms of the selection primitives: ``radix_histogram_multi`` and
 ``threshold_mask_multi`` of every backend that has them, against the reference's single-segment
 primitives applied segment by segment (the oracle); ``select_topk`` / ``dynamic_update`` over lists of
 segments (mixed dtypes, ties, filters) against the reference backend; and calls / launches per mask
@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
-from helpers import SCORE_DTYPES, cpu_backend, native_op_counts, selection_scores, triton_launch_log
-from helpers import SEGMENT_SIZES as SIZES
 
 import ssam_kernels as sk
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference, vectorized
 from ssam_kernels.ops.select import PASSES, select
+from tests.helpers import SCORE_DTYPES, cpu_backend, native_op_counts, selection_scores, triton_launch_log
+from tests.helpers import SEGMENT_SIZES as SIZES
 
 select_module = sys.modules["ssam_kernels.ops.select"]
 

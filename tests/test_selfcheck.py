@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_same
 
 from ssam_kernels import SSAM, DynamicMask, ops
 from ssam_kernels.ops import native, selfcheck, vectorized
+from tests.helpers import assert_same
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(native.unavailable_reason("cpu") is not None, reason="extension not built")

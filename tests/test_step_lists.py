@@ -1,5 +1,5 @@
 """The step's cached op lists (``SSAM._step_lists``) and the per-tensor layout's gradient gathering
-(``ParamLayout.grads``), issue 15: built once, reused while nothing they hold changes, rebuilt exactly
+(``ParamLayout.grads``): built once, reused while nothing they hold changes, rebuilt exactly
 when something does. Every step below is checked against a float64 re-computation of the perturbation
 from what is in force at that step (mask, rho, adaptive, gradients, the parameters' current storage),
 so a stale list shows as a wrong perturbation, not only as a changed cache object.
@@ -13,11 +13,11 @@ import weakref
 
 import pytest
 import torch
-from helpers import native_op_counts
 from torch import nn
 
 from ssam_kernels import SSAM, DynamicMask, ops
 from ssam_kernels.layout import ParamLayout, Segment
+from tests.helpers import native_op_counts
 
 EPS = 1e-12
 

@@ -10,11 +10,11 @@ import threading
 
 import pytest
 import torch
-from helpers import assert_same, weights
 from torch import nn
 
 from ssam_kernels import SAM, SSAM, DynamicMask, RandomMask, ops
 from ssam_kernels.ops import reference, vectorized
+from tests.helpers import assert_same, weights
 
 LAYOUTS = ["flat", "tensors"]
 

@@ -25,6 +25,7 @@ import pytest
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
 from ssam_kernels.ops.select import PASSES
+from tests.helpers import DTYPES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _WHY = ops._unavailable("triton", DEVICE.type)
@@ -35,7 +36,6 @@ if _WHY is None:
     from ssam_kernels.ops.triton import _config
 
 SIZES = [0, 1, 31, 33, 1023, 1025, 5003]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
 # "gpu": the GPU launch configuration in the interpreter, at sizes that end mid-word, mid-vector and
 # mid-tile, with the partial last group alone in its tile (2051, 2056: a whole last group, a partial
@@ -201,8 +201,8 @@ def _record_launches(monkeypatch: pytest.MonkeyPatch) -> tuple[set[str], list[tu
 
 
 def test_every_launch_runs_on_the_tensors_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Triton launches on the *current* CUDA device and stream: tensors on ``cuda:1`` would fail or race
-    (issue 14 item 2). Every launch must happen inside ``_config.on_device`` of the op's tensors."""
+    """Triton launches on the *current* CUDA device and stream: tensors on ``cuda:1`` would fail or race.
+    Every launch must happen inside ``_config.on_device`` of the op's tensors."""
     kernels, launches = _record_launches(monkeypatch)
     assert {name for name, _, _ in launches} == kernels
     for name, devices, _ in launches:
@@ -211,7 +211,7 @@ def test_every_launch_runs_on_the_tensors_device(monkeypatch: pytest.MonkeyPatch
 
 def test_no_launch_gets_a_python_float(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU JIT types a Python float argument fp32 while the interpreter keeps float64, so a float
-    ``alpha`` was rounded on the GPU only (issue 14 item 3): scalars travel as tensors or ints."""
+    ``alpha`` was rounded on the GPU only: scalars travel as tensors or ints."""
     kernels, launches = _record_launches(monkeypatch)
     assert {name for name, _, _ in launches} == kernels
     for name, _, arg_types in launches:

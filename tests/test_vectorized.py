@@ -14,13 +14,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_optim import assert_same, build, make_model, train, weights
 
 from ssam_kernels import ops
 from ssam_kernels.ops import _arith, bitmask, native, reference, vectorized
 from ssam_kernels.ops.select import PASSES
+from tests.helpers import ALL_DTYPES
+from tests.test_optim import assert_same, build, make_model, train, weights
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DTYPES = ALL_DTYPES
 SIZES = [0, 1, 31, 33, 1023, 1025, 3 * 1024 + 7]
 SPARSITIES = [None, 0.0, 0.5, 0.9, 1.0]  # None: dense (mask=None)
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
@@ -154,7 +155,7 @@ def test_block_counts_match_offsets(n):
 
 
 # ------------------------------------------------------------------------------------------------
-# Memory safety (issue 12): bits past N ignored; nothing past backup.numel() read, written or changed
+# Memory safety: bits past N ignored; nothing past backup.numel() read, written or changed
 # ------------------------------------------------------------------------------------------------
 
 def _truncated(words: torch.Tensor, n: int, keep: int) -> torch.Tensor:

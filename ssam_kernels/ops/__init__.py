@@ -11,7 +11,7 @@ only by name.
 Masks are int32 bit-packed words with per-chunk offsets (:mod:`ssam_kernels.ops.bitmask`); a dense
 perturbation is ``mask=None``.
 
-Lists (issue 15): ``grad_sq_norm``, ``perturb_``, ``restore_`` and ``fisher_accumulate_`` also take lists
+Lists: ``grad_sq_norm``, ``perturb_``, ``restore_`` and ``fisher_accumulate_`` also take lists
 of tensors (the first tensor argument a list), with the meaning of the single-tensor op applied to each
 entry. A list is validated once, in one cheap pass, and split into (device, dtype) groups; each group
 goes to its backend's list primitive (``grad_sq_norm_multi``, ``perturb_multi_``, ``restore_multi_``,

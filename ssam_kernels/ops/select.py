@@ -11,7 +11,7 @@ that writes the masks (``threshold_mask``), which takes the first ``quota`` ties
 says how much of the quota is left for the segments after them. No sort of the scores, no index arrays;
 counts are int64 device tensors, and sizes past 2^31 are fine.
 
-The bucket path (issue 14; one rank, one device, backends with ``bucket_mask_multi``: Triton, native
+The bucket path (one rank, one device, backends with ``bucket_mask_multi``: Triton, native
 CUDA) stops after two passes: the 22-bit prefix then decides every entry but its own bucket, so one mask
 pass writes the decided entries and each chunk's count of them and collects the bucket's entries as
 int64 candidates ``(low key bits complemented) << 53 | position``; sorting the candidates puts them in
@@ -20,7 +20,7 @@ chunk counts. Fp32 scores are read three times instead of four or five. The buck
 on the host, picks the path and sizes the candidate buffer; a bucket above :func:`_capacity` takes the
 third pass.
 
-Lists (issue 15): a backend may offer the list forms ``radix_histogram_multi`` and
+Lists: a backend may offer the list forms ``radix_histogram_multi`` and
 ``threshold_mask_multi`` (:class:`ListBackend`); then each histogram pass is one call per (device, score
 dtype) group of segments, and the mask pass one call per run of consecutive segments of one group (one
 call in all when every segment has the same device and dtype), whatever the number of segments. A

@@ -8,7 +8,7 @@ per-word counts) plus the set bits below it in its own word (an exclusive scan a
 global scan, each chunk's ``offsets`` entry suffices. ``mask=None`` (dense SAM) is the same kernel with
 ``HAS_MASK=False`` and ``rank(i) = i``.
 
-Lists (issue 15): one launch covers every tensor of a list of one device and dtype, masked or dense,
+Lists: one launch covers every tensor of a list of one device and dtype, masked or dense,
 whose pointers all start on 16-byte boundaries (:func:`_launch`: up to four launches, masked/dense ×
 aligned/not). The launch table, an int64 device tensor, holds one ``(tensor, tile)`` row per
 program and one row of addresses and sizes per tensor; each program loads its row and runs the tile

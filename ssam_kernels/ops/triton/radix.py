@@ -6,7 +6,7 @@ sign bit is set, else ``b | 2^31``; NaN gets key 0; int32 scores are their unsig
 ``largest=False`` complements the key. Eligibility: no filter, or the entry's filter bit equals
 ``filter_value``.
 
-Lists (issue 15): every kernel runs over the launch table of a list of segments
+Lists: every kernel runs over the launch table of a list of segments
 (:func:`._config.launch_table`: one ``(segment, tile)`` row per ``CONFIG.block``-entry tile, then each
 segment's addresses and size), so one launch covers any number of segments; the single-segment ops are
 lists of one.
