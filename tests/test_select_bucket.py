@@ -1,4 +1,4 @@
-"""The bucket path of the selection driver (DESIGN.md, "Selection"): two histogram passes, then one mask
+"""The bucket path of the selection driver: two histogram passes, then one mask
 pass (``bucket_mask_multi``) that writes every entry decided by the 22-bit key prefix, counts them per
 1024-entry chunk and collects the undecided ones as candidates, whose first ``need`` in selection order
 (key descending, then entry order) are added on the candidates only. Checked against the reference
