@@ -103,14 +103,16 @@ def test_custom_ops_registered() -> None:
     scale = torch.tensor(0.25, device=DEVICE)
     F = _randn(100, torch.float32, gen).abs()
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.ssam_triton.grad_sq_norm_multi, ([G, G[:7]], [W, None]),
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_grad_sq_norm_multi, ([G, G[:7]], [W, None]),
                           test_utils=checks)
     W2, G2 = _randn(40, torch.float32, gen), _randn(40, torch.float32, gen)  # a dense entry
     lists = ([W, W2], [G, G2], [mask, None], [offsets, None], [backup, torch.empty(40, device=DEVICE)])
-    torch.library.opcheck(torch.ops.ssam_triton.perturb_multi_, (*lists, scale, True), test_utils=checks)
-    torch.library.opcheck(torch.ops.ssam_triton.restore_multi_, ([W], [mask], [offsets], [backup]),
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_perturb_multi_, (*lists, scale, True),
                           test_utils=checks)
-    torch.library.opcheck(torch.ops.ssam_triton.fisher_accumulate_multi_, ([F], [G], 0.5), test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_restore_multi_, ([W], [mask], [offsets], [backup]),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_fisher_accumulate_multi_, ([F], [G], 0.5),
+                          test_utils=checks)
 
 
 def test_torch_compile_keeps_semantics() -> None:
@@ -120,9 +122,9 @@ def test_torch_compile_keeps_semantics() -> None:
     mask, offsets, k = _mask(3000, 0.9, gen)
 
     def step(W: torch.Tensor, backup: torch.Tensor) -> torch.Tensor:
-        total = torch.ops.ssam_triton.grad_sq_norm_multi([G], [None])
+        total = torch.ops.ssam_kernels.triton_grad_sq_norm_multi([G], [None])
         scale = (0.05 / (total.sqrt() + 1e-12)).float()
-        torch.ops.ssam_triton.perturb_multi_([W], [G], [mask], [offsets], [backup], scale, False)
+        torch.ops.ssam_kernels.triton_perturb_multi_([W], [G], [mask], [offsets], [backup], scale, False)
         return W * 2
 
     eager_W, eager_backup = W0.clone(), torch.full((k,), float("nan"), device=DEVICE)

@@ -17,8 +17,8 @@ entry. A list is validated once, in one cheap pass, and split into (device, dtyp
 goes to its backend's list primitive (``grad_sq_norm_multi``, ``perturb_multi_``, ``restore_multi_``,
 ``fisher_accumulate_multi_``: the same arguments as the single primitive, with lists of one device and
 dtype) when it has one (native: one C++ call on CPU, one launch over a device table of the tensors on
-CUDA; Triton: the same, one launch per kind of entry and 16-byte alignment), else the
-single primitive is called for each tensor, so a backend needs only the single-tensor primitives.
+CUDA; Triton: the same, one launch per kind of entry and 16-byte alignment), else the single primitive
+is called for each tensor (:mod:`.lists`), so a backend needs only the single-tensor primitives.
 
 Memory safety: no input reads or writes outside the tensors given, on any backend or device. What is
 free to check is checked (sizes, dtypes, devices; on CPU tensors also that ``offsets`` match the mask);
@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 
 from .._warnings import warn
 from . import bitmask, reference, selfcheck
+from .lists import list_primitive
 
 try:
     from .. import _C  # its first_invalid_entry speeds up the checks of long lists
@@ -430,24 +431,6 @@ def _pick(items: list, index: Sequence[int]) -> list:
     return items if len(index) == len(items) else [items[i] for i in index]
 
 
-def _check_offsets_first(index: Sequence[int], Ws: list[torch.Tensor], masks: list, offs: list) -> None:
-    """Offsets of CPU tensors checked against their masks for the whole list before a backend without
-    list primitives runs it tensor by tensor: wrong offsets anywhere leave every tensor unwritten (as
-    the list primitives guarantee)."""
-    for j, w, m, o in zip(index, Ws, masks, offs, strict=True):
-        if m is not None and w.device.type == "cpu":
-            bitmask.check_offsets(m, o, w.numel(), name=f"offsets[{j}]")
-
-
-def _sum_in_order(totals: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The float64 sum of 0-d tensors, added one by one in order (what a backend without a list
-    primitive gives; the native CPU one adds its per-tensor totals the same way)."""
-    total = None
-    for t in totals:
-        total = t if total is None else total + t
-    return total
-
-
 def _check_count(name: str, value: object, upper: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -502,10 +485,7 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
     home = Gs[0].device
     total = None
     for module, index in _groups(backend, Gs):
-        gs, ws = _pick(Gs, index), _pick(Ws, index)
-        multi = getattr(module, "grad_sq_norm_multi", None)
-        part = multi(gs, ws) if multi is not None else _sum_in_order(module.grad_sq_norm(g, w)
-                                                                    for g, w in zip(gs, ws, strict=True))
+        part = list_primitive(module, "grad_sq_norm", index)(_pick(Gs, index), _pick(Ws, index))
         total = part.to(home) if total is None else total + part.to(home)
     return total
 
@@ -571,13 +551,7 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
     _check_list_disjoint(groups, Ws, _element_arguments(Ws, Gs, masks, offs, backups, scale))
     for module, index in groups:
         args = [_pick(t, index) for t in (Ws, Gs, masks, offs, backups)]
-        multi = getattr(module, "perturb_multi_", None)
-        if multi is not None:
-            multi(*args, scale, bool(adaptive))
-        else:
-            _check_offsets_first(index, args[0], args[2], args[3])
-            for w, g, m, o, b in zip(*args, strict=True):
-                module.perturb_(w, g, m, o, b, scale, bool(adaptive))
+        list_primitive(module, "perturb_", index)(*args, scale, bool(adaptive))
 
 
 def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorList, backup: TensorList, *,
@@ -603,14 +577,7 @@ def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorLis
     groups = _groups(backend, Ws)
     _check_list_disjoint(groups, Ws, _element_arguments(Ws, None, masks, offs, backups, None))
     for module, index in groups:
-        args = [_pick(t, index) for t in (Ws, masks, offs, backups)]
-        multi = getattr(module, "restore_multi_", None)
-        if multi is not None:
-            multi(*args)
-        else:
-            _check_offsets_first(index, *args[:3])
-            for w, m, o, b in zip(*args, strict=True):
-                module.restore_(w, m, o, b)
+        list_primitive(module, "restore_", index)(*[_pick(t, index) for t in (Ws, masks, offs, backups)])
 
 
 def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
@@ -641,13 +608,7 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     groups = _groups(backend, Gs)
     _check_list_disjoint(groups, Gs, (("F", True, Fs), ("G", False, Gs)))
     for module, index in groups:
-        fs, gs = _pick(Fs, index), _pick(Gs, index)
-        multi = getattr(module, "fisher_accumulate_multi_", None)
-        if multi is not None:
-            multi(fs, gs, float(alpha))
-        else:
-            for f, g in zip(fs, gs, strict=True):
-                module.fisher_accumulate_(f, g, float(alpha))
+        list_primitive(module, "fisher_accumulate_", index)(_pick(Fs, index), _pick(Gs, index), float(alpha))
 
 
 def _with_offsets(words: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -36,6 +36,7 @@ from typing import Protocol
 import torch
 
 from . import bitmask
+from .lists import list_primitive
 
 PASSES: tuple[tuple[int, int], ...] = ((21, 11), (10, 11), (0, 10))
 """``(shift, bits)`` of the key digit examined in each pass: 11 + 11 + 10 = 32 bits."""
@@ -69,32 +70,6 @@ class ListBackend(Protocol):
         ties of the whole list (segments in order, then index); and ``max(tie_quota - ties, 0)`` with
         ``ties`` the list's eligible entries equal to ``threshold`` (int64 0-d): the quota left for the
         segments after the list."""
-
-
-def _histogram(backend: ModuleType, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
-               largest: bool, filters: Filters, filter_value: bool) -> torch.Tensor:
-    """``radix_histogram_multi`` of the list, or the sum of the single histograms."""
-    multi = getattr(backend, "radix_histogram_multi", None)
-    if multi is not None:
-        return multi(scores, prefix, shift, bits, largest, filters, filter_value)
-    return torch.stack([backend.radix_histogram(s, prefix, shift, bits, largest, f, filter_value)
-                        for s, f in zip(scores, filters, strict=True)]).sum(dim=0)
-
-
-def _threshold(backend: ModuleType, scores: list[torch.Tensor], threshold: torch.Tensor,
-               tie_quota: torch.Tensor, largest: bool, filters: Filters, filter_value: bool
-               ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``threshold_mask_multi`` of the list, or the single primitive per segment: each segment's ties
-    counted by a one-bit histogram at ``threshold`` (``hist[t & 1]`` = keys equal to ``t``)."""
-    multi = getattr(backend, "threshold_mask_multi", None)
-    if multi is not None:
-        return multi(scores, threshold, tie_quota, largest, filters, filter_value)
-    words = []
-    for s, f in zip(scores, filters, strict=True):
-        words.append(backend.threshold_mask(s, threshold, tie_quota, largest, f, filter_value))
-        ties = backend.radix_histogram(s, threshold, 0, 1, largest, f, filter_value)
-        tie_quota = (tie_quota - ties.gather(0, threshold.view(1) & 1)[0]).clamp(min=0)
-    return words, tie_quota
 
 
 def _partition(scores: Sequence[torch.Tensor], backends: Sequence[ModuleType]
@@ -239,8 +214,9 @@ def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backen
         local = None
         for backend, index in groups:
             device = scores[index[0]].device
-            hist = _histogram(backend, pick(scores, index), prefix.to(device), shift, bits, largest,
-                              pick(filters, index), filter_value).to(home)
+            histogram = list_primitive(backend, "radix_histogram")
+            hist = histogram(pick(scores, index), prefix.to(device), shift, bits, largest,
+                             pick(filters, index), filter_value).to(home)
             local = hist if local is None else local + hist
         total = local
         if comm is not None:
@@ -265,8 +241,9 @@ def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backen
     words: list[torch.Tensor | None] = [None] * len(scores)
     for backend, index in runs:
         device = scores[index[0]].device
-        run_words, quota = _threshold(backend, pick(scores, index), prefix.to(device), quota.to(device),
-                                      largest, pick(filters, index), filter_value)
+        threshold_mask = list_primitive(backend, "threshold_mask")
+        run_words, quota = threshold_mask(pick(scores, index), prefix.to(device), quota.to(device), largest,
+                                          pick(filters, index), filter_value)
         for i, w in zip(index, run_words, strict=True):
             words[i] = w
     return words, None

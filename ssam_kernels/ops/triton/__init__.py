@@ -7,11 +7,11 @@ One file per op family: :mod:`.norm` (``grad_sq_norm``), :mod:`.perturb` (``pert
 (``TRITON_INTERPRET=1`` set before this package is imported; slow, for tests).
 
 The hot-path ops (norm, perturb, restore, Fisher) are registered with :func:`torch.library.custom_op`
-under the ``ssam_triton`` namespace with their mutated arguments declared, so a ``torch.compile``\\ d
-caller sees one opaque op per call instead of breaking its graph. ``custom_op`` rather than
-``triton_op``: the launch options (``enable_fp_fusion=False`` for the reference's rounding) are not
-carried through Inductor's traced user-kernel path, and the opaque op also works with interpreted
-kernels on CPU.
+in the ``ssam_kernels`` namespace as ``triton_<op>`` (the native ops hold the plain names), with their
+mutated arguments declared, so a ``torch.compile``\\ d caller sees one opaque op per call instead of
+breaking its graph. ``custom_op`` rather than ``triton_op``: the launch options (``enable_fp_fusion=False``
+for the reference's rounding) are not carried through Inductor's traced user-kernel path, and the opaque op
+also works with interpreted kernels on CPU.
 """
 
 from __future__ import annotations

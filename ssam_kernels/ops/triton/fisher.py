@@ -47,7 +47,7 @@ def _fisher_kernel(table_ptr, ENTRIES_AT, g_like, alpha_ptr, ALIGNED: tl.constex
 _TAIL = tl.constexpr(_config.TAIL)
 
 
-@torch.library.custom_op("ssam_triton::fisher_accumulate_multi_", mutates_args=("F",))
+@torch.library.custom_op("ssam_kernels::triton_fisher_accumulate_multi_", mutates_args=("F",))
 def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float) -> None:
     for aligned in (True, False):  # one launch, or two where some tensors start off 16-byte boundaries
         index = [j for j, f in enumerate(F) if f.numel() > 0 and _config.aligned(f, G[j]) == aligned]

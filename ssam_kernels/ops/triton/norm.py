@@ -53,7 +53,7 @@ def _sq_norm_kernel(table_ptr, ENTRIES_AT, g_like, partial_ptr, ADAPTIVE: tl.con
 _TAIL = tl.constexpr(_config.TAIL)
 
 
-@torch.library.custom_op("ssam_triton::grad_sq_norm_multi", mutates_args=())
+@torch.library.custom_op("ssam_kernels::triton_grad_sq_norm_multi", mutates_args=())
 def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
     tile = CONFIG.block * CONFIG.tiles
     partials = []

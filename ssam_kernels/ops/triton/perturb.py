@@ -264,14 +264,14 @@ def _launch(kernel: triton.JITFunction, W: list[torch.Tensor], G: list[torch.Ten
                            VEC=_config.vector_entries(ws[0]), **constexprs)
 
 
-@torch.library.custom_op("ssam_triton::perturb_multi_", mutates_args=("W", "backup"))
+@torch.library.custom_op("ssam_kernels::triton_perturb_multi_", mutates_args=("W", "backup"))
 def _perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
                     offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
                     adaptive: bool) -> None:
     _launch(_perturb_kernel, W, G, mask, offsets, backup, scale, ADAPTIVE=adaptive)
 
 
-@torch.library.custom_op("ssam_triton::restore_multi_", mutates_args=("W",))
+@torch.library.custom_op("ssam_kernels::triton_restore_multi_", mutates_args=("W",))
 def _restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None],
                     offsets: list[torch.Tensor | None], backup: list[torch.Tensor]) -> None:
     _launch(_restore_kernel, W, W, mask, offsets, backup)
