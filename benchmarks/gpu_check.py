@@ -179,6 +179,15 @@ def allowance(stage: str, remaining_s: float, todo: Sequence[str], device: str) 
 # Running subprocesses under a wall-clock limit
 # ----------------------------------------------------------------------------------------------------
 
+def _own_group_interruptible() -> None:
+    """In the child before exec: its own process group (process_group=0 needs Python 3.11), and SIGINT
+    at its default. A shell without job control (a script, a CI step) starts its ``&`` jobs with SIGINT
+    ignored, an ignored signal stays ignored across exec, and a Python started so never raises
+    KeyboardInterrupt: pytest would then not stop and write its JUnit XML at the limit."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_logged(cmd: Sequence[str], log_path: Path, limit_s: float, env: dict[str, str] | None = None
                ) -> tuple[int | None, float]:
     """Run ``cmd`` in the repository root with stdout and stderr appended to ``log_path``; after
@@ -193,7 +202,7 @@ def run_logged(cmd: Sequence[str], log_path: Path, limit_s: float, env: dict[str
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=os.setpgrp)  # process_group=0 needs Python 3.11
+                                preexec_fn=_own_group_interruptible)
         try:
             rc: int | None = proc.wait(timeout=max(1.0, limit_s))
         except subprocess.TimeoutExpired:
