@@ -41,14 +41,14 @@ from types import ModuleType
 import torch
 
 from .._warnings import warn
-from . import bitmask, reference, selfcheck
+from . import bitmask, contract, reference, selfcheck
 from .lists import list_primitive
 
 try:
     from .. import _C  # its first_invalid_entry speeds up the checks of long lists
 except ImportError:
     _C = None
-from .bitmask import CHUNK
+from .contract import CHUNK, num_offsets, num_words
 from .select import Communicator, MaskList, chunk_offsets, list_offsets, select_counted, select_with_offsets
 
 __all__ = [
@@ -59,7 +59,19 @@ __all__ = [
 
 BACKENDS = ("reference", "vectorized", "triton", "native", "cuda_sim")
 _MAX_POSITION = 2**63 - 1  # entry positions (the random-growth hash's j) are int64 in every backend
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _torch_dtypes(names: Sequence[str]) -> tuple[torch.dtype, ...]:
+    return tuple(getattr(torch, name) for name in names)
+
+
+# The dtypes of the op contract (contract.py), which the compiled checks follow too.
+FLOAT_DTYPES = _torch_dtypes(contract.FLOAT_DTYPES)
+_MASK_DTYPES = _torch_dtypes(contract.MASK_DTYPES)
+_OFFSET_DTYPES = _torch_dtypes(contract.OFFSETS_DTYPES)
+_SCALE_DTYPES = _torch_dtypes(contract.SCALE_DTYPES)
+_FISHER_DTYPES = _torch_dtypes(contract.FISHER_DTYPES)
+_SCORE_DTYPES = _torch_dtypes(contract.SCORE_DTYPES)
 ENV_VAR = "SSAM_KERNELS_BACKEND"
 
 TensorList = torch.Tensor | Sequence[torch.Tensor]
@@ -201,11 +213,11 @@ def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *,
 
 def _check_mask(mask: object, offsets: object, W: torch.Tensor, mask_name: str = "mask",
                 offsets_name: str = "offsets") -> None:
-    mask = _check_vector(mask_name, mask, (torch.int32,))
-    _check_like(mask_name, mask, "W", W, numel=bitmask.num_words(W.numel()), dtype=False)
+    mask = _check_vector(mask_name, mask, _MASK_DTYPES)
+    _check_like(mask_name, mask, "W", W, numel=num_words(W.numel()), dtype=False)
     if offsets is not None:
-        offsets = _check_vector(offsets_name, offsets, (torch.int32, torch.int64))
-        _check_like(offsets_name, offsets, "W", W, numel=bitmask.num_chunks(W.numel()) + 1, dtype=False)
+        offsets = _check_vector(offsets_name, offsets, _OFFSET_DTYPES)
+        _check_like(offsets_name, offsets, "W", W, numel=num_offsets(W.numel()), dtype=False)
 
 
 def _check_mask_and_backup(W: torch.Tensor, mask: object, offsets: object, backup: object,
@@ -226,8 +238,7 @@ def _check_mask_and_backup(W: torch.Tensor, mask: object, offsets: object, backu
 
 
 def _check_scale(scale: object, device: torch.device) -> None:
-    if (not isinstance(scale, torch.Tensor) or scale.dtype not in (torch.float32, torch.float64)
-            or scale.dim() != 0):
+    if not isinstance(scale, torch.Tensor) or scale.dtype not in _SCALE_DTYPES or scale.dim() != 0:
         raise TypeError("scale: expected a float32 or float64 0-d tensor")
     if scale.device != device:
         raise ValueError(f"scale: expected device {device} (that of W), got {scale.device}")
@@ -238,8 +249,6 @@ def _check_scale(scale: object, device: torch.device) -> None:
 # accepts only what the full checks accept, and only an entry it rejects goes through the full checks,
 # which raise the error naming it (e.g. ``W[3]``).
 
-_F32 = (torch.float32,)
-_OFFSET_DTYPES = (torch.int32, torch.int64)
 
 
 def _is_vector(t: object, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> bool:
@@ -280,12 +289,13 @@ def _first_to_check(*lists: object) -> int:
 def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, masks: list,
                          offs: list, backups: list, scale: torch.Tensor | None) -> None:
     """Every entry of the lists of ``perturb_`` (``Gs`` given, all on ``scale``'s device) or
-    ``restore_``. The predicate is written out (no helper calls): without the extension it runs for
-    every tensor of every step."""
+    ``restore_``. The predicate is written out (only the contract's size rules are calls): without the
+    extension it runs for every tensor of every step."""
     device = scale.device if scale is not None else None
     start = _first_to_check(Ws, Gs, False, masks, offs, backups, scale)
-    tensor, strided, floats, offset_dtypes = torch.Tensor, torch.strided, FLOAT_DTYPES, _OFFSET_DTYPES
-    int32, unit = torch.int32, (1,)
+    tensor, strided, floats, mask_dtypes, offset_dtypes = (torch.Tensor, torch.strided, FLOAT_DTYPES,
+                                                           _MASK_DTYPES, _OFFSET_DTYPES)
+    unit = (1,)
     for i in range(start, len(Ws)):
         w, m, o, b = Ws[i], masks[i], offs[i], backups[i]
         g = Gs[i] if Gs is not None else w
@@ -300,9 +310,9 @@ def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, 
                   and b.device == here
                   and (b.numel() == n if m is None else
                        isinstance(m, tensor) and isinstance(o, tensor) and m.layout is strided
-                       and o.layout is strided and m.dtype is int32 and o.dtype in offset_dtypes
+                       and o.layout is strided and m.dtype in mask_dtypes and o.dtype in offset_dtypes
                        and m.stride() == unit and o.stride() == unit
-                       and m.numel() == (n + 31) // 32 and o.numel() == (n + CHUNK - 1) // CHUNK + 1
+                       and m.numel() == num_words(n) and o.numel() == num_offsets(n)
                        and b.numel() <= n and m.device == here and o.device == here))
         if not ok:
             at = f"[{i}]"
@@ -593,7 +603,7 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha: expected a float, got {type(alpha).__name__}")
     if isinstance(F, torch.Tensor):
-        F = _check_vector("F", F, (torch.float32,))
+        F = _check_vector("F", F, _FISHER_DTYPES)
         _check_like("G", _check_vector("G", G), "F", F, dtype=False)
         module = resolve_backend(backend, F.device, G.dtype)
         _check_disjoint_for(module, F.device, (("F", True, [F]), ("G", False, [G])), indexed=False)
@@ -602,8 +612,9 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     Fs = _as_list("F", F)
     Gs = _as_list("G", G, len(Fs))
     for i, (f, g) in enumerate(zip(Fs, Gs, strict=True)):
-        if not (_is_vector(f, _F32) and _is_vector(g) and f.numel() == g.numel() and f.device == g.device):
-            _check_vector(f"F[{i}]", f, _F32)
+        if not (_is_vector(f, _FISHER_DTYPES) and _is_vector(g) and f.numel() == g.numel()
+                and f.device == g.device):
+            _check_vector(f"F[{i}]", f, _FISHER_DTYPES)
             _check_like(f"G[{i}]", _check_vector(f"G[{i}]", g), f"F[{i}]", f, dtype=False)
     groups = _groups(backend, Gs)
     _check_list_disjoint(groups, Gs, (("F", True, Fs), ("G", False, Gs)))
@@ -635,7 +646,7 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
     the selection spans all ranks and ``k`` is the global count. Radix selection: no sort, no index
     arrays, any size.
     """
-    scores = _check_scores("scores", scores, (*FLOAT_DTYPES, torch.int32))
+    scores = _check_scores("scores", scores, _SCORE_DTYPES)
     total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
     k = _check_count("k", k, total)
     backends = [resolve_backend(backend, s.device, s.dtype) for s in scores]

@@ -18,20 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from .contract import CHUNK, WORDS_PER_CHUNK
+from .contract import CHUNK, WORDS_PER_CHUNK, num_chunks, num_offsets, num_words  # noqa: F401 (the format's sizes)
 
 _BLOCK_WORDS = 1 << 20  # words per block in the helpers below (32 Mi entries)
 _BIT_WEIGHTS_CACHE: dict[torch.device, torch.Tensor] = {}
-
-
-def num_words(n: int) -> int:
-    """Number of int32 words of a mask over ``n`` entries."""
-    return (n + 31) // 32
-
-
-def num_chunks(n: int) -> int:
-    """Number of ``CHUNK``-sized chunks covering ``n`` entries."""
-    return (n + CHUNK - 1) // CHUNK
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:

@@ -22,6 +22,42 @@ WORDS_PER_CHUNK = CHUNK // 32
 """int32 mask words per chunk (entry ``i`` is bit ``i % 32`` of word ``i // 32``); the native CUDA kernels
 give each of a warp's 32 lanes one word of a chunk."""
 
+
+def num_words(n: int) -> int:
+    """int32 words of a mask over ``n`` entries."""
+    return (n + 31) // 32
+
+
+def num_chunks(n: int) -> int:
+    """``CHUNK``-sized chunks covering ``n`` entries."""
+    return (n + CHUNK - 1) // CHUNK
+
+
+def num_offsets(n: int) -> int:
+    """Entries of the offsets of a mask over ``n`` entries: one per chunk, then the live count."""
+    return num_chunks(n) + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The arguments of the ops: every tensor argument is a dense, contiguous 1-D tensor (``scale`` 0-d) on
+# the device of the op's first tensor; these are the dtypes each may have. ``G`` and ``backup`` have
+# ``W``'s dtype and size (a masked ``backup`` at most ``W``'s size), ``mask`` ``num_words(n)`` entries and
+# ``offsets`` ``num_offsets(n)``, ``n = W.numel()``. The Python checks (ops/__init__.py) and the compiled
+# ones (csrc/) both follow these.
+# ---------------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16")
+"""``W``, ``G``, ``backup``."""
+
+SCORE_DTYPES = (*FLOAT_DTYPES, "int32")
+"""Selection scores: floats, or the int32 bit patterns of ``hash_scores``."""
+
+MASK_DTYPES = ("int32",)
+OFFSETS_DTYPES = ("int32", "int64")
+SCALE_DTYPES = ("float32", "float64")
+FISHER_DTYPES = ("float32",)
+"""``F``, the Fisher accumulator (any float ``G``)."""
+
 # ---------------------------------------------------------------------------------------------------
 # Score keys of the selection: the order-preserving unsigned 32-bit image of a score
 # ---------------------------------------------------------------------------------------------------
