@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ssam_kernels import SAM, SSAM, FisherMask
+from tests import helpers
 from tests.helpers import batch, loss_fn, seeded_mlp, train
 
 MODES = ("SAM", "SSAM-D", "SSAM-F")
@@ -147,7 +148,7 @@ def test_layer_unfrozen_after_construction_is_reported_once(layout):
         train(model, opt, 1, 1)
     assert len(record) == 1 and "2 parameter(s)" in str(record[0].message)
     assert "group 0 index 0 (shape (7, 5))" in str(record[0].message)
-    assert record[0].filename == __file__  # points at the caller of first_step
+    assert record[0].filename == helpers.__file__  # points at the caller of first_step (train)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, opt, 1, 2)  # reported once
