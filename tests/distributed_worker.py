@@ -16,14 +16,14 @@ from torch import nn
 
 import ssam_kernels as sk
 from ssam_kernels import checkpoint
+from tests.helpers import seeded_mlp
 
 STEPS, BATCH, FISHER_SAMPLES = 6, 16, 32
 SCENARIOS = ("sam", "ssam-f", "ssam-d")
 
 
 def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+    return seeded_mlp(sizes=(6, 10, 3))
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,6 +57,8 @@ def make_optimizer(scenario: str, model: nn.Module, fisher_model: nn.Module, fis
 
 
 def train(model: nn.Module, opt: sk.SSAM, batches: list) -> None:
+    """``opt.step(closure)`` over the given batches (each rank's shards): the closure form that DDP and
+    FSDP users run, which the two-call ``tests.helpers.train`` does not exercise."""
     loss_fn = nn.functional.cross_entropy
     for x, y in batches:
         def closure(x=x, y=y):

@@ -1,8 +1,10 @@
 """Small helpers shared by the test files: the dtype lists, weight snapshots, exact comparison, a seeded
-MLP, counters of native op calls and Triton launches, and the code blocks of the documentation."""
+MLP with its batches, training loop and optimizers, counters of native op calls and Triton launches, and
+the code blocks of the documentation."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import textwrap
 from collections.abc import Callable
@@ -52,14 +54,76 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert torch.equal(x, y)
 
 
-def seeded_mlp() -> nn.Module:
-    """``Linear(6, 8) → Tanh → Linear(8, 3)`` with weights drawn from a fixed seed (N(0, 0.25))."""
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+def seeded_mlp(seed: int = 0, sizes: tuple[int, ...] = (5, 4, 3), dtype: torch.dtype = torch.float32
+               ) -> nn.Sequential:
+    """``Linear(sizes[0], sizes[1]) → Tanh → … → Linear(sizes[-2], sizes[-1])`` with weights drawn from
+    ``seed`` (N(0, 0.25), drawn in fp32, then cast to ``dtype``)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for d_in, d_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(d_in, d_out), nn.Tanh()]
+    model = nn.Sequential(*layers[:-1])
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
+    return model.to(dtype)
+
+
+def batch(seed: int, n: int = 8, d_in: int = 5, classes: int = 3, dtype: torch.dtype = torch.float32
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` inputs of ``d_in`` features and class labels, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randn(n, d_in, generator=gen).to(dtype), torch.randint(0, classes, (n,), generator=gen)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, computed in fp32 for low-precision outputs."""
+    return nn.functional.cross_entropy(out.float(), y)
+
+
+def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    return loss
+
+
+def train(model: nn.Sequential, opt: torch.optim.Optimizer, steps: int, start: int = 0, n: int = 8) -> None:
+    """``steps`` two-pass steps (``first_step``, ``second_step``) on ``batch(start)``, ``batch(start + 1)``,
+    … of ``n`` rows, shaped for the model's first and last layers and on its device."""
+    first, last = model[0], model[-1]
+    for t in range(start, start + steps):
+        x, y = batch(t, n, first.in_features, last.out_features, first.weight.dtype)
+        x, y = x.to(first.weight.device), y.to(first.weight.device)
+        backward(model, x, y)
+        opt.first_step(zero_grad=True)
+        backward(model, x, y)
+        opt.second_step(zero_grad=True)
+
+
+def build_optimizer(kind: str, model: nn.Module, layout: str = "flat", dtype: torch.dtype = torch.float32
+                    ) -> torch.optim.Optimizer:
+    """The optimizer of ``kind`` over ``model`` (a :func:`seeded_mlp` of two layers): ``sam``, ``dynamic``,
+    ``fisher`` (SSAM with that mask) or ``dynamic_groups`` (per-group rho and adaptive, a group that is
+    not perturbed)."""
+    from ssam_kernels import SAM, SSAM, DynamicMask, FisherMask  # after conftest.py chose Triton's mode
+
+    if kind == "fisher":
+        data = [batch(400, n=4, dtype=dtype)]
+        policy = FisherMask(model, loss_fn, data, num_samples=4, interval=2)
+    elif kind == "dynamic":
+        policy = DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3)
+    elif kind == "sam":
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.1, layout=layout, lr=0.1, momentum=0.9)
+    elif kind == "dynamic_groups":
+        ps = list(model.parameters())
+        groups = [{"params": [ps[0], ps[3]], "rho": 0.2}, {"params": [ps[1]], "perturb": False},
+                  {"params": [ps[2]], "adaptive": True, "rho": 0.5}]
+        return SSAM(groups, torch.optim.SGD, rho=0.1, sparsity=0.6, layout=layout, lr=0.1, momentum=0.9,
+                    mask=DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3))
+    else:
+        raise AssertionError(kind)
+    return SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, mask=policy, layout=layout,
+                lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
 def native_op_counts(fn: Callable[[], object], exclude: str | None = None) -> dict[str, int]:

@@ -16,7 +16,7 @@ STEPS = 6
 
 def batches(count: int = STEPS, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+    return [(torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen))
             for _ in range(count)]
 
 

@@ -12,22 +12,9 @@ import torch
 from torch import nn
 
 import ssam_kernels as sk
-from tests.helpers import assert_same, weights
+from tests.helpers import assert_same, seeded_mlp, train, weights
 
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
-
-
-def train(model: nn.Module, opt: sk.SSAM, steps: int = 2) -> None:
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(4, 64, generator=gen), torch.randint(0, 8, (4,), generator=gen)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.second_step(zero_grad=True)
+SIZES = (64, 256, 256, 8)  # the model's layer widths: large enough that its memory shows
 
 
 def hook_counts(model: nn.Module) -> list[int]:
@@ -52,14 +39,14 @@ def live_tensor_bytes() -> int:
 # ----------------------------------------------------------------------------------------------------
 
 def test_default_layout_keeps_pytorch_semantics() -> None:
-    model = mlp()
+    model = seeded_mlp(sizes=SIZES)
     pointers = [p.data_ptr() for p in model.parameters()]
     opt = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1)
     assert opt.layout.kind == "tensors" and opt.sparsity == 0.5 and isinstance(opt.policy, sk.DynamicMask)
     assert opt.policy.interval == 100
     assert [p.data_ptr() for p in model.parameters()] == pointers  # parameters keep their storage
     assert all(p.grad is None for p in model.parameters())  # before the first backward
-    train(model, opt)
+    train(model, opt, 2, n=4)
     assert [p.data_ptr() for p in model.parameters()] == pointers
     assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True)
     # a submodule saves its own tensors only (in the flat layout it would write the whole buffer)
@@ -69,7 +56,7 @@ def test_default_layout_keeps_pytorch_semantics() -> None:
 
 
 def test_flat_layout_changes_what_the_docs_say() -> None:
-    model = mlp()
+    model = seeded_mlp(sizes=SIZES)
     opt = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1, layout="flat")
     (segment,) = opt.layout.segments
     assert all(p.untyped_storage().data_ptr() == segment.weight.untyped_storage().data_ptr()
@@ -86,7 +73,7 @@ def test_flat_layout_changes_what_the_docs_say() -> None:
 
 
 def test_repr_shows_the_settings() -> None:
-    model = mlp()
+    model = seeded_mlp(sizes=SIZES)
     opt = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     text = repr(opt)
     first = text.splitlines()[0]
@@ -104,7 +91,7 @@ def test_repr_shows_the_settings() -> None:
 
 
 def test_options_after_rho_are_keyword_only() -> None:
-    params = list(mlp().parameters())
+    params = list(seeded_mlp(sizes=SIZES).parameters())
     opt = sk.SSAM(params, torch.optim.SGD, 0.2, lr=0.1)  # davda54's positional rho
     assert opt.defaults["rho"] == 0.2
     for cls in (sk.SSAM, sk.SAM):
@@ -118,11 +105,11 @@ def test_options_after_rho_are_keyword_only() -> None:
 
 @pytest.mark.parametrize("layout", ["tensors", "flat"])
 def test_rebuilding_the_optimizer_leaks_nothing(layout: str) -> None:
-    model = mlp()
+    model = seeded_mlp(sizes=SIZES)
     sizes, hooks = [], []
     for _ in range(5):
         opt = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, layout=layout)
-        train(model, opt)
+        train(model, opt, 2, n=4)
         assert hook_counts(model) == [1] * 6  # one per parameter while the optimizer lives
         del opt
         sizes.append(live_tensor_bytes())
@@ -133,9 +120,9 @@ def test_rebuilding_the_optimizer_leaks_nothing(layout: str) -> None:
 
 @pytest.mark.parametrize("layout", ["tensors", "flat"])
 def test_close_hands_back_plain_parameters(layout: str) -> None:
-    model = mlp()
+    model = seeded_mlp(sizes=SIZES)
     opt = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1, layout=layout)
-    train(model, opt, steps=1)
+    train(model, opt, 1, n=4)
     before = weights(model)
     x = torch.randn(4, 64)
     model[2](torch.relu(model[0](x))).sum().backward()  # gradients for the first two layers only
@@ -159,7 +146,7 @@ def test_close_hands_back_plain_parameters(layout: str) -> None:
 
 
 def test_close_leaves_parameters_bound_to_a_newer_flat_optimizer_alone() -> None:
-    model = mlp()
+    model = seeded_mlp(sizes=SIZES)
     old = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1, layout="flat")
     new = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1, layout="flat")
     old.close()
@@ -167,4 +154,4 @@ def test_close_leaves_parameters_bound_to_a_newer_flat_optimizer_alone() -> None
     assert all(p.untyped_storage().data_ptr() == segment.weight.untyped_storage().data_ptr()
                for p in model.parameters())
     assert hook_counts(model) == [1] * 6
-    train(model, new)
+    train(model, new, 2, n=4)

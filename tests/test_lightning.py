@@ -18,7 +18,7 @@ STEPS = 4
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+    return [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
             for _ in range(STEPS)]
 
 

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ssam_kernels import SAM, SSAM, DynamicMask, FisherMask, RandomMask, topk_mask
-from tests.helpers import assert_same, weights
+from tests.helpers import assert_same, backward, batch, loss_fn, train, weights
+from tests.helpers import build_optimizer as build
+from tests.helpers import seeded_mlp as make_model
 
 EPS = 1e-12
 
@@ -27,30 +29,6 @@ EPS = 1e-12
 # ----------------------------------------------------------------------------------------------------
 # Helpers: tiny models, data, float64 re-computations
 # ----------------------------------------------------------------------------------------------------
-
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, sizes=(5, 4, 3)) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model.to(dtype)
-
-
-def batch(seed: int, n: int = 8, d_in: int = 5, classes: int = 3, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    return torch.randn(n, d_in, generator=gen).to(dtype), torch.randint(0, classes, (n,), generator=gen)
-
-
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(out.float(), y)
-
-
-def backward(model: nn.Module, x, y) -> torch.Tensor:
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    return loss
-
 
 def params64(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().double().clone() for p in model.parameters()]
@@ -443,35 +421,6 @@ def test_dynamic_rate_schedule():
 # ----------------------------------------------------------------------------------------------------
 # Exact resume
 # ----------------------------------------------------------------------------------------------------
-
-def build(kind: str, model: nn.Module, layout: str = "flat", dtype: torch.dtype = torch.float32):
-    if kind == "fisher":
-        data = [batch(400, n=4, dtype=dtype)]
-        policy = FisherMask(model, loss_fn, data, num_samples=4, interval=2)
-    elif kind == "dynamic":
-        policy = DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3)
-    elif kind == "sam":
-        return SAM(model.parameters(), torch.optim.SGD, rho=0.1, layout=layout, lr=0.1, momentum=0.9)
-    elif kind == "dynamic_groups":  # per-group rho / adaptive, a perturb=False group
-        ps = list(model.parameters())
-        groups = [{"params": [ps[0], ps[3]], "rho": 0.2}, {"params": [ps[1]], "perturb": False},
-                  {"params": [ps[2]], "adaptive": True, "rho": 0.5}]
-        return SSAM(groups, torch.optim.SGD, rho=0.1, sparsity=0.6, layout=layout, lr=0.1, momentum=0.9,
-                    mask=DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3))
-    else:
-        raise AssertionError(kind)
-    return SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, mask=policy, layout=layout,
-                lr=0.1, momentum=0.9, weight_decay=1e-3)
-
-
-def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        x, y = batch(t)
-        backward(model, x, y)
-        opt.first_step(zero_grad=True)
-        backward(model, x, y)
-        opt.second_step(zero_grad=True)
-
 
 def save(model, opt) -> bytes:
     buf = io.BytesIO()

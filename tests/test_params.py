@@ -11,28 +11,13 @@ import torch
 from torch import nn
 
 from ssam_kernels import SAM, SSAM, FisherMask
+from tests import helpers
+from tests.helpers import batch, loss_fn, seeded_mlp, train
 
 MODES = ("SAM", "SSAM-D", "SSAM-F")
+SIZES = (5, 7, 3)  # the model's layer widths
 BASES = {"SGD": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
          "AdamW": (torch.optim.AdamW, {"lr": 0.01})}
-
-
-def make_model(seed: int = 0) -> nn.Sequential:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
-
-
-def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 + seed)
-    return torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-
-
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(out, y)
 
 
 def make_opt(mode: str, model: nn.Module, groups: list, base: str, layout: str) -> SSAM:
@@ -42,15 +27,6 @@ def make_opt(mode: str, model: nn.Module, groups: list, base: str, layout: str) 
     mask = (FisherMask(model, loss_fn, [batch(99)], num_samples=4, interval=2) if mode == "SSAM-F"
             else "dynamic")
     return SSAM(groups, cls, rho=0.1, sparsity=0.5, mask=mask, layout=layout, **kwargs)
-
-
-def train(model: nn.Module, opt: SSAM, steps: range) -> None:
-    for step in steps:
-        x, y = batch(step)
-        loss_fn(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        loss_fn(model(x), y).backward()
-        opt.second_step(zero_grad=True)
 
 
 def live(opt: SSAM) -> int:
@@ -73,7 +49,7 @@ BACKBONE = {"lr": 0.05, "rho": 0.2}  # a group with its own options
 @pytest.mark.parametrize("base", sorted(BASES))
 @pytest.mark.parametrize("mode", MODES)
 def test_group_added_before_training_trains_as_if_given_at_construction(mode, base, layout):
-    added, built = make_model(), make_model()
+    added, built = seeded_mlp(sizes=SIZES), seeded_mlp(sizes=SIZES)
     opt = make_opt(mode, added, [{"params": added[2].parameters()}], base, layout)
     opt.add_param_group({"params": added[0].parameters(), **BACKBONE})
     ref = make_opt(mode, built, [{"params": built[2].parameters()},
@@ -81,8 +57,8 @@ def test_group_added_before_training_trains_as_if_given_at_construction(mode, ba
     assert opt.live_count == ref.live_count == (5 * 7 + 7 + 7 * 3 + 3) // (2 if mode != "SAM" else 1)
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
     assert [g["rho"] for g in opt.param_groups] == [0.1, 0.2]
-    train(added, opt, range(3))
-    train(built, ref, range(3))
+    train(added, opt, 3)
+    train(built, ref, 3)
     assert_same_weights(added, built)
     assert live(opt) == opt.live_count
 
@@ -94,10 +70,10 @@ def test_unfrozen_backbone_added_mid_training_is_perturbed_and_resumes(mode, bas
     """The fine-tuning recipe: train the head, unfreeze the backbone and add it as a group. The new
     group is perturbed from the next step with exact K over the new N, is restored bit-exactly, and a
     checkpoint taken after add_param_group loads into an optimizer built with the same groups."""
-    model = make_model()
+    model = seeded_mlp(sizes=SIZES)
     model[0].requires_grad_(False)
     opt = make_opt(mode, model, [{"params": model[2].parameters()}], base, layout)
-    train(model, opt, range(2))
+    train(model, opt, 2)
     head_k = opt.live_count
     model[0].requires_grad_(True)
     opt.add_param_group({"params": model[0].parameters(), **BACKBONE})
@@ -125,14 +101,14 @@ def test_unfrozen_backbone_added_mid_training_is_perturbed_and_resumes(mode, bas
     resumed = make_opt(mode, twin, [{"params": twin[2].parameters()},
                                     {"params": twin[0].parameters(), **BACKBONE}], base, layout)
     resumed.load_state_dict(state)
-    train(model, opt, range(3, 6))
-    train(twin, resumed, range(3, 6))
+    train(model, opt, 3, 3)
+    train(twin, resumed, 3, 3)
     assert_same_weights(model, twin)
     assert live(resumed) == resumed.live_count
 
 
 def test_add_param_group_refusals_and_options():
-    model = make_model()
+    model = seeded_mlp(sizes=SIZES)
     opt = SSAM([{"params": model[2].parameters()}], torch.optim.SGD, sparsity=0.5, lr=0.1)
     with pytest.raises(ValueError, match="same tensor"):
         opt.add_param_group({"params": [model[2].weight]})
@@ -151,7 +127,7 @@ def test_add_param_group_refusals_and_options():
     opt.add_param_group({"params": model[0].parameters(), "perturb": False, "lr": 0.0})
     assert opt.live_count == (7 * 3 + 3) // 2 and opt.param_groups[1]["lr"] == 0.0
     assert opt.base_optimizer.param_groups is opt.param_groups
-    train(model, opt, range(1, 3))
+    train(model, opt, 2, 1)
     assert not any(m.any() for m in opt.get_mask()[2:])
 
 
@@ -161,21 +137,21 @@ def test_add_param_group_refusals_and_options():
 
 @pytest.mark.parametrize("layout", ["flat", "tensors"])
 def test_layer_unfrozen_after_construction_is_reported_once(layout):
-    model = make_model()
+    model = seeded_mlp(sizes=SIZES)
     model[0].requires_grad_(False)
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, lr=0.1, layout=layout)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train(model, opt, range(1))  # nothing unfrozen: silent
+        train(model, opt, 1)  # nothing unfrozen: silent
     model[0].requires_grad_(True)
     with pytest.warns(UserWarning, match=r"add_param_group") as record:
-        train(model, opt, range(1, 2))
+        train(model, opt, 1, 1)
     assert len(record) == 1 and "2 parameter(s)" in str(record[0].message)
     assert "group 0 index 0 (shape (7, 5))" in str(record[0].message)
-    assert record[0].filename == __file__  # points at the caller of first_step
+    assert record[0].filename == helpers.__file__  # points at the caller of first_step (train)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train(model, opt, range(2, 3))  # reported once
+        train(model, opt, 1, 2)  # reported once
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,7 +163,7 @@ def test_layer_unfrozen_after_construction_is_reported_once(layout):
 def test_model_moved_to_the_same_device_trains_as_if_not_moved(layout, zero_grad_first):
     """``model.to("cpu:0")`` (accelerate on CPU) copies every parameter and its gradient: the optimizer
     follows (the copies' values are kept), whether or not the gradients were reset after the move."""
-    moved, still = make_model(), make_model()
+    moved, still = seeded_mlp(sizes=SIZES), seeded_mlp(sizes=SIZES)
     opt = SSAM(moved.parameters(), torch.optim.AdamW, sparsity=0.5, lr=0.01, layout=layout)
     ref = SSAM(still.parameters(), torch.optim.AdamW, sparsity=0.5, lr=0.01, layout=layout)
     moved.to("cpu:0")
@@ -197,8 +173,8 @@ def test_model_moved_to_the_same_device_trains_as_if_not_moved(layout, zero_grad
     if zero_grad_first:
         moved.zero_grad()
         still.zero_grad()
-    train(moved, opt, range(3))
-    train(still, ref, range(3))
+    train(moved, opt, 3)
+    train(still, ref, 3)
     assert_same_weights(moved, still)
     for segment in opt.layout.segments:
         for p, (start, _) in zip(segment.params, segment.spans(), strict=True):
@@ -207,7 +183,7 @@ def test_model_moved_to_the_same_device_trains_as_if_not_moved(layout, zero_grad
 
 @pytest.mark.parametrize("layout", ["flat", "tensors"])
 def test_parameter_data_rebound_is_copied_into_the_optimizer(layout):
-    model = make_model()
+    model = seeded_mlp(sizes=SIZES)
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, lr=0.1, layout=layout)
     new = model[2].weight.detach().clone() * 3
     model[2].weight.data = new.clone()
@@ -225,7 +201,7 @@ def test_parameter_data_rebound_is_copied_into_the_optimizer(layout):
 def test_parameter_moved_to_another_dtype_device_or_shape_raises(layout, change):
     if change == "device" and not torch.cuda.is_available():
         pytest.skip("needs a second device (CUDA)")  # CPU -> meta builds new Parameter objects
-    model = make_model()
+    model = seeded_mlp(sizes=SIZES)
     opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, lr=0.1, layout=layout)
     if change == "dtype":
         model.to(torch.float64)

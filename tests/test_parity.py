@@ -1,79 +1,176 @@
 """Every fast backend against the reference oracle, through the public ops: bit for bit.
 
-Backends: ``vectorized``, ``native`` (CPU) and ``cuda_sim`` (the native CUDA kernels run on CPU tensors,
-``ssam_kernels.ops.cuda_sim``) under two launch shapes: an H100's, and a small GPU (1 SM, 2 blocks, grids
-of at most 3 blocks) whose grid-stride loops, warps and multi-block reductions all run at these sizes.
-cuda_sim is built only when ``SSAM_HIP_CPU_DIR`` names HIP-CPU at build time; without it its cases skip,
-saying so.
+Backends (the ``backend`` fixture, which also sets the ``device`` the tensors live on):
+
+- ``vectorized`` with its production knobs, and with 1024-entry chunks, the float64-emulated fp32 FMA,
+  ``index_add`` histograms and the path of devices whose tensors the host does not read for free
+  (``addcmul`` or ``fma32``, round to odd, instead of the host-checked double rounding), in three mixes;
+- ``native`` on CPU, and on CUDA (skipped without a GPU);
+- ``triton``: on CPU in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py), on the GPU
+  when there is one; its 2^20 + 3 cases run on a GPU only;
+- ``cuda_sim`` (the native CUDA kernels run on CPU tensors, ``ssam_kernels.ops.cuda_sim``) under two
+  launch shapes: an H100's, and a small GPU (1 SM, 2 blocks, grids of at most 3 blocks) whose
+  grid-stride loops, warps and multi-block reductions all run at these sizes. cuda_sim is built only
+  when ``SSAM_HIP_CPU_DIR`` names HIP-CPU at build time; without it its cases skip, saying so.
+
+Triton's launch configurations other than the interpreter's (a tiny one that makes small inputs span many
+programs, and the GPU's, run in the interpreter) pay per program, so they run the same checks at the few
+sizes that exercise them (``test_triton_config_*``).
 
 Inputs are fresh random draws with NaN, infinities and both zeros among them; every tensor lives in its
 own storage at an offset of 0, 1 or 3 elements (1 and 3 put 16-byte packs off their alignment) with
 poisoned elements on both sides, which must come out unchanged (cuda_sim also refuses any access
 outside the tensors). Sizes end mid-word, mid-chunk and mid-pack; masks are dense, all-zero, all-one
-and random. The contract (docs/DESIGN.md): masks, counts, backups, restores and perturbed values are
-bit-identical to the reference, except that a NaN may carry any payload where the reference has a NaN;
-norms are deterministic and equal the reference's float64 sum up to its rounding.
+and random; offsets int64 and int32; scales drawn, negative, and 0, inf and NaN (a skipped step). The
+contract (docs/DESIGN.md): masks, counts, backups, restores and perturbed values are bit-identical to the
+reference, except that a NaN may carry any payload where the reference has a NaN; norms are
+deterministic and equal the reference's float64 sum up to its rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference, select
 from ssam_kernels.ops.select import PASSES
-from tests.helpers import ALL_DTYPES, assert_same_values, selection_scores
+from tests.helpers import (
+    ALL_DTYPES,
+    assert_same,
+    assert_same_values,
+    build_optimizer,
+    seeded_mlp,
+    selection_scores,
+    train,
+    weights,
+)
 
 SIZES = [0, 1, 31, 32, 33, 1023, 1025, 4097]
 LARGE = (1 << 20) + 3
 DTYPES = ALL_DTYPES
 OFFSETS = [0, 1, 3]
 MASKS = ["dense", "zeros", "ones", "random"]
+SKIPPED_SCALES = [0.0, float("inf"), float("nan")]
 SMALL_GPU = (1, 2, 3)  # SMs, resident blocks per SM, grid cap
 H100 = (132, 6, 1 << 16)
+GPU = "cuda" if torch.cuda.is_available() else None
+TRITON_DEVICE = GPU or "cpu"
+
+Knobs = Callable[[pytest.MonkeyPatch], contextlib.AbstractContextManager]
 
 
-def _unavailable(name: str) -> str | None:
-    return ops._unavailable(name, "cpu")
+def _settings(**targets: object) -> Knobs:
+    """Module attributes (``"module.attribute"``) set for the test."""
+    def apply(monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager:
+        for target, value in targets.items():
+            monkeypatch.setattr(target, value)
+        return contextlib.nullcontext()
+    return apply
 
 
-def _backend_param(name: str, shape: tuple[int, int, int] | None = None, id: str | None = None):
-    why = _unavailable(name)
-    if name == "cuda_sim" and why is not None:
+def _emulated_fma(device: torch.device) -> bool:
+    return False
+
+
+_VECTORIZED_KNOBS = {
+    "vectorized-chunk1k-emulated-fma": _settings(**{
+        "ssam_kernels.ops.vectorized.CHUNK_ENTRIES": 1024,
+        "ssam_kernels.ops._arith.hardware_fma": _emulated_fma,
+        "ssam_kernels.ops.vectorized.BINCOUNT_DEVICES": ()}),
+    "vectorized-device-path": _settings(**{
+        "ssam_kernels.ops.vectorized.CHUNK_ENTRIES": 1024, "ssam_kernels.ops._arith.HOST_READ_DEVICES": ()}),
+    "vectorized-device-path-emulated-fma": _settings(**{
+        "ssam_kernels.ops._arith.HOST_READ_DEVICES": (),
+        "ssam_kernels.ops._arith.hardware_fma": _emulated_fma}),
+}
+
+
+def _simulated(shape: tuple[int, int, int]) -> Knobs:
+    def apply(monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager:
+        from ssam_kernels.ops import cuda_sim
+        return cuda_sim.simulated(*shape)
+    return apply
+
+
+TRITON_SMALL = {"chunks": 1, "block": 64, "tiles": 2, "interpret_programs": 3, "programs_per_sm": 1}
+
+
+def _triton_config(name: str) -> Knobs:
+    """Triton's tiny configuration ("small": small inputs span many programs, several tiles per program,
+    persistent-loop iterations, one chunk per program) or the GPU's ("gpu", ``_config.GPU_CONFIG``)."""
+    def apply(monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager:
+        from ssam_kernels.ops.triton import _config
+        for field, value in (TRITON_SMALL if name == "small" else vars(_config.GPU_CONFIG)).items():
+            monkeypatch.setattr(_config.CONFIG, field, value)
+        return contextlib.nullcontext()
+    return apply
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: str = "cpu"
+    knobs: Knobs | None = None
+
+
+def _backend_param(backend: Backend, id: str | None = None):
+    marks = []
+    if backend.device == "cuda":
+        marks.append(pytest.mark.gpu)
+    why = "no CUDA device" if backend.device == "cuda" and GPU is None else \
+        ops._unavailable(backend.name, backend.device)
+    if backend.name == "cuda_sim" and why is not None:
         why += (". Build it: SSAM_HIP_CPU_DIR=../shared/third_party/hip-cpu "
                 "pip install --no-build-isolation -e .")
-    return pytest.param((name, shape), id=id or name,
-                        marks=pytest.mark.skipif(why is not None, reason=f"{name} unavailable: {why}"))
+    marks.append(pytest.mark.skipif(why is not None, reason=f"{backend.name} unavailable: {why}"))
+    return pytest.param(backend, id=id or backend.name, marks=marks)
 
 
 BACKENDS = [
-    _backend_param("vectorized"),
-    _backend_param("native"),
-    _backend_param("cuda_sim", H100, "cuda_sim-h100"),
-    _backend_param("cuda_sim", SMALL_GPU, "cuda_sim-small"),
+    _backend_param(Backend("vectorized")),
+    *(_backend_param(Backend("vectorized", knobs=knobs), id) for id, knobs in _VECTORIZED_KNOBS.items()),
+    _backend_param(Backend("native")),
+    _backend_param(Backend("native", "cuda"), "native-cuda"),
+    _backend_param(Backend("triton", TRITON_DEVICE)),
+    _backend_param(Backend("cuda_sim", knobs=_simulated(H100)), "cuda_sim-h100"),
+    _backend_param(Backend("cuda_sim", knobs=_simulated(SMALL_GPU)), "cuda_sim-small"),
 ]
+TRITON_CONFIGS = {name: _backend_param(Backend("triton", TRITON_DEVICE, _triton_config(name)),
+                                        f"triton-{name}") for name in ("small", "gpu")}
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    """The backend's name, with cuda_sim's launch shape in force for the test."""
-    name, shape = request.param
-    with contextlib.ExitStack() as stack:
-        if shape is not None:
-            from ssam_kernels.ops import cuda_sim
-            stack.enter_context(cuda_sim.simulated(*shape))
-        yield name
+def backend_case(request: pytest.FixtureRequest) -> Backend:
+    return request.param
 
 
 @pytest.fixture
-def large_backend(backend: str) -> str:
-    """The backends that take the 2^20 + 3 cases (Triton's interpreter is left to its own tests)."""
-    if backend == "triton":
-        pytest.skip("Triton's interpreter: large sizes run in tests/test_triton.py on a GPU")
+def backend(backend_case: Backend, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The backend's name, with its knobs (chunk sizes, launch shapes) in force for the test."""
+    with backend_case.knobs(monkeypatch) if backend_case.knobs else contextlib.nullcontext():
+        yield backend_case.name
+
+
+@pytest.fixture
+def device(backend_case: Backend) -> torch.device:
+    """The device of the backend's tensors (the reference runs on CPU copies)."""
+    return torch.device(backend_case.device)
+
+
+@pytest.fixture
+def large_backend(backend: str, device: torch.device) -> str:
+    """The backends that take the 2^20 + 3 cases (Triton's interpreter is too slow for them)."""
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("Triton's interpreter: the 2^20 + 3 cases run on a GPU")
     return backend
 
 
@@ -93,13 +190,14 @@ def _values(n: int, dtype: torch.dtype, gen: torch.Generator, specials: bool = T
 
 
 class Placed:
-    """A tensor in its own storage at ``offset`` elements, between poisoned elements that no op may touch."""
+    """A tensor in its own storage at ``offset`` elements on ``device``, between poisoned elements that no
+    op may touch."""
 
     PAD = 5
 
-    def __init__(self, values: torch.Tensor, offset: int) -> None:
+    def __init__(self, values: torch.Tensor, offset: int, device: torch.device) -> None:
         n = values.numel()
-        self.storage = torch.full((offset + n + self.PAD,), 77, dtype=values.dtype)
+        self.storage = torch.full((offset + n + self.PAD,), 77, dtype=values.dtype, device=device)
         self.tensor = self.storage[offset: offset + n]
         self.tensor.copy_(values)
         self.offset, self.n = offset, n
@@ -110,6 +208,25 @@ class Placed:
 
     def check_untouched(self) -> None:
         assert torch.equal(self._guard(), self.guard), "an op wrote outside its tensor"
+
+
+def _placed(tensors: list[torch.Tensor | None], offset: int, device: torch.device) -> list[Placed | None]:
+    return [Placed(t, offset, device) if t is not None else None for t in tensors]
+
+
+def _tensors(placed: list[Placed | None]) -> list[torch.Tensor | None]:
+    return [p.tensor if p is not None else None for p in placed]
+
+
+def _check_untouched(*placed: list[Placed | None]) -> None:
+    for group in placed:
+        for p in group:
+            if p is not None:
+                p.check_untouched()
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert_same_values(got.cpu(), want)
 
 
 def _mask(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
@@ -125,144 +242,174 @@ def _live(words: torch.Tensor | None, n: int) -> torch.Tensor:
     return bitmask.unpack(words, n) if words is not None else torch.ones(n, dtype=torch.bool)
 
 
-def _perturb_restore(backend: str, dtype: torch.dtype, n: int, offset: int, mask_kind: str, adaptive: bool,
-                     gen: torch.Generator) -> None:
+def _scale(value: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Element-wise ops
+# ------------------------------------------------------------------------------------------------
+
+def _perturb_restore(backend: str, device: torch.device, dtype: torch.dtype, n: int, offset: int,
+                     mask_kind: str, scales: list[tuple[float, bool]], gen: torch.Generator) -> None:
+    """perturb_ then restore_ at each ``(scale, adaptive)``, the mask's offsets int64 then int32 in turn;
+    backups start poisoned and restore_ must write every perturbed entry back."""
     W0, G = _values(n, dtype, gen), _values(n, dtype, gen)
     words, offsets, k = _mask(mask_kind, n, gen)
-    scale = torch.tensor(0.37, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    w_ref, b_ref = W0.clone(), torch.empty(k, dtype=dtype)
-    ops.perturb_(w_ref, G, words, offsets, b_ref, scale, adaptive, backend="reference")
-    placed = [Placed(t, offset) for t in (W0, G, torch.full((k,), 5.0, dtype=dtype))]
-    w, g, b = (p.tensor for p in placed)
-    placed += [Placed(t, offset) for t in (words, offsets) if t is not None]
-    m, o = (placed[3].tensor, placed[4].tensor) if words is not None else (None, None)
-    ops.perturb_(w, g, m, o, b, scale, adaptive, backend=backend)
-    assert_same_values(w, w_ref)
-    assert_same_values(b, b_ref)
-    w[_live(words, n)] = 0  # restore_ must write every perturbed entry back
-    ops.restore_(w, m, o, b, backend=backend)
-    assert_same_values(w, W0)
-    for p in placed:
-        p.check_untouched()
+    for case, (value, adaptive) in enumerate(scales):
+        scale = _scale(value, dtype)
+        w_ref, b_ref = W0.clone(), torch.empty(k, dtype=dtype)
+        ops.perturb_(w_ref, G, words, offsets, b_ref, scale, adaptive, backend="reference")
+        offs = offsets.int() if offsets is not None and case % 2 else offsets
+        w, g, b, m, o = _placed([W0, G, torch.full((k,), 5.0, dtype=dtype), words, offs], offset, device)
+        ops.perturb_(w.tensor, g.tensor, *_tensors([m, o]), b.tensor, scale.to(device), adaptive,
+                     backend=backend)
+        _same(w.tensor, w_ref)
+        _same(b.tensor, b_ref)
+        w.tensor[_live(words, n).to(device)] = 0  # restore_ must write every perturbed entry back
+        ops.restore_(w.tensor, *_tensors([m, o]), b.tensor, backend=backend)
+        _same(w.tensor, W0)
+        _check_untouched([w, g, b, m, o])
+
+
+def _scales(*params: object) -> list[tuple[float, bool]]:
+    """A positive and a negative scale with ``adaptive`` both ways, and one skipped step's (0, inf or
+    NaN, taken in turn over the cases ``params`` name)."""
+    skipped = SKIPPED_SCALES[zlib.crc32(repr(params).encode()) % len(SKIPPED_SCALES)]
+    return [(0.37, False), (-0.61, True), (skipped, bool(zlib.crc32(repr(params).encode()) & 4))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("mask_kind", MASKS)
-def test_perturb_restore(backend, dtype, n, offset, mask_kind):
-    for adaptive in (False, True):
-        gen = _gen(dtype, n, offset, mask_kind, adaptive)
-        _perturb_restore(backend, dtype, n, offset, mask_kind, adaptive, gen)
+def test_perturb_restore(backend, device, dtype, n, offset, mask_kind):
+    params = (dtype, n, offset, mask_kind)
+    _perturb_restore(backend, device, dtype, n, offset, mask_kind, _scales(*params), _gen(*params))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_perturb_restore_large(large_backend, dtype):
-    _perturb_restore(large_backend, dtype, LARGE, 1, "random", False, _gen(dtype, LARGE))
+def test_perturb_restore_large(large_backend, device, dtype):
+    _perturb_restore(large_backend, device, dtype, LARGE, 1, "random", [(0.37, False)], _gen(dtype, LARGE))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("offset", OFFSETS)
-def test_perturb_restore_lists(backend, dtype, offset):
-    """One list op over tensors of every size and mask kind (one launch over a table on CUDA)."""
-    gen = _gen(dtype, offset)
-    cases = [(n, kind) for n in SIZES for kind in MASKS]
+def _perturb_restore_lists(backend: str, device: torch.device, dtype: torch.dtype, offset: int,
+                           sizes: list[int], gen: torch.Generator) -> None:
+    cases = [(n, kind) for n in sizes for kind in MASKS]
     W0 = [_values(n, dtype, gen) for n, _ in cases]
     G = [_values(n, dtype, gen) for n, _ in cases]
     masks = [_mask(kind, n, gen) for n, kind in cases]
-    scale = torch.tensor(-0.61)
-    for adaptive in (False, True):
+    for value, adaptive in ((-0.61, False), (0.37, True), (float("nan"), True)):
+        scale = _scale(value, dtype)
         w_ref = [w.clone() for w in W0]
         b_ref = [torch.empty(k, dtype=dtype) for _, _, k in masks]
         ops.perturb_(w_ref, G, [m for m, _, _ in masks], [o for _, o, _ in masks], b_ref, scale, adaptive,
                      backend="reference")
-        w = [Placed(t, offset) for t in W0]
-        g = [Placed(t, offset) for t in G]
-        b = [Placed(torch.full((k,), 5.0, dtype=dtype), offset) for _, _, k in masks]
-        m = [Placed(t, offset) if t is not None else None for t, _, _ in masks]
-        o = [Placed(t, offset) if t is not None else None for _, t, _ in masks]
-        tensors = [[p.tensor if p is not None else None for p in ps] for ps in (w, g, m, o, b)]
-        ops.perturb_(*tensors, scale, adaptive, backend=backend)
+        w, g = _placed(W0, offset, device), _placed(G, offset, device)
+        b = _placed([torch.full((k,), 5.0, dtype=dtype) for _, _, k in masks], offset, device)
+        m = _placed([t for t, _, _ in masks], offset, device)
+        o = _placed([t for _, t, _ in masks], offset, device)
+        tensors = [_tensors(ps) for ps in (w, g, m, o, b)]
+        ops.perturb_(*tensors, scale.to(device), adaptive, backend=backend)
         for got, want in zip(tensors[0] + tensors[4], w_ref + b_ref, strict=True):
-            assert_same_values(got, want)
+            _same(got, want)
         for got, orig, (words, _, _) in zip(tensors[0], W0, masks, strict=True):
-            got[_live(words, orig.numel())] = 0  # restore_ must write every perturbed entry back
+            got[_live(words, orig.numel()).to(device)] = 0  # restore_ must write every perturbed entry back
         ops.restore_(tensors[0], tensors[2], tensors[3], tensors[4], backend=backend)
         for got, orig in zip(tensors[0], W0, strict=True):
-            assert_same_values(got, orig)
-        for p in (*w, *g, *b, *(p for p in (*m, *o) if p is not None)):
-            p.check_untouched()
+            _same(got, orig)
+        _check_untouched(w, g, b, m, o)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_perturb_restore_lists(backend, device, dtype, offset):
+    """One list op over tensors of every size and mask kind (one launch over a table on CUDA)."""
+    _perturb_restore_lists(backend, device, dtype, offset, SIZES, _gen(dtype, offset))
+
+
+def _grad_sq_norm(backend: str, device: torch.device, dtype: torch.dtype, n: int, offset: int,
+                  gen: torch.Generator) -> None:
+    G, W = _values(n, dtype, gen, specials=False), _values(n, dtype, gen, specials=False)
+    for w in (None, W):
+        g_p, w_p = _placed([G, w], offset, device)
+        got = ops.grad_sq_norm(g_p.tensor, w_p.tensor if w_p else None, backend=backend)
+        expected = ops.grad_sq_norm(G, w, backend="reference")
+        assert got.dtype == torch.float64 and got.dim() == 0 and got.device == device
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=0)
+        assert torch.equal(ops.grad_sq_norm(g_p.tensor, w_p.tensor if w_p else None, backend=backend), got)
+        _check_untouched([g_p, w_p])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [*SIZES, 70001])
 @pytest.mark.parametrize("offset", [0, 3])
-def test_grad_sq_norm(backend, dtype, n, offset):
-    gen = _gen(dtype, n, offset)
-    G, W = _values(n, dtype, gen, specials=False), _values(n, dtype, gen, specials=False)
-    for w in (None, W):
-        g_p, w_p = Placed(G, offset), Placed(W, offset) if w is not None else None
-        got = ops.grad_sq_norm(g_p.tensor, w_p.tensor if w_p else None, backend=backend)
-        expected = ops.grad_sq_norm(G, w, backend="reference")
-        assert got.dtype == torch.float64 and got.dim() == 0
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
-        assert torch.equal(ops.grad_sq_norm(g_p.tensor, w_p.tensor if w_p else None, backend=backend), got)
-        g_p.check_untouched()
+def test_grad_sq_norm(backend, device, dtype, n, offset):
+    _grad_sq_norm(backend, device, dtype, n, offset, _gen(dtype, n, offset))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_grad_sq_norm_lists(backend, dtype, offset):
+def test_grad_sq_norm_lists(backend, device, dtype, offset):
     gen = _gen(dtype, offset)
     G = [_values(n, dtype, gen, specials=False) for n in SIZES]
     W = [_values(n, dtype, gen, specials=False) if i % 2 else None for i, n in enumerate(SIZES)]
-    g_p = [Placed(t, offset) for t in G]
-    w_p = [Placed(t, offset) if t is not None else None for t in W]
-    got = ops.grad_sq_norm([p.tensor for p in g_p], [p.tensor if p else None for p in w_p], backend=backend)
-    torch.testing.assert_close(got, ops.grad_sq_norm(G, W, backend="reference"), rtol=1e-12, atol=0)
+    g_p, w_p = _placed(G, offset, device), _placed(W, offset, device)
+    got = ops.grad_sq_norm(_tensors(g_p), _tensors(w_p), backend=backend)
+    torch.testing.assert_close(got.cpu(), ops.grad_sq_norm(G, W, backend="reference"), rtol=1e-12, atol=0)
+    _check_untouched(g_p, w_p)
     # Non-finite squares: the sum is inf or NaN exactly where the reference's is.
     G[2][3] = float("inf")
-    assert torch.equal(ops.grad_sq_norm(G, W, backend=backend).isinf(), torch.tensor(True))
+    G = [t.to(device) for t in G]
+    W = [t.to(device) if t is not None else None for t in W]
+    assert bool(ops.grad_sq_norm(G, W, backend=backend).isinf())
 
 
-def test_grad_sq_norm_large(large_backend):
+def test_grad_sq_norm_large(large_backend, device):
     G = _values(LARGE, torch.float32, _gen(LARGE), specials=False)
-    torch.testing.assert_close(ops.grad_sq_norm(G, backend=large_backend),
+    torch.testing.assert_close(ops.grad_sq_norm(G.to(device), backend=large_backend).cpu(),
                                ops.grad_sq_norm(G, backend="reference"), rtol=1e-12, atol=0)
+
+
+def _fisher_accumulate(backend: str, device: torch.device, dtype: torch.dtype, n: int, offset: int,
+                       gen: torch.Generator) -> None:
+    F0, G = torch.rand(n, generator=gen) + 0.5, _values(n, dtype, gen)
+    for alpha in (1.0, 0.37, 1 / 3000):
+        f_ref = F0.clone()
+        ops.fisher_accumulate_(f_ref, G, alpha, backend="reference")
+        f, g = _placed([F0, G], offset, device)
+        ops.fisher_accumulate_(f.tensor, g.tensor, alpha, backend=backend)
+        _same(f.tensor, f_ref)
+        _check_untouched([f, g])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [*SIZES, LARGE])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_fisher_accumulate(backend, dtype, n, offset):
-    if n == LARGE and backend == "triton":
-        pytest.skip("Triton's interpreter: large sizes run in tests/test_triton.py on a GPU")
+def test_fisher_accumulate(backend, device, dtype, n, offset):
+    if n == LARGE and backend == "triton" and device.type == "cpu":
+        pytest.skip("Triton's interpreter: the 2^20 + 3 cases run on a GPU")
     gen = _gen(dtype, n, offset)
-    F0, G = torch.rand(n, generator=gen) + 0.5, _values(n, dtype, gen)
-    for alpha in (1.0, 0.37):
-        f_ref = F0.clone()
-        ops.fisher_accumulate_(f_ref, G, alpha, backend="reference")
-        f, g = Placed(F0, offset), Placed(G, offset)
-        ops.fisher_accumulate_(f.tensor, g.tensor, alpha, backend=backend)
-        assert_same_values(f.tensor, f_ref)
-        f.check_untouched()
+    _fisher_accumulate(backend, device, dtype, n, offset, gen)
     # The list form over every size.
     Fs = [torch.rand(m, generator=gen) for m in SIZES]
     Gs = [_values(m, dtype, gen) for m in SIZES]
     f_ref = [f.clone() for f in Fs]
     ops.fisher_accumulate_(f_ref, Gs, 0.5, backend="reference")
-    ops.fisher_accumulate_(Fs, Gs, 0.5, backend=backend)
+    Fs = [f.to(device) for f in Fs]
+    ops.fisher_accumulate_(Fs, [g.to(device) for g in Gs], 0.5, backend=backend)
     for got, want in zip(Fs, f_ref, strict=True):
-        assert_same_values(got, want)
+        _same(got, want)
 
 
 @pytest.mark.parametrize("n", [0, 1, 33, 4097, LARGE])
-@pytest.mark.parametrize("base", [0, 2**32 - 100])
-def test_hash_scores(backend, n, base):
-    if n == LARGE and backend == "triton":
-        pytest.skip("Triton's interpreter: large sizes run in tests/test_triton.py on a GPU")
-    assert torch.equal(ops.hash_scores(n, 0xDEADBEEF, 17, base, backend=backend),
-                       ops.hash_scores(n, 0xDEADBEEF, 17, base, backend="reference"))
+@pytest.mark.parametrize("base", [0, 12345, 2**32 - 100, 2**40 + 3])
+def test_hash_scores(backend, device, n, base):
+    if n == LARGE and backend == "triton" and device.type == "cpu":
+        pytest.skip("Triton's interpreter: the 2^20 + 3 cases run on a GPU")
+    for seed, step in ((0xDEADBEEF, 17), (0, 0), (0xFFFFFFFF, 0xFFFFFFFF)):
+        _same(ops.hash_scores(n, seed, step, base, device=device, backend=backend),
+              ops.hash_scores(n, seed, step, base, backend="reference"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,62 +419,101 @@ def test_hash_scores(backend, n, base):
 SCORE_DTYPES = [*DTYPES, torch.int32]
 
 
-def _backend_module(name: str):
-    return ops.resolve_backend(name, torch.device("cpu"))
+def _backend_module(name: str, device: torch.device) -> types.ModuleType:
+    return ops.resolve_backend(name, device)
+
+
+def _singles(module: types.ModuleType) -> types.SimpleNamespace:
+    """The backend seen through its single-tensor selection primitives only: ``select`` then loops over
+    the segments (as for a backend without the list primitives)."""
+    return types.SimpleNamespace(radix_histogram=module.radix_histogram, threshold_mask=module.threshold_mask)
+
+
+def _selection_primitives(backend: str, device: torch.device, dtype: torch.dtype, ties: bool,
+                          sizes: list[int], gen: torch.Generator) -> None:
+    """radix_histogram(_multi) and threshold_mask(_multi) of the backend against the reference's, with
+    and without eligibility filters, at prefixes and thresholds taken from the entries and at ones that
+    no entry may match."""
+    module = _backend_module(backend, device)
+    oracle = _backend_module("reference", torch.device("cpu"))
+    scores = [selection_scores(n, dtype, gen, ties) for n in sizes]
+    filters = [bitmask.from_bool(torch.rand(n, generator=gen) < 0.5)[0] for n in sizes]
+    scores_d, filters_d = [s.to(device) for s in scores], [f.to(device) for f in filters]
+    keys = reference.score_keys(torch.cat(scores), True)
+    for form in (module, _singles(module)):
+        for largest in (True, False):
+            for filt, filt_d, value in ((None, None, True), (filters, filters_d, True),
+                                        (filters, filters_d, False)):
+                fl, fl_d = filt or [None] * len(scores), filt_d or [None] * len(scores)
+                for prefix_key in (int(keys[keys.numel() // 2]), 0x5A5A5A5A):
+                    for shift, bits in PASSES:
+                        prefix = torch.tensor(prefix_key & ~((1 << (shift + bits)) - 1) & 0xFFFFFFFF)
+                        got = select._histogram(form, scores_d, prefix.to(device), shift, bits, largest,
+                                                fl_d, value)
+                        want = select._histogram(oracle, scores, prefix, shift, bits, largest, fl, value)
+                        assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
+                key = reference.score_keys(torch.cat(scores), largest)
+                for threshold in {0, int(key[0]), int(key[key.numel() // 3]), int(key.max())}:
+                    tied = int((key == threshold).sum())
+                    for quota in (0, tied // 2, tied + 1):
+                        t, q = torch.tensor(threshold), torch.tensor(quota)
+                        got_words, got_left = select._threshold(form, scores_d, t.to(device), q.to(device),
+                                                                largest, fl_d, value)
+                        want_words, want_left = select._threshold(oracle, scores, t, q, largest, fl, value)
+                        assert torch.equal(got_left.cpu(), want_left)
+                        for a, b in zip(got_words, want_words, strict=True):
+                            assert torch.equal(a.cpu(), b)
 
 
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
-def test_selection_primitives(backend, dtype, ties):
-    """radix_histogram(_multi) and threshold_mask(_multi) of each backend against the reference's,
-    with and without eligibility filters, at prefixes and thresholds taken from the entries."""
-    gen = _gen(dtype, ties)
-    module, oracle = _backend_module(backend), _backend_module("reference")
-    scores = [selection_scores(n, dtype, gen, ties) for n in SIZES]
-    filters = [bitmask.from_bool(torch.rand(n, generator=gen) < 0.5)[0] for n in SIZES]
-    keys = reference.score_keys(torch.cat(scores), True)
-    for largest in (True, False):
-        for filt, value in ((None, True), (filters, True), (filters, False)):
-            fl = filt if filt is not None else [None] * len(scores)
-            prefix_key = int(keys[keys.numel() // 2])
-            for shift, bits in PASSES:
-                prefix = torch.tensor(prefix_key & ~((1 << (shift + bits)) - 1) & 0xFFFFFFFF)
-                got = select._histogram(module, scores, prefix, shift, bits, largest, fl, value)
-                want = select._histogram(oracle, scores, prefix, shift, bits, largest, fl, value)
-                assert torch.equal(got, want)
-            key = reference.score_keys(torch.cat(scores), largest)
-            for threshold in {int(key[0]), int(key[key.numel() // 3]), int(key.max())}:
-                ties_count = int((key == threshold).sum())
-                for quota in (0, ties_count // 2, ties_count + 1):
-                    t, q = torch.tensor(threshold), torch.tensor(quota)
-                    got_words, got_left = select._threshold(module, scores, t, q, largest, fl, value)
-                    want_words, want_left = select._threshold(oracle, scores, t, q, largest, fl, value)
-                    assert torch.equal(got_left, want_left)
-                    for a, b in zip(got_words, want_words, strict=True):
-                        assert torch.equal(a, b)
+def test_selection_primitives(backend, device, dtype, ties):
+    _selection_primitives(backend, device, dtype, ties, SIZES, _gen(dtype, ties))
 
 
-def _select_both(backend: str, scores: list[torch.Tensor], k: int) -> None:
-    got = ops.select_topk(scores, k, backend=backend)
+def _select_both(backend: str, device: torch.device, scores: list[torch.Tensor], k: int) -> None:
+    got = ops.select_topk([s.to(device) for s in scores], k, backend=backend)
     want = ops.select_topk(scores, k, backend="reference")
     for (m, o), (m_ref, o_ref) in zip(got, want, strict=True):
-        assert torch.equal(m, m_ref) and torch.equal(o, o_ref)
+        assert torch.equal(m.cpu(), m_ref) and torch.equal(o.cpu(), o_ref)
     assert sum(int(bitmask.count(m)) for m, _ in got) == k
+
+
+def _select_topk(backend: str, device: torch.device, sizes: list[int], gen: torch.Generator) -> None:
+    """Exact-k selection over segments of the sizes (mixed dtypes, every other one tied), at k from none
+    to all."""
+    scores = [selection_scores(n, DTYPES[i % 3], gen, ties=i % 2 == 1)
+              for i, n in enumerate(sizes)]
+    total = sum(sizes)
+    for k in sorted({0, 1, total // 1000, total // 3, total // 2, total - 1, total} & set(range(total + 1))):
+        _select_both(backend, device, scores, k)
 
 
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 @pytest.mark.parametrize("fraction", [0.0, 0.001, 0.5, 1.0])
-def test_select_topk(backend, dtype, fraction):
+def test_select_topk(backend, device, dtype, fraction):
     """Exact-k selection over segments of every size (the bucket path where the backend has one)."""
     gen = _gen(dtype, fraction)
     scores = [selection_scores(n, dtype, gen, ties=i % 2 == 1) for i, n in enumerate(SIZES)]
-    _select_both(backend, scores, int(sum(s.numel() for s in scores) * fraction))
+    _select_both(backend, device, scores, int(sum(s.numel() for s in scores) * fraction))
 
 
-def test_select_topk_paths(backend, monkeypatch):
+def test_select_topk_mixed_dtypes(backend, device):
+    _select_topk(backend, device, [1025, 1, 4999, 33, 0], _gen("mixed"))
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("nan"), float("inf"), -float("inf")]),
+                max_size=200), st.floats(0, 1))
+def test_select_topk_specials(backend, device, values, fraction):
+    """Only ties and special values (signed zeros, infinities, NaN), drawn by hypothesis."""
+    _select_both(backend, device, [torch.tensor(values, dtype=torch.float32)], int(len(values) * fraction))
+
+
+def test_select_topk_paths(backend, device, monkeypatch):
     """The bucket path (a bucket within capacity) and its fallback (one bucket of more than
     ``select.MIN_CAPACITY`` equal keys: the third histogram pass and threshold_mask), each counted."""
-    module = _backend_module(backend)
+    module = _backend_module(backend, device)
     calls = {"bucket_mask_multi": 0, "threshold_mask_multi": 0}
     for name in calls:
         primitive = getattr(module, name, None)
@@ -337,35 +523,97 @@ def test_select_topk_paths(backend, monkeypatch):
                 return _primitive(*args, **kwargs)
             monkeypatch.setattr(module, name, counted)
     has_bucket = getattr(module, "bucket_mask_multi", None) is not None and \
-        "cpu" in getattr(module, "BUCKET_MASK_DEVICES", ())
+        device.type in getattr(module, "BUCKET_MASK_DEVICES", ())
     gen = _gen("paths")
-    _select_both(backend, [torch.randn(5000, generator=gen), torch.randn(3001, generator=gen)], 2500)
+    _select_both(backend, device, [torch.randn(5000, generator=gen), torch.randn(3001, generator=gen)], 2500)
     assert calls["bucket_mask_multi"] == (1 if has_bucket else 0)
     ties = torch.full((select.MIN_CAPACITY + 103,), 0.25)
     ties[:100] = 1.0  # then more than MIN_CAPACITY entries in the threshold's bucket
-    _select_both(backend, [ties, torch.randn(33, generator=gen)], select.MIN_CAPACITY // 2)
+    _select_both(backend, device, [ties, torch.randn(33, generator=gen)], select.MIN_CAPACITY // 2)
     assert calls["bucket_mask_multi"] == (1 if has_bucket else 0)  # the fallback took over
 
 
-def test_select_topk_large(large_backend):
+def test_select_topk_large(large_backend, device):
     gen = _gen(LARGE)
     scores = [selection_scores(LARGE, torch.float32, gen, ties=False),
               selection_scores(4097, torch.bfloat16, gen, ties=True)]
-    _select_both(large_backend, scores, LARGE // 3)
+    _select_both(large_backend, device, scores, LARGE // 3)
+
+
+def _dynamic_update(backend: str, device: torch.device, sizes: list[int], grow: str, drop_fraction: float,
+                    gen: torch.Generator) -> None:
+    drop_scores = [selection_scores(n, DTYPES[i % 3], gen, ties=i % 2 == 1) for i, n in enumerate(sizes)]
+    masks = [bitmask.from_bool(torch.rand(n, generator=gen) < 0.4)[0] for n in sizes]
+    live = sum(int(bitmask.count(m)) for m in masks)
+    n_drop = int(min(live, sum(sizes) - live) * drop_fraction)
+    grow_scores = [selection_scores(n, torch.float16, gen, ties=True) for n in sizes]
+    got = ops.dynamic_update([m.to(device) for m in masks], [s.to(device) for s in drop_scores], n_drop,
+                             "random" if grow == "random" else [s.to(device) for s in grow_scores],
+                             seed=7, step=3, backend=backend)
+    want = ops.dynamic_update(masks, drop_scores, n_drop, "random" if grow == "random" else grow_scores,
+                              seed=7, step=3, backend="reference")
+    for (m, o), (m_ref, o_ref) in zip(got, want, strict=True):
+        assert torch.equal(m.cpu(), m_ref) and torch.equal(o.cpu(), o_ref)
+    assert sum(int(bitmask.count(m)) for m, _ in got) == live
 
 
 @pytest.mark.parametrize("grow", ["random", "scores"])
-@pytest.mark.parametrize("drop_fraction", [0.0, 0.1, 0.5])
-def test_dynamic_update(backend, grow, drop_fraction):
-    gen = _gen(grow, drop_fraction)
-    drop_scores = [selection_scores(n, torch.float32, gen, ties=i % 2 == 1) for i, n in enumerate(SIZES)]
-    masks = [bitmask.from_bool(torch.rand(n, generator=gen) < 0.4)[0] for n in SIZES]
-    live = sum(int(bitmask.count(m)) for m in masks)
-    n_drop = int(min(live, sum(SIZES) - live) * drop_fraction)
-    grow_arg = "random" if grow == "random" else [selection_scores(n, torch.float16, gen, ties=True)
-                                                  for n in SIZES]
-    got = ops.dynamic_update(masks, drop_scores, n_drop, grow_arg, seed=7, step=3, backend=backend)
-    want = ops.dynamic_update(masks, drop_scores, n_drop, grow_arg, seed=7, step=3, backend="reference")
-    for (m, o), (m_ref, o_ref) in zip(got, want, strict=True):
-        assert torch.equal(m, m_ref) and torch.equal(o, o_ref)
-    assert sum(int(bitmask.count(m)) for m, _ in got) == live
+@pytest.mark.parametrize("drop_fraction", [0.0, 0.1, 0.5, 1.0])
+def test_dynamic_update(backend, device, grow, drop_fraction):
+    _dynamic_update(backend, device, SIZES, grow, drop_fraction, _gen(grow, drop_fraction))
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton's other launch configurations, in the interpreter at the sizes that exercise them: "small" at
+# sizes that span many of its programs, "gpu" at sizes that end mid-word, mid-vector and mid-tile with
+# the partial last group alone in its tile (2051, 2056: a whole last group, a partial last word) and in
+# a later program of a norm/Fisher tile (16437).
+# ------------------------------------------------------------------------------------------------
+
+TRITON_SIZES = [*((n, TRITON_CONFIGS["small"]) for n in (33, 1025)),
+                *((n, TRITON_CONFIGS["gpu"]) for n in (2051, 2056, 16437))]
+by_triton_config = pytest.mark.parametrize(("n", "backend_case"), TRITON_SIZES, indirect=["backend_case"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@by_triton_config
+def test_triton_config_elementwise(backend, device, dtype, n):
+    """perturb_/restore_ (dense and a random mask), grad_sq_norm and fisher_accumulate_."""
+    for mask_kind in ("dense", "random"):
+        params = ("config", dtype, n, mask_kind)
+        _perturb_restore(backend, device, dtype, n, 1, mask_kind, _scales(*params), _gen(*params))
+    _grad_sq_norm(backend, device, dtype, n, 0, _gen("config-norm", dtype, n))
+    _fisher_accumulate(backend, device, dtype, n, 0, _gen("config-fisher", dtype, n))
+
+
+@by_triton_config
+def test_triton_config_selection(backend, device, n):
+    for dtype in (torch.float32, torch.int32):
+        _selection_primitives(backend, device, dtype, True, [n, 0, 31], _gen("config", dtype, n))
+
+
+@pytest.mark.parametrize("backend_case", [TRITON_CONFIGS["small"]], indirect=True)
+def test_triton_config_lists_and_selections(backend, device):
+    _perturb_restore_lists(backend, device, torch.bfloat16, 1, [0, 33, 1025], _gen("config-lists"))
+    _select_topk(backend, device, [33, 0, 1023, 1], _gen("config-topk"))
+    _dynamic_update(backend, device, [33, 0, 1023, 1], "scores", 0.5, _gen("config-dynamic"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole optimizer trajectories
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sam", "dynamic", "fisher", "dynamic_groups"])
+@pytest.mark.parametrize("layout", ["flat", "tensors"])
+def test_optimizer_trajectory(backend, device, kind, layout, monkeypatch):
+    """Six steps of each optimizer kind on the backend: the weights and masks of the reference's run."""
+    runs = []
+    for name in ("reference", backend):
+        monkeypatch.setenv(ops.ENV_VAR, name)
+        model = seeded_mlp(21).to(device)
+        opt = build_optimizer(kind, model, layout)
+        train(model, opt, 6)
+        masks = [m.cpu() for m in opt.get_mask()] if kind != "sam" else []
+        runs.append(([w.cpu() for w in weights(model)], masks))
+    assert_same(runs[1][0], runs[0][0])
+    assert_same(runs[1][1], runs[0][1])

@@ -14,36 +14,8 @@ from torch import nn
 
 from ssam_kernels import SAM, SSAM, DynamicMask, FisherMask, RandomMask, topk_mask
 from ssam_kernels.masks import live_count
-from tests.helpers import assert_same, weights
-
-
-def make_model(seed: int = 0, sizes=(5, 4, 3)) -> nn.Sequential:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
-
-
-def batch(seed: int, n: int = 8, d_in: int = 5, classes: int = 3):
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    return torch.randn(n, d_in, generator=gen), torch.randint(0, classes, (n,), generator=gen)
-
-
-def backward(model: nn.Module, x, y) -> torch.Tensor:
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    return loss
-
-
-def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        x, y = batch(t)
-        backward(model, x, y)
-        opt.first_step(zero_grad=True)
-        backward(model, x, y)
-        opt.second_step(zero_grad=True)
+from tests.helpers import assert_same, backward, batch, train, weights
+from tests.helpers import seeded_mlp as make_model
 
 
 def assert_state_equal(a, b) -> None:

@@ -14,27 +14,14 @@ from torch import nn
 
 from ssam_kernels import SAM, SSAM, DynamicMask, RandomMask, ops
 from ssam_kernels.ops import reference, vectorized
-from tests.helpers import assert_same, weights
+from tests.helpers import assert_same, batch, weights
+from tests.helpers import seeded_mlp as make_model
 
 LAYOUTS = ["flat", "tensors"]
 
 
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.5)
-    return model
-
-
-def batch(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 + seed)
-    return torch.randn(8, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (8,), generator=gen)
-
-
 def loss_of(model: nn.Module, seed: int = 0) -> torch.Tensor:
-    x, y = batch(seed, next(model.parameters()).dtype)
+    x, y = batch(seed, dtype=next(model.parameters()).dtype)
     return nn.functional.cross_entropy(model(x), y)
 
 
