@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import runpy
 import shutil
 import sys
 
@@ -27,7 +28,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GENERATED = os.path.join(HERE, "build", "ssam_generated")  # the generated header (an include dir)
+GENERATED = os.path.join(HERE, "build", "ssam_generated")  # the generated headers (an include dir)
+CONTRACT = os.path.join(HERE, "ssam_kernels", "ops", "contract.py")  # the op contract's constants
 
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 """Turing to Hopper as machine code, and Hopper's PTX, which the driver compiles for newer GPUs
@@ -58,6 +60,12 @@ def _write_build_config(cuda_archs: str) -> None:
                 f"#define SSAM_CUDA_ARCHS \"{cuda_archs}\"\n")
 
 
+def write_contract_header(directory: str) -> str:
+    """``ssam_contract.h`` (the op contract's constants for csrc/) from ssam_kernels/ops/contract.py, loaded
+    by its path: the package is not importable while it is being built."""
+    return runpy.run_path(CONTRACT)["write_cpp_header"](directory)
+
+
 def _extensions() -> tuple[list, type[build_ext]]:
     """The extension modules to build and the build_ext command class, or none."""
     if os.environ.get("SSAM_KERNELS_NO_EXT", "0") not in ("", "0"):
@@ -82,6 +90,7 @@ def _extensions() -> tuple[list, type[build_ext]]:
     # -ffp-contract=off: no FMA contraction, so the fp32 formulas round like the reference's.
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     include_dirs = [os.path.join(HERE, "csrc"), GENERATED]
+    write_contract_header(GENERATED)
     define_macros = [("SSAM_PYTHON_MODULE", "1")]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and cuda_sources
     if with_cuda:
@@ -130,7 +139,7 @@ def _cuda_sim_extension(cpp_extension: object, define_macros: list) -> object | 
     _log(f"building the cuda_sim testing backend against HIP-CPU in {hip_cpu}")
     return cpp_extension.CppExtension(
         "ssam_kernels._cuda_sim", [os.path.join("csrc", "sim", "cuda_sim.cpp")],
-        include_dirs=[os.path.join(HERE, "csrc"), hip_include], define_macros=define_macros,
+        include_dirs=[os.path.join(HERE, "csrc"), GENERATED, hip_include], define_macros=define_macros,
         extra_compile_args=["-O2", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden",
                             "-fvisibility-inlines-hidden", "-Wno-unknown-pragmas", "-pthread"],
         extra_link_args=["-pthread"])

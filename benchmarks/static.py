@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ssam_kernels.ops.contract import write_cpp_header
+
 from . import harness
 
 ARCHS = (80, 86, 89, 90)
@@ -236,9 +238,10 @@ def demangled_kernel(symbol: str) -> tuple[str, str, str]:
     return match.group(1), _CXX_DTYPES.get(first, first), variant
 
 
-def nvcc_command(source: Path, obj: Path, archs: Sequence[int]) -> list[str]:
+def nvcc_command(source: Path, obj: Path, archs: Sequence[int], generated: Path) -> list[str]:
     """The extension build's nvcc flags (as ``csrc/check_cuda_compile.sh`` derives them from torch),
-    ``-Xptxas -v`` and one ``-gencode`` per architecture."""
+    ``-Xptxas -v`` and one ``-gencode`` per architecture; ``generated``: the folder of the generated
+    ``ssam_contract.h`` (``write_contract_header``)."""
     import inspect
 
     import torch
@@ -247,7 +250,8 @@ def nvcc_command(source: Path, obj: Path, archs: Sequence[int]) -> list[str]:
     include = Path(torch.__file__).parent / "include"
     std = max(re.findall(r"-std=(c\+\+\d\d)", inspect.getsource(cpp_extension)), key=lambda s: int(s[3:]))
     cmd = ["nvcc", "-c", "-O3", f"-std={std}", *cpp_extension.COMMON_NVCC_FLAGS, "-DSSAM_WITH_CUDA=1",
-           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-I", str(harness.REPO / "csrc"),
+           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           "-I", str(harness.REPO / "csrc"), "-I", str(generated),
            "-I", str(include), "-I", str(include / "torch" / "csrc" / "api" / "include"),
            "-Xcompiler", "-fPIC", "-diag-suppress", "3306", "-Xptxas", "-v"]
     if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
@@ -268,9 +272,11 @@ def native_records(sources: Sequence[Path], archs: Sequence[int], log: harness.L
         return [_error_record("native", "*", arch, f"{missing} not found") for arch in archs]
     sass = ptxas = ""
     with tempfile.TemporaryDirectory() as tmp:
+        generated = Path(tmp) / "generated"
+        write_cpp_header(str(generated))
         for source in sources:
             obj = Path(tmp) / f"{source.stem}.o"
-            cmd = nvcc_command(source, obj, archs)
+            cmd = nvcc_command(source, obj, archs, generated)
             log.write("$ " + " ".join(cmd))
             done = subprocess.run(cmd, capture_output=True, text=True)
             log.write(done.stdout + done.stderr)

@@ -25,8 +25,14 @@ print(max(re.findall(r"-std=(c\+\+\d\d)", inspect.getsource(cpp_extension)), key
 PY
 )"
 
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+# ssam_contract.h, generated from the op contract's constants as setup.py and CMake generate it.
+python -c 'import runpy, sys; runpy.run_path(sys.argv[1])["write_cpp_header"](sys.argv[2])' \
+  "$here/../ssam_kernels/ops/contract.py" "$out/generated" >/dev/null
+
 flags=(-c -O3 "-std=$cxx_std" "${common_flags[@]}" -DSSAM_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
-       -I "$here" -I "$torch_include" -I "$torch_include/torch/csrc/api/include"
+       -I "$here" -I "$out/generated" -I "$torch_include" -I "$torch_include/torch/csrc/api/include"
        -Xcompiler -fPIC -diag-suppress 3306)
 if [[ ! -f "$torch_include/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
   flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
@@ -35,8 +41,6 @@ for arch in $archs; do
   flags+=(-gencode "arch=compute_$arch,code=sm_$arch")
 done
 
-out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
 shopt -s nullglob
 sources=("$here"/cuda/*.cu)
 [[ ${#sources[@]} -gt 0 ]] || { echo "check_cuda_compile: no .cu files in $here/cuda" >&2; exit 2; }
