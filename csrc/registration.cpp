@@ -1,4 +1,4 @@
-// The ssam_kernels operators (schemas: schemas.h). Their CPU kernels are registered in cpu.cpp, their CUDA
+// The ssam_kernels operators (schemas: schemas.h). Their CPU kernels are registered in cpu/register.cpp, their CUDA
 // kernels in cuda/register.cu, their fake (meta) implementations in ssam_kernels/ops/native.py.
 //
 // Built by setup.py (SSAM_PYTHON_MODULE defined) this file is also the Python module ssam_kernels._C,

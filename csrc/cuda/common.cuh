@@ -4,7 +4,7 @@
 //
 // Every launch runs on the current stream of the tensors' device and reads the device-side scalars
 // (scale, prefix, threshold, tie quota) from device memory, so no op synchronises with the host. The
-// element-wise mathematics comes from ssam_math.h, shared with cpu.cpp.
+// element-wise mathematics comes from ssam_math.h, shared with the CPU kernels (csrc/cpu).
 //
 // Mask layout on the GPU: one warp owns one chunk of kChunk entries (kWordsPerChunk = 32 words); lane l
 // holds word l, a warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank.
