@@ -14,12 +14,16 @@
   prints why and never leaves a broken install (each extension builds or fails on its own).
 
 Build with the installed torch: ``pip install --no-build-isolation .``
+
+The constants below are the one list of the sources and flags: CMakeLists.txt (``write_cmake_spec``),
+csrc/check_cuda_compile.sh and ``benchmarks.static`` read them by running this file under another name than
+``__main__`` (``runpy.run_path(..., run_name="ssam_build_spec")``), which defines them without building.
 """
 
 from __future__ import annotations
 
-import glob
 import os
+import runpy
 import shutil
 import sys
 
@@ -27,7 +31,35 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GENERATED = os.path.join(HERE, "build", "ssam_generated")  # the generated header (an include dir)
+GENERATED = os.path.join(HERE, "build", "ssam_generated")  # the generated headers (an include dir)
+CONTRACT = os.path.join(HERE, "ssam_kernels", "ops", "contract.py")  # the op contract's constants
+
+# Paths relative to this folder.
+CPP_SOURCES = ("csrc/registration.cpp", "csrc/cpu/element.cpp", "csrc/cpu/fisher.cpp", "csrc/cpu/hash.cpp",
+               "csrc/cpu/norm.cpp", "csrc/cpu/register.cpp", "csrc/cpu/select.cpp")
+"""The C++ sources of ``ssam_kernels._C`` (CMake: the library ``ssam_kernels_ops``)."""
+CUDA_SOURCES = ("csrc/cuda/element.cu", "csrc/cuda/fisher.cu", "csrc/cuda/hash.cu", "csrc/cuda/norm.cu",
+                "csrc/cuda/register.cu", "csrc/cuda/select.cu")
+"""Its CUDA sources, one per op family: compiled in when CUDA is (``SSAM_WITH_CUDA``)."""
+CUDA_SIM_SOURCES = ("csrc/sim/cuda_sim.cpp",)
+"""The source of ``ssam_kernels._cuda_sim`` (CMake: ``ssam_cuda_sim``): it includes the CUDA sources."""
+INCLUDE_DIRS = ("csrc",)
+"""Include dirs of every target, besides the generated headers' dir (and HIP-CPU's for cuda_sim)."""
+CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+"""Host compiler flags of ``_C``. -ffp-contract=off: no FMA contraction, so the fp32 formulas round like the
+reference's separate PyTorch ops. The C++ standard is torch's (``torch.utils.cpp_extension`` picks it)."""
+NVCC_FLAGS = ("-O3",)
+"""nvcc flags of ``_C``'s CUDA sources, besides torch's ``COMMON_NVCC_FLAGS``. No --use_fast_math: flushing
+denormals would change results the contract fixes."""
+LINK_FLAGS = ("-fopenmp",)
+"""Link flags of ``_C``."""
+SIM_FLAGS = ("-O2", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+             "-Wno-unknown-pragmas", "-pthread")
+"""Host compiler flags of cuda_sim and the device-code tests: C++20 (``std::source_location``), no FMA
+contraction, hidden visibility, so that its copies of the shared headers' inline functions never stand in
+for ``_C``'s in one process."""
+SIM_LINK_FLAGS = ("-pthread",)
+"""Link flags of cuda_sim."""
 
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 """Turing to Hopper as machine code, and Hopper's PTX, which the driver compiles for newer GPUs
@@ -58,14 +90,30 @@ def _write_build_config(cuda_archs: str) -> None:
                 f"#define SSAM_CUDA_ARCHS \"{cuda_archs}\"\n")
 
 
+def write_contract_header(directory: str) -> str:
+    """``ssam_contract.h`` (the op contract's constants for csrc/) from ssam_kernels/ops/contract.py, loaded
+    by its path: the package is not importable while it is being built."""
+    return runpy.run_path(CONTRACT)["write_cpp_header"](directory)
+
+
+def write_cmake_spec(directory: str) -> None:
+    """What CMakeLists.txt includes, into ``directory``: ``ssam_contract.h`` and ``build_spec.cmake``, the
+    constants above as CMake lists ``SSAM_<NAME>``."""
+    write_contract_header(directory)
+    names = ("CPP_SOURCES", "CUDA_SOURCES", "CUDA_SIM_SOURCES", "INCLUDE_DIRS", "CXX_FLAGS", "NVCC_FLAGS",
+             "LINK_FLAGS", "SIM_FLAGS", "SIM_LINK_FLAGS")
+    lines = ["# Generated from setup.py's constants by write_cmake_spec; do not edit."]
+    lines += [f"set(SSAM_{name} {' '.join(globals()[name])})" for name in names]
+    with open(os.path.join(directory, "build_spec.cmake"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _extensions() -> tuple[list, type[build_ext]]:
     """The extension modules to build and the build_ext command class, or none."""
     if os.environ.get("SSAM_KERNELS_NO_EXT", "0") not in ("", "0"):
         _log("SSAM_KERNELS_NO_EXT is set: installing without the compiled extension")
         return [], build_ext
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    if not cpp_sources:
+    if not all(os.path.isfile(os.path.join(HERE, source)) for source in CPP_SOURCES):
         return [], build_ext
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _log("no C++ compiler found: installing without the compiled extension")
@@ -78,26 +126,23 @@ def _extensions() -> tuple[list, type[build_ext]]:
              "installing without the compiled extension")
         return [], build_ext
 
-    # torch.utils.cpp_extension picks the C++ standard of the installed torch (C++17 or C++20).
-    # -ffp-contract=off: no FMA contraction, so the fp32 formulas round like the reference's.
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    include_dirs = [os.path.join(HERE, "csrc"), GENERATED]
+    include_dirs = [*(os.path.join(HERE, d) for d in INCLUDE_DIRS), GENERATED]
+    write_contract_header(GENERATED)
     define_macros = [("SSAM_PYTHON_MODULE", "1")]
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and cuda_sources
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(torch)
         _write_build_config(os.environ["TORCH_CUDA_ARCH_LIST"])
         ext = cpp_extension.CUDAExtension(
-            "ssam_kernels._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-            define_macros=[*define_macros, ("SSAM_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
-            # No --use_fast_math: flushing denormals would change results the contract fixes.
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
+            "ssam_kernels._C", [*CPP_SOURCES, *CUDA_SOURCES], include_dirs=include_dirs,
+            define_macros=[*define_macros, ("SSAM_WITH_CUDA", "1")], extra_link_args=list(LINK_FLAGS),
+            extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)})
         _log(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         _write_build_config("")
-        ext = cpp_extension.CppExtension("ssam_kernels._C", cpp_sources, include_dirs=include_dirs,
-                                         define_macros=define_macros, extra_compile_args=cxx_flags,
-                                         extra_link_args=["-fopenmp"])
+        ext = cpp_extension.CppExtension("ssam_kernels._C", list(CPP_SOURCES), include_dirs=include_dirs,
+                                         define_macros=define_macros, extra_compile_args=list(CXX_FLAGS),
+                                         extra_link_args=list(LINK_FLAGS))
         _log("building the CPU C++ extension (no CUDA torch or toolkit found)")
     extensions = [ext]
     sim = _cuda_sim_extension(cpp_extension, define_macros)
@@ -119,8 +164,7 @@ def _extensions() -> tuple[list, type[build_ext]]:
 
 def _cuda_sim_extension(cpp_extension: object, define_macros: list) -> object | None:
     """``ssam_kernels._cuda_sim`` when ``SSAM_HIP_CPU_DIR`` names HIP-CPU (its ``include/hip/hip_runtime.h``),
-    else None. Host C++ only, C++20 (``std::source_location``); hidden visibility, so that its copies of
-    the shared headers' inline functions never stand in for ``_C``'s in one process."""
+    else None. Host C++ only, with ``SIM_FLAGS``."""
     hip_cpu = os.environ.get("SSAM_HIP_CPU_DIR", "").strip()
     if not hip_cpu:
         return None
@@ -129,12 +173,11 @@ def _cuda_sim_extension(cpp_extension: object, define_macros: list) -> object | 
         raise SystemExit(f"ssam_kernels setup: SSAM_HIP_CPU_DIR={hip_cpu!r} has no include/hip/hip_runtime.h")
     _log(f"building the cuda_sim testing backend against HIP-CPU in {hip_cpu}")
     return cpp_extension.CppExtension(
-        "ssam_kernels._cuda_sim", [os.path.join("csrc", "sim", "cuda_sim.cpp")],
-        include_dirs=[os.path.join(HERE, "csrc"), hip_include], define_macros=define_macros,
-        extra_compile_args=["-O2", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden",
-                            "-fvisibility-inlines-hidden", "-Wno-unknown-pragmas", "-pthread"],
-        extra_link_args=["-pthread"])
+        "ssam_kernels._cuda_sim", list(CUDA_SIM_SOURCES),
+        include_dirs=[*(os.path.join(HERE, d) for d in INCLUDE_DIRS), GENERATED, hip_include],
+        define_macros=define_macros, extra_compile_args=list(SIM_FLAGS), extra_link_args=list(SIM_LINK_FLAGS))
 
 
-extensions, build_ext_class = _extensions()
-setup(ext_modules=extensions, cmdclass={"build_ext": build_ext_class})
+if __name__ == "__main__":  # setuptools' build backend runs it so; the readers of the constants do not
+    extensions, build_ext_class = _extensions()
+    setup(ext_modules=extensions, cmdclass={"build_ext": build_ext_class})

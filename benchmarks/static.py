@@ -41,6 +41,7 @@ import datetime as dt
 import io
 import json
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,9 @@ CONSUMER_ARCHS = (86, 89)
 """Architectures whose fp64 units run at 1/64 of the fp32 rate (RTX 30xx/40xx, A10, L4, L40)."""
 FLOAT = ("fp32", "bf16", "fp16")
 SCORES = (*FLOAT, "int32")
-SOURCES = tuple(sorted((harness.REPO / "csrc" / "cuda").glob("*.cu")))
+BUILD = runpy.run_path(str(harness.REPO / "setup.py"), run_name="ssam_build_spec")
+"""setup.py's constants (its sources and flags), without building."""
+SOURCES = tuple(harness.REPO / source for source in BUILD["CUDA_SOURCES"])
 """The CUDA sources of the native kernels (one per op family, each compiled on its own)."""
 
 
@@ -236,9 +239,10 @@ def demangled_kernel(symbol: str) -> tuple[str, str, str]:
     return match.group(1), _CXX_DTYPES.get(first, first), variant
 
 
-def nvcc_command(source: Path, obj: Path, archs: Sequence[int]) -> list[str]:
+def nvcc_command(source: Path, obj: Path, archs: Sequence[int], generated: Path) -> list[str]:
     """The extension build's nvcc flags (as ``csrc/check_cuda_compile.sh`` derives them from torch),
-    ``-Xptxas -v`` and one ``-gencode`` per architecture."""
+    ``-Xptxas -v`` and one ``-gencode`` per architecture; ``generated``: the folder of the generated
+    ``ssam_contract.h`` (setup.py's ``write_contract_header``)."""
     import inspect
 
     import torch
@@ -246,8 +250,9 @@ def nvcc_command(source: Path, obj: Path, archs: Sequence[int]) -> list[str]:
 
     include = Path(torch.__file__).parent / "include"
     std = max(re.findall(r"-std=(c\+\+\d\d)", inspect.getsource(cpp_extension)), key=lambda s: int(s[3:]))
-    cmd = ["nvcc", "-c", "-O3", f"-std={std}", *cpp_extension.COMMON_NVCC_FLAGS, "-DSSAM_WITH_CUDA=1",
-           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-I", str(harness.REPO / "csrc"),
+    cmd = ["nvcc", "-c", *BUILD["NVCC_FLAGS"], f"-std={std}", *cpp_extension.COMMON_NVCC_FLAGS,
+           "-DSSAM_WITH_CUDA=1", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *(f"-I{harness.REPO / d}" for d in BUILD["INCLUDE_DIRS"]), "-I", str(generated),
            "-I", str(include), "-I", str(include / "torch" / "csrc" / "api" / "include"),
            "-Xcompiler", "-fPIC", "-diag-suppress", "3306", "-Xptxas", "-v"]
     if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
@@ -268,9 +273,11 @@ def native_records(sources: Sequence[Path], archs: Sequence[int], log: harness.L
         return [_error_record("native", "*", arch, f"{missing} not found") for arch in archs]
     sass = ptxas = ""
     with tempfile.TemporaryDirectory() as tmp:
+        generated = Path(tmp) / "generated"
+        BUILD["write_contract_header"](str(generated))
         for source in sources:
             obj = Path(tmp) / f"{source.stem}.o"
-            cmd = nvcc_command(source, obj, archs)
+            cmd = nvcc_command(source, obj, archs, generated)
             log.write("$ " + " ".join(cmd))
             done = subprocess.run(cmd, capture_output=True, text=True)
             log.write(done.stdout + done.stderr)

@@ -1,4 +1,4 @@
-// The ssam_kernels operators (schemas: schemas.h). Their CPU kernels are registered in cpu.cpp, their CUDA
+// The ssam_kernels operators (schemas: schemas.h). Their CPU kernels are registered in cpu/register.cpp, their CUDA
 // kernels in cuda/register.cu, their fake (meta) implementations in ssam_kernels/ops/native.py.
 //
 // Built by setup.py (SSAM_PYTHON_MODULE defined) this file is also the Python module ssam_kernels._C,
@@ -65,8 +65,8 @@ bool entry_ok(PyObject* w_obj, PyObject* g_obj, bool g_optional, PyObject* m_obj
   if (!like_w(m_obj, false) || !like_w(o_obj, false) || capacity > n) return false;
   const at::Tensor& m = THPVariable_Unpack(m_obj);
   const at::Tensor& o = THPVariable_Unpack(o_obj);
-  return m.scalar_type() == at::kInt && m.numel() == (n + 31) / 32 &&
-         (o.scalar_type() == at::kInt || o.scalar_type() == at::kLong) && o.numel() == (n + 1023) / 1024 + 1;
+  return m.scalar_type() == at::kInt && m.numel() == ssam::num_words(n) &&
+         (o.scalar_type() == at::kInt || o.scalar_type() == at::kLong) && o.numel() == ssam::num_chunks(n) + 1;
 }
 
 // ssam_kernels._C.first_invalid_entry(W, G, g_optional, mask, offsets, backup, like): the index of the

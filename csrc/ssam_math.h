@@ -13,6 +13,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "ssam_contract.h"  // generated from ssam_kernels/ops/contract.py: kChunk, the key and hash constants
+
 #if defined(__CUDACC__)
 #define SSAM_HD __host__ __device__ __forceinline__
 #else
@@ -26,10 +28,6 @@
 #endif
 
 namespace ssam {
-
-// Entries per offsets chunk and mask words per chunk (ssam_kernels/ops/bitmask.py).
-constexpr int64_t kChunk = 1024;
-constexpr int64_t kWordsPerChunk = kChunk / 32;
 
 // float64 multiply and add, each rounded once (the float64 W path of perturbed). On the device the _rn
 // intrinsics are never contracted into an FMA, so the result equals the reference's separately rounded
@@ -173,15 +171,15 @@ SSAM_HD float fisher_update(float f, T g, float alpha) {
 
 // Order-preserving unsigned image of a floating score, compared as its fp32 value (a float64 score is
 // first rounded to nearest fp32, so float64 scores equal in fp32 are ties):
-// -0 -> +0; NaN -> 0 (below every number); negative -> ~bits; non-negative -> bits | 2^31.
-// largest=false complements the key (2^32 - 1 - key), so the largest keys are the smallest scores.
+// -0 -> +0; NaN -> kNanKey (0: below every number); negative -> ~bits; non-negative -> bits | kKeySignBit.
+// largest=false complements the key (kKeyMask - key), so the largest keys are the smallest scores.
 SSAM_HD uint32_t float_key(float x, bool largest) {
   uint32_t key;
   if (x != x) {
-    key = 0u;
+    key = kNanKey;
   } else {
     const uint32_t b = float_bits(x == 0.0f ? 0.0f : x);
-    key = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    key = (b & kKeySignBit) ? ~b : (b | kKeySignBit);
   }
   return largest ? key : ~key;
 }
@@ -209,17 +207,17 @@ SSAM_HD bool prefix_matches(uint32_t key, uint64_t prefix, int high) {
 
 // Chris Wellons' lowbias32 finaliser: a bijection on 32-bit integers with strong avalanche.
 SSAM_HD uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
+  x ^= x >> kMix32Shift0;
+  x *= kMix32Multiplier0;
+  x ^= x >> kMix32Shift1;
+  x *= kMix32Multiplier1;
+  x ^= x >> kMix32Shift2;
   return x;
 }
 
-// The per-update key of the growth hash: mix32(seed ^ mix32(step ^ 0x9E3779B9)).
+// The per-update key of the growth hash: mix32(seed ^ mix32(step ^ kHashStepSalt)).
 SSAM_HD uint32_t hash_key(uint32_t seed, uint32_t step) {
-  return mix32(seed ^ mix32(step ^ 0x9E3779B9u));
+  return mix32(seed ^ mix32(step ^ kHashStepSalt));
 }
 
 // h(seed, step, j) = mix32(lo32(j) ^ mix32(hi32(j) ^ hash_key(seed, step))), as an int32 bit pattern.

@@ -1,4 +1,4 @@
-// Host-side helpers shared by the CPU (cpu.cpp) and CUDA (cuda.cu) implementations of the ops
+// Host-side helpers shared by the CPU (cpu/) and CUDA (cuda/) implementations of the ops
 // registered in registration.cpp: argument checks and dtype dispatch.
 //
 // The public functions in ssam_kernels/ops/__init__.py validate their arguments with messages that name
@@ -389,7 +389,7 @@ inline void check_fisher_args(const at::Tensor& F, const at::Tensor& G) {
 
 // perturb_ (restore: restore_) of CPU list entries whose arguments were checked (shapes, dtypes, one device;
 // perturb_view / restore_view accept each): one call, the overlap rule and the offsets checked against the
-// masks before any write (cpu.cpp). For the direct eager calls of registration.cpp.
+// masks before any write (cpu/element.cpp). For the direct eager calls of registration.cpp.
 void perturb_restore_checked_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive,
                                  bool restore);
 

@@ -4,10 +4,10 @@
 //
 // Every launch runs on the current stream of the tensors' device and reads the device-side scalars
 // (scale, prefix, threshold, tie quota) from device memory, so no op synchronises with the host. The
-// element-wise mathematics comes from ssam_math.h, shared with cpu.cpp.
+// element-wise mathematics comes from ssam_math.h, shared with the CPU kernels (csrc/cpu).
 //
-// Mask layout on the GPU: one warp owns one chunk of 1024 entries (32 words); lane l holds word l, a
-// warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank.
+// Mask layout on the GPU: one warp owns one chunk of kChunk entries (kWordsPerChunk = 32 words); lane l
+// holds word l, a warp scan of the words' popcounts plus offsets[chunk] gives each word's first rank.
 //
 // The element-wise kernels (norm, perturb_/restore_, Fisher) are built to stream at the bandwidth limit
 // (predicted from the static report, not measured: benchmarks/NOTES.md): every global access goes
@@ -31,6 +31,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
+static_assert(kWordsPerChunk == 32, "the mask layout: lane l of a warp holds word l of its chunk");
 // Resident blocks per SM the element-wise kernels are compiled for (__launch_bounds__): 6 x 256 threads,
 // at most 40 registers: full occupancy on sm_86/sm_89 (1536 threads per SM), 48 of 64 warps on
 // sm_80/sm_90, whose 32-register full occupancy would spill (static report), with 48 KB of 16-byte
@@ -177,7 +178,7 @@ __device__ double block_sum(double v, double* shared) {
 // The list forms: one launch per op for any number of tensors. The host writes a table of the tensors
 // (addresses and sizes, kColumns int64 per tensor, then each tensor's first global chunk) and copies it
 // to the device on the op's stream (host_common.h: upload_table); the kernels walk the global chunk
-// numbers 0 .. total - 1 (1024-entry chunks, so mask offsets stay per chunk), find each chunk's tensor
+// numbers 0 .. total - 1 (chunks of kChunk entries, so mask offsets stay per chunk), find each chunk's tensor
 // by a 32-way warp search in the table (entry_of) and run the single-tensor kernels' chunk code on it.
 // A chunk never spans two tensors.
 // ---------------------------------------------------------------------------------------------------

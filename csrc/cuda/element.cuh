@@ -1,5 +1,5 @@
-// perturb_ / restore_ on the GPU: one warp per 1024-entry chunk, masked or dense (rank(i) = i), one code
-// path for one tensor (element_kernel) and for a list of tensors (element_list_kernel).
+// perturb_ / restore_ on the GPU: one warp per chunk (kChunk entries), masked or dense (rank(i) = i), one
+// code path for one tensor (element_kernel) and for a list of tensors (element_list_kernel).
 #pragma once
 
 #include "common.cuh"

@@ -1,5 +1,5 @@
 // fisher_accumulate_ on the GPU: F += alpha · g², one correctly rounded fp32 FMA (ssam_math.h:
-// fisher_update), one warp per 1024-entry chunk, for one tensor or a list.
+// fisher_update), one warp per chunk (kChunk entries), for one tensor or a list.
 #pragma once
 
 #include "common.cuh"

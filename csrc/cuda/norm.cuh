@@ -1,5 +1,5 @@
 // grad_sq_norm on the GPU: stage 1, one wave of blocks (launch.h: wave_grid, from the SM count and the
-// kernel's occupancy); warp w takes the 1024-entry chunks w, w + warps, ...; each thread adds the squares
+// kernel's occupancy); warp w takes the chunks (kChunk entries) w, w + warps, ...; each thread adds the squares
 // of its entries in double in a fixed order, the block reduces in a fixed tree order and writes its
 // partial. Stage 2, one block adds the partials the same way and writes the result. The partition
 // depends only on the device: the same input gives the same result on the same device. No atomics,

@@ -1,6 +1,6 @@
 // The selection primitives on the GPU (ssam_kernels/ops/select.py), over a list of segments in one launch
 // per pass, on the table of the list forms (common.cuh; a segment's scores in the G column, its filter
-// in the mask column, its output mask words in the backup column). One warp takes one 1024-entry chunk,
+// in the mask column, its output mask words in the backup column). One warp takes one chunk (kChunk entries),
 // lane l the entries 32·k + l: loads are coalesced, and each lane issues kKeyLoads independent loads
 // before it counts them. The single-segment ops are lists of one.
 #pragma once

@@ -387,6 +387,8 @@ inline void run_block(int threads) {
   }
 }
 
+constexpr int kMaxBlockThreads = 1024;  // CUDA's limit on the threads of a block
+
 // Runs `body` (one call of the kernel) as a grid of `blocks` x `threads` GPU threads, block by block.
 inline void run(const char* kernel, int64_t blocks, int threads, size_t shared_bytes,
                 const std::function<void()>& body) {
@@ -397,7 +399,7 @@ inline void run(const char* kernel, int64_t blocks, int threads, size_t shared_b
   s.launch = &launch;
   try {
     if (blocks < 1 || blocks > 0x7FFFFFFF) fail("invalid grid of " + std::to_string(blocks) + " blocks");
-    if (threads < 1 || threads > 1024) fail("invalid block of " + std::to_string(threads) + " threads");
+    if (threads < 1 || threads > kMaxBlockThreads) fail("invalid block of " + std::to_string(threads) + " threads");
     launch.body = &body;
     launch.grid = {static_cast<uint32_t>(blocks), 1, 1};
     launch.block = {static_cast<uint32_t>(threads), 1, 1};

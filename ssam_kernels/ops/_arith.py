@@ -3,8 +3,8 @@
 
 The one PyTorch statement of that part of the op contract (docs/DESIGN.md, "The op contract"), shared by
 the ``reference`` and ``vectorized`` backends; the C++/CUDA kernels state it in ``csrc/ssam_math.h``
-(``perturbed``, ``fisher_update``) and ``csrc/cpu.cpp`` (``sq_sum``, the norm's order), the Triton kernels
-in ``ops/triton/_math.py``.
+(``perturbed``, ``fisher_update``) and ``csrc/cpu/norm.cpp`` (``sq_sum``, the norm's order), the Triton
+kernels in ``ops/triton/_math.py``.
 
 - ``perturb_``, ``W`` float32/bfloat16/float16: ``w``, ``g`` as fp32 (exact) and the scale as fp32 (a
   float64 scale rounded to nearest once); ``r = fma(s, g, w)`` (adaptive: ``fma(s, rn(rn(w·w)·g), w)``),

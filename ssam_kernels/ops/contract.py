@@ -1,7 +1,8 @@
-"""The constants of the op contract (docs/DESIGN.md, "Mask format" and "The op contract"), defined once for
-the Python backends: the reference, vectorized and Triton backends import them from here. The C++ and CUDA
-kernels still spell the same numbers in csrc/ (ssam_math.h, cpu.cpp, cuda/*.cuh); the parity tests hold
-every backend to them. Plain Python without torch.
+"""The constants of the op contract (docs/DESIGN.md, "Mask format" and "The op contract"), defined once: the
+reference, vectorized and Triton backends import them from here, and the C++ and CUDA kernels include the
+header ``ssam_contract.h`` that ``cpp_header`` writes from them (setup.py, CMake and the CUDA compile checks
+generate it at build time). Plain Python without torch or package imports, so that the builds can load this
+file by its path before the package is importable.
 
 ``tests/oracles.py`` writes the same numbers again on purpose: the tests check the backends against the
 documented contract, so a change here that every backend follows still fails them.
@@ -9,6 +10,7 @@ documented contract, so a change here that every backend follows still fails the
 
 from __future__ import annotations
 
+import os
 from typing import TypeVar
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,3 +108,58 @@ def hash_key(seed: int, step: int) -> int:
     """The per-update key of the growth hash: ``mix32(seed ^ mix32(step ^ HASH_STEP_SALT))`` of the low 32
     bits of ``seed`` and ``step``."""
     return mix32((seed & _U32) ^ mix32((step & _U32) ^ HASH_STEP_SALT))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The C++ header
+# ---------------------------------------------------------------------------------------------------
+
+CPP_HEADER = "ssam_contract.h"
+"""The name of the generated header; csrc/ssam_math.h includes it."""
+
+_CPP_CONSTANTS = (  # (C++ name, C++ type, value, what it is)
+    ("kChunk", "int64_t", CHUNK, "entries per offsets chunk"),
+    ("kWordsPerChunk", "int64_t", WORDS_PER_CHUNK, "int32 mask words per chunk"),
+    ("kKeyBits", "int", KEY_BITS, "bits of a score key"),
+    ("kKeyMask", "uint32_t", KEY_MASK, "all key bits"),
+    ("kKeySignBit", "uint32_t", KEY_SIGN_BIT, "the fp32 sign bit, set in the key of a non-negative score"),
+    ("kNanKey", "uint32_t", NAN_KEY, "the key of a NaN score"),
+    *((f"kMix32Shift{i}", "int", s, "shift of mix32") for i, s in enumerate(MIX32_SHIFTS)),
+    *((f"kMix32Multiplier{i}", "uint32_t", m, "multiplier of mix32")
+      for i, m in enumerate(MIX32_MULTIPLIERS)),
+    ("kHashStepSalt", "uint32_t", HASH_STEP_SALT, "hash_key(seed, step) = mix32(seed ^ mix32(step ^ salt))"),
+)
+
+
+def cpp_header() -> str:
+    """The text of ``ssam_contract.h``: this module's constants as ``constexpr`` in namespace ``ssam``."""
+    lines = ["// Generated from ssam_kernels/ops/contract.py (cpp_header) at build time; do not edit: change",
+             "// contract.py, whose constants the Python backends use too.",
+             "#pragma once",
+             "",
+             "#include <cstdint>",
+             "",
+             "namespace ssam {",
+             ""]
+    for name, ctype, value, what in _CPP_CONSTANTS:
+        literal = f"0x{value:08X}u" if ctype == "uint32_t" else str(value)
+        lines.append(f"constexpr {ctype} {name} = {literal};  // {what}")
+    lines += ["", "}  // namespace ssam", ""]
+    return "\n".join(lines)
+
+
+def write_cpp_header(directory: str) -> str:
+    """Writes ``ssam_contract.h`` into ``directory`` (created if missing) unless it already holds the same
+    text (an unchanged header keeps its time stamp, so nothing recompiles); returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CPP_HEADER)
+    text = cpp_header()
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    except FileNotFoundError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+    return path

@@ -1,20 +1,12 @@
-// CPU kernels of the ssam_kernels ops: plain loops the compiler vectorises (and AVX-512 intrinsics for
-// the masked perturb_/restore_ where the CPU has them), parallelised with at::parallel_for (OpenMP in
-// PyTorch's CPU builds, honouring torch.set_num_threads). The element-wise mathematics comes from
-// ssam_math.h, shared with the CUDA kernels.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <algorithm>
+// perturb_ / restore_ on CPU, one tensor or a list: a mask word at a time, AVX-512 compress / expand
+// where the CPU has it, portable loops elsewhere (common.h: the clones).
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <tuple>
 #include <type_traits>
-#include <vector>
 
-#include "ssam_ops.h"
+#include "common.h"
 
 // The AVX-512 compress / expand of the masked perturb_/restore_ (GCC on x86-64: per-function
 // target pragmas and __builtin_cpu_supports); elsewhere only the portable loops are compiled.
@@ -28,27 +20,7 @@
 namespace ssam {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;              // entries per parallel task of the element-wise loops
 constexpr int64_t kChunkGrain = kGrain / kChunk;  // mask chunks per parallel task
-constexpr int64_t kNormBlock = 1 << 14;          // entries per partial sum of grad_sq_norm
-constexpr int64_t kTieBlock = 1 << 16;           // entries per tie-count block of threshold_mask (32 | it)
-
-// Software prefetch, kPrefetchBytes ahead of each stream, in the norm and the masked perturb_/restore_
-// loops: on the VM we measure on, the hardware prefetcher alone kept too few lines in flight for one
-// core (the norm ran at 0.62-0.64x the speed of torch's sum over the same buffer, 0.93x with this; the
-// masked perturb_ ~7 % faster). The dense perturb_ and Fisher loops measured 2-5 % slower with it and
-// go without (benchmarks/NOTES.md, "CPU paths"). A prefetch is a hint that never faults and
-// whose data the program never reads, so addresses past a buffer's end are harmless (they are formed as
-// integers: no pointer past the end is ever made).
-constexpr uintptr_t kPrefetchBytes = 4096;
-constexpr uintptr_t kLineBytes = 64;
-
-// Prefetches the lines of [p, p + kBytes) shifted kPrefetchBytes ahead (one line when kBytes <= 64).
-template <uintptr_t kBytes>
-inline __attribute__((always_inline)) void prefetch_span(const void* p) {
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
-  for (uintptr_t off = 0; off < kBytes; off += kLineBytes) __builtin_prefetch(reinterpret_cast<const void*>(ahead + off));
-}
 
 // Calls fn(i, r) for every set bit i < n of the mask words [w0, w1) whose rank r lies in [0, capacity), in
 // index order, r0 the rank of the first set bit. Bits past n are ignored; ranks outside the backup are
@@ -90,122 +62,6 @@ int64_t first_wrong_chunk(const MaskView& mask, int64_t n, int64_t c0, int64_t c
     }
   }
   return c1;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// grad_sq_norm and fisher_accumulate_: streaming loops (the norm over lanes widened to float64, the Fisher
-// update in fp32 with one fused multiply-add per entry).
-//
-// The loops are written so the compiler vectorises them (independent accumulator lanes, restrict
-// pointers, no branch in the body) and are compiled several times by target_clones: the AVX-512 / AVX2
-// clone is picked at load time on CPUs that have it, the baseline x86-64 (SSE2) one elsewhere. Without
-// -ffast-math and with -ffp-contract=off the compiler may neither reorder the sums nor fuse a multiply
-// and an add, so every clone gives the same bits; the explicit std::fma of ssam_math.h is a vfmadd in the
-// AVX2/AVX-512 clones and glibc's (correctly rounded) fmaf call in the baseline one.
-// ---------------------------------------------------------------------------------------------------
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)  // GCC ifunc clones
-#define SSAM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SSAM_CPU_CLONES
-#endif
-
-// Σ g_i² (kWeighted: Σ (g_i·w_i)²) over [0, n), products and sums in float64, in kLanes interleaved
-// accumulators added in lane order at the end: the result depends on the data and n only.
-template <typename T, bool kWeighted>
-inline double sq_sum(const T* __restrict g, const T* __restrict w, int64_t n) {
-  constexpr int kLanes = 16;
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    prefetch_span<kLanes * sizeof(T)>(g + i);
-    if constexpr (kWeighted) prefetch_span<kLanes * sizeof(T)>(w + i);
-    for (int l = 0; l < kLanes; ++l) {
-      double v = widen(g[i + l]);
-      if constexpr (kWeighted) v *= widen(w[i + l]);
-      acc[l] += v * v;
-    }
-  }
-  for (int l = 0; i < n; ++i, ++l) {
-    double v = widen(g[i]);
-    if constexpr (kWeighted) v *= widen(w[i]);
-    acc[l] += v * v;
-  }
-  double total = 0.0;
-  for (double a : acc) total += a;
-  return total;
-}
-
-// f_i = f_i + alpha·g_i² with one fp32 fused multiply-add (ssam_math.h: fisher_update).
-template <typename T>
-inline void fisher_run(float* __restrict f, const T* __restrict g, int64_t n, float alpha) {
-  for (int64_t i = 0; i < n; ++i) f[i] = fisher_update(f[i], g[i], alpha);
-}
-
-// The cloned entry points, one per storage type (target_clones applies to plain functions only).
-SSAM_CPU_CLONES double sq_sum_block(const float* g, const float* w, int64_t n) {
-  return w == nullptr ? sq_sum<float, false>(g, w, n) : sq_sum<float, true>(g, w, n);
-}
-SSAM_CPU_CLONES double sq_sum_block(const c10::BFloat16* g, const c10::BFloat16* w, int64_t n) {
-  return w == nullptr ? sq_sum<c10::BFloat16, false>(g, w, n) : sq_sum<c10::BFloat16, true>(g, w, n);
-}
-SSAM_CPU_CLONES double sq_sum_block(const c10::Half* g, const c10::Half* w, int64_t n) {
-  return w == nullptr ? sq_sum<c10::Half, false>(g, w, n) : sq_sum<c10::Half, true>(g, w, n);
-}
-SSAM_CPU_CLONES double sq_sum_block(const double* g, const double* w, int64_t n) {
-  return w == nullptr ? sq_sum<double, false>(g, w, n) : sq_sum<double, true>(g, w, n);
-}
-SSAM_CPU_CLONES void fisher_block(float* f, const float* g, int64_t n, float alpha) { fisher_run(f, g, n, alpha); }
-SSAM_CPU_CLONES void fisher_block(float* f, const c10::BFloat16* g, int64_t n, float alpha) {
-  fisher_run(f, g, n, alpha);
-}
-SSAM_CPU_CLONES void fisher_block(float* f, const c10::Half* g, int64_t n, float alpha) {
-  fisher_run(f, g, n, alpha);
-}
-SSAM_CPU_CLONES void fisher_block(float* f, const double* g, int64_t n, float alpha) { fisher_run(f, g, n, alpha); }
-
-// Partial sums over fixed blocks of kNormBlock entries of every tensor in one parallel pass, then each
-// tensor's total in block order and the tensors' totals added in list order: the result depends on the
-// data only (never on the thread count), and a list's total is bit-identical to adding the single-tensor
-// results (the single-tensor op is a list of one) one by one.
-at::Tensor grad_sq_norm_multi_cpu(at::TensorList G, const OptionalTensors& W) {
-  TORCH_CHECK_VALUE(!G.empty(), "G: expected at least one tensor");
-  check_list_lengths(G.size(), {{"W", W.size()}});
-  std::vector<int64_t> first_block(G.size() + 1, 0);
-  for (size_t j = 0; j < G.size(); ++j) {
-    const std::optional<at::Tensor> w = W.get(j);
-    check_grad_sq_norm_args(G[j], w);
-    check_same_kind(G[j], G[0], "G", j);
-    first_block[j + 1] = first_block[j] + (G[j].numel() + kNormBlock - 1) / kNormBlock;
-  }
-  std::vector<double> partial(first_block.back());
-  dispatch_dtype(G[0].scalar_type(), "G", false, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if constexpr (!std::is_same_v<T, int32_t>) {
-      at::parallel_for(0, static_cast<int64_t>(partial.size()), 1, [&](int64_t b0, int64_t b1) {
-        // The tensor of block b0, then walk forward: blocks are numbered tensor after tensor.
-        size_t j = std::upper_bound(first_block.begin(), first_block.end(), b0) - first_block.begin() - 1;
-        for (int64_t b = b0; b < b1; ++b) {
-          while (b >= first_block[j + 1]) ++j;
-          const std::optional<at::Tensor> w = W.get(j);
-          const int64_t begin = (b - first_block[j]) * kNormBlock;
-          partial[b] = sq_sum_block(G[j].data_ptr<T>() + begin, w.has_value() ? w->data_ptr<T>() + begin : nullptr,
-                                    std::min(kNormBlock, G[j].numel() - begin));
-        }
-      });
-    }
-  });
-  double total = 0.0;
-  for (size_t j = 0; j < G.size(); ++j) {
-    double sum = 0.0;
-    for (int64_t b = first_block[j]; b < first_block[j + 1]; ++b) sum += partial[b];
-    total += sum;
-  }
-  return at::scalar_tensor(total, G[0].options().dtype(at::kDouble));
-}
-
-at::Tensor grad_sq_norm_cpu(const at::Tensor& G, const std::optional<at::Tensor>& W) {
-  return grad_sq_norm_multi_cpu({G}, OptionalTensors({W}));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -586,6 +442,8 @@ void perturb_restore_cpu(const std::vector<ListEntry>& entries, const at::Tensor
   });
 }
 
+}  // namespace
+
 void perturb_multi_cpu(at::TensorList W, at::TensorList G, const OptionalTensors& mask, const OptionalTensors& offsets,
                        at::TensorList backup, const at::Tensor& scale, bool adaptive) {
   check_list_lengths(W.size(), {{"G", G.size()}, {"mask", mask.size()}, {"offsets", offsets.size()},
@@ -625,226 +483,10 @@ void restore_cpu(const at::Tensor& W, const std::optional<at::Tensor>& mask,
                       false);
 }
 
-// F += alpha · g² with one fp32 fused multiply-add per entry (ssam_math.h: fisher_update; alpha rounded to
-// fp32 once, fisher_alpha), G of any float dtype, in parallel over fixed ranges of entries. Checked already.
-void fisher_run_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
-  float* f = F.data_ptr<float>();
-  const float a = fisher_alpha(alpha);
-  dispatch_dtype(G.scalar_type(), "G", false, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if constexpr (!std::is_same_v<T, int32_t>) {
-      const T* g = G.data_ptr<T>();
-      at::parallel_for(0, F.numel(), kGrain, [&](int64_t i0, int64_t i1) { fisher_block(f + i0, g + i0, i1 - i0, a); });
-    }
-  });
-}
-
-void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha) {
-  check_fisher_args(F, G);
-  fisher_run_cpu(F, G, alpha);
-}
-
-// The list form: one C++ call; each tensor runs the single-tensor loop (parallel within the tensor). Not
-// on the per-step path (the Fisher pass accumulates once per sample batch).
-void fisher_accumulate_multi_cpu(at::TensorList F, at::TensorList G, double alpha) {
-  check_list_lengths(F.size(), {{"G", G.size()}});
-  for (size_t j = 0; j < F.size(); ++j) {
-    check_fisher_shapes(F[j], G[j]);
-    check_same_kind(G[j], G[0], "G", j);
-  }
-  check_disjoint(fisher_spans(F, G, true));
-  for (size_t j = 0; j < F.size(); ++j) fisher_run_cpu(F[j], G[j], alpha);
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Selection primitives
-// ---------------------------------------------------------------------------------------------------
-
-// The list forms run every segment of the list in one parallel loop over tasks of at most
-// `grain` entries of one segment (32 | grain, so a task owns whole mask words); the single-segment ops are
-// lists of one.
-struct ScoreTask {
-  size_t segment;
-  int64_t begin, end;
-};
-
-std::vector<ScoreTask> score_tasks(at::TensorList scores, int64_t grain) {
-  std::vector<ScoreTask> tasks;
-  for (size_t j = 0; j < scores.size(); ++j) {
-    const int64_t n = scores[j].numel();
-    for (int64_t b = 0; b < n; b += grain) tasks.push_back({j, b, std::min(b + grain, n)});
-  }
-  return tasks;
-}
-
-// Tasks per parallel piece: about kGrain entries' worth (many small segments share a thread's piece).
-int64_t tasks_per_piece(const std::vector<ScoreTask>& tasks, at::TensorList scores) {
-  int64_t units = 0;
-  for (const at::Tensor& t : scores) units += t.numel();
-  return std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) * kGrain / std::max<int64_t>(units, 1));
-}
-
-// Entries whose keys are computed together before they are counted: independent loads and key
-// arithmetic (vectorisable), then the dependent histogram increments.
-constexpr int64_t kKeyBatch = 64;
-
-// The sum over the list of the per-segment histograms: counts of the eligible entries whose key agrees
-// with prefix above bit shift + bits, by digit (key >> shift) & (2^bits - 1). Each thread counts into its
-// own histogram; integer sums are exact, so the result does not depend on the thread count.
-at::Tensor radix_histogram_multi_cpu(at::TensorList scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
-                                     bool largest, const OptionalTensors& filters, bool filter_value) {
-  check_digit(shift, bits);
-  const std::vector<const int32_t*> filter = check_selection_list(scores, filters, {{"prefix", &prefix}});
-  const int64_t bins = int64_t{1} << bits;
-  at::Tensor out = at::zeros({bins}, prefix.options().dtype(at::kLong));
-  if (scores.empty()) return out;
-  const uint64_t pre = static_cast<uint64_t>(prefix.item<int64_t>());
-  const int high = static_cast<int>(shift + bits);
-  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
-  const std::vector<ScoreTask> tasks = score_tasks(scores, kGrain);
-  std::vector<std::vector<int64_t>> local(at::get_num_threads());
-  dispatch_dtype(scores[0].scalar_type(), "scores", true, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), tasks_per_piece(tasks, scores), [&](int64_t t0, int64_t t1) {
-      std::vector<int64_t>& hist = local[at::get_thread_num()];
-      if (hist.empty()) hist.assign(bins, 0);
-      uint32_t keys[kKeyBatch];
-      for (int64_t t = t0; t < t1; ++t) {
-        const ScoreTask& task = tasks[t];
-        const T* x = scores[task.segment].data_ptr<T>();
-        const int32_t* f = filter[task.segment];
-        for (int64_t i0 = task.begin; i0 < task.end; i0 += kKeyBatch) {
-          const int64_t m = std::min(kKeyBatch, task.end - i0);
-          for (int64_t l = 0; l < m; ++l) keys[l] = score_key(x[i0 + l], largest);
-          for (int64_t l = 0; l < m; ++l) {
-            if (prefix_matches(keys[l], pre, high) && eligible(f, filter_value, i0 + l)) {
-              ++hist[(keys[l] >> shift) & digit_mask];
-            }
-          }
-        }
-      }
-    });
-  });
-  int64_t* h = out.data_ptr<int64_t>();
-  for (const auto& hist : local) {
-    for (int64_t d = 0; d < static_cast<int64_t>(hist.size()); ++d) h[d] += hist[d];
-  }
-  return out;
-}
-
-at::Tensor radix_histogram_cpu(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
-                               bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_radix_histogram_args(scores, prefix, shift, bits);
-  return radix_histogram_multi_cpu({scores}, prefix, shift, bits, largest, OptionalTensors({filter_words}),
-                                   filter_value);
-}
-
-// The mask words of every segment: the eligible entries with key > threshold and the first tie_quota
-// eligible entries of the list (segments in order, then index) with key == threshold; and the quota left,
-// max(tie_quota - ties, 0). Two passes over tasks of kTieBlock entries: count the ties of each task, then
-// (after an exclusive scan in list order) write each task's words knowing the ties before it.
-std::tuple<std::vector<at::Tensor>, at::Tensor> threshold_mask_multi_cpu(at::TensorList scores,
-                                                                         const at::Tensor& threshold,
-                                                                         const at::Tensor& tie_quota, bool largest,
-                                                                         const OptionalTensors& filters,
-                                                                         bool filter_value) {
-  const std::vector<const int32_t*> filter =
-      check_selection_list(scores, filters, {{"threshold", &threshold}, {"tie_quota", &tie_quota}});
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& s : scores) out.push_back(at::empty({num_words(s.numel())}, s.options().dtype(at::kInt)));
-  const uint32_t t = static_cast<uint32_t>(threshold.item<int64_t>());
-  const int64_t quota = tie_quota.item<int64_t>();
-  const std::vector<ScoreTask> tasks = score_tasks(scores, kTieBlock);
-  std::vector<int64_t> ties_before(tasks.size(), 0);
-  int64_t ties = 0;
-  if (!scores.empty()) {
-    dispatch_dtype(scores[0].scalar_type(), "scores", true, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      const int64_t grain = std::max<int64_t>(1, tasks_per_piece(tasks, scores) * kGrain / kTieBlock);
-      if (quota > 0) {  // without a quota no tie is taken and the counts are not needed
-        at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
-          for (int64_t k = t0; k < t1; ++k) {
-            const ScoreTask& task = tasks[k];
-            const T* x = scores[task.segment].data_ptr<T>();
-            const int32_t* f = filter[task.segment];
-            int64_t count = 0;
-            for (int64_t i = task.begin; i < task.end; ++i) {
-              count += score_key(x[i], largest) == t && eligible(f, filter_value, i);
-            }
-            ties_before[k] = count;
-          }
-        });
-        for (int64_t& c : ties_before) {
-          const int64_t count = c;
-          c = ties;
-          ties += count;
-        }
-      }
-      at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
-        for (int64_t k = t0; k < t1; ++k) {
-          const ScoreTask& task = tasks[k];
-          const T* x = scores[task.segment].data_ptr<T>();
-          const int32_t* f = filter[task.segment];
-          int32_t* words = out[task.segment].data_ptr<int32_t>();
-          int64_t rank = ties_before[k];
-          for (int64_t w = task.begin / 32, w_end = num_words(task.end); w < w_end; ++w) {
-            uint32_t word = 0;
-            for (int64_t bit = 0, i = w * 32; bit < 32 && i < task.end; ++bit, ++i) {
-              if (!eligible(f, filter_value, i)) continue;
-              const uint32_t key = score_key(x[i], largest);
-              const bool take = key > t || (key == t && rank++ < quota);
-              word |= static_cast<uint32_t>(take) << bit;
-            }
-            words[w] = static_cast<int32_t>(word);
-          }
-        }
-      });
-    });
-  }
-  return {out, at::scalar_tensor(std::max<int64_t>(quota - ties, 0), tie_quota.options())};
-}
-
-at::Tensor threshold_mask_cpu(const at::Tensor& scores, const at::Tensor& threshold, const at::Tensor& tie_quota,
-                              bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value) {
-  check_threshold_mask_args(scores, threshold, tie_quota);
-  return std::get<0>(threshold_mask_multi_cpu({scores}, threshold, tie_quota, largest,
-                                              OptionalTensors({filter_words}), filter_value))[0];
-}
-
-// out[j] = h(seed, step, base + j), the random-growth hash (ssam_math.h: hash_value).
-void hash_fill_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t base) {
-  check_hash_fill_args(out, base);
-  const uint32_t key = hash_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(step));
-  int32_t* o = out.data_ptr<int32_t>();
-  at::parallel_for(0, out.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) o[i] = hash_value(key, static_cast<uint64_t>(base + i));
-  });
-}
-
-}  // namespace
-
-// The entry points of the direct eager calls (registration.cpp), on lists the caller checked.
+// The entry point of the direct eager calls (registration.cpp), on lists the caller checked.
 void perturb_restore_checked_cpu(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool adaptive,
                                  bool restore) {
   perturb_restore_cpu(entries, scale, adaptive, restore, true);
 }
 
-at::Tensor grad_sq_norm_checked_cpu(at::TensorList G, const OptionalTensors& W) { return grad_sq_norm_multi_cpu(G, W); }
-
 }  // namespace ssam
-
-TORCH_LIBRARY_IMPL(ssam_kernels, CPU, m) {
-  m.impl("grad_sq_norm", &ssam::grad_sq_norm_cpu);
-  m.impl("perturb_", &ssam::perturb_cpu);
-  m.impl("restore_", &ssam::restore_cpu);
-  m.impl("fisher_accumulate_", &ssam::fisher_accumulate_cpu);
-  m.impl("grad_sq_norm_multi", &ssam::grad_sq_norm_multi_cpu);
-  m.impl("perturb_multi_", &ssam::perturb_multi_cpu);
-  m.impl("restore_multi_", &ssam::restore_multi_cpu);
-  m.impl("fisher_accumulate_multi_", &ssam::fisher_accumulate_multi_cpu);
-  m.impl("radix_histogram", &ssam::radix_histogram_cpu);
-  m.impl("threshold_mask", &ssam::threshold_mask_cpu);
-  m.impl("radix_histogram_multi", &ssam::radix_histogram_multi_cpu);
-  m.impl("threshold_mask_multi", &ssam::threshold_mask_multi_cpu);
-  m.impl("hash_fill_", &ssam::hash_fill_cpu);
-}
