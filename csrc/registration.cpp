@@ -31,24 +31,20 @@ TORCH_LIBRARY(ssam_kernels, m) {
 
 namespace {
 
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
 bool is_vector(const at::Tensor& t) { return t.layout() == at::kStrided && t.dim() == 1 && t.is_contiguous(); }
 
 // Item j of a list or tuple held by PySequence_Fast, or nullptr when the list itself is None.
 PyObject* item(PyObject* fast, Py_ssize_t j) { return fast != nullptr ? PySequence_Fast_GET_ITEM(fast, j) : nullptr; }
 
 // Whether entry j of the lists of a list op passes the checks of ssam_kernels/ops/__init__.py (what
-// _check_element_lists accepts, never more): W a float vector (on like's device when given); G, when its
-// list is given, a vector of W's dtype, size and device (or None when g_optional); with a backup list:
-// mask/offsets/backup as perturb_/restore_ require.
+// _check_element_lists accepts, never more; both take the dtype sets and sizes from ops/contract.py): W a
+// float vector (on like's device when given); G, when its list is given, a vector of W's dtype, size and
+// device (or None when g_optional); with a backup list: mask/offsets/backup as perturb_/restore_ require.
 bool entry_ok(PyObject* w_obj, PyObject* g_obj, bool g_optional, PyObject* m_obj, PyObject* o_obj, PyObject* b_obj,
               bool with_backup, const at::Tensor* like) {
   if (!THPVariable_Check(w_obj)) return false;
   const at::Tensor& w = THPVariable_Unpack(w_obj);
-  if (!is_vector(w) || !is_float(w.scalar_type()) || (like != nullptr && w.device() != like->device())) return false;
+  if (!is_vector(w) || !ssam::is_float_dtype(w.scalar_type()) || (like != nullptr && w.device() != like->device())) return false;
   const int64_t n = w.numel();
   auto like_w = [&](PyObject* obj, bool same_dtype) {
     if (!THPVariable_Check(obj)) return false;
@@ -65,8 +61,8 @@ bool entry_ok(PyObject* w_obj, PyObject* g_obj, bool g_optional, PyObject* m_obj
   if (!like_w(m_obj, false) || !like_w(o_obj, false) || capacity > n) return false;
   const at::Tensor& m = THPVariable_Unpack(m_obj);
   const at::Tensor& o = THPVariable_Unpack(o_obj);
-  return m.scalar_type() == at::kInt && m.numel() == ssam::num_words(n) &&
-         (o.scalar_type() == at::kInt || o.scalar_type() == at::kLong) && o.numel() == ssam::num_chunks(n) + 1;
+  return ssam::is_mask_dtype(m.scalar_type()) && m.numel() == ssam::num_words(n) &&
+         ssam::is_offsets_dtype(o.scalar_type()) && o.numel() == ssam::num_offsets(n);
 }
 
 // ssam_kernels._C.first_invalid_entry(W, G, g_optional, mask, offsets, backup, like): the index of the
@@ -174,7 +170,7 @@ PyObject* perturb_restore_direct(PyObject* args, bool restore) {
   const at::Tensor& like = THPVariable_Unpack(first);
   if (!restore) {
     const at::Tensor& s = THPVariable_Unpack(scale);
-    if (s.dim() != 0 || (s.scalar_type() != at::kFloat && s.scalar_type() != at::kDouble)) Py_RETURN_FALSE;
+    if (s.dim() != 0 || !ssam::is_scale_dtype(s.scalar_type())) Py_RETURN_FALSE;
   }
   auto at_j = [](PyObject* list, Py_ssize_t j) { return list == Py_None ? nullptr : PyList_GET_ITEM(list, j); };
   std::vector<ssam::ListEntry> entries;

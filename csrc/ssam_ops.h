@@ -73,8 +73,13 @@ struct MaskView {
   bool offsets64 = false;
 };
 
-inline int64_t num_words(int64_t n) { return (n + 31) / 32; }
-inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+// Whether a dtype is in one of the contract's dtype sets (ssam_contract.h, from ops/contract.py).
+#define SSAM_DTYPE_IS(name) || t == at::k##name
+inline bool is_float_dtype(at::ScalarType t) { return false SSAM_FLOAT_DTYPES(SSAM_DTYPE_IS); }
+inline bool is_mask_dtype(at::ScalarType t) { return false SSAM_MASK_DTYPES(SSAM_DTYPE_IS); }
+inline bool is_offsets_dtype(at::ScalarType t) { return false SSAM_OFFSETS_DTYPES(SSAM_DTYPE_IS); }
+inline bool is_scale_dtype(at::ScalarType t) { return false SSAM_SCALE_DTYPES(SSAM_DTYPE_IS); }
+#undef SSAM_DTYPE_IS
 
 // Checks a mask (and its offsets, when present) over the entries of W.
 inline MaskView mask_view(const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& offsets,
@@ -82,13 +87,12 @@ inline MaskView mask_view(const std::optional<at::Tensor>& mask, const std::opti
   MaskView view;
   if (!mask.has_value()) return view;
   check_vector(*mask, "mask", W);
-  TORCH_CHECK(mask->scalar_type() == at::kInt && mask->numel() == num_words(W.numel()),
+  TORCH_CHECK(is_mask_dtype(mask->scalar_type()) && mask->numel() == num_words(W.numel()),
               "mask: expected ", num_words(W.numel()), " int32 words");
   TORCH_CHECK(offsets.has_value(), "offsets: required when mask is given");
   check_vector(*offsets, "offsets", W);
-  TORCH_CHECK((offsets->scalar_type() == at::kInt || offsets->scalar_type() == at::kLong) &&
-                  offsets->numel() == num_chunks(W.numel()) + 1,
-              "offsets: expected ", num_chunks(W.numel()) + 1, " int32 or int64 entries");
+  TORCH_CHECK(is_offsets_dtype(offsets->scalar_type()) && offsets->numel() == num_offsets(W.numel()),
+              "offsets: expected ", num_offsets(W.numel()), " int32 or int64 entries");
   view.words = mask->data_ptr<int32_t>();
   view.offsets = offsets->data_ptr();
   view.offsets64 = offsets->scalar_type() == at::kLong;
@@ -106,7 +110,7 @@ inline void check_backup(const at::Tensor& backup, const at::Tensor& W, const Ma
 }
 
 inline ScaleView scale_view(const at::Tensor& scale, const at::Tensor& W) {
-  TORCH_CHECK_TYPE(scale.dim() == 0 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble),
+  TORCH_CHECK_TYPE(scale.dim() == 0 && is_scale_dtype(scale.scalar_type()),
                    "scale: expected a 0-d float32 or float64 tensor");
   TORCH_CHECK(scale.device() == W.device(), "scale: expected device ", W.device(), ", got ", scale.device());
   return {scale.data_ptr(), scale.scalar_type() == at::kDouble};
@@ -322,7 +326,7 @@ struct ListEntry {
 
 // The spans of the arguments of perturb_ (G given) or restore_ over `entries` and perturb_'s scale (nullptr:
 // none), in the argument order of check_disjoint; `list`: the names carry the entry index. The mask words and
-// offsets are those of each entry's MaskView (checked: num_words(N) words, num_chunks(N) + 1 offsets).
+// offsets are those of each entry's MaskView (checked: num_words(N) words, num_offsets(N) offsets).
 inline std::vector<ArgSpan> element_spans(const std::vector<ListEntry>& entries, const at::Tensor* scale, bool list) {
   std::vector<ArgSpan> spans;
   spans.reserve(entries.size() * 5 + 1);
@@ -338,7 +342,7 @@ inline std::vector<ArgSpan> element_spans(const std::vector<ListEntry>& entries,
     if (e.G != nullptr) add_span(spans, *e.G, "G", index, false);
     if (e.view.words != nullptr) {
       raw(e.view.words, num_words(n) * sizeof(int32_t), *e.W, "mask", index);
-      raw(e.view.offsets, (num_chunks(n) + 1) * (e.view.offsets64 ? 8 : 4), *e.W, "offsets", index);
+      raw(e.view.offsets, num_offsets(n) * (e.view.offsets64 ? 8 : 4), *e.W, "offsets", index);
     }
     add_span(spans, *e.backup, "backup", index, e.G != nullptr);
   }

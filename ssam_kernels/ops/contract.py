@@ -20,14 +20,17 @@ from typing import TypeVar
 CHUNK = 1024
 """Entries per offsets chunk: ``offsets[c]`` counts the set bits of entries ``[0, c · CHUNK)``."""
 
-WORDS_PER_CHUNK = CHUNK // 32
+WORD_BITS = 32
+"""Entries per int32 mask word."""
+
+WORDS_PER_CHUNK = CHUNK // WORD_BITS
 """int32 mask words per chunk (entry ``i`` is bit ``i % 32`` of word ``i // 32``); the native CUDA kernels
 give each of a warp's 32 lanes one word of a chunk."""
 
 
 def num_words(n: int) -> int:
     """int32 words of a mask over ``n`` entries."""
-    return (n + 31) // 32
+    return (n + WORD_BITS - 1) // WORD_BITS
 
 
 def num_chunks(n: int) -> int:
@@ -45,7 +48,8 @@ def num_offsets(n: int) -> int:
 # the device of the op's first tensor; these are the dtypes each may have. ``G`` and ``backup`` have
 # ``W``'s dtype and size (a masked ``backup`` at most ``W``'s size), ``mask`` ``num_words(n)`` entries and
 # ``offsets`` ``num_offsets(n)``, ``n = W.numel()``. The Python checks (ops/__init__.py) and the compiled
-# ones (csrc/) both follow these.
+# ones (csrc/: the dtype sets as X-macro lists and the sizes as functions of ssam_contract.h) both follow
+# these.
 # ---------------------------------------------------------------------------------------------------
 
 FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -119,6 +123,7 @@ CPP_HEADER = "ssam_contract.h"
 
 _CPP_CONSTANTS = (  # (C++ name, C++ type, value, what it is)
     ("kChunk", "int64_t", CHUNK, "entries per offsets chunk"),
+    ("kWordBits", "int64_t", WORD_BITS, "entries per int32 mask word"),
     ("kWordsPerChunk", "int64_t", WORDS_PER_CHUNK, "int32 mask words per chunk"),
     ("kKeyBits", "int", KEY_BITS, "bits of a score key"),
     ("kKeyMask", "uint32_t", KEY_MASK, "all key bits"),
@@ -129,6 +134,19 @@ _CPP_CONSTANTS = (  # (C++ name, C++ type, value, what it is)
       for i, m in enumerate(MIX32_MULTIPLIERS)),
     ("kHashStepSalt", "uint32_t", HASH_STEP_SALT, "hash_key(seed, step) = mix32(seed ^ mix32(step ^ salt))"),
 )
+
+
+_CPP_SIZES = (  # num_words, num_chunks and num_offsets above, in C++
+    "constexpr int64_t num_words(int64_t n) { return (n + kWordBits - 1) / kWordBits; }",
+    "constexpr int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }",
+    "constexpr int64_t num_offsets(int64_t n) { return num_chunks(n) + 1; }",
+)
+
+_CPP_SCALAR_TYPES = {"float32": "Float", "float64": "Double", "bfloat16": "BFloat16", "float16": "Half",
+                     "int32": "Int", "int64": "Long"}
+_CPP_DTYPE_SETS = (("FLOAT_DTYPES", FLOAT_DTYPES), ("SCORE_DTYPES", SCORE_DTYPES),
+                   ("MASK_DTYPES", MASK_DTYPES), ("OFFSETS_DTYPES", OFFSETS_DTYPES),
+                   ("SCALE_DTYPES", SCALE_DTYPES), ("FISHER_DTYPES", FISHER_DTYPES))
 
 
 def cpp_header() -> str:
@@ -144,7 +162,10 @@ def cpp_header() -> str:
     for name, ctype, value, what in _CPP_CONSTANTS:
         literal = f"0x{value:08X}u" if ctype == "uint32_t" else str(value)
         lines.append(f"constexpr {ctype} {name} = {literal};  // {what}")
-    lines += ["", "}  // namespace ssam", ""]
+    lines += ["", *_CPP_SIZES, "", "}  // namespace ssam", "",
+              "// The dtypes of each argument: at::ScalarType names for X-macros (X(Float) X(Double) ...).",
+              *(f"#define SSAM_{name}(X) {' '.join(f'X({_CPP_SCALAR_TYPES[d]})' for d in dtypes)}"
+                for name, dtypes in _CPP_DTYPE_SETS), ""]
     return "\n".join(lines)
 
 
