@@ -84,8 +84,12 @@ MIN_STEP_PARAMS = 100_000_000
 """The step targets hold at >= 100 M parameters (issue "GPU validation")."""
 FUSED = ("triton", "native")
 """The backends the speed targets are for (the reference backend is the oracle, not a fast path)."""
-CUDA_TEST_FILES = ("tests/test_native.py", "tests/test_triton.py", "tests/test_ops.py")
+CUDA_TEST_FILES = ("tests/test_parity.py", "tests/test_native.py", "tests/test_triton.py",
+                   "tests/test_ops.py")
 """The test files that run CUDA tensors (or check backend choice), in the order they run."""
+CUDA_CASES = {"tests/test_parity.py": ("-k", "native-cuda or triton")}
+"""Of a file that runs every backend, the cases on CUDA tensors (on a GPU Triton runs there), which a CUDA
+run selects: its CPU backends' cases run in CI."""
 CPU_TEST_FILES_FIRST = ("tests/test_optim.py", "tests/test_layout.py", "tests/test_fisher.py")
 """In the full run, the CPU-only test files of the optimizer itself, before the examples and studies."""
 SELF_TEST = "tests/test_gpu_check.py"
@@ -467,8 +471,9 @@ def stage_tests(run: Run, limit_s: float) -> dict[str, Any]:
             files.append({"file": test_file, "status": "not run", "reason": problem})
             continue
         xml_path = run.raw / f"junit-{stem}.xml"
+        cases = CUDA_CASES.get(test_file, ()) if device == "cuda" else ()
         cmd = _python("pytest", test_file, "-q", "-p", "no:cacheprovider", "-rfE",
-                      f"--junitxml={xml_path}", *plan.pytest_args, *per_test)
+                      f"--junitxml={xml_path}", *plan.pytest_args, *cases, *per_test)
         rc, seconds = run_logged(cmd, run.raw / f"pytest-{stem}.log", min(file_limit, left), _env())
         problem = None
         if rc is None:

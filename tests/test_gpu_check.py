@@ -92,8 +92,9 @@ def test_plans() -> None:
     part1, part2 = gpu_check.make_plan("cuda", False, 1, None), gpu_check.make_plan("cuda", False, 2, 400)
     assert part1.stages == ("build", "tests", "numerics")
     assert part2.stages == ("build", "kernels", "step", "layouts")
-    assert part1.pytest_args == () and part1.test_files[:3] == gpu_check.CUDA_TEST_FILES
-    assert part1.test_files[3:6] == gpu_check.CPU_TEST_FILES_FIRST
+    cuda = len(gpu_check.CUDA_TEST_FILES)
+    assert part1.pytest_args == () and part1.test_files[:cuda] == gpu_check.CUDA_TEST_FILES
+    assert part1.test_files[cuda:cuda + 3] == gpu_check.CPU_TEST_FILES_FIRST
     every = {f"tests/{p.name}" for p in Path(__file__).parent.glob("test_*.py")}
     assert gpu_check.SELF_TEST in every and set(part1.test_files) == every - {gpu_check.SELF_TEST}
     assert part2.kernel_dtypes == ("float32", "bfloat16") and part2.budget_s == 400
