@@ -148,6 +148,16 @@ def fisher_exact(f: list[float], g: list[float], alpha: float) -> list[float]:
     return out
 
 
+def axpby_exact(x: list[float], y: list[float], a: float, b: float, dtype: torch.dtype) -> list[float]:
+    """The contract of ``axpby_`` (values given as Python floats). fp32/bf16/fp16 ``X``: ``a``, ``b``
+    rounded to fp32, ``r = fma(b, y, rn(a·x))`` rounded once to fp32, then ``r`` rounded to ``dtype``.
+    float64 ``X``: ``a·x + b·y`` with Python floats, each operation rounded once (no FMA)."""
+    if dtype == torch.float64:
+        return [a * xi + b * yi for xi, yi in zip(x, y, strict=True)]
+    a32, b32 = round_exact(a), round_exact(b)
+    return [round_exact(fma_exact(b32, yi, mul_exact(a32, xi)), dtype) for xi, yi in zip(x, y, strict=True)]
+
+
 def as_fp32_values(values: list[float]) -> list[float]:
     """float64 scores as the selection compares them: rounded to nearest fp32."""
     return torch.tensor(values, dtype=torch.float64).float().double().tolist()

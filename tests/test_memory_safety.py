@@ -295,6 +295,117 @@ def test_worker_exits_cleanly(device: str, backend: str) -> None:
     assert done.returncode == 0 and done.stdout.splitlines()[-1:] == ["DONE"], done.stderr[-3000:]
 
 
+# ----------------------------------------------------------------------------------------------------
+# axpby_: stays inside X and Y, and refuses an X that shares memory with another argument
+# ----------------------------------------------------------------------------------------------------
+
+# Cases whose arguments share memory: (the written argument, the other) the message names.
+AXPBY_ALIASES = {"y_is_x": ("X", "Y"), "y_starts_inside_x": ("X", "Y"), "x_starts_inside_y": ("X", "Y"),
+                 "a_in_x": ("X", "a"), "b_in_x": ("X", "b"), "y0_in_x1": ("X", "Y")}
+AXPBY_CASES = ["inside", *AXPBY_ALIASES]
+
+
+def _axpby_call(backend: str, device: str) -> Callable:
+    """``axpby_(X, Y, a, b)`` of a backend as a user calls it; ``<backend>[list]``: the list form, the
+    case's tensors as the second entry after a well-formed one (``Y0``: the first entry's Y)."""
+    from ssam_kernels import ops
+
+    base = backend.removesuffix("[list]")
+    if not backend.endswith("[list]"):
+        return lambda X, Y, a, b, Y0=None: ops.axpby_(X, Y, a, b, backend=base)
+
+    def call(X, Y, a, b, Y0=None):
+        X0 = torch.randn(70, device=device)
+        Y0 = torch.randn(70, device=device) if Y0 is None else Y0
+        ops.axpby_([X0, X], [Y0, Y], a, b, backend=base)
+    return call
+
+
+def _axpby_case(backend: str, name: str, device: str) -> str:
+    """One case of ``AXPBY_CASES``: "inside", the op's result with nothing written outside ``X`` (``X``
+    and ``Y`` are slices of one arena, its margins compared); else the ``ValueError`` naming the two
+    arguments (the list's entry 1, or ``Y[0]``), nothing written."""
+    from ssam_kernels import ops
+
+    listed = backend.endswith("[list]")
+    if name == "y0_in_x1" and not listed:
+        return ""
+    call = _axpby_call(backend, device)
+    arena = torch.randn(4 * MARGIN + 2 * N).to(device)
+    X, Y = arena[MARGIN: MARGIN + N], arena[3 * MARGIN + N: 3 * MARGIN + 2 * N]
+    a, b = torch.tensor(0.75, device=device), torch.tensor(-1.5, device=device)
+    before = arena.to("cpu", copy=True)
+    Y0 = None
+    if name == "inside":
+        want = X.to("cpu", copy=True)
+        ops.axpby_(want, Y.cpu(), a.cpu(), b.cpu(), backend="reference")
+        call(X, Y, a, b)
+        inside = torch.zeros(arena.numel(), dtype=torch.bool)
+        inside[MARGIN: MARGIN + N] = True
+        after = arena.cpu()
+        if not torch.equal(after[~inside].view(torch.int32), before[~inside].view(torch.int32)):
+            return "wrote outside X"
+        return "" if torch.equal(X.cpu().view(torch.int32), want.view(torch.int32)) else "wrong result"
+    if name == "y_is_x":
+        Y = X
+    elif name == "y_starts_inside_x":
+        Y = arena[MARGIN + N // 2: MARGIN + N // 2 + N]
+    elif name == "x_starts_inside_y":
+        X = arena[3 * MARGIN + N // 2: 3 * MARGIN + N // 2 + N]
+    elif name == "a_in_x":
+        a = X[5]
+    elif name == "b_in_x":
+        b = X[N - 1]
+    elif name == "y0_in_x1":
+        Y0 = arena[MARGIN - 10: MARGIN + 60]  # the first entry's Y reaches into the second entry's X
+    try:
+        call(X, Y, a, b, Y0)
+    except ValueError as exc:
+        written, other = AXPBY_ALIASES[name]
+        at = r"\[1\]" if listed else ""
+        other_at = "" if other in ("a", "b") else r"\[0\]" if name == "y0_in_x1" else at
+        if not re.match(rf"{written}{at}: shares memory with {other}{other_at};", str(exc)):
+            return f"raised the wrong error: {exc}"
+        unchanged = torch.equal(arena.cpu().view(torch.int32), before.view(torch.int32))
+        return "" if unchanged else "raised after writing"
+    except RuntimeError as exc:
+        return f"raised {type(exc).__name__}: {exc}"
+    return "accepted arguments that share memory"
+
+
+def _axpby_worker(backend: str, device: str) -> None:
+    torch.manual_seed(0)
+    for name in AXPBY_CASES:
+        print(f"START {name}", flush=True)
+        problem = _axpby_case(backend, name, device)
+        print(f"{'OK' if not problem else 'FAIL'} {name} {problem}", flush=True)
+    print("DONE", flush=True)
+
+
+AXPBY_BACKENDS = ["reference", "vectorized", "native", "triton", "cuda_sim",
+                  "reference[list]", "vectorized[list]", "native[list]", "triton[list]", "cuda_sim[list]"]
+
+
+@pytest.mark.parametrize("backend", AXPBY_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_axpby_stays_inside_and_refuses_shared_memory(device: str, backend: str) -> None:
+    """Every case of ``AXPBY_CASES`` in one subprocess per backend (a crash fails the test, not pytest)."""
+    why = _available(backend, device)
+    if why is not None:
+        pytest.skip(f"{backend} unavailable on {device}: {why}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--axpby-worker", backend, device],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    lines = done.stdout.splitlines()
+    problems = [line for line in lines if line.startswith("FAIL")]
+    assert not problems, problems
+    assert done.returncode == 0 and lines[-1:] == ["DONE"], done.stderr[-3000:]
+    assert [line.split(" ")[1] for line in lines if line.startswith("OK")] == AXPBY_CASES
+
+
 def test_dynamic_update_ignores_mask_bits_past_n() -> None:
     """Bits past N are not live entries: not counted, not kept, never grown into."""
     from ssam_kernels import ops
@@ -489,3 +600,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(sys.argv[2], sys.argv[3])
 if __name__ == "__main__" and sys.argv[1:2] == ["--threads"]:
     _thread_worker(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] == ["--axpby-worker"]:
+    _axpby_worker(sys.argv[2], sys.argv[3])

@@ -11,8 +11,15 @@ from hypothesis import strategies as st
 
 from ssam_kernels import ops
 from ssam_kernels.ops import bitmask, reference
-from tests.helpers import DTYPES
-from tests.oracles import dynamic_update_positions, fisher_exact, growth_hash, perturb_exact, top_k_positions
+from tests.helpers import ALL_DTYPES, DTYPES, assert_same_values
+from tests.oracles import (
+    axpby_exact,
+    dynamic_update_positions,
+    fisher_exact,
+    growth_hash,
+    perturb_exact,
+    top_k_positions,
+)
 
 SIZES = [0, 1, 31, 33, 1023, 1025, 3 * 1024 + 7]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
@@ -126,6 +133,56 @@ def test_fisher_accumulate(dtype, n):
     expected = torch.tensor(fisher_exact(F.tolist(), G.tolist(), 0.37), dtype=torch.float32)
     ops.fisher_accumulate_(F, G, alpha=0.37)
     assert torch.equal(F, expected)
+
+
+# (a, b) of axpby_, each a value and its tensor's dtype (None: float64 for float64 X, else float32).
+AXPBY_SCALES = [((1.0, None), (0.37, None)), ((-0.61, None), (1.0, None)), ((0.0, None), (1.0, None)),
+                ((-1.7, None), (-0.3, None)), ((0.1, torch.float64), (3.3, torch.float32))]
+
+
+def _axpby_scale(value: float, dtype: torch.dtype | None, x_dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype or (torch.float64 if x_dtype == torch.float64 else torch.float32))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("backend", ["reference", "vectorized"])
+def test_axpby(dtype, backend):
+    """axpby_ against its definition in exact rational arithmetic (fp32 data) or Python's float64: random
+    values, half of the entries built to cancel (``b·y`` close to ``-a·x``, where an unfused evaluation is
+    off), non-finite values among them, every (a, b) of ``AXPBY_SCALES``."""
+    n = 1500
+    gen = torch.Generator().manual_seed(27)
+    X0 = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    Y = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    X0[:4] = torch.tensor([float("inf"), float("nan"), -0.0, 3e38], dtype=torch.float64).to(dtype)
+    for (a_value, a_dtype), (b_value, b_dtype) in AXPBY_SCALES:
+        a, b = _axpby_scale(a_value, a_dtype, dtype), _axpby_scale(b_value, b_dtype, dtype)
+        Yc = Y.clone()
+        if b_value != 0:  # entries 4.. of every other pair: y ≈ -a·x / b, so a·x + b·y nearly cancels
+            near = (-(a.double() * X0.double()) / b.double()).to(dtype)
+            Yc[4::2] = near[4::2]
+        X = X0.clone()
+        ops.axpby_(X, Yc, a, b, backend=backend)
+        want = axpby_exact(X0.double().tolist(), Yc.double().tolist(), a.item(), b.item(), dtype)
+        assert_same_values(X, torch.tensor(want, dtype=torch.float64).to(dtype))
+
+
+def test_axpby_lists_and_blocks(monkeypatch):
+    """The list form is the single op on every entry; the reference's blocks add up to the whole."""
+    gen = torch.Generator().manual_seed(5)
+    Xs = [torch.randn(n, generator=gen).to(dtype) for n, dtype in zip(SIZES, [*ALL_DTYPES] * 2, strict=False)]
+    Ys = [torch.randn(x.numel(), generator=gen).to(x.dtype) for x in Xs]
+    a, b = torch.tensor(0.3), torch.tensor(-1.25, dtype=torch.float64)
+    singles = [x.clone() for x in Xs]
+    for x, y in zip(singles, Ys, strict=True):
+        ops.axpby_(x, y, a, b, backend="reference")
+    monkeypatch.setattr(reference, "BLOCK", 96)
+    for backend in ("reference", "vectorized"):
+        got = [x.clone() for x in Xs]
+        ops.axpby_(got, Ys, a, b, backend=backend)
+        for g, want in zip(got, singles, strict=True):
+            assert_same_values(g, want)
+    ops.axpby_([], [], a, b)  # an empty list does nothing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,6 +330,51 @@ def _perturb_args(**overrides):
 def test_perturb_rejects_bad_input(overrides, error, name):
     with pytest.raises(error, match=rf"^{name}:"):
         ops.perturb_(**_perturb_args(**overrides))
+
+
+def _axpby_args(**overrides):
+    args = {"X": torch.randn(64), "Y": torch.randn(64), "a": torch.tensor(0.5), "b": torch.tensor(2.0)}
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides, error, name", [
+    ({"X": torch.arange(64)}, TypeError, "X"),
+    ({"X": torch.randn(64, dtype=torch.complex64)}, TypeError, "X"),
+    ({"X": torch.randn(128)[::2]}, ValueError, "X"),
+    ({"X": torch.randn(8, 8)}, ValueError, "X"),
+    ({"X": 3.0}, TypeError, "X"),
+    ({"Y": torch.randn(63)}, ValueError, "Y"),
+    ({"Y": torch.randn(64).half()}, TypeError, "Y"),
+    ({"Y": torch.randn(64, device="meta")}, ValueError, "Y"),
+    ({"Y": [torch.randn(64)]}, TypeError, "Y"),
+    ({"a": 0.5}, TypeError, "a"),
+    ({"a": torch.tensor(1)}, TypeError, "a"),
+    ({"a": torch.tensor(0.5, device="meta")}, ValueError, "a"),
+    ({"b": torch.tensor([0.5])}, TypeError, "b"),
+    ({"b": torch.tensor(0.5, dtype=torch.float16)}, TypeError, "b"),
+    ({"b": torch.tensor(0.5, device="meta")}, ValueError, "b"),
+    # The list form: the entry is named.
+    ({"X": [torch.randn(3), torch.arange(3)], "Y": [torch.randn(3)] * 2}, TypeError, r"X\[1\]"),
+    ({"X": [torch.randn(3), torch.randn(3)], "Y": [torch.randn(3), torch.randn(4)]}, ValueError, r"Y\[1\]"),
+    ({"X": [torch.randn(3), torch.randn(3)], "Y": [torch.randn(3), torch.randn(3).double()]}, TypeError,
+     r"Y\[1\]"),
+    ({"X": [torch.randn(3), torch.randn(3, device="meta")],
+      "Y": [torch.randn(3), torch.randn(3, device="meta")]}, ValueError, r"X\[1\]"),
+    ({"X": [torch.randn(3, device="meta")], "Y": [torch.randn(3, device="meta")]}, ValueError, "a"),
+    ({"X": [torch.randn(3)], "Y": [torch.randn(3), torch.randn(3)]}, ValueError, "Y"),
+    ({"X": [torch.randn(3)], "Y": torch.randn(3)}, TypeError, "Y"),
+    ({"X": [torch.randn(3)], "Y": [torch.randn(3)], "b": 2.0}, TypeError, "b"),
+])
+def test_axpby_rejects_bad_input(overrides, error, name):
+    args = _axpby_args(**overrides)
+    before = [t.clone() for t in (args["X"] if isinstance(args["X"], list) else [args["X"]])
+              if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+    with pytest.raises(error, match=rf"^{name}:"):
+        ops.axpby_(**args)
+    after = [t for t in (args["X"] if isinstance(args["X"], list) else [args["X"]])
+             if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))  # nothing written
 
 
 def test_other_ops_reject_bad_input():

@@ -406,6 +406,69 @@ def test_fisher_accumulate(backend, device, dtype, n, offset):
         _same(got, want)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _axpby_scales(dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(a, b)`` of axpby_: ``(1, s)`` (perturb_'s arithmetic), ``(-c, 1)``, ``(0, 1)``, both negative,
+    and a float64 ``a`` that fp32 cannot hold with an fp32 ``b`` (scales of the data's precision
+    otherwise, as the optimizer passes them)."""
+    pairs = [(_scale(a, dtype), _scale(b, dtype)) for a, b in ((1.0, 0.37), (-0.61, 1.0), (0.0, 1.0),
+                                                               (-1.7, -0.3))]
+    return [*pairs, (torch.tensor(0.1, dtype=torch.float64), torch.tensor(3.3, dtype=torch.float32))]
+
+
+def _axpby(backend: str, device: torch.device, dtype: torch.dtype, n: int, offsets: tuple[int, int],
+           gen: torch.Generator) -> None:
+    """axpby_ at every ``_axpby_scales`` pair, ``X`` and ``Y`` placed ``offsets`` elements into their
+    storages: ``X`` as the reference writes it, ``Y`` and the guards unchanged."""
+    X0, Y = _values(n, dtype, gen), _values(n, dtype, gen)
+    for a, b in _axpby_scales(dtype):
+        x_ref = X0.clone()
+        ops.axpby_(x_ref, Y, a, b, backend="reference")
+        x, y = Placed(X0, offsets[0], device), Placed(Y, offsets[1], device)
+        ops.axpby_(x.tensor, y.tensor, a.to(device), b.to(device), backend=backend)
+        _same(x.tensor, x_ref)
+        assert torch.equal(_bits(y.tensor.cpu()), _bits(Y)), "Y was written"
+        _check_untouched([x, y])
+
+
+AXPBY_OFFSETS = [(0, 0), (3, 1), (0, 1)]  # X's and Y's: aligned, both off 16 bytes (differently), Y only
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("offsets", AXPBY_OFFSETS, ids=str)
+def test_axpby(backend, device, dtype, n, offsets):
+    _axpby(backend, device, dtype, n, offsets, _gen("axpby", dtype, n, offsets))
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_axpby_lists(backend, device, offset):
+    """One list op over every size and dtype, the dtypes interleaved (one group per dtype, each picked out
+    of the list), at scales that include infinity; then a list of one entry and the empty list."""
+    gen = _gen("axpby-lists", offset)
+    cases = [(n, dtype) for n in SIZES for dtype in DTYPES]
+    X0 = [_values(n, dtype, gen) for n, dtype in cases]
+    Y = [_values(n, dtype, gen) for n, dtype in cases]
+    scales = [(torch.tensor(0.37, dtype=torch.float64), torch.tensor(-1.3)),
+              (torch.tensor(1.0), torch.tensor(-0.61, dtype=torch.float64)),
+              (torch.tensor(float("inf")), torch.tensor(0.5))]
+    for a, b in scales:
+        for entries in (range(len(cases)), [len(cases) - 2], []):
+            x_ref = [X0[j].clone() for j in entries]
+            ops.axpby_(x_ref, [Y[j] for j in entries], a, b, backend="reference")
+            x = _placed([X0[j] for j in entries], offset, device)
+            y = _placed([Y[j] for j in entries], offset, device)
+            ops.axpby_(_tensors(x), _tensors(y), a.to(device), b.to(device), backend=backend)
+            for got, want in zip(_tensors(x), x_ref, strict=True):
+                _same(got, want)
+            for got, j in zip(_tensors(y), entries, strict=True):
+                assert torch.equal(_bits(got.cpu()), _bits(Y[j])), "Y was written"
+            _check_untouched(x, y)
+
+
 @pytest.mark.parametrize("n", [0, 1, 33, 4097, LARGE])
 @pytest.mark.parametrize("base", [0, 12345, 2**32 - 100, 2**40 + 3])
 def test_hash_scores(backend, device, n, base):

@@ -11,14 +11,14 @@ only by name.
 Masks are int32 bit-packed words with per-chunk offsets (:mod:`ssam_kernels.ops.bitmask`); a dense
 perturbation is ``mask=None``.
 
-Lists: ``grad_sq_norm``, ``perturb_``, ``restore_`` and ``fisher_accumulate_`` also take lists
+Lists: ``grad_sq_norm``, ``perturb_``, ``restore_``, ``fisher_accumulate_`` and ``axpby_`` also take lists
 of tensors (the first tensor argument a list), with the meaning of the single-tensor op applied to each
 entry. A list is validated once, in one cheap pass, and split into (device, dtype) groups; each group
 goes to its backend's list primitive (``grad_sq_norm_multi``, ``perturb_multi_``, ``restore_multi_``,
-``fisher_accumulate_multi_``: the same arguments as the single primitive, with lists of one device and
-dtype) when it has one (native: one C++ call on CPU, one launch over a device table of the tensors on
-CUDA; Triton: the same, one launch per kind of entry and 16-byte alignment), else the single primitive
-is called for each tensor (:mod:`.lists`), so a backend needs only the single-tensor primitives.
+``fisher_accumulate_multi_``, ``axpby_multi_``: the same arguments as the single primitive, with lists of
+one device and dtype) when it has one (native: one C++ call on CPU, one launch over a device table of the
+tensors on CUDA; Triton: the same, one launch per kind of entry and 16-byte alignment), else the single
+primitive is called for each tensor (:mod:`.lists`), so a backend needs only the single-tensor primitives.
 
 Memory safety: no input reads or writes outside the tensors given, on any backend or device. What is
 free to check is checked (sizes, dtypes, devices; on CPU tensors also that ``offsets`` match the mask);
@@ -26,9 +26,10 @@ what would need a host synchronisation on CUDA is bounded in the kernels instead
 ``N`` are ignored, and a rank outside ``[0, len(backup))`` is never used (see :func:`perturb_`).
 
 Dtypes: float32, float64, bfloat16 and float16 everywhere. The element-wise arithmetic of
-:func:`perturb_` and :func:`fisher_accumulate_` is one correctly rounded fp32 fused multiply-add per
-entry, then one rounding to the output's dtype; float64 ``W`` is perturbed in float64, each operation
-rounded once. Bit-identical across backends (``ops/_arith.py`` emulates the FMA for the PyTorch ones).
+:func:`perturb_`, :func:`fisher_accumulate_` and :func:`axpby_` is one correctly rounded fp32 fused
+multiply-add per entry (of operands that are inputs or rounded fp32 products), then one rounding to the
+output's dtype; float64 ``W`` and ``X`` are computed in float64, each operation rounded once.
+Bit-identical across backends (``ops/_arith.py`` emulates the FMA for the PyTorch ones).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from .contract import CHUNK, num_offsets, num_words
 from .select import Communicator, MaskList, chunk_offsets, list_offsets, select_counted, select_with_offsets
 
 __all__ = [
-    "BACKENDS", "CHUNK", "Communicator", "available_backends", "bitmask", "dynamic_update",
+    "BACKENDS", "CHUNK", "Communicator", "available_backends", "axpby_", "bitmask", "dynamic_update",
     "fisher_accumulate_", "grad_sq_norm", "hash_scores", "perturb_", "resolve_backend", "restore_",
     "select_topk",
 ]
@@ -237,11 +238,12 @@ def _check_mask_and_backup(W: torch.Tensor, mask: object, offsets: object, backu
                          f"got {backup.numel()}")
 
 
-def _check_scale(scale: object, device: torch.device) -> None:
+def _check_scale(scale: object, device: torch.device, name: str = "scale", of: str = "W") -> None:
+    """A 0-d float32 or float64 tensor ``name`` on ``device`` (that of argument ``of``)."""
     if not isinstance(scale, torch.Tensor) or scale.dtype not in _SCALE_DTYPES or scale.dim() != 0:
-        raise TypeError("scale: expected a float32 or float64 0-d tensor")
+        raise TypeError(f"{name}: expected a float32 or float64 0-d tensor")
     if scale.device != device:
-        raise ValueError(f"scale: expected device {device} (that of W), got {scale.device}")
+        raise ValueError(f"{name}: expected device {device} (that of {of}), got {scale.device}")
 
 
 # Lists of tensors. The checks above cost microseconds per tensor in Python; a list op must not pay
@@ -322,6 +324,20 @@ def _check_element_lists(Ws: list[torch.Tensor], Gs: list[torch.Tensor] | None, 
             _check_mask_and_backup(w, m, o, b, at)
             if device is not None and w.device != device:
                 raise ValueError(f"W{at}: expected device {device} (that of scale), got {w.device}")
+
+
+def _check_axpby_lists(Xs: list[torch.Tensor], Ys: list[torch.Tensor], a: torch.Tensor | None) -> None:
+    """Every entry of ``axpby_``'s lists: ``X`` a float vector on ``a``'s device, ``Y`` of its dtype, size
+    and device (the compiled pass first, as for ``perturb_``)."""
+    device = a.device if a is not None else None
+    for i in range(_first_to_check(Xs, Ys, False, None, None, None, a), len(Xs)):
+        x, y = Xs[i], Ys[i]
+        if not (_is_vector(x) and _is_vector(y) and y.dtype is x.dtype and y.numel() == x.numel()
+                and x.device == device and y.device == x.device):
+            _check_vector(f"X[{i}]", x)
+            _check_like(f"Y[{i}]", _check_vector(f"Y[{i}]", y), f"X[{i}]", x)
+            if x.device != device:
+                raise ValueError(f"X[{i}]: expected device {device} (that of a), got {x.device}")
 
 
 _PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
@@ -620,6 +636,57 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     _check_list_disjoint(groups, Gs, (("F", True, Fs), ("G", False, Gs)))
     for module, index in groups:
         list_primitive(module, "fisher_accumulate_", index)(_pick(Fs, index), _pick(Gs, index), float(alpha))
+
+
+def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None
+           ) -> None:
+    """``X ← a·X + b·Y`` element-wise, in place.
+
+    ``X`` and ``Y`` are 1-D contiguous float tensors (float32, float64, bfloat16, float16) of one dtype,
+    size and device; ``a`` and ``b`` are float32 or float64 0-d tensors on ``X``'s device (never read on
+    the host). fp32/bf16/fp16 ``X``: ``x``, ``y`` taken as fp32 (exact), ``a``, ``b`` rounded to nearest
+    fp32 once, ``r = fma(b, y, rn(a·x))`` (one rounded fp32 product, one fused multiply-add), stored as
+    ``X``'s dtype rounded to nearest even; ``a = 1`` gives ``fma(b, y, x)``, the arithmetic of a dense
+    plain :func:`perturb_`. float64 ``X``: ``rn(rn(a·x) + rn(b·y))`` in float64, no FMA. Non-finite
+    values propagate (``0·inf`` is NaN): the caller guards its scales. ``X`` must share no memory with
+    ``Y``, ``a`` or ``b`` (``ValueError`` naming both).
+
+    Lists: ``X`` and ``Y`` lists of the same length (entry ``j`` of each together), one ``a`` and ``b``
+    for all, every ``X`` on their device, any float dtypes: validated once, one call per dtype group (one
+    kernel launch per group on the fast backends).
+    """
+    if isinstance(X, torch.Tensor):
+        X = _check_vector("X", X)
+        _check_like("Y", _check_vector("Y", Y), "X", X)
+        _check_scale(a, X.device, "a", "X")
+        _check_scale(b, X.device, "b", "X")
+        module = _axpby_backend(resolve_backend(backend, X.device, X.dtype))
+        _check_disjoint_for(module, X.device, _axpby_arguments([X], [Y], a, b), indexed=False)
+        module.axpby_(X, Y, a, b)
+        return
+    Xs = _as_list("X", X)
+    Ys = _as_list("Y", Y, len(Xs))
+    if Xs:
+        device = _check_vector("X[0]", Xs[0]).device
+        _check_scale(a, device, "a", "X[0]")
+        _check_scale(b, device, "b", "X[0]")
+    _check_axpby_lists(Xs, Ys, a if Xs else None)
+    groups = [(_axpby_backend(module), index) for module, index in _groups(backend, Xs)]
+    _check_list_disjoint(groups, Xs, _axpby_arguments(Xs, Ys, a, b))
+    for module, index in groups:
+        list_primitive(module, "axpby_", index)(_pick(Xs, index), _pick(Ys, index), a, b)
+
+
+def _axpby_backend(module: ModuleType) -> ModuleType:
+    """``module``, or the vectorized backend (the same bits) while ``module`` has no ``axpby_`` yet: the
+    compiled backends gain their kernels in the commits after the op's first one."""
+    return module if hasattr(module, "axpby_") else _load("vectorized")[0]
+
+
+def _axpby_arguments(Xs: list, Ys: list, a: torch.Tensor, b: torch.Tensor
+                     ) -> tuple[tuple[str, bool, object], ...]:
+    """The arguments of ``axpby_`` for :func:`_check_disjoint`: ``X`` written, the others read."""
+    return (("X", True, Xs), ("Y", False, Ys), ("a", False, a), ("b", False, b))
 
 
 def _with_offsets(words: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

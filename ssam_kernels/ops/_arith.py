@@ -1,10 +1,10 @@
-"""The element-wise arithmetic of ``perturb_`` and ``fisher_accumulate_``, and the summation order of
-``grad_sq_norm``, in device-agnostic PyTorch.
+"""The element-wise arithmetic of ``perturb_``, ``fisher_accumulate_`` and ``axpby_``, and the summation
+order of ``grad_sq_norm``, in device-agnostic PyTorch.
 
 The one PyTorch statement of that part of the op contract (docs/DESIGN.md, "The op contract"), shared by
 the ``reference`` and ``vectorized`` backends; the C++/CUDA kernels state it in ``csrc/ssam_math.h``
-(``perturbed``, ``fisher_update``) and ``csrc/cpu/norm.cpp`` (``sq_sum``, the norm's order), the Triton
-kernels in ``ops/triton/_math.py``.
+(``perturbed``, ``fisher_update``, ``axpby``) and ``csrc/cpu/norm.cpp`` (``sq_sum``, the norm's order),
+the Triton kernels in ``ops/triton/_math.py``.
 
 - ``perturb_``, ``W`` float32/bfloat16/float16: ``w``, ``g`` as fp32 (exact) and the scale as fp32 (a
   float64 scale rounded to nearest once); ``r = fma(s, g, w)`` (adaptive: ``fma(s, rn(rn(w·w)·g), w)``),
@@ -13,6 +13,9 @@ kernels in ``ops/triton/_math.py``.
   rounded once, no FMA.
 - ``fisher_accumulate_``: ``F = fma(g32, rn(alpha32·g32), F)`` with ``g32 = rn(g)`` and ``alpha32`` the
   fp32 rounding of ``alpha``.
+- ``axpby_``, ``X`` float32/bfloat16/float16: ``x``, ``y`` as fp32 (exact), ``a``, ``b`` rounded to nearest
+  fp32 once; ``r = fma(b, y, rn(a·x))``, one fp32 product and one fused multiply-add, stored as ``X``'s
+  dtype (round to nearest even). ``X`` float64: ``rn(rn(a·x) + rn(b·y))`` in float64, no FMA.
 
 PyTorch has no fused multiply-add, so :func:`fma32` emulates one in float64: the product of two fp32 values
 is exact in float64, but rounding the float64 sum to nearest and then to fp32 rounds twice, which is wrong
@@ -180,6 +183,26 @@ def perturbed(w: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, adaptive: b
     if adaptive:
         g32 = w32 * w32 * g32  # fp32 products, each rounded once
     return fma(scale, g32, w32).to(w.dtype)
+
+
+def axpby_scales(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``a`` and ``b`` ``axpby_`` computes with for ``X`` of ``dtype``: :func:`perturb_scale` of each
+    (float64 for float64 ``X``, else each rounded to nearest fp32 once)."""
+    return perturb_scale(a, dtype), perturb_scale(b, dtype)
+
+
+def axpby(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fma: Fma = fma32
+          ) -> torch.Tensor:
+    """``a·x + b·y`` as the op contract computes it, in ``x``'s dtype (``y`` of the same dtype; ``a``,
+    ``b`` the 0-d tensors of :func:`axpby_scales`): fp32/bf16/fp16 ``x``: ``fma(b, y, rn(a·x))`` in fp32,
+    one rounded product and one fused multiply-add, then rounded once to ``x``'s dtype (``a = 1`` gives
+    ``fma(b, y, x)``, :func:`perturbed`'s dense plain form); float64 ``x``: ``rn(rn(a·x) + rn(b·y))``, no
+    FMA. Non-finite values propagate as IEEE arithmetic gives them (``0·inf`` is NaN). ``fma`` as in
+    :func:`perturbed`."""
+    if x.dtype == torch.float64:
+        return a * x + b * y
+    x32, y32 = x.float(), y.float()
+    return fma(b, y32, a * x32).to(x.dtype)
 
 
 def fp32_value(x: float) -> float:

@@ -89,6 +89,13 @@ def _fisher_accumulate(backend: ModuleType, index: Sequence[int], Fs: list, Gs: 
         backend.fisher_accumulate_(f, g, alpha)
 
 
+@_loop("axpby_")
+def _axpby(backend: ModuleType, index: Sequence[int], Xs: list, Ys: list, a: torch.Tensor, b: torch.Tensor
+           ) -> None:
+    for x, y in zip(Xs, Ys, strict=True):
+        backend.axpby_(x, y, a, b)
+
+
 @_loop("radix_histogram")
 def _radix_histogram(backend: ModuleType, index: Sequence[int], scores: list, prefix: torch.Tensor,
                      shift: int, bits: int, largest: bool, filters: Sequence, filter_value: bool

@@ -80,6 +80,15 @@ def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> 
         f.copy_(_arith.fisher_updated(f, G[start: start + BLOCK], alpha))
 
 
+def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``X = a·X + b·Y`` element-wise: ``fma(b, y, rn(a·x))`` in fp32 with ``a``, ``b`` rounded to fp32
+    (float64 ``X``: ``rn(rn(a·x) + rn(b·y))`` in float64; :func:`._arith.axpby`)."""
+    a, b = _arith.axpby_scales(a, b, X.dtype)
+    for start in range(0, X.numel(), BLOCK):
+        x = X[start: start + BLOCK]
+        x.copy_(_arith.axpby(x, Y[start: start + BLOCK], a, b))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Selection primitives
 # ----------------------------------------------------------------------------------------------------

@@ -343,6 +343,29 @@ def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> 
         f.copy_(_arith.fisher_updated(f, G[start: start + CHUNK_ENTRIES], alpha, fma))
 
 
+def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``X = a·X + b·Y`` element-wise, as :func:`._arith.axpby` computes it (``fma(b, y, rn(a·x))`` in
+    fp32; float64 ``X`` in float64 without FMA), chunk by chunk with the cheaper
+    :func:`._arith.fma32_fast` (same bits)."""
+    n = X.numel()
+    a, b = _arith.axpby_scales(a, b, X.dtype)
+    if X.dtype == torch.float64:  # two rounded products and a rounded sum, written in place
+        product = _workspace(min(CHUNK_ENTRIES, n), torch.float64, X.device)
+        for start in _chunks(n):
+            x, y = X[start: start + CHUNK_ENTRIES], Y[start: start + CHUNK_ENTRIES]
+            p = torch.mul(y, b, out=product[: x.numel()])
+            x.mul_(a).add_(p)
+        return
+    workspace = _workspace(3 * min(CHUNK_ENTRIES, n), torch.float64, X.device)
+
+    def fma(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return _arith.fma32_fast(p, q, r, workspace)
+
+    for start in _chunks(n):
+        x = X[start: start + CHUNK_ENTRIES]
+        x.copy_(_arith.axpby(x, Y[start: start + CHUNK_ENTRIES], a, b, fma))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Selection primitives
 # ----------------------------------------------------------------------------------------------------
