@@ -9,9 +9,11 @@ from .fisher import fisher_information
 from .masks import DynamicMask, FisherMask, MaskPolicy, RandomMask, topk_mask
 from .ops import available_backends
 from .optim import SAM, SSAM
+from .schedules import AESAM, EveryK, EveryStep, LookSAM, Schedule
 
 __all__ = [
-    "SAM", "SSAM", "DynamicMask", "FisherMask", "MaskPolicy", "RandomMask", "available_backends",
-    "fisher_information", "frozen_bn_stats", "ops", "topk_mask",
+    "AESAM", "SAM", "SSAM", "DynamicMask", "EveryK", "EveryStep", "FisherMask", "LookSAM",
+    "MaskPolicy", "RandomMask", "Schedule", "available_backends", "fisher_information", "frozen_bn_stats",
+    "ops", "topk_mask",
 ]
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -107,16 +107,17 @@ def _build(layout: ParamLayout, masks: Sequence[Mask] | None, backups: list[torc
 
 
 def grad_norm(grads: list[torch.Tensor], lists: StepLists, *, device: torch.device,
-              comm: ops.Communicator | None, backend: str | None) -> torch.Tensor:
-    """``||g||`` (ASAM: ``|| |w| ⊙ g ||``) over every perturbed entry, float64 on ``device`` (summed over
-    the ranks with ``comm``). The float64 sum of squares overflows only for float64 gradients past ~1e154
-    (fp32 ones stay below 1e77 each): where it does, the float64 segments' gradients are scaled by
-    :data:`NORM_DOWN` (exact) and the sum taken again, so that every finite gradient gets its finite norm.
-    Telling needs a host read of the sum, made only when a float64 segment exists (free on CPU, a
-    synchronisation on GPUs)."""
+              comm: ops.Communicator | None, backend: str | None, weighted: bool = True) -> torch.Tensor:
+    """``||g||`` (ASAM: ``|| |w| ⊙ g ||``; ``weighted=False``: ``||g||`` for every group) over every
+    perturbed entry, float64 on ``device`` (summed over the ranks with ``comm``). The float64 sum of
+    squares overflows only for float64 gradients past ~1e154 (fp32 ones stay below 1e77 each): where it
+    does, the float64 segments' gradients are scaled by :data:`NORM_DOWN` (exact) and the sum taken again,
+    so that every finite gradient gets its finite norm. Telling needs a host read of the sum, made only
+    when a float64 segment exists (free on CPU, a synchronisation on GPUs)."""
     def sq_sum(index: Sequence[int], scale: float = 1.0) -> torch.Tensor:
         gs = [grads[i] * scale if scale != 1.0 else grads[i] for i in index]
-        total = ops.grad_sq_norm(gs, [lists.norm_weights[i] for i in index], backend=backend).to(device)
+        weights = [lists.norm_weights[i] if weighted else None for i in index]
+        total = ops.grad_sq_norm(gs, weights, backend=backend).to(device)
         if comm is not None:
             comm.all_reduce_(total)
         return total
@@ -178,3 +179,82 @@ def perturb(calls: list[PerturbCall], *, backend: str | None, modified: Callable
 def restore(lists: StepLists, *, backend: str | None) -> None:
     """``w`` back from the backups, bit-exact: one ``restore_`` list op over every segment."""
     ops.restore_(lists.weights, lists.words, lists.offsets, lists.backups, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LookSAM (ssam_kernels.schedules.LookSAM): g_v, kept between sharpness-aware steps
+# ----------------------------------------------------------------------------------------------------
+
+DOT_BLOCK = 1 << 22
+"""Entries per float64 partial product in :func:`_dot`: its temporaries stay at two of 32 MiB."""
+
+
+@dataclass
+class Lookahead:
+    """LookSAM's ``g_v`` per segment (the segments' dtypes) and ``‖g_v‖`` (float64, 0-d). ``norm`` is None
+    while ``buffers`` hold no ``g_v``: before the first sharpness-aware step, and between a
+    sharpness-aware ``first_step`` (the buffers then hold ``g``) and its ``second_step``."""
+
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    norm: torch.Tensor | None = None
+
+    def matches(self, grads: list[torch.Tensor]) -> bool:
+        """Whether the buffers are laid out as ``grads`` (not after parameters were added or moved)."""
+        return [(b.shape, b.dtype, b.device) for b in self.buffers] == [(g.shape, g.dtype, g.device)
+                                                                        for g in grads]
+
+    def keep(self, grads: list[torch.Tensor]) -> None:
+        """The first half of a sharpness-aware step: ``g`` into the buffers (allocated at first use)."""
+        if not self.matches(grads):
+            self.buffers = [torch.empty_like(g) for g in grads]
+        torch._foreach_copy_(self.buffers, grads)
+        self.norm = None
+
+
+def _per_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
+    where: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        where.setdefault(t.device, []).append(i)
+    return where
+
+
+def _axpby(X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, *,
+           backend: str | None) -> None:
+    """``X ← a·X + b·Y`` with float64 scalars ``a``, ``b``: one list op per device of ``X``."""
+    for device, index in _per_device(X).items():
+        ops.axpby_([X[i] for i in index], [Y[i] for i in index], a.to(device), b.to(device), backend=backend)
+
+
+def _dot(X: list[torch.Tensor], Y: list[torch.Tensor], *, device: torch.device,
+         comm: ops.Communicator | None) -> torch.Tensor:
+    """``⟨X, Y⟩`` in float64 on ``device`` (summed over the ranks with ``comm``), in blocks of
+    :data:`DOT_BLOCK` entries. Once per LookSAM period, so plain PyTorch."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in zip(X, Y, strict=True):
+        for start in range(0, x.numel(), DOT_BLOCK):
+            end = start + DOT_BLOCK
+            total += torch.dot(x[start:end].double(), y[start:end].double()).to(device)
+    if comm is not None:
+        comm.all_reduce_(total)
+    return total
+
+
+def looksam_project(look: Lookahead, grads: list[torch.Tensor], lists: StepLists, *, device: torch.device,
+                    comm: ops.Communicator | None, backend: str | None) -> None:
+    """The second half of a sharpness-aware step, ``grads`` holding ``g_s`` and the buffers ``g``:
+    ``g_v = g_s − (⟨g, g_s⟩ / ‖g‖²) · g`` into the buffers (``‖g‖ = 0``: ``g_v = g_s``), and ``‖g_v‖``."""
+    g_sq = grad_norm(look.buffers, lists, device=device, comm=comm, backend=backend, weighted=False) ** 2
+    dot = _dot(look.buffers, grads, device=device, comm=comm)
+    coefficient = torch.where(g_sq > 0, dot / g_sq, 0.0)
+    _axpby(look.buffers, grads, -coefficient, torch.ones_like(coefficient), backend=backend)
+    look.norm = grad_norm(look.buffers, lists, device=device, comm=comm, backend=backend, weighted=False)
+
+
+def looksam_reuse(look: Lookahead, grads: list[torch.Tensor], g_norm: torch.Tensor, alpha: float, *,
+                  backend: str | None) -> None:
+    """A plain LookSAM step: ``g ← g + alpha · (‖g‖ / ‖g_v‖) · g_v`` in place (no ``g_v`` yet, or
+    ``‖g_v‖ = 0``: ``g`` unchanged). ``g_norm``: ``‖g‖`` (float64, 0-d)."""
+    if look.norm is None or not look.matches(grads):
+        return
+    scale = torch.where(look.norm > 0, alpha * g_norm.to(look.norm.device) / look.norm, 0.0)
+    _axpby(grads, look.buffers, torch.ones_like(scale), scale, backend=backend)

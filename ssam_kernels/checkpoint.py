@@ -5,7 +5,9 @@ parameter (in ``param_groups`` order) so that it loads into either layout and, u
 
 - masks: packed bits (``ceil(n / 32)`` int32 words per parameter), or, sharded, uint8 DTensors shaped and
   placed like the parameters (``torch.distributed.checkpoint`` saves and reshards them);
-- backups (only while perturbed): the saved values of each parameter's live entries, in index order.
+- backups (only while perturbed): the saved values of each parameter's live entries, in index order;
+- the schedule's kind, state and decision for the step in progress, and LookSAM's ``g_v`` (one tensor per
+  parameter, its shape and dtype; sharded: DTensors placed like the parameters) with ``‖g_v‖``.
 
 :func:`validate` checks a whole :meth:`SSAM.ssam_state_dict` against the optimizer and returns a
 :class:`Loaded` holding everything already decoded, so that applying it cannot fail half-way.
@@ -22,11 +24,14 @@ Load rules (also in docs/checkpoints.md):
 - a dense (SAM) checkpoint loads into a masked SSAM with a fresh mask built at the next ``first_step``;
   a masked checkpoint loads into SAM without its mask; between different mask policies, or mid-step
   between dense and masked, it is refused;
-- ``version`` is :data:`FORMAT_VERSION`; checkpoints without one (version 1) have the same layout.
+- a checkpoint of another schedule (or of version 1 or 2, which had none) loads with this optimizer's
+  schedule state as it is;
+- ``version`` is at most :data:`FORMAT_VERSION`; checkpoints without one (version 1) have version 2's layout.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +42,9 @@ from ._validation import check_group
 from .layout import ParamLayout, local_tensor
 from .masks import Mask, MaskPolicy
 from .ops import bitmask
+from .schedules import Schedule
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_STEPS = 2**63 - 1  # the step count is an int64 counter (torch.optim's state counts steps in tensors)
 IDLE, PERTURBED, RESTORED = "idle", "perturbed", "restored"
 PHASES = (IDLE, PERTURBED, RESTORED)
@@ -153,6 +159,48 @@ def _decode_backups(encoded: object, layout: ParamLayout, params: Sequence[torch
     return [torch.cat([by_param[id(p)].to(s.device, s.dtype) for p in s.params]) for s in layout.segments]
 
 
+# ----------------------------------------------------------------------------------------------------
+# LookSAM's g_v, per parameter
+# ----------------------------------------------------------------------------------------------------
+
+def encode_lookahead(layout: ParamLayout, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
+                     sharded: bool) -> list[torch.Tensor]:
+    """Segment buffers as one tensor per parameter of ``params`` (its local shape; sharded: a DTensor
+    placed like the parameter); parameters outside the segments get an empty tensor."""
+    by_param = {}
+    for segment, buffer in zip(layout.segments, buffers, strict=True):
+        for p, (start, n) in zip(segment.params, segment.spans(), strict=True):
+            by_param[id(p)] = buffer[start: start + n].view(local_tensor(p).shape).clone()
+    if not sharded:
+        return [by_param.get(id(p), local_tensor(p).new_empty(0)) for p in params]
+    from torch.distributed.tensor import DTensor
+
+    return [DTensor.from_local(by_param.get(id(p), local_tensor(p).new_zeros(local_tensor(p).shape)),
+                               p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) for p in params]
+
+
+def _decode_lookahead(encoded: object, layout: ParamLayout, params: Sequence[torch.Tensor]
+                      ) -> list[torch.Tensor]:
+    """Checked segment buffers from :func:`encode_lookahead`'s per-parameter tensors."""
+    if not isinstance(encoded, (list, tuple)) or len(encoded) != len(params):
+        raise ValueError(f"lookahead: expected a list of {len(params)} tensors (one per parameter), got "
+                         f"{_describe(encoded)}")
+    by_param = dict(zip(map(id, params), range(len(params)), strict=True))
+    buffers = []
+    for segment in layout.segments:
+        parts = []
+        for p in segment.params:
+            i, local = by_param[id(p)], local_tensor(p)
+            e = local_tensor(encoded[i]) if isinstance(encoded[i], torch.Tensor) else encoded[i]
+            if not isinstance(e, torch.Tensor) or e.shape != local.shape or e.dtype != local.dtype:
+                raise ValueError(f"lookahead[{i}]: expected a {local.dtype} tensor of shape "
+                                 f"{tuple(local.shape)} (LookSAM's g_v for the parameter), got "
+                                 f"{_describe(e)}")
+            parts.append(e.reshape(-1))
+        buffers.append(torch.cat(parts).to(segment.device) if parts else segment.weight.new_empty(0))
+    return buffers
+
+
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"{value.dtype} tensor of shape {tuple(value.shape)}"
@@ -177,10 +225,13 @@ class Loaded:
     pending: list[Mask] | None
     backups: list[torch.Tensor] | None  # segment backups, only when perturbed
     policy_state: dict | None  # None: not the same policy kind, leave the policy as it is
+    sharp: bool  # the step in progress is sharpness-aware
+    schedule_state: dict | None  # None: not the same schedule kind, leave the schedule as it is
+    lookahead: tuple[list[torch.Tensor], torch.Tensor | None] | None  # LookSAM's buffers and norm
 
 
 def validate(state: object, *, layout: ParamLayout, params: Sequence[torch.Tensor],
-             policy: MaskPolicy | None, live_count: int, sharded: bool,
+             policy: MaskPolicy | None, schedule: Schedule, live_count: int, sharded: bool,
              global_count: Callable[[int], int]) -> Loaded:
     """Check ``state`` (from :meth:`SSAM.ssam_state_dict`) against the optimizer and decode it, without
     changing anything. Raises ``ValueError`` / ``TypeError`` naming the offending entry."""
@@ -238,7 +289,38 @@ def validate(state: object, *, layout: ParamLayout, params: Sequence[torch.Tenso
             per_param = masks_per_param(layout, params, None)
         backups = _decode_backups(state["backups"], layout, params, per_param)
     same_policy = theirs == ours or theirs == "masked"
-    return Loaded(steps, phase, started, masks, pending, backups, state["policy"] if same_policy else None)
+    sharp, schedule_state, lookahead = _checked_schedule(state, layout, params, schedule)
+    return Loaded(steps, phase, started, masks, pending, backups, state["policy"] if same_policy else None,
+                  sharp and phase != IDLE, schedule_state, lookahead)
+
+
+def _checked_schedule(state: dict, layout: ParamLayout, params: Sequence[torch.Tensor], schedule: Schedule
+                      ) -> tuple[bool, dict | None, tuple[list[torch.Tensor], torch.Tensor | None] | None]:
+    """The schedule's entries of a checkpoint: the step's decision, the schedule's state when it is of
+    ``schedule``'s kind (loaded into a copy first, so a bad one raises here), and LookSAM's g_v."""
+    entry = state.get("schedule")
+    if entry is None:  # versions 1 and 2: every step sharpness-aware
+        return state["phase"] == PERTURBED, None, None
+    if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str) \
+            or not isinstance(entry.get("state"), dict) or not isinstance(entry.get("sharp"), bool):
+        raise ValueError("schedule: expected a dict with a str 'kind', a dict 'state' and a bool 'sharp', "
+                         f"got {entry!r:.200}")
+    if entry["kind"] != type(schedule).__name__:
+        return entry["sharp"], None, None
+    copy.deepcopy(schedule).load_state_dict(entry["state"])
+    lookahead = None
+    if "lookahead" in state:
+        saved = state["lookahead"]
+        if not isinstance(saved, dict) or "buffers" not in saved or "norm" not in saved:
+            raise ValueError("lookahead: expected a dict with 'buffers' and 'norm'")
+        norm = saved["norm"]
+        if norm is not None and not (isinstance(norm, torch.Tensor) and norm.dim() == 0
+                                     and norm.dtype == torch.float64):
+            raise ValueError(f"lookahead: 'norm' must be None or a 0-d float64 tensor, got {_describe(norm)}")
+        device = layout.segments[0].device if layout.segments else torch.device("cpu")
+        lookahead = (_decode_lookahead(saved["buffers"], layout, params),
+                     None if norm is None else local_tensor(norm).to(device))
+    return entry["sharp"], entry["state"], lookahead
 
 
 def check_loaded_groups(saved: object, groups: Sequence[dict[str, Any]], eps: float) -> None:

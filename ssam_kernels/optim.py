@@ -54,6 +54,7 @@ from .layout import (
     zero_grads,
 )
 from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
+from .schedules import LookSAM, Schedule, make_schedule
 
 _NO_FIRST_STEP = ("{what}: no first_step() was taken in this step (the weights were never perturbed); "
                   "call first_step() after the first backward, or step(closure)")
@@ -71,6 +72,8 @@ class _RunState:
     pending: list[Mask] | None = None  # a refresh computed in first_step, applied after the step
     backups: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
+    sharp: bool = False  # the step in progress is sharpness-aware (its schedule's decision)
+    lookahead: _step.Lookahead = field(default_factory=_step.Lookahead)  # LookSAM's g_v
     fresh_grad: bool = False  # a gradient accumulated since the last zero_grad() or step
     lists: _step.StepListCache = field(default_factory=_step.StepListCache)
     stepping: dict[str, int] = field(default_factory=dict)  # who is inside a step method (SSAM._one_thread)
@@ -125,6 +128,9 @@ class SSAM(torch.optim.Optimizer):
             does for you when ``ddp_model`` is given.
         ddp_model: the ``DistributedDataParallel`` module, for ``step(closure)`` with
             ``sync_perturbation=False``.
+        schedule: which steps are sharpness-aware (:mod:`ssam_kernels.schedules`): ``EveryStep()`` (the
+            default, None), ``EveryK(k)``, ``LookSAM(k, alpha)``, ``AESAM(total_steps)``. The other steps
+            take one forward/backward.
 
     Gradients follow PyTorch: a parameter that received no gradient since ``zero_grad()`` (``.grad``
     None in plain PyTorch) is not stepped by the base optimizer, in both layouts. The step's methods
@@ -136,7 +142,7 @@ class SSAM(torch.optim.Optimizer):
                  adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
                  layout: str = "auto", distributed: str = "auto", process_group: Any = None,
                  sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
-                 **base_kwargs: Any) -> None:
+                 schedule: Schedule | None = None, **base_kwargs: Any) -> None:
         check_keyword_only(type(self).__name__, positional)
         rho, eps = real("rho", rho), real("eps", eps, positive=True)
         sparsity = check_sparsity(sparsity)
@@ -147,6 +153,7 @@ class SSAM(torch.optim.Optimizer):
         check_type("distributed", distributed, str, "a str")
         check_type("ddp_model", ddp_model, (torch.nn.Module, type(None)), "a torch.nn.Module or None")
         self.policy = make_policy(mask)
+        self.schedule = make_schedule(schedule)
         if self.policy is None and sparsity != 0:
             raise ValueError(f"sparsity: a dense mask (mask={mask!r}) perturbs every entry; use sparsity=0 "
                              "or a mask policy")
@@ -241,6 +248,7 @@ class SSAM(torch.optim.Optimizer):
                 check_param(p)
                 ops.resolve_backend(self.backend, p.device, p.dtype)
         self.base_optimizer.add_param_group(group)  # the last check (its own options); nothing changed yet
+        self._run.lookahead = _step.Lookahead()  # LookSAM's g_v lacks the new parameters
         group = self.param_groups[-1]
         self._attach(group, self.layout.add_group(group["params"] if group["perturb"] else []))
         self._live_count = self._count_live()
@@ -276,7 +284,7 @@ class SSAM(torch.optim.Optimizer):
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
-        """``||g||`` of the last first_step (float64, on device); None before the first one."""
+        """``||g||`` of the last sharpness-aware first_step (float64, on device); None before the first."""
         return self._run.grad_norm
 
     @property
@@ -411,8 +419,15 @@ class SSAM(torch.optim.Optimizer):
 
     @torch.compiler.disable
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Perturb the masked weights along the gradient at ``w``: ``w ← w + rho · g ⊙ m / (||g|| + eps)``.
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """The first half of the step, at ``w`` with its gradient ``g``. Returns whether the step is
+        sharpness-aware (the schedule's decision, :mod:`ssam_kernels.schedules`):
+
+        - ``True``: the masked weights were perturbed along ``g``, ``w ← w + rho · g ⊙ m / (||g|| + eps)``;
+          compute the gradient at ``w + e`` next, then call :meth:`second_step`;
+        - ``False``: a plain step; the weights are ``w`` and the gradients are left as they are (LookSAM:
+          ``g + alpha · (‖g‖ / ‖g_v‖) · g_v``), even with ``zero_grad=True``; call :meth:`second_step`
+          without another backward.
 
         All or nothing: every group's options are checked before the first weight is written, and if a
         perturbation call raises anyway (an interrupt between two calls), the weights it already changed
@@ -432,15 +447,59 @@ class SSAM(torch.optim.Optimizer):
             policy = self.policy
             if segments and policy is not None and policy.uses_gradient and policy.due(run.steps + 1):
                 run.pending = self._policy_masks(policy.refresh, run.steps + 1)
+            plain_norm = functools.cache(functools.partial(self._plain_norm, grads))
+            run.sharp = self.schedule.sharpness_aware(run.steps, lambda: self._decision_sq_norm(plain_norm))
+            if not run.sharp:
+                self._plain_first_step(grads, plain_norm)
+                return False
             if segments:
                 lists = self._step_lists()
-                run.grad_norm = _step.grad_norm(grads, lists, device=segments[0].device, comm=self.comm,
-                                                backend=self.backend)
+                if isinstance(self.schedule, LookSAM):
+                    run.lookahead.keep(grads)
+                    if self.replicas is not None and not self.sync_perturbation:
+                        self._average_over_replicas(run.lookahead.buffers)  # g_v's g: the global one
+                weighted = any(w is not None for w in lists.norm_weights)  # ASAM groups
+                run.grad_norm = plain_norm() if not weighted else _step.grad_norm(
+                    grads, lists, device=segments[0].device, comm=self.comm, backend=self.backend)
                 calls = _step.perturb_calls(grads, lists, options, run.grad_norm, self.eps)
                 _step.perturb(calls, backend=self.backend, modified=self.layout.mark_modified)
             run.phase = _PERTURBED
             if zero_grad:
                 self.zero_grad()
+            return True
+
+    def _plain_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """``‖g‖`` over the perturbed segments without ASAM's weights (all ranks together when sharded)."""
+        if not self.layout.segments:
+            return torch.zeros((), dtype=torch.float64)
+        return _step.grad_norm(grads, self._step_lists(), device=self.layout.segments[0].device,
+                               comm=self.comm, backend=self.backend, weighted=False)
+
+    def _decision_sq_norm(self, plain_norm: Callable[[], torch.Tensor]) -> float:
+        """``‖g‖²`` for a schedule's decision, read on the host: the same on every rank (DDP with
+        ``sync_perturbation=False``, whose first gradients are each rank's own: their mean over ranks)."""
+        sq = plain_norm() ** 2
+        if self.replicas is not None and not self.sync_perturbation:
+            sq = sq.clone()
+            self.replicas.all_reduce_(sq)
+            sq /= self.replicas.world_size
+        return float(sq)
+
+    def _plain_first_step(self, grads: list[torch.Tensor], plain_norm: Callable[[], torch.Tensor]) -> None:
+        """First half of a plain step: the gradients made the global ones (DDP with
+        ``sync_perturbation=False``) and, for LookSAM, ``g_v``'s direction added."""
+        run = self._run
+        if self.replicas is not None and not self.sync_perturbation:
+            # the first backward ran under no_sync: average what DDP's backward would have
+            self._average_over_replicas(grads + [p.grad for p in self._outside if p.grad is not None])
+        if isinstance(self.schedule, LookSAM) and self.layout.segments:
+            _step.looksam_reuse(run.lookahead, grads, plain_norm(), self.schedule.alpha, backend=self.backend)
+        run.phase = _RESTORED
+
+    def _average_over_replicas(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            self.replicas.all_reduce_(tensor)
+        torch._foreach_div_(tensors, self.replicas.world_size)
 
     def _group_options(self) -> list[tuple[float, bool]]:
         """Each group's ``(rho, adaptive)`` as it is now (a schedule may change them), checked by the
@@ -480,31 +539,46 @@ class SSAM(torch.optim.Optimizer):
         self.unperturb()
         self._run.phase = _IDLE
         self._run.pending = None
+        self._run.sharp = False
 
     @contextlib.contextmanager
-    def perturbed(self, zero_grad: bool = True) -> Iterator[None]:
+    def perturbed(self, zero_grad: bool = True) -> Iterator[bool]:
         """The second pass of the two-step form, made all or nothing::
 
             loss_fn(model(x), y).backward()
-            with opt.perturbed():                 # first_step(zero_grad=True)
-                loss_fn(model(x), y).backward()   # at w + e
+            with opt.perturbed() as sharp:            # first_step(zero_grad=True)
+                if sharp:                             # always True with the default schedule
+                    loss_fn(model(x), y).backward()   # at w + e
             # second_step(zero_grad=True) ran on leaving the block
 
-        On entry :meth:`first_step` (unless the weights are already perturbed: call ``first_step()``
-        yourself first, e.g. after ``scaler.unscale_(opt)``); on leaving :meth:`second_step`, unless the
-        block already finished or undid the step (``opt.unperturb(); scaler.step(opt)``). If the block
-        raises (``KeyboardInterrupt`` included), the weights are restored to ``w`` bit-exact, the step
-        is abandoned (phase idle) and the exception propagates: a ``model.state_dict()`` saved in the
-        handler holds ``w``, never ``w + e``."""
-        if self._run.phase != _PERTURBED:
+        On entry :meth:`first_step` (unless it was already taken: call ``first_step()`` yourself first,
+        e.g. after ``scaler.unscale_(opt)``); the block gets its result, whether the step is
+        sharpness-aware. On leaving :meth:`second_step`, unless the block already finished or undid the
+        step (``opt.unperturb(); scaler.step(opt)``). A plain step's block must not run a backward (it
+        would add to the step's gradients): one that does raises ``RuntimeError`` on leaving, with the
+        step abandoned. If the block raises (``KeyboardInterrupt`` included), the weights are restored to
+        ``w`` bit-exact, the step is abandoned (phase idle) and the exception propagates: a
+        ``model.state_dict()`` saved in the handler holds ``w``, never ``w + e``."""
+        run = self._run
+        if run.phase == _IDLE:
             self.first_step(zero_grad=zero_grad)
+        sharp = run.phase == _PERTURBED
+        if not sharp:
+            run.fresh_grad = False  # so that a backward in the block shows
         try:
-            yield
+            yield sharp
         except BaseException:
             with self._one_thread("perturbed"):
                 self._abandon_step()
             raise
-        if self._run.phase == _PERTURBED:
+        if not sharp and run.fresh_grad:
+            with self._one_thread("perturbed"):
+                self._abandon_step()
+            raise RuntimeError("perturbed: this step is plain (its schedule takes no second pass; the block "
+                               "got False) but a backward ran in the block and added to the step's "
+                               "gradients; the step was abandoned. Run the block's backward only when it "
+                               "gets True: `with opt.perturbed() as sharp: if sharp: ...`")
+        if run.phase == _PERTURBED or (not sharp and run.phase == _RESTORED):
             self.second_step(zero_grad=zero_grad)
 
     @torch.compiler.disable
@@ -527,14 +601,17 @@ class SSAM(torch.optim.Optimizer):
 
         With a closure (forward + backward, returning the loss), by what has happened so far:
 
-        - nothing since ``zero_grad()`` or the last step: the whole two-pass step; the gradients are
+        - nothing since ``zero_grad()`` or the last step: the whole step, two passes when it is
+          sharpness-aware and one when its schedule says plain (:meth:`first_step`); the gradients are
           zeroed before each call of the closure; returns the loss at ``w``;
         - a backward already ran (``loss.backward(); opt.step(closure)``, the convention of davda54/sam
           and pytorch_optimizer): that gradient is the first pass; the closure runs once, at ``w + e``,
-          and its loss is returned;
+          and its loss is returned (a plain step: the closure does not run, returns None);
         - the weights are perturbed (``first_step()`` was called; Lightning's wrapper calls
           ``step(closure)`` from ``second_step()``): the closure is the second pass; it runs once,
-          without zeroing the gradients, and the step is finished.
+          without zeroing the gradients, and the step is finished;
+        - ``first_step()`` returned False, or ``unperturb()`` was called: the closure does not run; the
+          step is finished with the gradients there are; returns None.
 
         If anything raises on the way (the closure in either pass, ``KeyboardInterrupt`` included), the
         weights are restored to ``w`` bit-exact, the step is abandoned (phase idle) and the exception
@@ -550,20 +627,23 @@ class SSAM(torch.optim.Optimizer):
                 self._abandon_step()
                 raise
 
-    def _closure_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _closure_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         run = self._run
-        if run.phase != _PERTURBED and run.fresh_grad:
+        if run.phase == _IDLE and run.fresh_grad:
             self.first_step(zero_grad=True)
         if run.phase == _PERTURBED:
             loss = closure()
             self._finish_step()
             return loss
+        if run.phase == _RESTORED:  # a plain step (or an unperturbed one): its gradients are in
+            self._finish_step()
+            return None
         self.zero_grad()
         local_first_backward = not self.sync_perturbation and self.ddp_model is not None
         with self.ddp_model.no_sync() if local_first_backward else contextlib.nullcontext():
             loss = closure()
-        self.first_step(zero_grad=True)
-        closure()
+        if self.first_step(zero_grad=True):
+            closure()
         self._finish_step()
         return loss
 
@@ -575,10 +655,15 @@ class SSAM(torch.optim.Optimizer):
         if run.phase == _IDLE:
             raise RuntimeError(_NO_FIRST_STEP.format(what="step"))
         self.unperturb()
+        if run.sharp and isinstance(self.schedule, LookSAM) and self.layout.segments:
+            _step.looksam_project(run.lookahead, self.layout.grads(), self._step_lists(),
+                                  device=self.layout.segments[0].device, comm=self.comm, backend=self.backend)
         with self.layout.hide_missing_grads():  # no gradient since zero_grad: not stepped, as in PyTorch
             self.base_optimizer.step()
+        self.schedule.advance()
         run.steps += 1
         run.phase = _IDLE
+        run.sharp = False
         run.fresh_grad = False
         if run.pending is not None:
             self._set_masks(run.pending)
@@ -645,9 +730,10 @@ class SSAM(torch.optim.Optimizer):
     def ssam_state_dict(self) -> dict[str, Any]:
         """SSAM's own state: format version, step count, phase, the mask (one entry per parameter), a
         pending refresh and the backups while perturbed, the policy's kind and state, the sparsity and
-        K. With FSDP2 save it with ``torch.distributed.checkpoint`` beside
-        ``get_optimizer_state_dict(model, opt.base_optimizer)`` (see docs/distributed.md);
-        there it must be taken between steps."""
+        K, the schedule's kind, state and decision for the step in progress, and LookSAM's ``g_v``.
+        With FSDP2 save it with ``torch.distributed.checkpoint`` beside
+        ``get_optimizer_state_dict(model, opt.base_optimizer)`` (see docs/distributed.md); there it must
+        be taken between steps."""
         run, params, sharded = self._run, self._params(), self.distributed == "sharded"
         if sharded and run.phase != _IDLE:
             raise RuntimeError("ssam_state_dict: a sharded checkpoint is taken between steps (after "
@@ -666,11 +752,19 @@ class SSAM(torch.optim.Optimizer):
             state["pending"] = checkpoint.encode_masks(self.layout, params, run.pending, sharded)
         if run.phase == _PERTURBED:
             state["backups"] = checkpoint.param_backups(self.layout, params, run.masks, run.backups)
+        state["schedule"] = {"kind": type(self.schedule).__name__, "state": self.schedule.state_dict(),
+                             "sharp": run.sharp}
+        look = run.lookahead
+        if look.buffers and (look.norm is not None or run.sharp):  # g_v, or the g of the step in progress
+            state["lookahead"] = {"buffers": checkpoint.encode_lookahead(self.layout, params, look.buffers,
+                                                                         sharded),
+                                  "norm": None if look.norm is None else look.norm.clone()}
         return state
 
     def _validate(self, state: object) -> checkpoint.Loaded:
         return checkpoint.validate(state, layout=self.layout, params=self._params(), policy=self.policy,
-                                   live_count=self.live_count, sharded=self.distributed == "sharded",
+                                   schedule=self.schedule, live_count=self.live_count,
+                                   sharded=self.distributed == "sharded",
                                    global_count=self._context().global_count)
 
     def _apply(self, loaded: checkpoint.Loaded) -> None:
@@ -678,8 +772,12 @@ class SSAM(torch.optim.Optimizer):
         load, which runs first)."""
         if loaded.policy_state is not None and self.policy is not None:
             self.policy.load_state_dict(loaded.policy_state)
+        if loaded.schedule_state is not None:
+            self.schedule.load_state_dict(loaded.schedule_state)
         run = self._run
         run.steps, run.phase, run.started = loaded.steps, loaded.phase, loaded.started
+        run.sharp = loaded.sharp
+        run.lookahead = _step.Lookahead(*loaded.lookahead) if loaded.lookahead else _step.Lookahead()
         run.pending, run.grad_norm, run.fresh_grad = loaded.pending, None, False
         if loaded.backups is not None:
             run.install(loaded.masks, loaded.backups)

@@ -88,23 +88,24 @@ def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def train(model: nn.Sequential, opt: torch.optim.Optimizer, steps: int, start: int = 0, n: int = 8) -> None:
-    """``steps`` two-pass steps (``first_step``, ``second_step``) on ``batch(start)``, ``batch(start + 1)``,
-    … of ``n`` rows, shaped for the model's first and last layers and on its device."""
+    """``steps`` steps of the two-step form (``first_step``, the second backward when it returns True,
+    ``second_step``) on ``batch(start)``, ``batch(start + 1)``, … of ``n`` rows, shaped for the model's
+    first and last layers and on its device."""
     first, last = model[0], model[-1]
     for t in range(start, start + steps):
         x, y = batch(t, n, first.in_features, last.out_features, first.weight.dtype)
         x, y = x.to(first.weight.device), y.to(first.weight.device)
         backward(model, x, y)
-        opt.first_step(zero_grad=True)
-        backward(model, x, y)
+        if opt.first_step(zero_grad=True):
+            backward(model, x, y)
         opt.second_step(zero_grad=True)
 
 
-def build_optimizer(kind: str, model: nn.Module, layout: str = "flat", dtype: torch.dtype = torch.float32
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(kind: str, model: nn.Module, layout: str = "flat", dtype: torch.dtype = torch.float32,
+                    **options: object) -> torch.optim.Optimizer:
     """The optimizer of ``kind`` over ``model`` (a :func:`seeded_mlp` of two layers): ``sam``, ``dynamic``,
     ``fisher`` (SSAM with that mask) or ``dynamic_groups`` (per-group rho and adaptive, a group that is
-    not perturbed)."""
+    not perturbed); ``options`` go to the constructor (``schedule=``, ``backend=``)."""
     from ssam_kernels import SAM, SSAM, DynamicMask, FisherMask  # after conftest.py chose Triton's mode
 
     if kind == "fisher":
@@ -113,17 +114,18 @@ def build_optimizer(kind: str, model: nn.Module, layout: str = "flat", dtype: to
     elif kind == "dynamic":
         policy = DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3)
     elif kind == "sam":
-        return SAM(model.parameters(), torch.optim.SGD, rho=0.1, layout=layout, lr=0.1, momentum=0.9)
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.1, layout=layout, lr=0.1, momentum=0.9,
+                   **options)
     elif kind == "dynamic_groups":
         ps = list(model.parameters())
         groups = [{"params": [ps[0], ps[3]], "rho": 0.2}, {"params": [ps[1]], "perturb": False},
                   {"params": [ps[2]], "adaptive": True, "rho": 0.5}]
         return SSAM(groups, torch.optim.SGD, rho=0.1, sparsity=0.6, layout=layout, lr=0.1, momentum=0.9,
-                    mask=DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3))
+                    mask=DynamicMask(interval=2, drop_rate=0.5, total_steps=12, seed=3), **options)
     else:
         raise AssertionError(kind)
     return SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, mask=policy, layout=layout,
-                lr=0.1, momentum=0.9, weight_decay=1e-3)
+                lr=0.1, momentum=0.9, weight_decay=1e-3, **options)
 
 
 def native_op_counts(fn: Callable[[], object], exclude: str | None = None) -> dict[str, int]:

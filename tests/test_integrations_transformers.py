@@ -55,9 +55,10 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-def make_ssam(model: torch.nn.Module, layout: str = "auto") -> sk.SSAM:
+def make_ssam(model: torch.nn.Module, layout: str = "auto", schedule: sk.Schedule | None = None) -> sk.SSAM:
     return sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, momentum=0.9,
-                   mask=sk.DynamicMask(interval=2), lr=0.5, backend="reference", layout=layout)
+                   mask=sk.DynamicMask(interval=2), lr=0.5, backend="reference", layout=layout,
+                   schedule=schedule)
 
 
 def constant(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -74,10 +75,11 @@ def arguments(tmp_path: Path, **overrides: object) -> transformers.TrainingArgum
 
 
 def hand_written(model: torch.nn.Module, data: TokenDataset, steps: int, accumulation: int,
-                 max_grad_norm: float, autocast: bool = False, batch: int = BATCH, layout: str = "auto"
-                 ) -> torch.nn.Module:
-    """The plain-PyTorch SSAM loop: accumulate at w, first_step once, the same micro-batches at w + e."""
-    opt = make_ssam(model, layout)
+                 max_grad_norm: float, autocast: bool = False, batch: int = BATCH, layout: str = "auto",
+                 schedule: sk.Schedule | None = None) -> torch.nn.Module:
+    """The plain-PyTorch SSAM loop: accumulate at w, first_step once, the same micro-batches at w + e
+    when the step is sharpness-aware."""
+    opt = make_ssam(model, layout, schedule)
     sched = constant(opt)
     model.train()
     batches = [{"input_ids": data.ids[i: i + batch], "labels": data.labels[i: i + batch]}
@@ -93,9 +95,9 @@ def hand_written(model: torch.nn.Module, data: TokenDataset, steps: int, accumul
         count = sum(b["labels"].ne(-100).sum() for b in micro)
         for inputs in micro:
             backward(inputs, count)
-        opt.first_step(zero_grad=True)
-        for inputs in micro:
-            backward(inputs, count)
+        if opt.first_step(zero_grad=True):
+            for inputs in micro:
+                backward(inputs, count)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.second_step()
@@ -105,8 +107,8 @@ def hand_written(model: torch.nn.Module, data: TokenDataset, steps: int, accumul
 
 
 def train(tmp_path: Path, model: torch.nn.Module, resume: str | None = None, layout: str = "auto",
-          **overrides: object) -> transformers.Trainer:
-    opt = make_ssam(model, layout)
+          schedule: sk.Schedule | None = None, **overrides: object) -> transformers.Trainer:
+    opt = make_ssam(model, layout, schedule)
     trainer = InOrderTrainer(model=model, args=arguments(tmp_path, **overrides), train_dataset=TokenDataset(),
                              optimizers=(opt, constant(opt)))
     trainer.train(resume_from_checkpoint=resume)
@@ -132,6 +134,20 @@ def test_trainer_matches_hand_written_loop(tmp_path: Path, accumulation: int, ma
                             layout=layout)
     assert_same_weights(trained.model, expected)
     assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), expected.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("schedule", [sk.EveryK(2), sk.LookSAM(2, 0.7)], ids=repr)
+def test_trainer_skips_the_second_pass_on_plain_steps(tmp_path: Path, schedule: sk.Schedule) -> None:
+    """Steps 0 and 2 are sharpness-aware (2 micro-batches, two passes), step 1 plain (one pass): 10
+    forward passes, and the weights of the hand-written loop."""
+    start = tiny_gpt2()
+    model = copy.deepcopy(start)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    trained = train(tmp_path, model, schedule=copy.deepcopy(schedule))
+    assert trained.state.global_step == 3 and len(forwards) == 2 * (3 + 2)
+    expected = hand_written(copy.deepcopy(start), TokenDataset(), 3, 2, 0.5, schedule=copy.deepcopy(schedule))
+    assert_same_weights(trained.model, expected)
 
 
 def test_trainer_bf16_autocast_matches_hand_written_loop(tmp_path: Path) -> None:

@@ -30,8 +30,30 @@ def recipe_module() -> type:
     return namespace["SSAMModule"]
 
 
-def test_manual_optimization_through_the_wrapper_matches_plain_pytorch():
-    module = recipe_module()(make_model())
+def with_schedule(schedule: sk.Schedule | None) -> type:
+    """The recipe's module, its optimizer built with ``schedule``."""
+    recipe = recipe_module()
+    if schedule is None:
+        return recipe
+
+    class Scheduled(recipe):
+        def configure_optimizers(self):
+            opt = super().configure_optimizers()
+            return type(opt)(self.model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5,
+                             mask=sk.DynamicMask(interval=2), lr=0.1, momentum=0.9, schedule=schedule)
+
+    return Scheduled
+
+
+@pytest.mark.parametrize("schedule", [None, "looksam"])
+def test_manual_optimization_through_the_wrapper_matches_plain_pytorch(schedule):
+    """The recipe in Lightning and the same steps in plain PyTorch: the same weights and masks; with a
+    schedule, plain steps run one forward pass (counted) and sharpness-aware ones two."""
+    make = (lambda: None) if schedule is None else (lambda: sk.LookSAM(k=2, alpha=0.7))
+    forwards = []
+    model = make_model()
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    module = with_schedule(make())(model)
     data = torch.utils.data.DataLoader(batches(), batch_size=None, shuffle=False)
     trainer = lightning.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False,
@@ -39,12 +61,14 @@ def test_manual_optimization_through_the_wrapper_matches_plain_pytorch():
     trainer.fit(module, data)
     assert trainer.global_step == STEPS
 
+    assert len(forwards) == (2 * STEPS if schedule is None else 2 * STEPS - STEPS // 2)
+
     model = make_model()
-    opt = recipe_module()(model).configure_optimizers()  # the same optimizer, used in plain PyTorch
+    opt = with_schedule(make())(model).configure_optimizers()  # the same optimizer, in plain PyTorch
     for x, y in batches():
         nn.functional.cross_entropy(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        if opt.first_step(zero_grad=True):
+            nn.functional.cross_entropy(model(x), y).backward()
         opt.second_step(zero_grad=True)
     for a, b in zip(module.model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a.detach(), b.detach())

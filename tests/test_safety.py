@@ -442,8 +442,8 @@ def test_checkpoint_between_sam_and_ssam():
 def test_checkpoint_has_a_version_and_version_1_loads():
     model, opt = trained(30)
     state = roundtrip(opt.state_dict())
-    assert state["ssam"]["version"] == 2 and state["ssam"]["policy_kind"] == "DynamicMask"
-    for key in ("version", "policy_kind", "sparsity", "live_count"):  # what version 1 did not write
+    assert state["ssam"]["version"] == 3 and state["ssam"]["policy_kind"] == "DynamicMask"
+    for key in ("version", "policy_kind", "sparsity", "live_count", "schedule"):  # not in version 1
         del state["ssam"][key]
     fresh = make_model(31)
     fresh.load_state_dict(model.state_dict())

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` with SSAM / SAM: both passes of every step, inside the Trainer's own loop.
+"""Hugging Face ``Trainer`` with SSAM / SAM: both passes of a step, inside the Trainer's own loop.
 
 .. code-block:: python
 
@@ -19,7 +19,9 @@ and zeroes the gradients when ``accelerator.sync_gradients`` is set):
 2. Last micro-batch (``sync_gradients``): after its backward the gradient at ``w`` is the one
    accumulated over all micro-batches; ``first_step`` perturbs once from it and zeroes the gradients.
    The same micro-batches are run again at ``w + e`` through the same code, accumulated the same way
-   (DDP synchronises only the last one), and the weights are restored (``unperturb``).
+   (DDP synchronises only the last one), and the weights are restored (``unperturb``). A step the
+   optimizer's schedule makes plain (``first_step`` returns False: ``EveryK``, ``LookSAM``, ``AESAM``)
+   takes no second pass: the gradient at ``w`` (LookSAM: with ``g_v`` added) goes on to step 3.
 3. The Trainer then clips the gradient at ``w + e`` (``max_grad_norm``), and ``optimizer.step()``
    (through accelerate's wrapper and, with fp16, its ``GradScaler``) takes the base step with it. A step
    that the scaler skips for inf/NaN leaves the weights at ``w``, never perturbed.
@@ -98,7 +100,8 @@ class SSAMTrainerMixin:
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         """The Trainer's forward/backward at ``w``; on the step's last micro-batch, also ``first_step``
-        and the second pass over the step's micro-batches at ``w + e`` (see the module docstring)."""
+        and, when the step is sharpness-aware, the second pass over the step's micro-batches at ``w + e``
+        (see the module docstring)."""
         ssam = unwrap_ssam(self.optimizer)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._ssam_micro_batches.append(inputs)
@@ -106,7 +109,8 @@ class SSAMTrainerMixin:
             return loss
         batches, self._ssam_micro_batches = self._ssam_micro_batches, []
         reattach_parameters(ssam)  # before the weights are perturbed: see its docstring
-        ssam.first_step(zero_grad=True)
+        if not ssam.first_step(zero_grad=True):
+            return loss  # a plain step: optimizer.step() takes it with the gradient at w
         try:
             with frozen_bn_stats(model) if self.freeze_bn_stats else contextlib.nullcontext():
                 for index, batch in enumerate(batches):
