@@ -19,7 +19,7 @@ from ssam_kernels import checkpoint
 from tests.helpers import seeded_mlp
 
 STEPS, BATCH, FISHER_SAMPLES = 6, 16, 32
-SCENARIOS = ("sam", "ssam-f", "ssam-d")
+SCENARIOS = ("sam", "ssam-f", "ssam-d", "looksam", "aesam")  # the last two: SSAM-D with that schedule
 
 
 def make_model() -> nn.Module:
@@ -47,6 +47,11 @@ def make_optimizer(scenario: str, model: nn.Module, fisher_model: nn.Module, fis
     base = {"lr": 0.1, "momentum": 0.9}
     if scenario == "sam":
         return sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **base, **kwargs)
+    if scenario == "looksam":
+        kwargs["schedule"] = sk.LookSAM(k=2, alpha=0.7)
+    elif scenario == "aesam":
+        # a threshold that gives both kinds of step in 6 steps (the paper's defaults take all 6)
+        kwargs["schedule"] = sk.AESAM(total_steps=STEPS, delta=0.5, lambda_start=0.5, lambda_end=0.5)
     if scenario == "ssam-f":
         num_samples = sum(len(y) for _, y in fisher_data)
         mask = sk.FisherMask(fisher_model, nn.functional.cross_entropy, fisher_data, num_samples=num_samples,
@@ -56,23 +61,30 @@ def make_optimizer(scenario: str, model: nn.Module, fisher_model: nn.Module, fis
     return sk.SSAM(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, mask=mask, **base, **kwargs)
 
 
-def train(model: nn.Module, opt: sk.SSAM, batches: list) -> None:
+def train(model: nn.Module, opt: sk.SSAM, batches: list) -> list[int]:
     """``opt.step(closure)`` over the given batches (each rank's shards): the closure form that DDP and
-    FSDP users run, which the two-call ``tests.helpers.train`` does not exercise."""
+    FSDP users run, which the two-call ``tests.helpers.train`` does not exercise. Returns how many times
+    each step ran the closure (2: sharpness-aware, 1: plain)."""
     loss_fn = nn.functional.cross_entropy
+    calls = []
     for x, y in batches:
+        calls.append(0)
+
         def closure(x=x, y=y):
+            calls[-1] += 1
             loss = loss_fn(model(x), y)
             loss.backward()
             return loss
         opt.step(closure)
+    return calls
 
 
 def single_process(scenario: str) -> dict:
     model = make_model()
     opt = make_optimizer(scenario, model, model, fisher_samples(), distributed="none")
-    train(model, opt, global_batches())
-    return {"weights": [p.detach().clone() for p in model.parameters()], "mask": opt.get_mask()}
+    calls = train(model, opt, global_batches())
+    return {"weights": [p.detach().clone() for p in model.parameters()], "mask": opt.get_mask(),
+            "calls": calls}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -88,8 +100,9 @@ def _ddp(scenario: str, rank: int, world: int, bucket_view: bool, sync: bool, la
     opt = make_optimizer(scenario, model, inner, fisher_data, sync_perturbation=sync, ddp_model=model,
                          layout=layout)
     assert opt.distributed == "replicated" and opt.layout.kind == ("flat" if layout == "flat" else "tensors")
-    train(model, opt, [shard(b, rank, world) for b in global_batches()])
-    return {"weights": [p.detach().clone() for p in inner.parameters()], "mask": opt.get_mask()}
+    calls = train(model, opt, [shard(b, rank, world) for b in global_batches()])
+    return {"weights": [p.detach().clone() for p in inner.parameters()], "mask": opt.get_mask(),
+            "calls": calls}
 
 
 def _fsdp_model() -> nn.Module:
@@ -106,16 +119,17 @@ def _fsdp(scenario: str, rank: int, world: int) -> dict:
     model = _fsdp_model()
     opt = make_optimizer(scenario, model, model, fisher_samples())  # FSDP2: the same samples on every rank
     assert opt.distributed == "sharded" and opt.layout.kind == "tensors"
-    train(model, opt, [shard(b, rank, world) for b in global_batches()])
+    calls = train(model, opt, [shard(b, rank, world) for b in global_batches()])
     # uint8 DTensors placed like the parameters (dense: all live)
     masks = checkpoint.encode_masks(opt.layout, list(model.parameters()), opt._run.masks, sharded=True)
-    return {"weights": [_full(p.detach()) for p in model.parameters()],
+    return {"weights": [_full(p.detach()) for p in model.parameters()], "calls": calls,
             "mask": [_full(m).bool() for m in masks], "local_live": sum(int(m.sum()) for m in opt.get_mask())}
 
 
-def _fsdp_checkpoint(rank: int, world: int, directory: Path) -> dict:
+def _fsdp_checkpoint(rank: int, world: int, directory: Path, scenario: str = "ssam-d") -> dict:
     """Train 3 steps, save with torch.distributed.checkpoint, train 3 more; a fresh model and optimizer
-    loaded from the checkpoint must then train the last 3 steps to the same weights and masks."""
+    loaded from the checkpoint must then train the last 3 steps to the same weights and masks (LookSAM:
+    its g_v saved as DTensors placed like the parameters)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -128,7 +142,7 @@ def _fsdp_checkpoint(rank: int, world: int, directory: Path) -> dict:
 
     def build():
         model = _fsdp_model()
-        return model, make_optimizer("ssam-d", model, model, [])
+        return model, make_optimizer(scenario, model, model, [])
 
     def state(model, opt):
         return {"model": get_model_state_dict(model),
@@ -166,8 +180,10 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
             for bucket_view, mode in ((False, "ddp-flat"), (True, "ddp-bucket-view-flat")):
                 results[(mode, scenario)] = _ddp(scenario, rank, world, bucket_view, True, layout="flat")
             results[("fsdp", scenario)] = _fsdp(scenario, rank, world)
-        results[("ddp-no-sync", "ssam-d")] = _ddp("ssam-d", rank, world, bucket_view=False, sync=False)
+        for scenario in ("ssam-d", "looksam", "aesam"):
+            results[("ddp-no-sync", scenario)] = _ddp(scenario, rank, world, bucket_view=False, sync=False)
         results["checkpoint"] = _fsdp_checkpoint(rank, world, Path(out) / "dcp")
+        results["checkpoint-looksam"] = _fsdp_checkpoint(rank, world, Path(out) / "dcp-looksam", "looksam")
         torch.save(results, Path(out) / f"rank{rank}.pt")
         dist.barrier()
     finally:

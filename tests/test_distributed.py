@@ -71,6 +71,10 @@ def test_same_training_as_one_process(ranks, single, mode, scenario):
             assert all(torch.equal(a, b) for a, b in zip(got["mask"], reference["mask"], strict=True))
     first, second = (r[(mode, scenario)]["mask"] for r in ranks)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # identical on every rank
+    # every rank took the one process's decisions (AE-SAM: from the global ‖g‖²)
+    assert all(r[(mode, scenario)]["calls"] == reference["calls"] for r in ranks)
+    if scenario in ("looksam", "aesam"):
+        assert set(reference["calls"]) == {1, 2}  # both kinds of step happened
 
 
 def test_fsdp_shards_hold_part_of_the_mask(ranks):
@@ -78,18 +82,24 @@ def test_fsdp_shards_hold_part_of_the_mask(ranks):
     assert sum(local) == live(ranks[0][("fsdp", "ssam-f")]["mask"]) and all(n > 0 for n in local)
 
 
-def test_ddp_per_rank_perturbation_keeps_ranks_in_step(ranks, single):
-    first, second = (r[("ddp-no-sync", "ssam-d")] for r in ranks)
+@pytest.mark.parametrize("scenario", ["ssam-d", "looksam", "aesam"])
+def test_ddp_per_rank_perturbation_keeps_ranks_in_step(ranks, scenario):
+    """m-sharpness (sync_perturbation=False): the first backward is each rank's own, yet the ranks stay in
+    step: the second backward is synchronised, a plain step's gradients are averaged, LookSAM's g too,
+    AE-SAM decides from the mean of the ranks' ‖g‖²."""
+    first, second = (r[("ddp-no-sync", scenario)] for r in ranks)
     for a, b in zip(first["weights"], second["weights"], strict=True):
-        assert torch.equal(a, b)  # the second backward is synchronised
+        assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(first["mask"], second["mask"], strict=True))
-    synced = ranks[0][("ddp", "ssam-d")]["weights"]
+    assert first["calls"] == second["calls"]
+    synced = ranks[0][("ddp", scenario)]["weights"]
     assert any(not torch.allclose(a, b) for a, b in zip(first["weights"], synced, strict=True))
 
 
-def test_fsdp_checkpoint_resumes_bit_identically(ranks):
+@pytest.mark.parametrize("key", ["checkpoint", "checkpoint-looksam"])
+def test_fsdp_checkpoint_resumes_bit_identically(ranks, key):
     for result in ranks:
-        assert result["checkpoint"] == {"same_weights": True, "same_masks": True}
+        assert result[key] == {"same_weights": True, "same_masks": True}
 
 
 def test_torchrun_example_runs(tmp_path):
