@@ -25,6 +25,7 @@ EXECUTED_HERE = {
     ("docs/usage.md", "Defaults"): 1,
     ("docs/usage.md", "Rebuilding the optimizer, and `close()`"): 1,
     ("docs/usage.md", "Masks"): 1,
+    ("docs/usage.md", "Schedules: skipping the second pass"): 1,
     ("docs/checkpoints.md", "Checkpoints"): 1,
     ("docs/building.md", "Build from source with a CUDA toolkit"): 1,
 }
@@ -164,7 +165,8 @@ def test_readme_example_runs_and_prints_what_it_says() -> None:
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
 
 
-@pytest.mark.parametrize("heading", ["Defaults", "Rebuilding the optimizer, and `close()`", "Masks"])
+@pytest.mark.parametrize("heading", ["Defaults", "Rebuilding the optimizer, and `close()`", "Masks",
+                                     "Schedules: skipping the second pass"])
 def test_usage_blocks_run(heading: str) -> None:
     (code,) = [c for h, c in blocks("docs/usage.md") if h == heading]
     names = namespace()
