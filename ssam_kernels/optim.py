@@ -312,7 +312,7 @@ class SSAM(torch.optim.Optimizer):
         settings = (f"sparsity={self.sparsity}, mask={self.policy!r}, rho={self.defaults['rho']}, "
                     f"adaptive={self.defaults['adaptive']}, eps={self.eps}, layout={self.layout.kind!r}, "
                     f"backend={requested!r}{f' ({resolved})' if resolved else ''}, "
-                    f"base_optimizer={type(self.base_optimizer).__name__}")
+                    f"base_optimizer={type(self.base_optimizer).__name__}, schedule={self.schedule!r}")
         head, _, groups = super().__repr__().partition("\n")
         return f"{head}{settings}\n{groups}"
 

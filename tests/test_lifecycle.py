@@ -85,9 +85,12 @@ def test_repr_shows_the_settings() -> None:
     dense = repr(sk.SAM(model.parameters(), torch.optim.SGD, 0.2, adaptive=True, backend="reference",
                         layout="flat", lr=0.1))
     assert dense.startswith("SAM (sparsity=0.0, mask=None, rho=0.2, adaptive=True, eps=1e-12, layout='flat', "
-                            "backend='reference', base_optimizer=SGD\nParameter Group 0\n")
+                            "backend='reference', base_optimizer=SGD, schedule=EveryStep()\n"
+                            "Parameter Group 0\n")
     random = sk.SSAM(model.parameters(), torch.optim.SGD, sparsity=0.9, mask=sk.RandomMask(seed=3), lr=0.1)
     assert "sparsity=0.9, mask=RandomMask(interval=None, seed=3)" in repr(random)
+    looksam = sk.SAM(model.parameters(), torch.optim.SGD, schedule=sk.LookSAM(k=4), lr=0.1)
+    assert repr(looksam).splitlines()[0].endswith("schedule=LookSAM(k=4, alpha=0.7)")
 
 
 def test_options_after_rho_are_keyword_only() -> None:
