@@ -537,7 +537,12 @@ def _selection_primitives(backend: str, device: torch.device, dtype: torch.dtype
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_selection_primitives(backend, device, dtype, ties):
-    _selection_primitives(backend, device, dtype, ties, SIZES, _gen(dtype, ties))
+    # Triton's interpreter pays per program: the forms and the ties (dtype-independent once the scores are
+    # keys) run in full for float32 and int32; the other dtypes' key conversions run untied, as lists.
+    full = not (backend == "triton" and device.type == "cpu") or dtype in (torch.float32, torch.int32)
+    if ties and not full:
+        pytest.skip("Triton's interpreter: ties run for float32 and int32 scores")
+    _selection_primitives(backend, device, dtype, ties, SIZES, _gen(dtype, ties), singles=full)
 
 
 def _select_both(backend: str, device: torch.device, scores: list[torch.Tensor], k: int) -> None:
