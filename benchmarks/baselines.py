@@ -114,6 +114,12 @@ def foreach_restore(params: Tensors, backups: Tensors) -> None:
     torch._foreach_copy_(list(params), list(backups))
 
 
+def foreach_axpby(xs: Tensors, ys: Tensors, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``x ← a·x + b·y`` per tensor with PyTorch's foreach ops (unfused: a temporary ``b·y`` per tensor)."""
+    torch._foreach_mul_(list(xs), a)
+    torch._foreach_add_(list(xs), torch._foreach_mul(list(ys), b))
+
+
 def foreach_fisher_accumulate(fisher: Tensors, grads: Tensors) -> None:
     """``F += g ⊙ g`` with ``_foreach_addcmul_``."""
     torch._foreach_addcmul_(list(fisher), list(grads), list(grads))

@@ -62,6 +62,7 @@ def op_bytes(op: str, n: int, k: int, elem: int, masked: bool = True) -> int:
     perturb_                ``2·N·e`` (W, G) + ``M + O``                    ``2·K·e`` (backup, W)
     restore_                ``K·e`` (backup) + ``M + O``                    ``K·e`` (W)
     fisher_accumulate_      ``4·N`` (F, fp32) + ``N·e`` (G)                 ``4·N`` (F)
+    axpby_                  ``2·N·e`` (X, Y)                                ``N·e`` (X)
     select_topk             ``P·4·N`` (fp32 Fisher scores)                  ``M + O``
     dynamic_update          ``P·(N·e + M)`` drop side (``|g|``, live mask)   ``M + O``
                             + ``P·M`` grow side (dead mask; the hash is
@@ -80,6 +81,7 @@ def op_bytes(op: str, n: int, k: int, elem: int, masked: bool = True) -> int:
         "perturb_": 2 * n * elem + mask + offs + 2 * k * elem,
         "restore_": k * elem + mask + offs + k * elem,
         "fisher_accumulate_": 4 * n + n * elem + 4 * n,
+        "axpby_": 3 * n * elem,
         "select_topk": SELECT_PASSES * 4 * n + mask + offs,
         "dynamic_update": SELECT_PASSES * (n * elem + mask) + SELECT_PASSES * mask + mask + offs,
         "hash_scores": 4 * n,
@@ -128,6 +130,7 @@ class Inputs:
             [ops.hash_scores(self.n, 1, 0, device=self.device)], self.k, backend="reference")
         self.backup = torch.empty(self.k, dtype=self.dtype, device=self.device)
         self.scale = torch.tensor(1e-3, dtype=torch.float32, device=self.device)
+        self.decay = torch.tensor(0.9, dtype=torch.float32, device=self.device)  # axpby_'s a (b: scale)
         self.sizes = tensor_sizes(self.n, self.count)
         self.Ws, self.Gs, self.Fs, self.drops = (list(t.split(self.sizes)) for t in (self.W, self.G, self.F,
                                                                                     self.drop))
@@ -185,6 +188,10 @@ IMPLS: dict[str, dict[str, Builder]] = {
         "ours": lambda x, b: functools.partial(ops.fisher_accumulate_, x.F, x.G, backend=b),
         "foreach": lambda x, _: functools.partial(baselines.foreach_fisher_accumulate, x.Fs, x.Gs),
         "refcode": lambda x, _: functools.partial(baselines.loop_fisher_accumulate, x.Fs, x.Gs),
+    },
+    "axpby_": {
+        "ours": lambda x, b: functools.partial(ops.axpby_, x.W, x.G, x.decay, x.scale, backend=b),
+        "foreach": lambda x, _: functools.partial(baselines.foreach_axpby, x.Ws, x.Gs, x.decay, x.scale),
     },
     "select_topk": {
         "ours": lambda x, b: functools.partial(ops.select_topk, [x.F], x.k, backend=b),

@@ -86,6 +86,7 @@ KERNEL_CLASSES: tuple[KernelClass, ...] = (
     KernelClass(r"perturb", "perturb_", True, FLOAT),
     KernelClass(r"restore", "restore_", True, FLOAT),
     KernelClass(r"fisher", "fisher_accumulate_", True, FLOAT),
+    KernelClass(r"axpby", "axpby_", True, FLOAT),
     KernelClass(r"histogram|tie_count|threshold|bucket_mask", "select_topk", False, SCORES),
     KernelClass(r"hash", "hash_scores", False, ("int32",)),
 )

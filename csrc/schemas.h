@@ -11,6 +11,7 @@ inline constexpr const char* kSchemas[] = {
     "bool adaptive) -> ()",
     "restore_(Tensor(a!) W, Tensor? mask, Tensor? offsets, Tensor backup) -> ()",
     "fisher_accumulate_(Tensor(a!) F, Tensor G, float alpha) -> ()",
+    "axpby_(Tensor(a!) X, Tensor Y, Tensor a, Tensor b) -> ()",
     // The list forms: entry j of every list belongs together, all tensors of one call share a device and
     // (F excepted) a dtype; one call covers the whole list. A None in W / mask / offsets makes that entry
     // plain (no ASAM) / dense.
@@ -19,6 +20,7 @@ inline constexpr const char* kSchemas[] = {
     "Tensor scale, bool adaptive) -> ()",
     "restore_multi_(Tensor(a!)[] W, Tensor?[] mask, Tensor?[] offsets, Tensor[] backup) -> ()",
     "fisher_accumulate_multi_(Tensor(a!)[] F, Tensor[] G, float alpha) -> ()",
+    "axpby_multi_(Tensor(a!)[] X, Tensor[] Y, Tensor a, Tensor b) -> ()",
     "radix_histogram(Tensor scores, Tensor prefix, int shift, int bits, bool largest, "
     "Tensor? filter_words, bool filter_value) -> Tensor",
     "threshold_mask(Tensor scores, Tensor threshold, Tensor tie_quota, bool largest, "

@@ -1,10 +1,10 @@
 // The element-wise mathematics of the SSAM ops, shared by the CPU (C++) and CUDA kernels.
 //
-// Everything that decides a bit of an output lives here, once: the perturbation formula, the
+// Everything that decides a bit of an output lives here, once: the perturbation, Fisher and axpby formulas, the
 // order-preserving score -> key mapping of the radix selection, the random-growth hash, and the
 // popcount/rank arithmetic of the bit-packed mask format. Both backends include this header, so they
 // cannot drift apart; the PyTorch backends state the same meanings (ssam_kernels/ops/_arith.py for the
-// arithmetic of perturb_ and fisher_accumulate_, ssam_kernels/ops/reference.py for the rest).
+// arithmetic of perturb_, fisher_accumulate_ and axpby_, ssam_kernels/ops/reference.py for the rest).
 #pragma once
 #define SSAM_MATH_H  // csrc/sim/device.h must come first where it is used
 
@@ -167,6 +167,22 @@ template <typename T>
 SSAM_HD float fisher_update(float f, T g, float alpha) {
   const float g32 = static_cast<float>(g);
   return fma_rn(g32, mul_rn(alpha, g32), f);
+}
+
+// a·x + b·y of axpby_, stored as T; a and b are the op's 0-d scale tensors as load_scale<T> reads them (fp32,
+// each rounded to nearest once, for fp32/bf16/fp16 X; float64 for float64 X).
+// fp32/bf16/fp16 X: x and y as fp32 (exact), r = fma(b, y, rn(a·x)): one rounded fp32 product and one
+//   correctly rounded fused multiply-add, then r stored as T (round to nearest even). a = 1 makes it
+//   fma(b, y, x), perturbed's dense plain arithmetic.
+// float64 X: rn(rn(a·x) + rn(b·y)), each operation rounded once (no FMA), as the PyTorch backends compute it.
+// Non-finite values propagate as IEEE arithmetic gives them (0·inf is NaN): no scale is special-cased.
+template <typename T>
+SSAM_HD T axpby(T x, T y, scale_t<T> a, scale_t<T> b) {
+  if constexpr (std::is_same_v<T, double>) {
+    return add_rn(mul_rn(a, x), mul_rn(b, y));
+  } else {
+    return static_cast<T>(fma_rn(b, static_cast<float>(y), mul_rn(a, static_cast<float>(x))));
+  }
 }
 
 // Order-preserving unsigned image of a floating score, compared as its fp32 value (a float64 score is

@@ -109,10 +109,11 @@ inline void check_backup(const at::Tensor& backup, const at::Tensor& W, const Ma
                     "backup: expected one slot per perturbed entry");
 }
 
-inline ScaleView scale_view(const at::Tensor& scale, const at::Tensor& W) {
-  TORCH_CHECK_TYPE(scale.dim() == 0 && is_scale_dtype(scale.scalar_type()),
-                   "scale: expected a 0-d float32 or float64 tensor");
-  TORCH_CHECK(scale.device() == W.device(), "scale: expected device ", W.device(), ", got ", scale.device());
+// A 0-d float32 or float64 scale tensor (perturb_'s scale, axpby_'s a and b: `name`) on W's device.
+inline ScaleView scale_view(const at::Tensor& scale, const at::Tensor& W, const char* name = "scale") {
+  TORCH_CHECK_TYPE(scale.dim() == 0 && is_scale_dtype(scale.scalar_type()), name,
+                   ": expected a 0-d float32 or float64 tensor");
+  TORCH_CHECK(scale.device() == W.device(), name, ": expected device ", W.device(), ", got ", scale.device());
   return {scale.data_ptr(), scale.scalar_type() == at::kDouble};
 }
 
@@ -389,6 +390,41 @@ inline std::vector<ArgSpan> fisher_spans(at::TensorList F, at::TensorList G, boo
 inline void check_fisher_args(const at::Tensor& F, const at::Tensor& G) {
   check_fisher_shapes(F, G);
   check_disjoint(fisher_spans({F}, {G}, false));
+}
+
+// axpby_'s X (written) and Y of every entry, then a and b, in argument order (`list`: indexed names).
+inline std::vector<ArgSpan> axpby_spans(at::TensorList X, at::TensorList Y, const at::Tensor& a, const at::Tensor& b,
+                                        bool list) {
+  std::vector<ArgSpan> spans;
+  spans.reserve(2 * X.size() + 2);
+  for (size_t j = 0; j < X.size(); ++j) {
+    const int64_t index = list ? static_cast<int64_t>(j) : -1;
+    add_span(spans, X[j], "X", index, true);
+    add_span(spans, Y[j], "Y", index, false);
+  }
+  add_span(spans, a, "a", -1, false);
+  add_span(spans, b, "b", -1, false);
+  return spans;
+}
+
+// The checks of axpby_ (`list` false: a list of one) / axpby_multi_: each X a float vector of X[0]'s device and
+// dtype, its Y of X's dtype and size on that device, a and b 0-d float32/float64 tensors there, and the overlap
+// rule over the whole call. Returns a's and b's views (none for an empty list, which does nothing).
+inline std::pair<ScaleView, ScaleView> check_axpby_args(at::TensorList X, at::TensorList Y, const at::Tensor& a,
+                                                        const at::Tensor& b, bool list) {
+  check_list_lengths(X.size(), {{"Y", Y.size()}});
+  for (size_t j = 0; j < X.size(); ++j) {
+    check_vector(X[j], "X", X[0]);
+    TORCH_CHECK_TYPE(is_float_dtype(X[j].scalar_type()), "X: expected a float dtype, got ", X[j].scalar_type());
+    if (list) check_same_kind(X[j], X[0], "X", j);
+    check_vector(Y[j], "Y", X[j]);
+    TORCH_CHECK_TYPE(Y[j].scalar_type() == X[j].scalar_type(), "Y: expected dtype ", X[j].scalar_type());
+    TORCH_CHECK_VALUE(Y[j].numel() == X[j].numel(), "Y: expected ", X[j].numel(), " elements");
+  }
+  if (X.empty()) return {};
+  const std::pair<ScaleView, ScaleView> views{scale_view(a, X[0], "a"), scale_view(b, X[0], "b")};
+  check_disjoint(axpby_spans(X, Y, a, b, list));
+  return views;
 }
 
 // perturb_ (restore: restore_) of CPU list entries whose arguments were checked (shapes, dtypes, one device;

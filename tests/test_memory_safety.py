@@ -306,18 +306,24 @@ AXPBY_CASES = ["inside", *AXPBY_ALIASES]
 
 
 def _axpby_call(backend: str, device: str) -> Callable:
-    """``axpby_(X, Y, a, b)`` of a backend as a user calls it; ``<backend>[list]``: the list form, the
-    case's tensors as the second entry after a well-formed one (``Y0``: the first entry's Y)."""
+    """``axpby_(X, Y, a, b)`` of a backend as a user calls it (``torch.ops``: the native operators
+    themselves); ``<backend>[list]``: the list form, the case's tensors as the second entry after a
+    well-formed one (``Y0``: the first entry's Y)."""
     from ssam_kernels import ops
 
     base = backend.removesuffix("[list]")
+    if base == "torch.ops":
+        import ssam_kernels.ops.native  # noqa: F401  (loads the extension and its operators)
+    single = torch.ops.ssam_kernels.axpby_ if base == "torch.ops" else \
+        lambda X, Y, a, b: ops.axpby_(X, Y, a, b, backend=base)
+    multi = torch.ops.ssam_kernels.axpby_multi_ if base == "torch.ops" else single
     if not backend.endswith("[list]"):
-        return lambda X, Y, a, b, Y0=None: ops.axpby_(X, Y, a, b, backend=base)
+        return lambda X, Y, a, b, Y0=None: single(X, Y, a, b)
 
     def call(X, Y, a, b, Y0=None):
         X0 = torch.randn(70, device=device)
         Y0 = torch.randn(70, device=device) if Y0 is None else Y0
-        ops.axpby_([X0, X], [Y0, Y], a, b, backend=base)
+        multi([X0, X], [Y0, Y], a, b)
     return call
 
 
@@ -382,8 +388,9 @@ def _axpby_worker(backend: str, device: str) -> None:
     print("DONE", flush=True)
 
 
-AXPBY_BACKENDS = ["reference", "vectorized", "native", "triton", "cuda_sim",
-                  "reference[list]", "vectorized[list]", "native[list]", "triton[list]", "cuda_sim[list]"]
+AXPBY_BACKENDS = ["reference", "vectorized", "native", "torch.ops", "triton", "cuda_sim",
+                  "reference[list]", "vectorized[list]", "native[list]", "torch.ops[list]", "triton[list]",
+                  "cuda_sim[list]"]
 
 
 @pytest.mark.parametrize("backend", AXPBY_BACKENDS)

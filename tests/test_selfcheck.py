@@ -38,9 +38,9 @@ def _wrong(primitive: str, real):
     """``primitive`` of a backend, wrong by one bit in one output entry."""
     def wrong(*args, **kwargs):
         out = real(*args, **kwargs)
-        if primitive in ("perturb_", "restore_", "fisher_accumulate_"):
+        if primitive in ("perturb_", "restore_", "fisher_accumulate_", "axpby_"):
             _flip_last_bit(args[0])
-        elif primitive in ("perturb_multi_", "restore_multi_", "fisher_accumulate_multi_"):
+        elif primitive in ("perturb_multi_", "restore_multi_", "fisher_accumulate_multi_", "axpby_multi_"):
             _flip_last_bit(args[0][-1])
         elif primitive in ("grad_sq_norm", "grad_sq_norm_multi", "radix_histogram_multi", "hash_scores"):
             out = out.clone()
@@ -55,7 +55,7 @@ def _wrong(primitive: str, real):
 
 CPU_PRIMITIVES = ["grad_sq_norm", "grad_sq_norm_multi", "perturb_", "perturb_multi_", "restore_",
                   "restore_multi_", "fisher_accumulate_", "fisher_accumulate_multi_", "radix_histogram_multi",
-                  "threshold_mask_multi", "hash_scores"]
+                  "threshold_mask_multi", "hash_scores", "axpby_", "axpby_multi_"]
 
 
 def _break(monkeypatch: pytest.MonkeyPatch, module, primitive: str) -> None:

@@ -64,6 +64,8 @@ void restore_multi_cpu(at::TensorList W, const OptionalTensors& mask, const Opti
                        at::TensorList backup);
 void fisher_accumulate_cpu(const at::Tensor& F, const at::Tensor& G, double alpha);
 void fisher_accumulate_multi_cpu(at::TensorList F, at::TensorList G, double alpha);
+void axpby_cpu(const at::Tensor& X, const at::Tensor& Y, const at::Tensor& a, const at::Tensor& b);
+void axpby_multi_cpu(at::TensorList X, at::TensorList Y, const at::Tensor& a, const at::Tensor& b);
 at::Tensor radix_histogram_cpu(const at::Tensor& scores, const at::Tensor& prefix, int64_t shift, int64_t bits,
                                bool largest, const std::optional<at::Tensor>& filter_words, bool filter_value);
 at::Tensor radix_histogram_multi_cpu(at::TensorList scores, const at::Tensor& prefix, int64_t shift, int64_t bits,

@@ -1,5 +1,6 @@
 // perturb_ / restore_ on CPU, one tensor or a list: a mask word at a time, AVX-512 compress / expand
-// where the CPU has it, portable loops elsewhere (common.h: the clones).
+// where the CPU has it, portable loops elsewhere (common.h: the clones). axpby_, one tensor or a list: a
+// streaming loop.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -442,7 +443,67 @@ void perturb_restore_cpu(const std::vector<ListEntry>& entries, const at::Tensor
   });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// axpby_: x = a·x + b·y (ssam_math.h: axpby), a streaming loop the compiler vectorises, cloned per ISA
+// level (common.h); a list's entries are cut into tasks of kGrain entries, all run by one parallel loop.
+// ---------------------------------------------------------------------------------------------------
+
+template <typename T>
+SSAM_INLINE void axpby_run(T* __restrict x, const T* __restrict y, int64_t n, scale_t<T> a, scale_t<T> b) {
+  for (int64_t i = 0; i < n; ++i) x[i] = axpby(x[i], y[i], a, b);
+}
+
+// The cloned entry points, one per storage type (target_clones applies to plain functions only).
+SSAM_CPU_CLONES void axpby_block(float* x, const float* y, int64_t n, float a, float b) { axpby_run(x, y, n, a, b); }
+SSAM_CPU_CLONES void axpby_block(double* x, const double* y, int64_t n, double a, double b) {
+  axpby_run(x, y, n, a, b);
+}
+SSAM_CPU_CLONES void axpby_block(c10::BFloat16* x, const c10::BFloat16* y, int64_t n, float a, float b) {
+  axpby_run(x, y, n, a, b);
+}
+SSAM_CPU_CLONES void axpby_block(c10::Half* x, const c10::Half* y, int64_t n, float a, float b) {
+  axpby_run(x, y, n, a, b);
+}
+
+// axpby_ over every entry of checked lists (one dtype and device; a and b their views), one parallel loop
+// over the tasks of all tensors. a and b are read once (host scalars on CPU).
+void axpby_run_cpu(at::TensorList X, at::TensorList Y, const std::pair<ScaleView, ScaleView>& scales) {
+  std::vector<Task> tasks;
+  int64_t units = 0;
+  for (size_t j = 0; j < X.size(); ++j) {
+    const int64_t n = X[j].numel();
+    for (int64_t b = 0; b < n; b += kGrain) tasks.push_back({j, b, std::min(b + kGrain, n)});
+    units += n;
+  }
+  if (tasks.empty()) return;
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) * kGrain / std::max<int64_t>(units, 1));
+  dispatch_dtype(X[0].scalar_type(), "X", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (!std::is_same_v<T, int32_t>) {  // dispatch_dtype instantiates int32, never run here
+      const scale_t<T> a = load_scale<T>(scales.first), b = load_scale<T>(scales.second);
+      std::vector<std::pair<T*, const T*>> ptrs;  // each entry's pointers, read once
+      ptrs.reserve(X.size());
+      for (size_t j = 0; j < X.size(); ++j) ptrs.emplace_back(X[j].data_ptr<T>(), Y[j].data_ptr<T>());
+      at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const Task& task = tasks[t];
+          axpby_block(ptrs[task.entry].first + task.begin, ptrs[task.entry].second + task.begin,
+                      task.end - task.begin, a, b);
+        }
+      });
+    }
+  });
+}
+
 }  // namespace
+
+void axpby_cpu(const at::Tensor& X, const at::Tensor& Y, const at::Tensor& a, const at::Tensor& b) {
+  axpby_run_cpu({X}, {Y}, check_axpby_args({X}, {Y}, a, b, false));
+}
+
+void axpby_multi_cpu(at::TensorList X, at::TensorList Y, const at::Tensor& a, const at::Tensor& b) {
+  axpby_run_cpu(X, Y, check_axpby_args(X, Y, a, b, true));
+}
 
 void perturb_multi_cpu(at::TensorList W, at::TensorList G, const OptionalTensors& mask, const OptionalTensors& offsets,
                        at::TensorList backup, const at::Tensor& scale, bool adaptive) {

@@ -12,6 +12,8 @@ TORCH_LIBRARY_IMPL(ssam_kernels, CPU, m) {
   m.impl("perturb_multi_", &ssam::perturb_multi_cpu);
   m.impl("restore_multi_", &ssam::restore_multi_cpu);
   m.impl("fisher_accumulate_multi_", &ssam::fisher_accumulate_multi_cpu);
+  m.impl("axpby_", &ssam::axpby_cpu);
+  m.impl("axpby_multi_", &ssam::axpby_multi_cpu);
   m.impl("radix_histogram", &ssam::radix_histogram_cpu);
   m.impl("threshold_mask", &ssam::threshold_mask_cpu);
   m.impl("radix_histogram_multi", &ssam::radix_histogram_multi_cpu);

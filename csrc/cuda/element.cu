@@ -1,4 +1,4 @@
-// Host launchers of perturb_ / restore_ and their list forms (kernels: element.cuh).
+// Host launchers of perturb_ / restore_ / axpby_ and their list forms (kernels: element.cuh).
 #include "element.cuh"
 #include "host_common.h"
 #include "ops.h"
@@ -120,6 +120,42 @@ void restore_multi_(at::TensorList W, const OptionalTensors& mask, const Optiona
   check_list_lengths(W.size(), {{"mask", mask.size()}, {"offsets", offsets.size()}, {"backup", backup.size()}});
   launch_element_list(W, element_rows(check_element_args(W, nullptr, mask, offsets, backup, nullptr)), ScaleView{},
                       false, true);
+}
+
+void axpby_(const at::Tensor& X, const at::Tensor& Y, const at::Tensor& a, const at::Tensor& b) {
+  const std::pair<ScaleView, ScaleView> scales = check_axpby_args({X}, {Y}, a, b, false);
+  const int64_t n = X.numel();
+  if (n == 0) return;
+  const gpu::DeviceGuard guard(X.device());
+  dispatch_dtype(X.scalar_type(), "X", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* x = X.data_ptr<T>();
+    const T* y = Y.data_ptr<T>();
+    gpu::launch<axpby_kernel<T>>(grid_for(num_chunks(n), kWarpsPerBlock), kThreads, 0,
+                                 AxpbyArgs<T>{x, y, n, aligned16({x, y})}, scales.first, scales.second);
+  });
+}
+
+void axpby_multi_(at::TensorList X, at::TensorList Y, const at::Tensor& a, const at::Tensor& b) {
+  const std::pair<ScaleView, ScaleView> scales = check_axpby_args(X, Y, a, b, true);
+  if (X.empty()) return;
+  std::vector<int64_t> rows(X.size() * kColumns, 0);
+  for (size_t j = 0; j < X.size(); ++j) {
+    int64_t* row = rows.data() + j * kColumns;
+    row[kColW] = address(X[j]);
+    row[kColG] = address(Y[j]);
+    row[kColN] = X[j].numel();
+    set_vec(row);
+  }
+  const gpu::DeviceGuard guard(X[0].device());
+  at::Tensor keep;
+  const ListTable table = upload_table(rows, X[0].device(), keep, "axpby_multi_");
+  if (table.chunks == 0) return;
+  dispatch_dtype(X[0].scalar_type(), "X", false, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    gpu::launch<axpby_list_kernel<T>>(grid_for(table.chunks, kWarpsPerBlock), kThreads, 0, table, scales.first,
+                                      scales.second);
+  });
 }
 
 }  // namespace cuda

@@ -1,5 +1,6 @@
 // perturb_ / restore_ on the GPU: one warp per chunk (kChunk entries), masked or dense (rank(i) = i), one
-// code path for one tensor (element_kernel) and for a list of tensors (element_list_kernel).
+// code path for one tensor (element_kernel) and for a list of tensors (element_list_kernel). axpby_ likewise
+// (axpby_kernel, axpby_list_kernel), dense.
 #pragma once
 
 #include "common.cuh"
@@ -146,6 +147,60 @@ __global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) element_list_ke
                            column_ptr<const int32_t>(row, kColMask), column_ptr<const void>(row, kColOffsets),
                            row.col[kColOffsets64] != 0, row.col[kColVec] != 0};
     element_chunk<Op>(a, s, active, row.local);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// axpby_: x = a·x + b·y (ssam_math.h: axpby), one warp per chunk; lane l takes the packs of V entries at
+// l * V, l * V + 32 V, ... of the chunk, whole 16-byte packs of X and Y where both are aligned and the pack
+// lies below n, scalar entries otherwise (the tail).
+// ---------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct AxpbyArgs {
+  T* x;
+  const T* y;
+  int64_t n;
+  bool vec;  // x and y 16-byte aligned
+};
+
+template <typename T>
+__device__ void axpby_chunk(const AxpbyArgs<T>& p, scale_t<T> a, scale_t<T> b, int64_t c) {
+  constexpr int V = kVec<T>;
+  for (int e = lane_id() * V; e < kChunk; e += 32 * V) {
+    const int64_t i = c * kChunk + e;
+    if (i >= p.n) return;
+    const uint32_t live = entries_below<V>(i, p.n);
+    const bool whole = p.vec && live == kAllEntries<V>;
+    Pack<T, V> x = load_slots<Path::kCoherent, V>(p.x, i, kAllEntries<V>, live, whole);
+    const Pack<T, V> y = load_slots<Path::kReadOnly, V>(p.y, i, kAllEntries<V>, live, whole);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if ((live >> k) & 1u) x.v[k] = axpby(x.v[k], y.v[k], a, b);
+    }
+    store_slots<V>(p.x, i, kAllEntries<V>, live, whole, x);
+  }
+}
+
+// axpby_ of one tensor; a and b are read from device memory (load_scale: fp32, rounded once, unless T is
+// double).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) axpby_kernel(AxpbyArgs<T> p, ScaleView a, ScaleView b) {
+  const scale_t<T> sa = load_scale<T>(a), sb = load_scale<T>(b);
+  const int64_t chunks = (p.n + kChunk - 1) / kChunk;
+  for (int64_t c = global_warp(); c < chunks; c += grid_warps()) axpby_chunk(p, sa, sb, c);
+}
+
+// axpby_ of every (X, Y) of the table (X at kColW, Y at kColG): one warp per global chunk.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) axpby_list_kernel(ListTable t, ScaleView a,
+                                                                                   ScaleView b) {
+  const scale_t<T> sa = load_scale<T>(a), sb = load_scale<T>(b);
+  for (int64_t c = global_warp(); c < t.chunks; c += grid_warps()) {
+    const Row row = row_of(t, c);
+    const AxpbyArgs<T> p{column_ptr<T>(row, kColW), column_ptr<const T>(row, kColG), row.col[kColN],
+                         row.col[kColVec] != 0};
+    axpby_chunk(p, sa, sb, row.local);
   }
 }
 

@@ -27,6 +27,8 @@ void perturb_multi_(at::TensorList W, at::TensorList G, const OptionalTensors& m
                     at::TensorList backup, const at::Tensor& scale, bool adaptive);
 void restore_multi_(at::TensorList W, const OptionalTensors& mask, const OptionalTensors& offsets,
                     at::TensorList backup);
+void axpby_(const at::Tensor& X, const at::Tensor& Y, const at::Tensor& a, const at::Tensor& b);
+void axpby_multi_(at::TensorList X, at::TensorList Y, const at::Tensor& a, const at::Tensor& b);
 // fisher.cu
 void fisher_accumulate_(const at::Tensor& F, const at::Tensor& G, double alpha);
 void fisher_accumulate_multi_(at::TensorList F, at::TensorList G, double alpha);
@@ -56,4 +58,4 @@ void hash_fill_(const at::Tensor& out, int64_t seed, int64_t step, int64_t base)
 #define SSAM_CUDA_OPS(X)                                                                                 \
   X(grad_sq_norm) X(grad_sq_norm_multi) X(perturb_) X(restore_) X(perturb_multi_) X(restore_multi_)     \
   X(fisher_accumulate_) X(fisher_accumulate_multi_) X(radix_histogram) X(threshold_mask)                \
-  X(radix_histogram_multi) X(threshold_mask_multi) X(bucket_mask_multi) X(hash_fill_)
+  X(radix_histogram_multi) X(threshold_mask_multi) X(bucket_mask_multi) X(hash_fill_) X(axpby_) X(axpby_multi_)

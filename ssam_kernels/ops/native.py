@@ -157,6 +157,17 @@ class CompiledOps:
         call."""
         self._ops.fisher_accumulate_multi_(F, G, alpha)
 
+    def axpby_(self, X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``X = a·X + b·Y`` element-wise: ``fma(b, y, rn(a·x))`` in fp32 with ``a``, ``b`` rounded to fp32
+        (float64 X: in float64, no FMA; ``csrc/ssam_math.h``: ``axpby``)."""
+        self._ops.axpby_(X, Y, a, b)
+
+    def axpby_multi_(self, X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor
+                     ) -> None:
+        """:meth:`axpby_` on every pair of the lists (one device and dtype) in one call (CPU: one parallel
+        loop over all tensors; CUDA: one launch over a table of them)."""
+        self._ops.axpby_multi_(X, Y, a, b)
+
     def radix_histogram(self, scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int,
                         largest: bool, filter_words: torch.Tensor | None = None, filter_value: bool = True
                         ) -> torch.Tensor:
@@ -266,6 +277,15 @@ if _C is not None:
 
     @torch.library.register_fake("ssam_kernels::fisher_accumulate_multi_")
     def _fisher_accumulate_multi_fake(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float) -> None:
+        return None
+
+    @torch.library.register_fake("ssam_kernels::axpby_")
+    def _axpby_fake(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        return None
+
+    @torch.library.register_fake("ssam_kernels::axpby_multi_")
+    def _axpby_multi_fake(X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor
+                          ) -> None:
         return None
 
     @torch.library.register_fake("ssam_kernels::radix_histogram")

@@ -160,6 +160,20 @@ def _runs(module: ModuleType, device: torch.device, dtype: torch.dtype
         totals = [module.grad_sq_norm(*args) for args in zip(g, w, strict=True)]
         return totals[0] if len(index) == 1 else sum(totals[1:], totals[0])  # the list's total, in order
 
+    # axpby_'s a in the data's precision, b float64 (rounded to fp32 for fp32/bf16/fp16 X): both read paths.
+    a, b = torch.tensor(0.75, dtype=scale_dtype, device=device), torch.tensor(-1.5, dtype=torch.float64,
+                                                                              device=device)
+
+    def axpby(index: list[int]) -> object:
+        xs, ys = [x[i].clone() for i in index], [y[i] for i in index]
+        multi = getattr(module, "axpby_multi_", None)
+        if multi is not None and len(index) > 1:
+            multi(xs, ys, a, b)
+        else:
+            for args in zip(xs, ys, strict=True):
+                module.axpby_(*args, a, b)
+        return xs
+
     def fisher(index: list[int]) -> object:
         f = [(x[i].float().abs() + 0.5).contiguous() for i in index]
         g = [y[i] for i in index]
@@ -172,6 +186,10 @@ def _runs(module: ModuleType, device: torch.device, dtype: torch.dtype
         return f
 
     every = list(range(len(x)))
+    if not hasattr(module, "axpby_"):  # Triton until its axpby_ kernel (the next commit)
+        axpby_runs = []
+    else:
+        axpby_runs = [("axpby_", lambda: [axpby([2]), axpby([3])]), ("axpby_ (list)", lambda: axpby(every))]
     return [*runs,
             ("grad_sq_norm", lambda: [norm([2], [False]), norm([3], [True])]),
             ("grad_sq_norm (list)", lambda: norm(every, [True, False, True, False])),
@@ -180,7 +198,8 @@ def _runs(module: ModuleType, device: torch.device, dtype: torch.dtype
             ("restore_", lambda: [restore([2]), restore([3])]),
             ("restore_ (list)", lambda: restore(every)),
             ("fisher_accumulate_", lambda: fisher([2])),
-            ("fisher_accumulate_ (list)", lambda: fisher(every))]
+            ("fisher_accumulate_ (list)", lambda: fisher(every)),
+            *axpby_runs]
 
 
 def _first_difference(module: ModuleType, oracle: ModuleType, device: torch.device, dtype: torch.dtype
