@@ -342,6 +342,7 @@ class Inputs:
         self.mask = torch.zeros(bitmask.num_words(self.n), dtype=torch.int32)
         self.offsets = torch.zeros(bitmask.num_chunks(self.n) + 1, dtype=torch.int64)
         self.scale = torch.tensor(0.05, dtype=torch.float32)
+        self.scale_64 = torch.tensor(0.05, dtype=torch.float64)
         self.scores = torch.ones(self.n, dtype=dtypes[self.dtype])
         self.prefix, self.threshold, self.quota = (torch.zeros((), dtype=torch.int64) for _ in range(3))
         self.counts = torch.zeros(bitmask.num_chunks(self.n), dtype=torch.int32)
@@ -370,6 +371,7 @@ TRITON_CASES: tuple[Case, ...] = (
     Case("restore_ masked", FLOAT, lambda T, t: T.restore_(t.w, t.mask, t.offsets, t.backup)),
     Case("restore_ dense", FLOAT, lambda T, t: T.restore_(t.w, None, None, t.backup)),
     Case("fisher_accumulate_", FLOAT, lambda T, t: T.fisher_accumulate_(t.f, t.g, 0.5)),
+    Case("axpby_", FLOAT, lambda T, t: T.axpby_(t.w, t.g, t.scale, t.scale_64)),
     # The first (widest, 11-bit) digit pass of the selection driver (ssam_kernels.ops.select.PASSES).
     Case("radix_histogram", SCORES, lambda T, t: T.radix_histogram(t.scores, t.prefix, 21, 11, True)),
     Case("radix_histogram filtered", SCORES,

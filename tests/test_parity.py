@@ -657,12 +657,13 @@ by_triton_config = pytest.mark.parametrize(("n", "backend_case"), TRITON_SIZES, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @by_triton_config
 def test_triton_config_elementwise(backend, device, dtype, n):
-    """perturb_/restore_ (dense and a random mask), grad_sq_norm and fisher_accumulate_."""
+    """perturb_/restore_ (dense and a random mask), grad_sq_norm, fisher_accumulate_ and axpby_."""
     for mask_kind in ("dense", "random"):
         params = ("config", dtype, n, mask_kind)
         _perturb_restore(backend, device, dtype, n, 1, mask_kind, _scales(*params), _gen(*params))
     _grad_sq_norm(backend, device, dtype, n, 0, _gen("config-norm", dtype, n))
     _fisher_accumulate(backend, device, dtype, n, 0, _gen("config-fisher", dtype, n))
+    _axpby(backend, device, dtype, n, (3, 1), _gen("config-axpby", dtype, n))
 
 
 @by_triton_config

@@ -660,7 +660,7 @@ def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, ba
         _check_like("Y", _check_vector("Y", Y), "X", X)
         _check_scale(a, X.device, "a", "X")
         _check_scale(b, X.device, "b", "X")
-        module = _axpby_backend(resolve_backend(backend, X.device, X.dtype))
+        module = resolve_backend(backend, X.device, X.dtype)
         _check_disjoint_for(module, X.device, _axpby_arguments([X], [Y], a, b), indexed=False)
         module.axpby_(X, Y, a, b)
         return
@@ -671,16 +671,10 @@ def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, ba
         _check_scale(a, device, "a", "X[0]")
         _check_scale(b, device, "b", "X[0]")
     _check_axpby_lists(Xs, Ys, a if Xs else None)
-    groups = [(_axpby_backend(module), index) for module, index in _groups(backend, Xs)]
+    groups = _groups(backend, Xs)
     _check_list_disjoint(groups, Xs, _axpby_arguments(Xs, Ys, a, b))
     for module, index in groups:
         list_primitive(module, "axpby_", index)(_pick(Xs, index), _pick(Ys, index), a, b)
-
-
-def _axpby_backend(module: ModuleType) -> ModuleType:
-    """``module``, or the vectorized backend (the same bits) while ``module`` has no ``axpby_`` yet: the
-    compiled backends gain their kernels in the commits after the op's first one."""
-    return module if hasattr(module, "axpby_") else _load("vectorized")[0]
 
 
 def _axpby_arguments(Xs: list, Ys: list, a: torch.Tensor, b: torch.Tensor

@@ -186,10 +186,6 @@ def _runs(module: ModuleType, device: torch.device, dtype: torch.dtype
         return f
 
     every = list(range(len(x)))
-    if not hasattr(module, "axpby_"):  # Triton until its axpby_ kernel (the next commit)
-        axpby_runs = []
-    else:
-        axpby_runs = [("axpby_", lambda: [axpby([2]), axpby([3])]), ("axpby_ (list)", lambda: axpby(every))]
     return [*runs,
             ("grad_sq_norm", lambda: [norm([2], [False]), norm([3], [True])]),
             ("grad_sq_norm (list)", lambda: norm(every, [True, False, True, False])),
@@ -199,7 +195,8 @@ def _runs(module: ModuleType, device: torch.device, dtype: torch.dtype
             ("restore_ (list)", lambda: restore(every)),
             ("fisher_accumulate_", lambda: fisher([2])),
             ("fisher_accumulate_ (list)", lambda: fisher(every)),
-            *axpby_runs]
+            ("axpby_", lambda: [axpby([2]), axpby([3])]),
+            ("axpby_ (list)", lambda: axpby(every))]
 
 
 def _first_difference(module: ModuleType, oracle: ModuleType, device: torch.device, dtype: torch.dtype

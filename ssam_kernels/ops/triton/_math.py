@@ -1,4 +1,5 @@
-"""The element-wise arithmetic of ``perturb_`` and ``fisher_accumulate_`` for the Triton kernels.
+"""The element-wise arithmetic of ``perturb_``, ``fisher_accumulate_`` and ``axpby_`` for the Triton
+kernels.
 
 The Triton statement of the op contract's arithmetic (docs/DESIGN.md, "The op contract"; the same as
 ``csrc/ssam_math.h`` and ``ops/_arith.py``): one correctly rounded fp32 fused multiply-add per entry,
@@ -57,3 +58,15 @@ def fisher_updated(f, g, alpha):
     fp32 rounding of ``g`` (any float dtype) and ``alpha`` fp32 (csrc/ssam_math.h, ``fisher_update``)."""
     g32 = to_float32(g)
     return tl.fma(g32, alpha * g32, f)
+
+
+@triton.jit
+def axpby(x, y, a, b):
+    """``a·x + b·y`` in ``x``'s dtype (``y`` of the same dtype; ``a``, ``b`` as :func:`load_scale` gives
+    them): ``fma(b, y, rn(a·x))`` in fp32, rounded to nearest even in ``x``'s dtype; float64 ``x``:
+    ``rn(rn(a·x) + rn(b·y))`` (csrc/ssam_math.h, ``axpby``)."""
+    if x.dtype == tl.float64:
+        result = a * x + b * y
+    else:
+        result = round_to(tl.fma(b, to_float32(y), a * to_float32(x)), x.dtype)
+    return result
