@@ -9,7 +9,9 @@ must give the documented result (:func:`ssam_kernels.ops.perturb_`), the same on
 - a backup shorter than the live count: only entries ranked below its length are backed up and changed;
 - a backup longer than the live count: the slots past ``K`` are not written;
 - mask bits at or past ``N``: ignored (never addressed, not counted);
-- offsets that do not match the mask: ``ValueError`` naming ``offsets`` on CPU tensors, nothing written.
+- offsets that do not match the mask: ``ValueError`` naming ``offsets`` on CPU tensors, nothing written;
+- ``axpby_``: ``X`` written inside itself only; ``X`` sharing memory with ``Y``, ``a`` or ``b`` (or with
+  another entry's ``Y``) refused with a ``ValueError`` naming both, nothing written.
 
 Backends: ``reference``, ``vectorized``, ``native`` (through the public op and through
 ``torch.ops.ssam_kernels.*`` directly), ``triton`` (in its interpreter on CPU) and ``cuda_sim`` (the CUDA
@@ -226,75 +228,6 @@ def _alias_case(backend: str, name: str, device: str) -> str:
     return "accepted arguments that share memory"
 
 
-CASES = [f"{case}/{op}" for case in ("short_backup", "long_backup", "bits_past_n", "offsets_shifted_up",
-                                     "offsets_shifted_down", "offsets_scrambled")
-         for op in ("perturb", "restore")] + list(ALIASES)
-
-
-def _worker(backend: str, device: str) -> None:
-    torch.manual_seed(0)
-    for name in CASES:
-        print(f"START {name}", flush=True)
-        problem = (_alias_case if name in ALIASES else _case)(backend, name, device)
-        print(f"{'OK' if not problem else 'FAIL'} {name} {problem}", flush=True)
-    print("DONE", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The tests: one subprocess per backend, one test per case
-# ----------------------------------------------------------------------------------------------------
-
-BACKENDS = ["reference", "vectorized", "native", "torch.ops", "triton", "cuda_sim",
-            "reference[list]", "vectorized[list]", "native[list]", "torch.ops[list]", "triton[list]",
-            "cuda_sim[list]"]
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
-_RUNS: dict[tuple[str, str], subprocess.CompletedProcess] = {}
-
-
-def _available(backend: str, device: str = "cpu") -> str | None:
-    from ssam_kernels import ops
-
-    name = backend.removesuffix("[list]")
-    return ops._unavailable("native" if name == "torch.ops" else name, device)
-
-
-def _run(backend: str, device: str) -> subprocess.CompletedProcess:
-    why = _available(backend, device)
-    if why is not None:
-        pytest.skip(f"{backend} unavailable on {device}: {why}")
-    if (backend, device) not in _RUNS:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path}
-        if device == "cpu":
-            env["TRITON_INTERPRET"] = "1"
-        _RUNS[backend, device] = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--worker", backend, device], env=env,
-            capture_output=True, text=True, timeout=600, check=False)
-    return _RUNS[backend, device]
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_input_stays_inside_the_tensors(device: str, backend: str, case: str) -> None:
-    done = _run(backend, device)
-    lines = done.stdout.splitlines()
-    if f"START {case}" not in lines:
-        pytest.fail(f"the worker died before this case (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    results = [line for line in lines if line.split(" ")[1:2] == [case] and not line.startswith("START")]
-    assert results, f"the worker died in this case (exit {done.returncode}):\n{done.stderr[-3000:]}"
-    assert results[0] == f"OK {case} ", results[0]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_worker_exits_cleanly(device: str, backend: str) -> None:
-    done = _run(backend, device)
-    assert done.returncode == 0 and done.stdout.splitlines()[-1:] == ["DONE"], done.stderr[-3000:]
-
-
 # ----------------------------------------------------------------------------------------------------
 # axpby_: stays inside X and Y, and refuses an X that shares memory with another argument
 # ----------------------------------------------------------------------------------------------------
@@ -379,38 +312,77 @@ def _axpby_case(backend: str, name: str, device: str) -> str:
     return "accepted arguments that share memory"
 
 
-def _axpby_worker(backend: str, device: str) -> None:
+
+CASES = [f"{case}/{op}" for case in ("short_backup", "long_backup", "bits_past_n", "offsets_shifted_up",
+                                     "offsets_shifted_down", "offsets_scrambled")
+         for op in ("perturb", "restore")] + list(ALIASES) + [f"axpby/{case}" for case in AXPBY_CASES]
+
+
+def _worker(backend: str, device: str) -> None:
     torch.manual_seed(0)
-    for name in AXPBY_CASES:
+    for name in CASES:
         print(f"START {name}", flush=True)
-        problem = _axpby_case(backend, name, device)
+        if name.startswith("axpby/"):
+            problem = _axpby_case(backend, name.removeprefix("axpby/"), device)
+        else:
+            problem = (_alias_case if name in ALIASES else _case)(backend, name, device)
         print(f"{'OK' if not problem else 'FAIL'} {name} {problem}", flush=True)
     print("DONE", flush=True)
 
 
-AXPBY_BACKENDS = ["reference", "vectorized", "native", "torch.ops", "triton", "cuda_sim",
-                  "reference[list]", "vectorized[list]", "native[list]", "torch.ops[list]", "triton[list]",
-                  "cuda_sim[list]"]
+# ----------------------------------------------------------------------------------------------------
+# The tests: one subprocess per backend, one test per case
+# ----------------------------------------------------------------------------------------------------
+
+BACKENDS = ["reference", "vectorized", "native", "torch.ops", "triton", "cuda_sim",
+            "reference[list]", "vectorized[list]", "native[list]", "torch.ops[list]", "triton[list]",
+            "cuda_sim[list]"]
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
+_RUNS: dict[tuple[str, str], subprocess.CompletedProcess] = {}
 
 
-@pytest.mark.parametrize("backend", AXPBY_BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_axpby_stays_inside_and_refuses_shared_memory(device: str, backend: str) -> None:
-    """Every case of ``AXPBY_CASES`` in one subprocess per backend (a crash fails the test, not pytest)."""
+def _available(backend: str, device: str = "cpu") -> str | None:
+    from ssam_kernels import ops
+
+    name = backend.removesuffix("[list]")
+    return ops._unavailable("native" if name == "torch.ops" else name, device)
+
+
+def _run(backend: str, device: str) -> subprocess.CompletedProcess:
     why = _available(backend, device)
     if why is not None:
         pytest.skip(f"{backend} unavailable on {device}: {why}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--axpby-worker", backend, device],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    if (backend, device) not in _RUNS:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        if device == "cpu":
+            env["TRITON_INTERPRET"] = "1"
+        _RUNS[backend, device] = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", backend, device], env=env,
+            capture_output=True, text=True, timeout=600, check=False)
+    return _RUNS[backend, device]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_stays_inside_the_tensors(device: str, backend: str, case: str) -> None:
+    done = _run(backend, device)
     lines = done.stdout.splitlines()
-    problems = [line for line in lines if line.startswith("FAIL")]
-    assert not problems, problems
-    assert done.returncode == 0 and lines[-1:] == ["DONE"], done.stderr[-3000:]
-    assert [line.split(" ")[1] for line in lines if line.startswith("OK")] == AXPBY_CASES
+    if f"START {case}" not in lines:
+        pytest.fail(f"the worker died before this case (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    results = [line for line in lines if line.split(" ")[1:2] == [case] and not line.startswith("START")]
+    assert results, f"the worker died in this case (exit {done.returncode}):\n{done.stderr[-3000:]}"
+    assert results[0] == f"OK {case} ", results[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_worker_exits_cleanly(device: str, backend: str) -> None:
+    done = _run(backend, device)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1:] == ["DONE"], done.stderr[-3000:]
 
 
 def test_dynamic_update_ignores_mask_bits_past_n() -> None:
@@ -607,5 +579,3 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(sys.argv[2], sys.argv[3])
 if __name__ == "__main__" and sys.argv[1:2] == ["--threads"]:
     _thread_worker(sys.argv[2])
-if __name__ == "__main__" and sys.argv[1:2] == ["--axpby-worker"]:
-    _axpby_worker(sys.argv[2], sys.argv[3])
