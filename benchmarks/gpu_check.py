@@ -79,7 +79,7 @@ RESERVE_S = {"cuda": 15.0, "cpu": 3.0}
 MIN_FILE_S = {"cuda": 20.0, "cpu": 5.0}
 """Seconds kept for each test file still to run when a file's wall-clock limit is set."""
 SIZES = (1 << 20, 1 << 24, 1 << 28)
-STREAMING_OPS = ("grad_sq_norm", "perturb_", "restore_", "fisher_accumulate_")
+STREAMING_OPS = ("grad_sq_norm", "perturb_", "restore_", "fisher_accumulate_", "axpby_")
 MIN_STEP_PARAMS = 100_000_000
 """The step targets hold at >= 100 M parameters (issue "GPU validation")."""
 FUSED = ("triton", "native")
