@@ -224,7 +224,7 @@ def plot(runs: list[dict], summary: dict, path: Path, title: str) -> None:
     panels = [m for m in METRICS if m[0] in ("test_accuracy", "hessian_top_eigenvalue",
                                              "adversarial_loss_increase", "random_loss_increase_large")]
     methods = list(summary)
-    fig = Figure(figsize=(4.2 * len(panels), 4.2))  # no pyplot: no GUI backend, no global state
+    fig = Figure(figsize=(4.6 * len(panels), 4.8))  # no pyplot: no GUI backend, no global state
     axes = fig.subplots(1, len(panels))
     for ax, (key, name, _) in zip(axes, panels, strict=True):
         means = [summary[m][key]["mean"] for m in methods]
