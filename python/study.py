@@ -12,7 +12,7 @@ Timing is made as fair as a shared machine allows: one thread per run, the same 
 every method, the runs interleaved by seed (every method for seed 0, then seed 1, ...) so that a change of
 the machine's load hits every method alike; the load average is recorded before and after.
 
-    python python/study.py                  # the full study (5 seeds x 7 methods), ~6 min on 2 CPU cores
+    python python/study.py                  # the full study (5 seeds x 7 methods), ~5 min on 2 CPU cores
     python python/study.py --quick          # CI smoke run: 2 seeds, 3 epochs, small sharpness budget
     python python/study.py --methods SGD SAM "SSAM-D s=0.9"   # a subset, or methods not run by default
     python python/study.py --from-json python/results/study.json   # re-render tables and plots only
@@ -236,7 +236,7 @@ def plot(runs: list[dict], summary: dict, path: Path, title: str) -> None:
         if key == "test_accuracy":  # the differences are small: zoom on the range of the runs
             values = [r[key] for r in runs]
             spread = max(values) - min(values)
-            ax.set_ylim(min(values) - spread - 0.5, max(values) + spread + 0.5)
+            ax.set_ylim(min(values) - spread - 0.5, min(100.0, max(values) + spread + 0.5))
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right")
         ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
