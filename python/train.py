@@ -9,9 +9,13 @@ decay 5e-4, cosine learning rate). Every optimizer uses SGD (momentum 0.9, weigh
     python python/train.py --optimizer ssam-d --sparsity 0.9 --epochs 30 --seed 1
     python python/train.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py --model resnet18 \\
         --epochs 200 --rho 0.1 --lr 0.05
+    python python/train.py --optimizer ssam-d --schedule looksam --schedule-k 5   # 1 step in 5 takes 2 passes
+
+``--schedule`` (SAM, ASAM, SSAM) picks the steps that are sharpness-aware (ssam_kernels.schedules); the
+other steps take one forward/backward, as SGD. The run's JSON records the fraction that were.
 
 The run's JSON (config, per-epoch history, final accuracies, seconds per epoch) goes to ``--out``
-(default ``runs/<dataset>-<model>-<optimizer>[-s<sparsity>]-seed<seed>.json``).
+(default ``runs/<dataset>-<model>-<optimizer>[-s<sparsity>][-<schedule>]-seed<seed>.json``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from tqdm import tqdm
 import ssam_kernels as sk
 
 OPTIMIZERS = ("sgd", "sam", "asam", "ssam-f", "ssam-d")
+SCHEDULES = ("every-step", "every-k", "looksam", "aesam")
 SMALL_MODELS = ("mlp", "cnn1d")
 DEFAULT_MODEL = {"mnist1d": "cnn1d", "digits": "mlp", "cifar10": "resnet18", "cifar100": "resnet18"}
 loss_fn = nn.functional.cross_entropy
@@ -44,14 +49,16 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, dataset: Dataset
 
     SSAM masks are refreshed once per epoch: SSAM-F from the Fisher of ``args.fisher_samples`` fresh
     training samples, SSAM-D by dropping/growing ``floor(dr(t) · K)`` entries with the cosine-decayed
-    drop rate ``dr(t) = 0.5 · (1 + cos(π t / T)) / 2`` over the whole run.
+    drop rate ``dr(t) = 0.5 · (1 + cos(π t / T)) / 2`` over the whole run. ``args.schedule`` picks the
+    sharpness-aware steps (:func:`build_schedule`).
     """
     base = {"lr": args.lr, "momentum": 0.9, "weight_decay": args.wd}
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), **base)
+    schedule = build_schedule(args, total_steps)
     if args.optimizer in ("sam", "asam"):
         return sk.SAM(model.parameters(), torch.optim.SGD, rho=args.rho, adaptive=args.optimizer == "asam",
-                      backend=args.backend, **base)
+                      backend=args.backend, schedule=schedule, **base)
     if args.optimizer == "ssam-f":
         fisher_data = FreshBatches(dataset, args.batch_size, seed=args.seed + 1)
         mask: sk.MaskPolicy = sk.FisherMask(model, loss_fn, fisher_data, num_samples=args.fisher_samples,
@@ -60,23 +67,39 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, dataset: Dataset
         mask = sk.DynamicMask(interval=steps_per_epoch, drop_rate=0.5, total_steps=total_steps,
                               seed=args.seed)
     return sk.SSAM(model.parameters(), torch.optim.SGD, rho=args.rho, sparsity=args.sparsity, mask=mask,
-                   backend=args.backend, **base)
+                   backend=args.backend, schedule=schedule, **base)
+
+
+def build_schedule(args: argparse.Namespace, total_steps: int) -> sk.Schedule:
+    """``args.schedule``: every step (SAM and SSAM as published), every ``k``-th step, LookSAM (every
+    ``k``-th step, the others reuse its direction with ``alpha``) or AE-SAM (adaptive, over the run's
+    ``total_steps`` optimizer steps)."""
+    if args.schedule == "every-k":
+        return sk.EveryK(args.schedule_k)
+    if args.schedule == "looksam":
+        return sk.LookSAM(args.schedule_k, args.looksam_alpha)
+    if args.schedule == "aesam":
+        return sk.AESAM(total_steps)
+    return sk.EveryStep()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-               ) -> torch.Tensor:
-    """One step; returns the (detached) loss at ``w``. SAM-type optimizers take their two passes."""
+               ) -> tuple[torch.Tensor, bool]:
+    """One step; returns the (detached) loss at ``w`` and whether the step was sharpness-aware. SAM-type
+    optimizers take their second forward/backward only on the steps their schedule makes sharpness-aware;
+    the others are one pass, as SGD's."""
     loss = loss_fn(model(x), y)
     loss.backward()
-    if isinstance(optimizer, sk.SSAM):
-        optimizer.first_step(zero_grad=True)
-        with sk.frozen_bn_stats(model):  # running statistics move once per step, at w
-            loss_fn(model(x), y).backward()
-        optimizer.second_step(zero_grad=True)
-    else:
+    if not isinstance(optimizer, sk.SSAM):
         optimizer.step()
         optimizer.zero_grad()
-    return loss.detach()
+        return loss.detach(), False
+    sharp = optimizer.first_step(zero_grad=True)
+    if sharp:
+        with sk.frozen_bn_stats(model):  # running statistics move once per step, at w
+            loss_fn(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+    return loss.detach(), sharp
 
 
 @torch.no_grad()
@@ -118,13 +141,15 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Run:
     # the base optimizer's step, so the scheduler watches that one (they share param_groups).
     base = optimizer.base_optimizer if isinstance(optimizer, sk.SSAM) else optimizer
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=total_steps)
-    history = []
+    history, sharp_steps = [], 0
     with tqdm(total=total_steps, desc=run_name(args), disable=args.quiet, unit="step") as bar:
         for epoch in range(args.epochs):
             model.train()
             started, losses = time.perf_counter(), []
             for x, y in dataset.train_batches(args.batch_size, generator):
-                losses.append(train_step(model, optimizer, x, y))
+                loss, sharp = train_step(model, optimizer, x, y)
+                losses.append(loss)
+                sharp_steps += sharp
                 scheduler.step()
                 bar.update()
             train_loss = torch.stack(losses).mean().item()  # one host sync per epoch
@@ -139,16 +164,28 @@ def train(args: argparse.Namespace, dataset: Dataset | None = None) -> Run:
         "final_test_accuracy": history[-1]["test_accuracy"], "final_test_loss": history[-1]["test_loss"],
         "final_train_accuracy": train_accuracy, "final_train_loss": train_loss,
         "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
+        "total_steps": total_steps, "sharpness_aware_steps": sharp_steps,
+        "sam_fraction": sharp_steps / total_steps,  # the steps that took the second pass
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
         "environment": {"torch": torch.__version__, "device": str(device),
+                        "backend": backend_name(args, device),
                         "backends": sk.available_backends(), "threads": torch.get_num_threads()},
     }
     return Run(model, dataset, result)
 
 
+def backend_name(args: argparse.Namespace, device: torch.device) -> str | None:
+    """The ssam_kernels backend the run's optimizer uses (``--backend`` resolved); None for SGD."""
+    if args.optimizer == "sgd":
+        return None
+    return sk.ops.resolve_backend(args.backend, device).__name__.rsplit(".", 1)[-1]
+
+
 def run_name(args: argparse.Namespace) -> str:
     sparse = f"-s{args.sparsity:g}" if args.optimizer.startswith("ssam") else ""
-    return f"{args.dataset}-{args.model}-{args.optimizer}{sparse}-seed{args.seed}"
+    schedule = {"every-step": "", "every-k": f"-every{args.schedule_k}", "aesam": "-aesam",
+                "looksam": f"-looksam{args.schedule_k}-a{args.looksam_alpha:g}"}[args.schedule]
+    return f"{args.dataset}-{args.model}-{args.optimizer}{sparse}{schedule}-seed{args.seed}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,6 +194,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=cli.fraction, default=0.5,
                         help="SSAM: fraction of entries not perturbed")
     parser.add_argument("--rho", type=cli.non_negative, default=0.05, help="perturbation radius")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="every-step",
+                        help="SAM, ASAM, SSAM: which steps are sharpness-aware (two passes); every-k and "
+                             "looksam: every --schedule-k-th, aesam: adaptive (AE-SAM)")
+    parser.add_argument("--schedule-k", type=cli.positive_int, default=None,
+                        help="every-k and looksam: the period k; None: 5")
+    parser.add_argument("--looksam-alpha", type=cli.non_negative, default=None,
+                        help="looksam: the weight of the reused direction; None: 0.7")
     parser.add_argument("--dataset", choices=DATASETS, default="mnist1d",
                         help="mnist1d and digits need no files")
     parser.add_argument("--data-dir", type=Path, default=None, help="CIFAR: the folder of the pickle files")
@@ -184,6 +228,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     args.model = args.model or DEFAULT_MODEL[args.dataset]
+    if args.optimizer == "sgd" and args.schedule != "every-step":
+        parser.error(f"--schedule {args.schedule}: applies to sam, asam, ssam-f and ssam-d (sgd takes one "
+                     "pass on every step)")
+    if args.schedule_k is not None and args.schedule not in ("every-k", "looksam"):
+        parser.error(f"--schedule-k: applies to --schedule every-k and looksam, not {args.schedule}")
+    if args.looksam_alpha is not None and args.schedule != "looksam":
+        parser.error(f"--looksam-alpha: applies to --schedule looksam, not {args.schedule}")
+    args.schedule_k = 5 if args.schedule_k is None else args.schedule_k
+    args.looksam_alpha = 0.7 if args.looksam_alpha is None else args.looksam_alpha
     if args.dataset.startswith("cifar") and args.data_dir is None:
         parser.error(f"--data-dir: required for {args.dataset} (the folder of the python-pickle files)")
     try:

@@ -32,6 +32,35 @@ def test_train_script_runs_and_learns(optimizer, tmp_path):
     assert result["final_test_accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
+@pytest.mark.parametrize(("optimizer", "schedule", "sam_steps"), [
+    ("sgd", [], 0), ("sam", [], 48), ("ssam-d", ["--schedule", "every-k", "--schedule-k", "3"], 16),
+    ("ssam-d", ["--schedule", "looksam"], 10), ("asam", ["--schedule", "aesam"], None),
+])
+def test_schedules_skip_the_second_pass(optimizer, schedule, sam_steps, tmp_path, monkeypatch):
+    """digits: 1437 training samples, 12 steps of 128 per epoch. The plain steps take one forward (no
+    SSAM-F here: its Fisher passes are forwards too)."""
+    forwards = []
+    build = train.build_model
+
+    def counting_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, output: forwards.append(module.training))
+        return model
+
+    monkeypatch.setattr(train, "build_model", counting_model)
+    result = train.main(["--optimizer", optimizer, *schedule, "--dataset", "digits", "--epochs", "4",
+                         "--quiet", "--device", "cpu", "--out", str(tmp_path / "r.json")])
+    assert result["total_steps"] == 4 * 12 and result["final_test_accuracy"] > 0.5
+    steps = result["sharpness_aware_steps"]
+    if sam_steps is None:  # AE-SAM: decided by the gradient norms (all its first steps, from its zero start)
+        assert 0 < steps < result["total_steps"]
+    else:
+        assert steps == sam_steps
+    assert result["sam_fraction"] == steps / result["total_steps"]
+    assert sum(forwards) == result["total_steps"] + steps  # training-mode forwards: one per pass
+    assert (result["environment"]["backend"] is None) == (optimizer == "sgd")
+
+
 def test_mnist1d_is_generated_locally_and_learns(tmp_path):
     pytest.importorskip("mnist1d")
     result = train.main(["--optimizer", "ssam-d", "--sparsity", "0.9", "--epochs", "3", "--lr", "0.1",
@@ -101,6 +130,10 @@ def test_help_shows_defaults_and_plain_text(script, capsys):
     (["--rho", "-1"], "--rho"), (["--rho", "nan"], "--rho"), (["--epochs", "0"], "--epochs"),
     (["--batch-size", "1.5"], "--batch-size"), (["--threads", "0"], "--threads"),
     (["--dataset", "cifar10"], "--data-dir"), (["--backend", "cuda"], "--backend"),
+    (["--optimizer", "sgd", "--schedule", "every-k"], "--schedule"), (["--schedule", "often"], "--schedule"),
+    (["--schedule", "aesam", "--schedule-k", "3"], "--schedule-k"), (["--schedule-k", "0"], "--schedule-k"),
+    (["--schedule", "every-k", "--looksam-alpha", "0.5"], "--looksam-alpha"),
+    (["--schedule", "looksam", "--looksam-alpha", "-1"], "--looksam-alpha"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, named, capsys):
     with pytest.raises(SystemExit) as exit_:
