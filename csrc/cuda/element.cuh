@@ -166,20 +166,7 @@ struct AxpbyArgs {
 
 template <typename T>
 __device__ void axpby_chunk(const AxpbyArgs<T>& p, scale_t<T> a, scale_t<T> b, int64_t c) {
-  constexpr int V = kVec<T>;
-  for (int e = lane_id() * V; e < kChunk; e += 32 * V) {
-    const int64_t i = c * kChunk + e;
-    if (i >= p.n) return;
-    const uint32_t live = entries_below<V>(i, p.n);
-    const bool whole = p.vec && live == kAllEntries<V>;
-    Pack<T, V> x = load_slots<Path::kCoherent, V>(p.x, i, kAllEntries<V>, live, whole);
-    const Pack<T, V> y = load_slots<Path::kReadOnly, V>(p.y, i, kAllEntries<V>, live, whole);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if ((live >> k) & 1u) x.v[k] = axpby(x.v[k], y.v[k], a, b);
-    }
-    store_slots<V>(p.x, i, kAllEntries<V>, live, whole, x);
-  }
+  update_chunk<kVec<T>>(p.x, p.y, p.n, p.vec, c, [a, b](T x, T y) { return axpby(x, y, a, b); });
 }
 
 // axpby_ of one tensor; a and b are read from device memory (load_scale: fp32, rounded once, unless T is

@@ -22,20 +22,8 @@ struct FisherArgs {
 
 template <typename T>
 __device__ void fisher_chunk(const FisherArgs<T>& a, float alpha, int64_t c) {
-  constexpr int V = kFisherVec<T>;
-  for (int e = lane_id() * V; e < kChunk; e += 32 * V) {
-    const int64_t i = c * kChunk + e;
-    if (i >= a.n) return;
-    const uint32_t live = entries_below<V>(i, a.n);
-    const bool whole = a.vec && live == kAllEntries<V>;
-    Pack<float, V> f = load_slots<Path::kCoherent, V>(a.f, i, kAllEntries<V>, live, whole);
-    const Pack<T, V> g = load_slots<Path::kReadOnly, V>(a.g, i, kAllEntries<V>, live, whole);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if ((live >> k) & 1u) f.v[k] = fisher_update(f.v[k], g.v[k], alpha);
-    }
-    store_slots<V>(a.f, i, kAllEntries<V>, live, whole, f);
-  }
+  update_chunk<kFisherVec<T>>(a.f, a.g, a.n, a.vec, c,
+                              [alpha](float f, T g) { return fisher_update(f, g, alpha); });
 }
 
 template <typename T>
