@@ -100,9 +100,10 @@ class EveryK(Schedule):
 
 class LookSAM(EveryK):
     """Steps ``t % k == 0`` are sharpness-aware and keep ``g_v = g_s − (⟨g, g_s⟩ / ‖g‖²) · g``; the other
-    steps take one pass and step with ``g + alpha · (‖g‖ / ‖g_v‖) · g_v`` (Liu et al., CVPR 2022; the
-    paper's ``k=5``, ``alpha=0.7``). ``g_v`` is kept in the parameters' dtype: one more tensor of the
-    perturbed parameters' size. ``g_v = 0`` (``g_s`` parallel to ``g``), or no ``g_v`` yet, steps with ``g``.
+    steps take one pass and step with ``g + alpha · (‖g‖ / ‖g_v‖) · g_v`` (Liu et al., CVPR 2022). The
+    defaults ``k=5``, ``alpha=0.7`` are public implementations' (tune ``alpha``: docs/study.md). ``g_v``
+    is kept in the parameters' dtype: one more tensor of the perturbed parameters' size. ``g_v = 0``
+    (``g_s`` parallel to ``g``), or no ``g_v`` yet, steps with ``g``.
     """
 
     def __init__(self, k: int = 5, alpha: float = 0.7) -> None:
