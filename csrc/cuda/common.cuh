@@ -163,23 +163,32 @@ __device__ __forceinline__ uint32_t entries_below(int64_t i, int64_t n) {
   return n - i >= V ? kAllEntries<V> : (1u << static_cast<int>(n - i)) - 1u;
 }
 
-// One warp's pass over chunk c of an in-place binary update x[i] = op(x[i], y[i]) of n entries (x read and
-// written, y read only): V entries per lane, whole 16-byte packs where `vec` (both aligned), all of the
-// step's loads before its store. Fisher (x fp32, y any dtype) and axpby_ (both T) are its two ops.
+// One tensor of an in-place binary update x[i] = op(x[i], y[i]) (update_chunk): Fisher (x fp32, y any
+// dtype) and axpby_ (both T).
+template <typename X, typename Y>
+struct UpdateArgs {
+  X* x;        // read and written
+  const Y* y;  // read only
+  int64_t n;
+  bool vec;  // x and y 16-byte aligned
+};
+
+// One warp's pass over chunk c of an update: V entries per lane, whole 16-byte packs where `p.vec`, all of
+// the step's loads before its store.
 template <int V, typename X, typename Y, typename Op>
-__device__ __forceinline__ void update_chunk(X* x, const Y* y, int64_t n, bool vec, int64_t c, Op op) {
+__device__ __forceinline__ void update_chunk(const UpdateArgs<X, Y>& p, int64_t c, Op op) {
   for (int e = lane_id() * V; e < kChunk; e += 32 * V) {
     const int64_t i = c * kChunk + e;
-    if (i >= n) return;
-    const uint32_t live = entries_below<V>(i, n);
-    const bool whole = vec && live == kAllEntries<V>;
-    Pack<X, V> xs = load_slots<Path::kCoherent, V>(x, i, kAllEntries<V>, live, whole);
-    const Pack<Y, V> ys = load_slots<Path::kReadOnly, V>(y, i, kAllEntries<V>, live, whole);
+    if (i >= p.n) return;
+    const uint32_t live = entries_below<V>(i, p.n);
+    const bool whole = p.vec && live == kAllEntries<V>;
+    Pack<X, V> xs = load_slots<Path::kCoherent, V>(p.x, i, kAllEntries<V>, live, whole);
+    const Pack<Y, V> ys = load_slots<Path::kReadOnly, V>(p.y, i, kAllEntries<V>, live, whole);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       if ((live >> k) & 1u) xs.v[k] = op(xs.v[k], ys.v[k]);
     }
-    store_slots<V>(x, i, kAllEntries<V>, live, whole, xs);
+    store_slots<V>(p.x, i, kAllEntries<V>, live, whole, xs);
   }
 }
 

@@ -157,16 +157,11 @@ __global__ void __launch_bounds__(kThreads, kListMinBlocksPerSM) element_list_ke
 // ---------------------------------------------------------------------------------------------------
 
 template <typename T>
-struct AxpbyArgs {
-  T* x;
-  const T* y;
-  int64_t n;
-  bool vec;  // x and y 16-byte aligned
-};
+using AxpbyArgs = UpdateArgs<T, T>;
 
 template <typename T>
 __device__ void axpby_chunk(const AxpbyArgs<T>& p, scale_t<T> a, scale_t<T> b, int64_t c) {
-  update_chunk<kVec<T>>(p.x, p.y, p.n, p.vec, c, [a, b](T x, T y) { return axpby(x, y, a, b); });
+  update_chunk<kVec<T>>(p, c, [a, b](T x, T y) { return axpby(x, y, a, b); });
 }
 
 // axpby_ of one tensor; a and b are read from device memory (load_scale: fp32, rounded once, unless T is

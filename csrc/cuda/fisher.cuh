@@ -13,17 +13,11 @@ template <typename T>
 constexpr int kFisherVec = kVec<T> > kVec<float> ? kVec<T> : kVec<float>;
 
 template <typename T>
-struct FisherArgs {
-  float* f;
-  const T* g;
-  int64_t n;
-  bool vec;  // f and g 16-byte aligned
-};
+using FisherArgs = UpdateArgs<float, T>;  // x: F, y: G
 
 template <typename T>
 __device__ void fisher_chunk(const FisherArgs<T>& a, float alpha, int64_t c) {
-  update_chunk<kFisherVec<T>>(a.f, a.g, a.n, a.vec, c,
-                              [alpha](float f, T g) { return fisher_update(f, g, alpha); });
+  update_chunk<kFisherVec<T>>(a, c, [alpha](float f, T g) { return fisher_update(f, g, alpha); });
 }
 
 template <typename T>
