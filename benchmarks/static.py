@@ -9,7 +9,7 @@
 - every Triton kernel, with the specialisation a GPU launch would get: each case of
   :data:`TRITON_CASES` calls the public Triton op on CPU tensors while ``JITFunction.run`` is replaced by
   a recorder, so the launch arguments, ``constexpr`` values and launch options are the ones the op really
-  passes (the GPU :data:`~ssam_kernels.ops.triton._config.CONFIG`, not the interpreter's), and Triton's
+  passes (the GPU :data:`~ssam_kernels.ops.tuning.TRITON_GPU`, not the interpreter's), and Triton's
   own binder then derives the signature and the divisibility-by-16 specialisation of pointers and ints.
   Each case runs with an aligned ``N`` (``N % 16 == 0``) and an unaligned one, for every dtype it accepts;
 
@@ -470,12 +470,13 @@ def triton_records(archs: Sequence[int], log: harness.Log,
     except ImportError as exc:
         return [_error_record("triton", "*", arch, f"triton could not be imported ({exc})") for arch in archs]
     from ssam_kernels.ops import triton as ops_triton
-    from ssam_kernels.ops.triton._config import CONFIG, INTERPRET
+    from ssam_kernels.ops.triton._config import INTERPRET
+    from ssam_kernels.ops.tuning import TRITON_GPU
 
     if INTERPRET:
         raise RuntimeError("TRITON_INTERPRET is set: the kernels were built for the interpreter; run "
                            "python -m benchmarks.static without it")
-    log.write(f"Triton {triton.__version__}, GPU launch config {CONFIG}")
+    log.write(f"Triton {triton.__version__}, GPU launch config {TRITON_GPU}")
     cuobjdump = tool("cuobjdump")
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
@@ -676,9 +677,9 @@ def provenance(archs: Sequence[int]) -> dict[str, Any]:
 
         for arch in archs:  # Triton picks its bundled ptxas by architecture
             meta[f"triton ptxas for sm_{arch}"] = _tool_version(get_ptxas(arch).path)
-        from ssam_kernels.ops.triton._config import CONFIG
+        from ssam_kernels.ops.tuning import TRITON_GPU
 
-        meta["triton launch config"] = str(CONFIG)
+        meta["triton launch config"] = str(TRITON_GPU)
     return meta
 
 

@@ -107,7 +107,8 @@ def _build(layout: ParamLayout, masks: Sequence[Mask] | None, backups: list[torc
 
 
 def grad_norm(grads: list[torch.Tensor], lists: StepLists, *, device: torch.device,
-              comm: ops.Communicator | None, backend: str | None, weighted: bool = True) -> torch.Tensor:
+              comm: ops.Communicator | None, backend: str | None, tuning: ops.Tuning | None,
+              weighted: bool = True) -> torch.Tensor:
     """``||g||`` (ASAM: ``|| |w| ⊙ g ||``; ``weighted=False``: ``||g||`` for every group) over every
     perturbed entry, float64 on ``device`` (summed over the ranks with ``comm``). The float64 sum of
     squares overflows only for float64 gradients past ~1e154 (fp32 ones stay below 1e77 each): where it
@@ -117,7 +118,7 @@ def grad_norm(grads: list[torch.Tensor], lists: StepLists, *, device: torch.devi
     def sq_sum(index: Sequence[int], scale: float = 1.0) -> torch.Tensor:
         gs = [grads[i] * scale if scale != 1.0 else grads[i] for i in index]
         weights = [lists.norm_weights[i] if weighted else None for i in index]
-        total = ops.grad_sq_norm(gs, weights, backend=backend).to(device)
+        total = ops.grad_sq_norm(gs, weights, backend=backend, tuning=tuning).to(device)
         if comm is not None:
             comm.all_reduce_(total)
         return total
@@ -158,27 +159,28 @@ def perturb_calls(grads: list[torch.Tensor], lists: StepLists, options: list[tup
     return prepared
 
 
-def perturb(calls: list[PerturbCall], *, backend: str | None, modified: Callable[[], None]) -> None:
+def perturb(calls: list[PerturbCall], *, backend: str | None, tuning: ops.Tuning | None,
+            modified: Callable[[], None]) -> None:
     """Runs the ``perturb_`` calls, all or nothing: if one raises, what the calls before it perturbed is
     restored (each list op checks all its arguments before it writes) and the exception propagates.
     ``modified()`` runs once the weights were written (perturbed, or perturbed and restored)."""
     done: list[list[list[Any]]] = []
     try:
         for args, scale, adaptive in calls:
-            ops.perturb_(*args, scale, adaptive, backend=backend)
+            ops.perturb_(*args, scale, adaptive, backend=backend, tuning=tuning)
             done.append(args)
     except BaseException:
         for W, _, words, offsets, backups in reversed(done):
-            ops.restore_(W, words, offsets, backups, backend=backend)
+            ops.restore_(W, words, offsets, backups, backend=backend, tuning=tuning)
         raise
     finally:
         if done:
             modified()
 
 
-def restore(lists: StepLists, *, backend: str | None) -> None:
+def restore(lists: StepLists, *, backend: str | None, tuning: ops.Tuning | None) -> None:
     """``w`` back from the backups, bit-exact: one ``restore_`` list op over every segment."""
-    ops.restore_(lists.weights, lists.words, lists.offsets, lists.backups, backend=backend)
+    ops.restore_(lists.weights, lists.words, lists.offsets, lists.backups, backend=backend, tuning=tuning)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,10 +221,11 @@ def _per_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
 
 
 def _axpby(X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, *,
-           backend: str | None) -> None:
+           backend: str | None, tuning: ops.Tuning | None) -> None:
     """``X ← a·X + b·Y`` with float64 scalars ``a``, ``b``: one list op per device of ``X``."""
     for device, index in _per_device(X).items():
-        ops.axpby_([X[i] for i in index], [Y[i] for i in index], a.to(device), b.to(device), backend=backend)
+        ops.axpby_([X[i] for i in index], [Y[i] for i in index], a.to(device), b.to(device), backend=backend,
+                   tuning=tuning)
 
 
 def _dot(X: list[torch.Tensor], Y: list[torch.Tensor], *, device: torch.device,
@@ -240,21 +243,23 @@ def _dot(X: list[torch.Tensor], Y: list[torch.Tensor], *, device: torch.device,
 
 
 def looksam_project(look: Lookahead, grads: list[torch.Tensor], lists: StepLists, *, device: torch.device,
-                    comm: ops.Communicator | None, backend: str | None) -> None:
+                    comm: ops.Communicator | None, backend: str | None, tuning: ops.Tuning | None) -> None:
     """The second half of a sharpness-aware step, ``grads`` holding ``g_s`` and the buffers ``g``:
     ``g_v = g_s − (⟨g, g_s⟩ / ‖g‖²) · g`` into the buffers (``‖g‖ = 0``: ``g_v = g_s``), and ``‖g_v‖``."""
-    g_sq = grad_norm(look.buffers, lists, device=device, comm=comm, backend=backend, weighted=False) ** 2
+    g_sq = grad_norm(look.buffers, lists, device=device, comm=comm, backend=backend, tuning=tuning,
+                     weighted=False) ** 2
     dot = _dot(look.buffers, grads, device=device, comm=comm)
     coefficient = torch.where(g_sq > 0, dot / g_sq, 0.0)
-    _axpby(look.buffers, grads, -coefficient, torch.ones_like(coefficient), backend=backend)
-    look.norm = grad_norm(look.buffers, lists, device=device, comm=comm, backend=backend, weighted=False)
+    _axpby(look.buffers, grads, -coefficient, torch.ones_like(coefficient), backend=backend, tuning=tuning)
+    look.norm = grad_norm(look.buffers, lists, device=device, comm=comm, backend=backend, tuning=tuning,
+                          weighted=False)
 
 
 def looksam_reuse(look: Lookahead, grads: list[torch.Tensor], g_norm: torch.Tensor, alpha: float, *,
-                  backend: str | None) -> None:
+                  backend: str | None, tuning: ops.Tuning | None) -> None:
     """A plain LookSAM step: ``g ← g + alpha · (‖g‖ / ‖g_v‖) · g_v`` in place (no ``g_v`` yet, or
     ``‖g_v‖ = 0``: ``g`` unchanged). ``g_norm``: ``‖g‖`` (float64, 0-d)."""
     if look.norm is None or not look.matches(grads):
         return
     scale = torch.where(look.norm > 0, alpha * g_norm.to(look.norm.device) / look.norm, 0.0)
-    _axpby(grads, look.buffers, torch.ones_like(scale), scale, backend=backend)
+    _axpby(grads, look.buffers, torch.ones_like(scale), scale, backend=backend, tuning=tuning)

@@ -56,8 +56,8 @@ LossFn = Callable[[Any, Any], Tensor]
 def fisher_information(model: nn.Module, loss_fn: LossFn | None, data: Iterable[Any],
                        num_samples: int, batch_size: int | None = None, *,
                        params: Sequence[nn.Parameter] | None = None, method: str = "auto",
-                       backend: str | None = None, loss_form: str = "auto", norm_eval: bool = True
-                       ) -> list[Tensor]:
+                       backend: str | None = None, tuning: ops.Tuning | None = None, loss_form: str = "auto",
+                       norm_eval: bool = True) -> list[Tensor]:
     """Diagonal empirical Fisher information of ``model``: one fp32 tensor per parameter.
 
     For each parameter ``w`` (default: ``[p for p in model.parameters() if p.requires_grad]``, else
@@ -92,6 +92,7 @@ def fisher_information(model: nn.Module, loss_fn: LossFn | None, data: Iterable[
             else ``"func"``, except for models that need the loop (below).
         backend: op backend for :func:`ssam_kernels.ops.fisher_accumulate_` (the loop path's
             accumulation); see :func:`ssam_kernels.ops.resolve_backend`.
+        tuning: that op's :class:`ssam_kernels.ops.Tuning` (None: the production settings).
         loss_form: ``"outputs"``, ``"model"`` or ``"auto"``: ``"model"`` when ``loss_fn`` is None or its
             first parameter is named ``model`` or annotated as an ``nn.Module``, else ``"outputs"``.
         norm_eval: True (default): normalization layers with running statistics (batch norm, and
@@ -134,6 +135,7 @@ def fisher_information(model: nn.Module, loss_fn: LossFn | None, data: Iterable[
     if not isinstance(norm_eval, bool):
         raise TypeError(f"norm_eval: expected a bool, got {type(norm_eval).__name__}")
     params, names = _resolve_params(model, params)
+    tuning = ops.tuning.resolve(tuning)
     for device in dict.fromkeys(p.device for p in params):
         ops.resolve_backend(backend, device)  # fail now on a bad or unavailable backend, not mid-pass
     input_device = next(iter(model.parameters())).device
@@ -154,7 +156,7 @@ def fisher_information(model: nn.Module, loss_fn: LossFn | None, data: Iterable[
                 for start in range(0, n, micro):
                     part = tree_map(lambda t, s=start: t[s: s + micro], batch)
                     if func_step is None:
-                        _loop_step(batch_loss, params, fisher, part, backend, through_backward)
+                        _loop_step(batch_loss, params, fisher, part, backend, tuning, through_backward)
                         continue
                     try:
                         sums = func_step(part)
@@ -163,7 +165,7 @@ def fisher_information(model: nn.Module, loss_fn: LossFn | None, data: Iterable[
                             raise
                         # Rerun this micro-batch with the loop: if the loop raises too, the error is the
                         # model's or the data's (raised, chained to this one), not torch.func's.
-                        _loop_step(batch_loss, params, fisher, part, backend)
+                        _loop_step(batch_loss, params, fisher, part, backend, tuning)
                         warn(f"fisher_information: the torch.func path failed ({type(exc).__name__}: "
                              f"{exc}); using the per-sample loop (method='loop') instead", RuntimeWarning)
                         func_step = None
@@ -445,7 +447,7 @@ def _func_step(batch_loss: _BatchLoss, params: list[nn.Parameter], names: list[s
 
 
 def _loop_step(batch_loss: _BatchLoss, params: list[nn.Parameter], fisher: list[Tensor], batch: Any,
-               backend: str | None, through_backward: bool = False) -> None:
+               backend: str | None, tuning: ops.Tuning, through_backward: bool = False) -> None:
     """Accumulate the squared gradient of each sample of ``batch``, one autograd pass per sample."""
     leaves, _ = tree_flatten(batch)
     for i in range(leaves[0].shape[0]):
@@ -468,4 +470,4 @@ def _loop_step(batch_loss: _BatchLoss, params: list[nn.Parameter], fisher: list[
                 gs.append(g.reshape(-1))
             else:  # outside the op contract's dtypes: square, round once into F
                 f.add_(g.square())
-        ops.fisher_accumulate_(fs, gs, backend=backend)
+        ops.fisher_accumulate_(fs, gs, backend=backend, tuning=tuning)

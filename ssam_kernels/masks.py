@@ -69,6 +69,7 @@ class MaskContext:
     comm: Communicator | None = None  # sharded: selections span the ranks
     replicas: Communicator | None = None  # replicated: scores that differ per rank are summed
     grads_synced: bool = True  # False: the gradient at w is each rank's own (DDP no_sync)
+    tuning: ops.Tuning | None = None
 
     def grads(self) -> list[torch.Tensor]:
         return [segment.grad() for segment in self.segments]
@@ -90,9 +91,10 @@ class MaskContext:
 
     def random_mask(self, k: int, seed: int, counter: int) -> list[Mask]:
         """``k`` live entries at the largest hashes ``h(seed, counter, j)`` of the entries' positions."""
-        scores = [ops.hash_scores(s.numel, seed, counter, s.position, s.device, backend=self.backend)
+        scores = [ops.hash_scores(s.numel, seed, counter, s.position, s.device, backend=self.backend,
+                                  tuning=self.tuning)
                   for s in self.segments]
-        return ops.select_topk(scores, k, backend=self.backend, comm=self.comm)
+        return ops.select_topk(scores, k, backend=self.backend, comm=self.comm, tuning=self.tuning)
 
 
 def _check_interval(interval: object, allow_none: bool) -> int | None:
@@ -199,11 +201,12 @@ class FisherMask(MaskPolicy):
         params = [p for segment in ctx.segments for p in segment.params]
         fisher = dict(zip(map(id, params), fisher_information(
             self.model, self.loss_fn, self.data, self.num_samples, self.batch_size, params=params,
-            method=self.method, backend=ctx.backend, loss_form=self.loss_form, norm_eval=self.norm_eval),
+            method=self.method, backend=ctx.backend, tuning=ctx.tuning, loss_form=self.loss_form,
+            norm_eval=self.norm_eval),
             strict=True))
         scores = [torch.cat([fisher[id(p)].reshape(-1) for p in segment.params]) for segment in ctx.segments]
         ctx.sum_over_replicas(scores)  # DDP: the Fisher of every rank's samples together
-        return ops.select_topk(scores, k, backend=ctx.backend, comm=ctx.comm)
+        return ops.select_topk(scores, k, backend=ctx.backend, comm=ctx.comm, tuning=ctx.tuning)
 
     def initial(self, ctx: MaskContext, k: int) -> list[Mask]:
         if self.initial_kind == "zeros":
@@ -262,7 +265,7 @@ class DynamicMask(MaskPolicy):
         n_drop = min(math.floor(self.rate(step) * k), live, numel - live)
         return ops.dynamic_update([words for words, _ in ctx.masks], drop, n_drop, grow, self.seed,
                                   hash_counter(step), backend=ctx.backend, comm=ctx.comm,
-                                  positions=[s.position for s in ctx.segments])
+                                  positions=[s.position for s in ctx.segments], tuning=ctx.tuning)
 
 
 class RandomMask(MaskPolicy):
@@ -295,8 +298,8 @@ def make_policy(mask: MaskPolicy | str | None) -> MaskPolicy | None:
     raise ValueError(f"mask: expected a MaskPolicy, None, 'dense', 'dynamic' or 'random', got {mask!r}{hint}")
 
 
-def topk_mask(scores: Sequence[torch.Tensor], sparsity: float, *, backend: str | None = None
-              ) -> list[torch.Tensor]:
+def topk_mask(scores: Sequence[torch.Tensor], sparsity: float, *, backend: str | None = None,
+              tuning: ops.Tuning | None = None) -> list[torch.Tensor]:
     """Bool masks (shaped like ``scores``) selecting exactly ``k = floor(N · (1 − sparsity))`` entries
     (:func:`live_count`) of all tensors together: the largest scores, ties taken in tensor then index
     order, NaN lowest."""
@@ -308,6 +311,6 @@ def topk_mask(scores: Sequence[torch.Tensor], sparsity: float, *, backend: str |
     # the sign bit maps signed order onto unsigned order exactly
     flat = [s ^ torch.iinfo(torch.int32).min if s.dtype == torch.int32 else s for s in flat]
     k = live_count(sum(s.numel() for s in flat), sparsity)
-    selected = ops.select_topk(flat, k, backend=backend)
+    selected = ops.select_topk(flat, k, backend=backend, tuning=tuning)
     return [bitmask.unpack(words, s.numel()).view(s.shape)
             for (words, _), s in zip(selected, scores, strict=True)]

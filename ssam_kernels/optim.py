@@ -54,6 +54,7 @@ from .layout import (
     zero_grads,
 )
 from .masks import Mask, MaskContext, MaskPolicy, check_sparsity, live_count, make_policy
+from .ops.tuning import resolve as resolve_tuning
 from .schedules import LookSAM, Schedule, make_schedule
 
 _NO_FIRST_STEP = ("{what}: no first_step() was taken in this step (the weights were never perturbed); "
@@ -118,7 +119,10 @@ class SSAM(torch.optim.Optimizer):
             ``"random"``, or None / ``"dense"`` for plain SAM (requires ``sparsity=0``).
         adaptive: ASAM's scale-invariant perturbation.
         eps: added to the norm before dividing (finite, > 0).
-        backend: ``"auto" | "reference" | "triton" | "native"`` (None: ``SSAM_KERNELS_BACKEND``).
+        backend: ``"auto" | "reference" | "vectorized" | "triton" | "native"`` (None:
+            ``SSAM_KERNELS_BACKEND``).
+        tuning: the block sizes and launch shapes of the PyTorch and Triton backends
+            (:class:`ssam_kernels.ops.Tuning`; None: the production ones). Never changes a result.
         layout: ``"auto" | "flat" | "tensors"`` (see :mod:`ssam_kernels.layout`).
         distributed: ``"auto" | "none" | "replicated" | "sharded"``: how the ranks hold the model
             (DDP: replicated, FSDP2: sharded; see :mod:`ssam_kernels.distributed`).
@@ -140,8 +144,9 @@ class SSAM(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], base_optimizer: BaseOptimizer, rho: float = 0.05,
                  *positional: Any, sparsity: float = 0.5, mask: MaskPolicy | str | None = "dynamic",
                  adaptive: bool = False, eps: float = 1e-12, backend: str | None = None,
-                 layout: str = "auto", distributed: str = "auto", process_group: Any = None,
-                 sync_perturbation: bool = True, ddp_model: torch.nn.Module | None = None,
+                 tuning: ops.Tuning | None = None, layout: str = "auto", distributed: str = "auto",
+                 process_group: Any = None, sync_perturbation: bool = True,
+                 ddp_model: torch.nn.Module | None = None,
                  schedule: Schedule | None = None, **base_kwargs: Any) -> None:
         check_keyword_only(type(self).__name__, positional)
         rho, eps = real("rho", rho), real("eps", eps, positive=True)
@@ -161,7 +166,7 @@ class SSAM(torch.optim.Optimizer):
         self.base_optimizer = build_base(base_optimizer, base_kwargs, self.param_groups, self.defaults)
         self.param_groups = self.base_optimizer.param_groups  # one list, updated in place on load
         self.defaults.update(self.base_optimizer.defaults)
-        self.eps, self.backend = eps, backend
+        self.eps, self.backend, self.tuning = eps, backend, resolve_tuning(tuning)
         for index, group in enumerate(self.param_groups):
             check_group(index, group, eps)
         perturbed = [list(g["params"]) if g["perturb"] else [] for g in self.param_groups]
@@ -312,6 +317,7 @@ class SSAM(torch.optim.Optimizer):
         settings = (f"sparsity={self.sparsity}, mask={self.policy!r}, rho={self.defaults['rho']}, "
                     f"adaptive={self.defaults['adaptive']}, eps={self.eps}, layout={self.layout.kind!r}, "
                     f"backend={requested!r}{f' ({resolved})' if resolved else ''}, "
+                    f"{f'tuning={self.tuning!r}, ' if self.tuning != ops.Tuning() else ''}"
                     f"base_optimizer={type(self.base_optimizer).__name__}, schedule={self.schedule!r}")
         head, _, groups = super().__repr__().partition("\n")
         return f"{head}{settings}\n{groups}"
@@ -352,7 +358,7 @@ class SSAM(torch.optim.Optimizer):
 
     def _context(self) -> MaskContext:
         return MaskContext(self.layout.segments, self._run.masks, self.backend, self.comm,
-                           self.replicas, self.sync_perturbation)
+                           self.replicas, self.sync_perturbation, self.tuning)
 
     def _set_masks(self, masks: list[Mask] | None) -> None:
         """Install masks (None: dense) and size the compact backups to each segment's live count."""
@@ -460,9 +466,11 @@ class SSAM(torch.optim.Optimizer):
                         self._average_over_replicas(run.lookahead.buffers)  # g_v's g: the global one
                 weighted = any(w is not None for w in lists.norm_weights)  # ASAM groups
                 run.grad_norm = plain_norm() if not weighted else _step.grad_norm(
-                    grads, lists, device=segments[0].device, comm=self.comm, backend=self.backend)
+                    grads, lists, device=segments[0].device, comm=self.comm, backend=self.backend,
+                    tuning=self.tuning)
                 calls = _step.perturb_calls(grads, lists, options, run.grad_norm, self.eps)
-                _step.perturb(calls, backend=self.backend, modified=self.layout.mark_modified)
+                _step.perturb(calls, backend=self.backend, tuning=self.tuning,
+                              modified=self.layout.mark_modified)
             run.phase = _PERTURBED
             if zero_grad:
                 self.zero_grad()
@@ -473,7 +481,7 @@ class SSAM(torch.optim.Optimizer):
         if not self.layout.segments:
             return torch.zeros((), dtype=torch.float64)
         return _step.grad_norm(grads, self._step_lists(), device=self.layout.segments[0].device,
-                               comm=self.comm, backend=self.backend, weighted=False)
+                               comm=self.comm, backend=self.backend, tuning=self.tuning, weighted=False)
 
     def _decision_sq_norm(self, plain_norm: Callable[[], torch.Tensor]) -> float:
         """``‖g‖²`` for a schedule's decision, read on the host: the same on every rank (DDP with
@@ -493,7 +501,8 @@ class SSAM(torch.optim.Optimizer):
             # the first backward ran under no_sync: average what DDP's backward would have
             self._average_over_replicas(grads + [p.grad for p in self._outside if p.grad is not None])
         if isinstance(self.schedule, LookSAM) and self.layout.segments:
-            _step.looksam_reuse(run.lookahead, grads, plain_norm(), self.schedule.alpha, backend=self.backend)
+            _step.looksam_reuse(run.lookahead, grads, plain_norm(), self.schedule.alpha, backend=self.backend,
+                                tuning=self.tuning)
         run.phase = _RESTORED
 
     def _average_over_replicas(self, tensors: list[torch.Tensor]) -> None:
@@ -529,7 +538,7 @@ class SSAM(torch.optim.Optimizer):
             run = self._run
             if run.phase != _PERTURBED:
                 return
-            _step.restore(self._step_lists(), backend=self.backend)
+            _step.restore(self._step_lists(), backend=self.backend, tuning=self.tuning)
             self.layout.mark_modified()
             run.phase = _RESTORED
 
@@ -657,7 +666,8 @@ class SSAM(torch.optim.Optimizer):
         self.unperturb()
         if run.sharp and isinstance(self.schedule, LookSAM) and self.layout.segments:
             _step.looksam_project(run.lookahead, self.layout.grads(), self._step_lists(),
-                                  device=self.layout.segments[0].device, comm=self.comm, backend=self.backend)
+                                  device=self.layout.segments[0].device, comm=self.comm, backend=self.backend,
+                                  tuning=self.tuning)
         with self.layout.hide_missing_grads():  # no gradient since zero_grad: not stepped, as in PyTorch
             self.base_optimizer.step()
         self.schedule.advance()

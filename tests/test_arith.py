@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from unittest import mock
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssam_kernels import ops
-from ssam_kernels.ops import _arith, bitmask
+from ssam_kernels.ops import Tuning, _arith, bitmask
 from tests.oracles import fisher_exact, fma_exact, perturb64, perturb_exact, round_exact
 
 BACKENDS = [b for b in ops.BACKENDS if ops._unavailable(b, "cpu") is None]
@@ -59,15 +58,16 @@ def _check_fma(a: list[float], b: list[float], c: list[float]) -> None:
     A, B, C = _f32(a), _f32(b), _f32(c)
     _assert_bits(_arith.fma32(A, B, C), want)
     paths = [False, True] if _arith.hardware_fma(torch.device("cpu")) else [False]
-    for hardware in paths:  # the host-checked double rounding, and torch.addcmul where it is an FMA
-        with mock.patch.object(_arith, "hardware_fma", return_value=hardware):
-            _assert_bits(_arith.fma32_fast(A, B, C), want)
-            _assert_bits(_arith.fma32_fast(A, B, C, torch.empty(3 * len(c) + 5, dtype=torch.float64)), want)
-            for x in sorted(set(a), key=str)[:3]:  # a scalar first factor, as perturb_ passes the scale
-                only = [i for i, v in enumerate(a) if v == x or (math.isnan(v) and math.isnan(x))]
-                if only:
-                    got = _arith.fma32_fast(torch.tensor(x, dtype=torch.float32), B[only], C[only])
-                    _assert_bits(got, [want[i] for i in only])
+    for fused in paths:  # the host-checked double rounding, and torch.addcmul where it is an FMA
+        tuning = Tuning(fused_fma=fused)
+        _assert_bits(_arith.fma32_fast(A, B, C, tuning=tuning), want)
+        workspace = torch.empty(3 * len(c) + 5, dtype=torch.float64)
+        _assert_bits(_arith.fma32_fast(A, B, C, workspace, tuning), want)
+        for x in sorted(set(a), key=str)[:3]:  # a scalar first factor, as perturb_ passes the scale
+            only = [i for i, v in enumerate(a) if v == x or (math.isnan(v) and math.isnan(x))]
+            if only:
+                got = _arith.fma32_fast(torch.tensor(x, dtype=torch.float32), B[only], C[only], tuning=tuning)
+                _assert_bits(got, [want[i] for i in only])
 
 
 def _naive(a: list[float], b: list[float], c: list[float]) -> torch.Tensor:
@@ -173,11 +173,10 @@ def test_fma32_fast_repairs_inexact_boundaries():
 def test_fma32_fast_on_other_devices_is_fma32(monkeypatch):
     """Where a reduction would synchronise with the host and PyTorch's ``addcmul`` is not an FMA,
     ``fma32_fast`` is ``fma32`` itself."""
-    monkeypatch.setattr(_arith, "HOST_READ_DEVICES", ())
-    monkeypatch.setattr(_arith, "hardware_fma", lambda device: False)
     calls = []
     monkeypatch.setattr(_arith, "fma32", lambda *args: calls.append(args) or torch.zeros(1))
-    _arith.fma32_fast(torch.tensor(1.0), _f32([2.0]), _f32([3.0]))
+    other_device = Tuning(host_reads=False, fused_fma=False)
+    _arith.fma32_fast(torch.tensor(1.0), _f32([2.0]), _f32([3.0]), tuning=other_device)
     assert len(calls) == 1
 
 

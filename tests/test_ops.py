@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssam_kernels import ops
-from ssam_kernels.ops import bitmask, reference
+from ssam_kernels.ops import Tuning, bitmask, reference
 from tests.helpers import ALL_DTYPES, DTYPES, assert_same_values
 from tests.oracles import (
     axpby_exact,
@@ -61,12 +61,11 @@ def test_popcount_of_extreme_words():
     assert bitmask.popcount(words).tolist() == [0, 32, 1, 1, 31, 16]
 
 
-def test_helpers_work_in_blocks(monkeypatch):
-    monkeypatch.setattr(bitmask, "_BLOCK_WORDS", 3)
+def test_helpers_work_in_blocks():
     live = torch.rand(5000) < 0.3
-    words, offsets = bitmask.from_bool(live)
-    assert torch.equal(bitmask.unpack(words, 5000), live)
-    assert offsets[-1] == live.sum()
+    words = bitmask.pack(live, block_words=3)
+    assert torch.equal(words, bitmask.pack(live))
+    assert torch.equal(bitmask.unpack(words, 5000, block_words=3), live)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,11 +83,11 @@ def test_grad_sq_norm(dtype, n, adaptive):
     assert total.item() == pytest.approx((g * g).sum().item(), rel=1e-12, abs=0)
 
 
-def test_grad_sq_norm_blocks_add_up(monkeypatch):
+def test_grad_sq_norm_blocks_add_up():
     G = torch.randn(10_000)
     whole = ops.grad_sq_norm(G)
-    monkeypatch.setattr(reference, "BLOCK", 96)
-    assert ops.grad_sq_norm(G).item() == pytest.approx(whole.item(), rel=1e-14)
+    blocked = ops.grad_sq_norm(G, backend="reference", tuning=Tuning(reference_block=96))
+    assert blocked.item() == pytest.approx(whole.item(), rel=1e-14)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,7 +166,7 @@ def test_axpby(dtype, backend):
         assert_same_values(X, torch.tensor(want, dtype=torch.float64).to(dtype))
 
 
-def test_axpby_lists_and_blocks(monkeypatch):
+def test_axpby_lists_and_blocks():
     """The list form is the single op on every entry; the reference's blocks add up to the whole."""
     gen = torch.Generator().manual_seed(5)
     Xs = [torch.randn(n, generator=gen).to(dtype) for n, dtype in zip(SIZES, [*ALL_DTYPES] * 2, strict=False)]
@@ -176,10 +175,9 @@ def test_axpby_lists_and_blocks(monkeypatch):
     singles = [x.clone() for x in Xs]
     for x, y in zip(singles, Ys, strict=True):
         ops.axpby_(x, y, a, b, backend="reference")
-    monkeypatch.setattr(reference, "BLOCK", 96)
     for backend in ("reference", "vectorized"):
         got = [x.clone() for x in Xs]
-        ops.axpby_(got, Ys, a, b, backend=backend)
+        ops.axpby_(got, Ys, a, b, backend=backend, tuning=Tuning(reference_block=96, chunk_entries=1024))
         for g, want in zip(got, singles, strict=True):
             assert_same_values(g, want)
     ops.axpby_([], [], a, b)  # an empty list does nothing
@@ -233,12 +231,11 @@ def test_select_topk_nan_is_smallest():
     assert positions(ops.select_topk(scores, 3), [4]) == {0, 1, 2}
 
 
-def test_select_topk_chunked_path_matches(monkeypatch):
+def test_select_topk_chunked_path_matches():
     scores = [torch.randn(3000).round(decimals=1), torch.randn(700).round(decimals=1)]
-    whole = ops.select_topk(scores, 1234)
-    monkeypatch.setattr(reference, "BLOCK", 64)
-    monkeypatch.setattr(bitmask, "_BLOCK_WORDS", 2)
-    chunked = ops.select_topk(scores, 1234)
+    whole = ops.select_topk(scores, 1234, backend="reference")
+    chunked = ops.select_topk(scores, 1234, backend="reference",
+                              tuning=Tuning(reference_block=64, mask_block_words=2))
     for (a, _), (b, _) in zip(whole, chunked, strict=True):
         assert torch.equal(a, b)
 
@@ -262,10 +259,10 @@ def test_hash_matches_documented_formula(base):
     assert (h.to(torch.int64) & 0xFFFFFFFF).tolist() == expected
 
 
-def test_hash_in_blocks_matches(monkeypatch):
+def test_hash_in_blocks_matches():
     whole = reference.hash_scores(1000, 1, 2, 2**33, torch.device("cpu"))
-    monkeypatch.setattr(reference, "BLOCK", 64)
-    assert torch.equal(reference.hash_scores(1000, 1, 2, 2**33, torch.device("cpu")), whole)
+    blocked = reference.hash_scores(1000, 1, 2, 2**33, torch.device("cpu"), tuning=Tuning(reference_block=64))
+    assert torch.equal(blocked, whole)
 
 
 @given(st.lists(st.integers(0, 300), min_size=1, max_size=3), st.floats(0.05, 0.95), st.data())

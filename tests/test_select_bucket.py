@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ssam_kernels import ops
-from ssam_kernels.ops import bitmask, reference
+from ssam_kernels.ops import TritonLaunch, Tuning, bitmask, reference
 from ssam_kernels.ops.select import BUCKET_SHIFT, chunk_offsets, select_with_offsets
 from tests.helpers import SCORE_DTYPES, cpu_backend, selection_scores
 from tests.helpers import SEGMENT_SIZES as SIZES
@@ -104,8 +104,8 @@ def test_bucket_mask_matches_oracle(backend, dtype, ties, filtered, largest):
                 assert written.unique().numel() == written.numel()
 
 
-def _check_topk(backend: str, scores, k: int) -> None:
-    got = ops.select_topk(scores, k, backend=backend)
+def _check_topk(backend: str, scores, k: int, tuning: Tuning | None = None) -> None:
+    got = ops.select_topk(scores, k, backend=backend, tuning=tuning)
     want = ops.select_topk(scores, k, backend="reference")
     for (w, o), (x, y) in zip(got, want, strict=True):
         assert torch.equal(w, x) and torch.equal(o, y)
@@ -126,16 +126,16 @@ def test_select_topk_bucket_path(monkeypatch, backend, dtype, ties):
 
 
 @pytest.mark.parametrize("backend", BUCKET_BACKENDS)
-def test_select_topk_configs(monkeypatch, backend):
+def test_select_topk_configs(backend):
     """Tiles smaller than a chunk (several programs add to one chunk's count) and the GPU tiles."""
-    from ssam_kernels.ops.triton import _config
+    from ssam_kernels.ops.tuning import TRITON_GPU, TRITON_INTERPRETER
     gen = torch.Generator().manual_seed(2)
     scores = [_scores(n, torch.float32, gen, ties=True) for n in [33, 0, 1023, 1, 2500]]
-    for fields in ({"block": 64, "histogram_tiles": 1, "interpret_programs": 3}, vars(_config.GPU_CONFIG)):
-        for field, value in fields.items():
-            monkeypatch.setattr(_config.CONFIG, field, value)
+    small = TritonLaunch(**{**vars(TRITON_INTERPRETER), "block": 64, "histogram_tiles": 1,
+                            "interpret_programs": 3})
+    for launch in (small, TRITON_GPU):
         for k in (1, 700, 3000):
-            _check_topk(backend, scores, k)
+            _check_topk(backend, scores, k, Tuning(triton=launch))
 
 
 @pytest.mark.parametrize("backend", BUCKET_BACKENDS)
@@ -166,17 +166,16 @@ def test_overflow_takes_third_pass(monkeypatch, backend):
     """A bucket larger than the capacity (forced small here) takes the third histogram pass and
     ``threshold_mask``; with the capacity between bucket sizes both paths run, both exact."""
     paths = _Paths(monkeypatch)
-    monkeypatch.setattr(select_module, "MIN_CAPACITY", 40)
-    monkeypatch.setattr(select_module, "CAPACITY_SHIFT", 62)
+    tuning = Tuning(bucket_min_capacity=40, bucket_capacity_shift=62)
     gen = torch.Generator().manual_seed(8)
     tied = [torch.randint(0, 3, (n,), generator=gen) / 2 for n in SIZES]  # ~2400 equal keys per bucket
     spread = [_scores(n, torch.float32, gen, ties=False) for n in SIZES]  # buckets of a few keys
     total = sum(SIZES)
     for k in (1, total // 2, total):
-        _check_topk(backend, tied, k)
+        _check_topk(backend, tied, k, tuning)
     assert paths.bucket == 0
     for k in (1, total // 2, total - 3):
-        _check_topk(backend, spread, k)
+        _check_topk(backend, spread, k, tuning)
     assert paths.bucket == 3
 
 
@@ -239,6 +238,7 @@ def test_native_bucket_mask_registered_for_cuda_only():
 def test_capacity_bounds():
     """The candidate capacity grows with N (~1/256 of the entries) between a floor and a ceiling that
     keeps the kernels' int32 slot cursor from overflowing."""
-    assert select_module._capacity(0) == select_module.MIN_CAPACITY
-    assert select_module._capacity(1 << 30) == 1 << 22
-    assert select_module._capacity(1 << 45) == select_module.MAX_CAPACITY < 1 << 31
+    tuning = Tuning()
+    assert select_module._capacity(0, tuning) == tuning.bucket_min_capacity
+    assert select_module._capacity(1 << 30, tuning) == 1 << 22
+    assert select_module._capacity(1 << 45, tuning) == select_module.MAX_CAPACITY < 1 << 31

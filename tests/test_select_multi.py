@@ -14,7 +14,7 @@ import torch
 
 import ssam_kernels as sk
 from ssam_kernels import ops
-from ssam_kernels.ops import bitmask, reference, vectorized
+from ssam_kernels.ops import Tuning, bitmask, reference, vectorized
 from ssam_kernels.ops.select import PASSES, select
 from tests.helpers import SCORE_DTYPES, cpu_backend, native_op_counts, selection_scores, triton_launch_log
 from tests.helpers import SEGMENT_SIZES as SIZES
@@ -35,13 +35,12 @@ def _case(sizes: list[int], dtype: torch.dtype, seed: int, ties: bool, filtered:
 
 
 @pytest.fixture(params=[1024, 1 << 16], ids=["vchunk1k", "vchunk64k"])
-def vchunk(request, monkeypatch) -> int:
+def vchunk(request) -> Tuning:
     """The vectorized backend's pieces: many packs and chunked segments, and the production size (the
     other backends run once)."""
     if request.param != 1 << 16 and request.node.callspec.params.get("backend", "vectorized") != "vectorized":
         pytest.skip("the chunk size is the vectorized backend's")
-    monkeypatch.setattr(vectorized, "CHUNK_ENTRIES", request.param)
-    return request.param
+    return Tuning(chunk_entries=request.param)
 
 
 @pytest.mark.parametrize("backend", LIST_BACKENDS)
@@ -58,7 +57,8 @@ def test_primitives_match_reference(backend, dtype, ties, filtered, largest, vch
         for prefix in (0, int(keys[5]), int(keys[-3])):
             p = torch.tensor((prefix >> (shift + bits)) << (shift + bits) if shift + bits < 32 else 0)
             for fv in (True, False):
-                got = module.radix_histogram_multi(scores, p, shift, bits, largest, filters, fv)
+                got = module.radix_histogram_multi(scores, p, shift, bits, largest, filters, fv,
+                                                   tuning=vchunk)
                 want = sum(reference.radix_histogram(s, p, shift, bits, largest, f, fv)
                            for s, f in zip(scores, filters, strict=True))
                 assert got.dtype == torch.int64 and torch.equal(got, want)
@@ -69,7 +69,7 @@ def test_primitives_match_reference(backend, dtype, ties, filtered, largest, vch
                          for s, f in zip(scores, filters, strict=True)]
         for quota in (0, 1, 2, sum(eligible_ties) // 2, sum(eligible_ties), sum(eligible_ties) + 5):
             words, left = module.threshold_mask_multi(scores, threshold, torch.tensor(quota), largest,
-                                                      filters, True)
+                                                      filters, True, tuning=vchunk)
             want, remaining = [], quota
             for s, f, ties_s in zip(scores, filters, eligible_ties, strict=True):
                 want.append(reference.threshold_mask(s, threshold, torch.tensor(remaining), largest, f, True))
@@ -92,7 +92,7 @@ def test_select_topk_lists(backend, mixed, vchunk):
     scores = [selection_scores(n, d, gen, ties=True) for n, d in zip(SIZES, dtypes, strict=True)]
     total = sum(SIZES)
     for k in (0, 1, total // 3, total - 1, total):
-        got = ops.select_topk(scores, k, backend=backend)
+        got = ops.select_topk(scores, k, backend=backend, tuning=vchunk)
         want = _topk_reference(scores, k)
         for (w, o), (x, y) in zip(got, want, strict=True):
             assert torch.equal(w, x) and torch.equal(o, y)
@@ -113,7 +113,7 @@ def test_dynamic_update_lists(backend, grow, vchunk):
                 else [selection_scores(n, torch.bfloat16, gen, ties=True) for n in SIZES])
     n_live = sum(int(x.sum()) for x in live)
     for n_drop in (0, 1, n_live // 2, min(n_live, sum(SIZES) - n_live)):
-        got = ops.dynamic_update(masks, drop, n_drop, grow_arg, 3, 11, backend=backend)
+        got = ops.dynamic_update(masks, drop, n_drop, grow_arg, 3, 11, backend=backend, tuning=vchunk)
         want = ops.dynamic_update(masks, drop, n_drop, grow_arg, 3, 11, backend="reference")
         for (w, o), (x, y), n in zip(got, want, SIZES, strict=True):
             assert torch.equal(w, x) and torch.equal(o, y)

@@ -38,6 +38,8 @@ if _WHY is None:
     import ssam_kernels.ops.triton as tb
     from ssam_kernels.ops.triton import _config
 
+    LAUNCH = _config.as_ints(_config.launch_config(ops.Tuning()))  # the registered ops' launch argument
+
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -83,15 +85,17 @@ def test_custom_ops_registered() -> None:
     scale = torch.tensor(0.25, device=DEVICE)
     F = _randn(100, torch.float32, gen).abs()
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.ssam_kernels.triton_grad_sq_norm_multi, ([G, G[:7]], [W, None]),
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_grad_sq_norm_multi, ([G, G[:7]], [W, None], LAUNCH),
                           test_utils=checks)
     W2, G2 = _randn(40, torch.float32, gen), _randn(40, torch.float32, gen)  # a dense entry
     lists = ([W, W2], [G, G2], [mask, None], [offsets, None], [backup, torch.empty(40, device=DEVICE)])
-    torch.library.opcheck(torch.ops.ssam_kernels.triton_perturb_multi_, (*lists, scale, True),
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_perturb_multi_, (*lists, scale, True, LAUNCH),
                           test_utils=checks)
-    torch.library.opcheck(torch.ops.ssam_kernels.triton_restore_multi_, ([W], [mask], [offsets], [backup]),
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_restore_multi_,
+                          ([W], [mask], [offsets], [backup], LAUNCH), test_utils=checks)
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_fisher_accumulate_multi_, ([F], [G], 0.5, LAUNCH),
                           test_utils=checks)
-    torch.library.opcheck(torch.ops.ssam_kernels.triton_fisher_accumulate_multi_, ([F], [G], 0.5),
+    torch.library.opcheck(torch.ops.ssam_kernels.triton_axpby_multi_, ([W2], [G2], scale, scale, LAUNCH),
                           test_utils=checks)
 
 
@@ -102,9 +106,10 @@ def test_torch_compile_keeps_semantics() -> None:
     mask, offsets, k = _mask(3000, 0.9, gen)
 
     def step(W: torch.Tensor, backup: torch.Tensor) -> torch.Tensor:
-        total = torch.ops.ssam_kernels.triton_grad_sq_norm_multi([G], [None])
+        total = torch.ops.ssam_kernels.triton_grad_sq_norm_multi([G], [None], LAUNCH)
         scale = (0.05 / (total.sqrt() + 1e-12)).float()
-        torch.ops.ssam_kernels.triton_perturb_multi_([W], [G], [mask], [offsets], [backup], scale, False)
+        torch.ops.ssam_kernels.triton_perturb_multi_([W], [G], [mask], [offsets], [backup], scale, False,
+                                                     LAUNCH)
         return W * 2
 
     eager_W, eager_backup = W0.clone(), torch.full((k,), float("nan"), device=DEVICE)
@@ -156,8 +161,8 @@ def _record_launches(monkeypatch: pytest.MonkeyPatch) -> tuple[set[str], list[tu
     ops.fisher_accumulate_(W, G, 0.25, backend="triton")
     ops.dynamic_update([mask], [G], 100, "random", 1, 2, backend="triton")  # the bucket path
     # A bucket past the capacity: the third histogram pass, the tie count and threshold_mask.
-    monkeypatch.setattr(sys.modules["ssam_kernels.ops.select"], "MIN_CAPACITY", 0)
-    ops.select_topk([torch.zeros(3000, device=DEVICE)], 100, backend="triton")
+    ops.select_topk([torch.zeros(3000, device=DEVICE)], 100, backend="triton",
+                    tuning=ops.Tuning(bucket_min_capacity=1))
     return set(kernels), launches
 
 

@@ -1,7 +1,8 @@
 """What is specific to the ``vectorized`` backend: its popcount pass, its memory-safety semantics (mask bits
-past N ignored, a backup shorter than the live count bounds what is touched), with ``CHUNK_ENTRIES`` shrunk
-so that small inputs span many chunks and with both FMA paths, and ``auto``'s choice. Its parity with the
-reference oracle, under each of its knobs, is in tests/test_parity.py.
+past N ignored, a backup shorter than the live count bounds what is touched), with
+``Tuning.chunk_entries`` shrunk so that small inputs span many chunks and with both FMA paths, and
+``auto``'s choice. Its parity with the reference oracle, under each of its tunings, is in
+tests/test_parity.py.
 """
 
 from __future__ import annotations
@@ -12,30 +13,31 @@ import pytest
 import torch
 
 from ssam_kernels import ops
-from ssam_kernels.ops import _arith, bitmask, native, reference, vectorized
+from ssam_kernels.ops import Tuning, _arith, bitmask, native, reference, vectorized
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
          torch.float16: torch.int16}
 
 
 @pytest.fixture(params=[1024, 1 << 16], ids=["chunk1k", "chunk64k"])
-def chunk(request, monkeypatch) -> int:
+def chunk(request) -> int:
     """Many small chunks, and the production chunk size."""
-    monkeypatch.setattr(vectorized, "CHUNK_ENTRIES", request.param)
     return request.param
 
 
 @pytest.fixture(params=["hardware-fma", "emulated-fma"])
-def fma_path(request, monkeypatch) -> str:
+def fused(request) -> bool:
     """Both ways of computing the fp32 FMA: PyTorch's ``addcmul`` where it is one (the arithmetic then
     runs on every entry of a chunk and is blended in), and the float64 emulation (on the handled
     entries only, gathered and scattered back)."""
-    if request.param == "hardware-fma":
-        if not _arith.hardware_fma(torch.device("cpu")):
-            pytest.skip("this CPU's addcmul is not an FMA")
-    else:
-        monkeypatch.setattr(_arith, "hardware_fma", lambda device: False)
-    return request.param
+    if request.param == "hardware-fma" and not _arith.hardware_fma(torch.device("cpu")):
+        pytest.skip("this CPU's addcmul is not an FMA")
+    return request.param == "hardware-fma"
+
+
+@pytest.fixture
+def tuning(chunk: int, fused: bool) -> Tuning:
+    return Tuning(chunk_entries=chunk, fused_fma=fused)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -77,7 +79,7 @@ def _truncated(words: torch.Tensor, n: int, keep: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [33, 1025, 5000])
 @pytest.mark.parametrize("backup_len", ["short", "empty", "long"])
-def test_backup_length_bounds_what_is_touched(n, backup_len, fma_path, chunk):
+def test_backup_length_bounds_what_is_touched(n, backup_len, tuning):
     W, G = torch.randn(n), torch.randn(n)
     words, offsets, k = random_mask(n, 0.5)
     length = {"short": k // 3, "empty": 0, "long": k + 5}[backup_len]
@@ -87,15 +89,15 @@ def test_backup_length_bounds_what_is_touched(n, backup_len, fma_path, chunk):
     w_ref, b_ref = W.clone(), torch.full((min(k, length),), 7.0)
     reference.perturb_(w_ref, G, cut, None, b_ref, scale)
     w, backup = W.clone(), torch.full((length,), 7.0)
-    vectorized.perturb_(w, G, words, offsets, backup, scale)
+    vectorized.perturb_(w, G, words, offsets, backup, scale, tuning=tuning)
     assert same_bits(w, w_ref) and same_bits(backup[: min(k, length)], b_ref)
     assert (backup[min(k, length):] == 7.0).all()  # slots past the live count are not written
-    vectorized.restore_(w, words, offsets, backup)  # writes back exactly the entries it changed
+    vectorized.restore_(w, words, offsets, backup, tuning=tuning)  # writes back exactly what it changed
     assert same_bits(w, W)
 
 
 @pytest.mark.parametrize("n", [1, 33, 1000, 1025])
-def test_mask_bits_past_n_are_ignored(n, fma_path, chunk):
+def test_mask_bits_past_n_are_ignored(n, tuning):
     W, G = torch.randn(n), torch.randn(n)
     words, offsets, k = random_mask(n, 0.5)
     dirty = words.clone()
@@ -104,9 +106,9 @@ def test_mask_bits_past_n_are_ignored(n, fma_path, chunk):
     scale = torch.tensor(0.5)
     w_ref, b_ref, w, backup = W.clone(), torch.empty(k), W.clone(), torch.full((k + 40,), 7.0)
     reference.perturb_(w_ref, G, words, offsets, b_ref, scale)
-    vectorized.perturb_(w, G, dirty, offsets, backup, scale)  # a backup with room for the stray bits
+    vectorized.perturb_(w, G, dirty, offsets, backup, scale, tuning=tuning)  # room for the stray bits
     assert same_bits(w, w_ref) and same_bits(backup[:k], b_ref) and (backup[k:] == 7.0).all()
-    vectorized.restore_(w, dirty, offsets, backup)
+    vectorized.restore_(w, dirty, offsets, backup, tuning=tuning)
     assert same_bits(w, W)
 
 

@@ -30,6 +30,10 @@ Dtypes: float32, float64, bfloat16 and float16 everywhere. The element-wise arit
 multiply-add per entry (of operands that are inputs or rounded fp32 products), then one rounding to the
 output's dtype; float64 ``W`` and ``X`` are computed in float64, each operation rounded once.
 Bit-identical across backends (``ops/_arith.py`` emulates the FMA for the PyTorch ones).
+
+Tuning: every op takes ``tuning=`` (:class:`Tuning`, None for the production settings): the block and
+chunk sizes and launch shapes of the PyTorch and Triton backends, passed down to every primitive of the
+call. It never changes a result.
 """
 
 from __future__ import annotations
@@ -51,11 +55,13 @@ except ImportError:
     _C = None
 from .contract import CHUNK, num_offsets, num_words
 from .select import Communicator, MaskList, chunk_offsets, list_offsets, select_counted, select_with_offsets
+from .tuning import TritonLaunch, Tuning
+from .tuning import resolve as _tuning
 
 __all__ = [
-    "BACKENDS", "CHUNK", "Communicator", "available_backends", "axpby_", "bitmask", "dynamic_update",
-    "fisher_accumulate_", "grad_sq_norm", "hash_scores", "perturb_", "resolve_backend", "restore_",
-    "select_topk",
+    "BACKENDS", "CHUNK", "Communicator", "TritonLaunch", "Tuning", "available_backends", "axpby_",
+    "bitmask", "dynamic_update", "fisher_accumulate_", "grad_sq_norm", "hash_scores", "perturb_",
+    "resolve_backend", "restore_", "select_topk",
 ]
 
 BACKENDS = ("reference", "vectorized", "triton", "native", "cuda_sim")
@@ -479,8 +485,8 @@ def _check_scores(name: str, scores: object, dtypes: Sequence[torch.dtype] = FLO
 # The ops
 # ----------------------------------------------------------------------------------------------------
 
-def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | None = None
-                 ) -> torch.Tensor:
+def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | None = None,
+                 tuning: Tuning | None = None) -> torch.Tensor:
     """Squared gradient norm: ``Σ g_i²``, or ``Σ (g_i · |w_i|)²`` when ``W`` is given (ASAM). Returns a
     float64 0-d tensor; the sum is accumulated in float64 in a fixed order, so the same input on the same
     device gives the same bits for any number of threads (the reference and vectorized backends: the
@@ -500,18 +506,20 @@ def grad_sq_norm(G: TensorList, W: OptionalTensorList = None, *, backend: str | 
     deterministic, equal to the in-order sum up to float64 rounding). Either way the same list on the
     same device gives the same bits on every call.
     """
+    tuning = _tuning(tuning)
     if isinstance(G, torch.Tensor):
         G = _check_vector("G", G)
         if W is not None:
             _check_like("W", _check_vector("W", W), "G", G)
-        return resolve_backend(backend, G.device, G.dtype).grad_sq_norm(G, W)
+        return resolve_backend(backend, G.device, G.dtype).grad_sq_norm(G, W, tuning=tuning)
     Gs = _as_list("G", G, allow_empty=False)
     Ws = _optional_list("W", W, len(Gs))
     _check_norm_lists(Gs, Ws)
     home = Gs[0].device
     total = None
     for module, index in _groups(backend, Gs):
-        part = list_primitive(module, "grad_sq_norm", index)(_pick(Gs, index), _pick(Ws, index))
+        norm = list_primitive(module, "grad_sq_norm", index)
+        part = norm(_pick(Gs, index), _pick(Ws, index), tuning=tuning)
         total = part.to(home) if total is None else total + part.to(home)
     return total
 
@@ -528,7 +536,7 @@ def _element_arguments(Ws: list, Gs: list | None, masks: list, offs: list, backu
 
 def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: OptionalTensorList,
              backup: TensorList, scale: torch.Tensor, adaptive: bool = False, *,
-             backend: str | None = None) -> None:
+             backend: str | None = None, tuning: Tuning | None = None) -> None:
     """Perturb the masked entries of ``W`` in place and keep their old values in ``backup``.
 
     For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
@@ -557,6 +565,7 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
     and ``adaptive``; all ``W`` on ``scale``'s device, any float dtypes. Validated once, one call per
     dtype group (one kernel launch per group on the fast backends).
     """
+    tuning = _tuning(tuning)
     if isinstance(W, torch.Tensor):
         W = _check_vector("W", W)
         _check_like("G", _check_vector("G", G), "W", W)
@@ -565,7 +574,7 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
         module = resolve_backend(backend, W.device, W.dtype)
         arguments = _element_arguments([W], [G], [mask], [offsets], [backup], scale)
         _check_disjoint_for(module, W.device, arguments, indexed=False)
-        module.perturb_(W, G, mask, offsets, backup, scale, bool(adaptive))
+        module.perturb_(W, G, mask, offsets, backup, scale, bool(adaptive), tuning=tuning)
         return
     Ws = _as_list("W", W)
     Gs, backups = _as_list("G", G, len(Ws)), _as_list("backup", backup, len(Ws))
@@ -577,24 +586,25 @@ def perturb_(W: TensorList, G: TensorList, mask: OptionalTensorList, offsets: Op
     _check_list_disjoint(groups, Ws, _element_arguments(Ws, Gs, masks, offs, backups, scale))
     for module, index in groups:
         args = [_pick(t, index) for t in (Ws, Gs, masks, offs, backups)]
-        list_primitive(module, "perturb_", index)(*args, scale, bool(adaptive))
+        list_primitive(module, "perturb_", index)(*args, scale, bool(adaptive), tuning=tuning)
 
 
 def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorList, backup: TensorList, *,
-             backend: str | None = None) -> None:
+             backend: str | None = None, tuning: Tuning | None = None) -> None:
     """``W[i] = backup[rank(i)]`` for every set bit ``i`` (every ``i`` when ``mask`` is None): bit-exact.
 
     Bounds as in :func:`perturb_`: bits at or past ``N`` are ignored, only ranks in
     ``[0, backup.numel())`` are restored, and ``offsets`` are checked against the mask on CPU tensors.
     Lists as in :func:`perturb_` (any devices: one call per (device, dtype) group).
     """
+    tuning = _tuning(tuning)
     if isinstance(W, torch.Tensor):
         W = _check_vector("W", W)
         _check_mask_and_backup(W, mask, offsets, backup)
         module = resolve_backend(backend, W.device, W.dtype)
         arguments = _element_arguments([W], None, [mask], [offsets], [backup], None)
         _check_disjoint_for(module, W.device, arguments, indexed=False)
-        module.restore_(W, mask, offsets, backup)
+        module.restore_(W, mask, offsets, backup, tuning=tuning)
         return
     Ws = _as_list("W", W)
     backups = _as_list("backup", backup, len(Ws))
@@ -603,11 +613,12 @@ def restore_(W: TensorList, mask: OptionalTensorList, offsets: OptionalTensorLis
     groups = _groups(backend, Ws)
     _check_list_disjoint(groups, Ws, _element_arguments(Ws, None, masks, offs, backups, None))
     for module, index in groups:
-        list_primitive(module, "restore_", index)(*[_pick(t, index) for t in (Ws, masks, offs, backups)])
+        list_primitive(module, "restore_", index)(*[_pick(t, index) for t in (Ws, masks, offs, backups)],
+                                                  tuning=tuning)
 
 
 def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
-                       backend: str | None = None) -> None:
+                       backend: str | None = None, tuning: Tuning | None = None) -> None:
     """``F += alpha · G²`` element-wise: ``fma(g, rn(alpha · g), f)`` in fp32, with ``g`` (any float
     dtype) and ``alpha`` (a Python float) each rounded to nearest fp32 once: one rounded product and one
     fused multiply-add, so for a power-of-two ``alpha`` (1 by default) the correctly rounded
@@ -618,12 +629,13 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     of ``G``) group."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha: expected a float, got {type(alpha).__name__}")
+    tuning = _tuning(tuning)
     if isinstance(F, torch.Tensor):
         F = _check_vector("F", F, _FISHER_DTYPES)
         _check_like("G", _check_vector("G", G), "F", F, dtype=False)
         module = resolve_backend(backend, F.device, G.dtype)
         _check_disjoint_for(module, F.device, (("F", True, [F]), ("G", False, [G])), indexed=False)
-        module.fisher_accumulate_(F, G, float(alpha))
+        module.fisher_accumulate_(F, G, float(alpha), tuning=tuning)
         return
     Fs = _as_list("F", F)
     Gs = _as_list("G", G, len(Fs))
@@ -635,11 +647,12 @@ def fisher_accumulate_(F: TensorList, G: TensorList, alpha: float = 1.0, *,
     groups = _groups(backend, Gs)
     _check_list_disjoint(groups, Gs, (("F", True, Fs), ("G", False, Gs)))
     for module, index in groups:
-        list_primitive(module, "fisher_accumulate_", index)(_pick(Fs, index), _pick(Gs, index), float(alpha))
+        list_primitive(module, "fisher_accumulate_", index)(_pick(Fs, index), _pick(Gs, index), float(alpha),
+                                                            tuning=tuning)
 
 
-def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None
-           ) -> None:
+def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None,
+           tuning: Tuning | None = None) -> None:
     """``X ← a·X + b·Y`` element-wise, in place.
 
     ``X`` and ``Y`` are 1-D contiguous float tensors (float32, float64, bfloat16, float16) of one dtype,
@@ -655,6 +668,7 @@ def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, ba
     for all, every ``X`` on their device, any float dtypes: validated once, one call per dtype group (one
     kernel launch per group on the fast backends).
     """
+    tuning = _tuning(tuning)
     if isinstance(X, torch.Tensor):
         X = _check_vector("X", X)
         _check_like("Y", _check_vector("Y", Y), "X", X)
@@ -662,7 +676,7 @@ def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, ba
         _check_scale(b, X.device, "b", "X")
         module = resolve_backend(backend, X.device, X.dtype)
         _check_disjoint_for(module, X.device, _axpby_arguments([X], [Y], a, b), indexed=False)
-        module.axpby_(X, Y, a, b)
+        module.axpby_(X, Y, a, b, tuning=tuning)
         return
     Xs = _as_list("X", X)
     Ys = _as_list("Y", Y, len(Xs))
@@ -674,7 +688,7 @@ def axpby_(X: TensorList, Y: TensorList, a: torch.Tensor, b: torch.Tensor, *, ba
     groups = _groups(backend, Xs)
     _check_list_disjoint(groups, Xs, _axpby_arguments(Xs, Ys, a, b))
     for module, index in groups:
-        list_primitive(module, "axpby_", index)(_pick(Xs, index), _pick(Ys, index), a, b)
+        list_primitive(module, "axpby_", index)(_pick(Xs, index), _pick(Ys, index), a, b, tuning=tuning)
 
 
 def _axpby_arguments(Xs: list, Ys: list, a: torch.Tensor, b: torch.Tensor
@@ -696,7 +710,8 @@ def _global_total(value: int, device: torch.device, comm: Communicator | None) -
 
 
 def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None = None,
-                comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                comm: Communicator | None = None, tuning: Tuning | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly ``k`` of the entries of all ``scores`` together: ``(mask, offsets)`` per tensor.
 
     Selected: every entry greater than the k-th largest value ``t``, then entries equal to ``t`` in
@@ -707,29 +722,32 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
     the selection spans all ranks and ``k`` is the global count. Radix selection: no sort, no index
     arrays, any size.
     """
+    tuning = _tuning(tuning)
     scores = _check_scores("scores", scores, _SCORE_DTYPES)
     total = _global_total(sum(s.numel() for s in scores), scores[0].device, comm)
     k = _check_count("k", k, total)
     backends = [resolve_backend(backend, s.device, s.dtype) for s in scores]
-    return select_with_offsets(scores, k, True, backends, comm)
+    return select_with_offsets(scores, k, True, backends, comm, tuning)
 
 
 def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.device | str = "cpu", *,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, tuning: Tuning | None = None) -> torch.Tensor:
     """The counter-based hash ``h(seed, step, j)`` of positions ``j = base … base + n - 1``, as int32
     bit patterns of unsigned 32-bit values (formula in ``reference.hash_scores``); identical in every
     backend, so random masks built from it match across backends, layouts and resumes."""
+    tuning = _tuning(tuning)
     n = _check_count("n", n)
     seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
     base = _check_count("base", base, _MAX_POSITION - n)  # positions are int64 in every backend
     device = torch.device(device)
-    return resolve_backend(backend, device, torch.int32).hash_scores(n, seed, step, base, device)
+    module = resolve_backend(backend, device, torch.int32)
+    return module.hash_scores(n, seed, step, base, device, tuning=tuning)
 
 
 def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor], n_drop: int,
                    grow: str | Sequence[torch.Tensor], seed: int, step: int, *, backend: str | None = None,
-                   comm: Communicator | None = None, positions: Sequence[int] | None = None
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   comm: Communicator | None = None, positions: Sequence[int] | None = None,
+                   tuning: Tuning | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One SSAM-D mask update over all segments together; ``(mask, offsets)`` per segment.
 
     Drops the ``n_drop`` live entries with the smallest ``drop_scores`` (NaN first, ties earliest
@@ -740,6 +758,7 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     ``positions[s] + i`` for entry ``i`` of segment ``s`` when ``positions`` is given (the optimizer
     passes the unsharded model's positions, so sharded runs grow where one process would).
     """
+    tuning = _tuning(tuning)
     drop_scores = _check_scores("drop_scores", drop_scores)
     if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence) or len(masks) != len(drop_scores):
         raise TypeError(f"masks: expected a list of {len(drop_scores)} int32 tensors (one per score tensor)")
@@ -774,15 +793,16 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
             raise ValueError(f"positions: expected {len(sizes)} ints, got {len(positions)}")
         for i, (position, size) in enumerate(zip(positions, sizes, strict=True)):
             _check_count(f"positions[{i}]", position, _MAX_POSITION - size)
-        grow_scores = _grow_hashes(backends, sizes, list(positions), seed, step, drop_scores)
+        grow_scores = _grow_hashes(backends, sizes, list(positions), seed, step, drop_scores, tuning)
     else:
         grow_scores = _check_scores("grow", grow)
         if len(grow_scores) != len(drop_scores):
             raise ValueError(f"grow: expected {len(drop_scores)} tensors, got {len(grow_scores)}")
         for i, (g, s) in enumerate(zip(grow_scores, drop_scores, strict=True)):
             _check_like(f"grow[{i}]", g, f"drop_scores[{i}]", s, dtype=False)
-    dropped, dropped_per_chunk = select_counted(drop_scores, n_drop, False, backends, masks, True, comm)
-    grown, grown_per_chunk = select_counted(grow_scores, n_drop, True, backends, masks, False, comm)
+    dropped, dropped_per_chunk = select_counted(drop_scores, n_drop, False, backends, masks, True, comm,
+                                                tuning)
+    grown, grown_per_chunk = select_counted(grow_scores, n_drop, True, backends, masks, False, comm, tuning)
     if batch is None:
         return _with_offsets([(m & ~d) | g for m, d, g in zip(masks, dropped, grown, strict=True)], sizes)
     new = batch.split(batch.trimmed(masks) & ~batch.trimmed(dropped) | batch.trimmed(grown))
@@ -795,7 +815,7 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
 
 
 def _grow_hashes(backends: list[ModuleType], sizes: list[int], positions: list[int], seed: int, step: int,
-                 like: list[torch.Tensor]) -> list[torch.Tensor]:
+                 like: list[torch.Tensor], tuning: Tuning) -> list[torch.Tensor]:
     """``hash_scores`` of every segment (entries ``positions[s] …``): one call per run of consecutive
     segments of one device whose positions follow each other (the whole list in one process), each
     segment's hashes a view of its run's."""
@@ -806,7 +826,7 @@ def _grow_hashes(backends: list[ModuleType], sizes: list[int], positions: list[i
                 and positions[i] == positions[i - 1] + sizes[i - 1]):
             continue
         run = backends[start].hash_scores(sum(sizes[start:i]), seed, step, positions[start],
-                                          like[start].device)
+                                          like[start].device, tuning=tuning)
         out.extend(run.split(sizes[start:i]))
         start = i
     return out

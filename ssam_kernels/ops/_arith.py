@@ -39,6 +39,8 @@ from collections.abc import Callable
 
 import torch
 
+from .tuning import DEFAULT, Tuning
+
 HOST_READ_DEVICES = ("cpu",)
 """Device types whose tensors the host reads without synchronising: :func:`fma32_fast` branches on a
 reduction there, and runs :func:`fma32` elsewhere."""
@@ -93,6 +95,18 @@ def hardware_fma(device: torch.device) -> bool:
     return found
 
 
+def fused_addcmul(device: torch.device, tuning: Tuning) -> bool:
+    """Whether the fp32 FMA is one ``torch.addcmul`` on ``device``: :func:`hardware_fma`, unless
+    ``tuning.fused_fma`` is off."""
+    return tuning.fused_fma and hardware_fma(device)
+
+
+def reads_host(device: torch.device, tuning: Tuning) -> bool:
+    """Whether ops on ``device`` tensors branch on values read on the host (``HOST_READ_DEVICES``),
+    unless ``tuning.host_reads`` is off."""
+    return tuning.host_reads and device.type in HOST_READ_DEVICES
+
+
 def _probe_addcmul(device: torch.device) -> bool:
     gen = torch.Generator().manual_seed(0x5EED)
     special = torch.tensor([0.0, -0.0, 2.0**-149, -(2.0**-149), 2.0**-126, 1.0 + 2.0**-12, -(1.0 + 2.0**-12),
@@ -116,10 +130,10 @@ def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
                                                                   y.view(torch.int32)[~nan]))
 
 
-def fma32_fast(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, workspace: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """:func:`fma32` (same arguments, same bits up to NaN payloads), cheaper where :func:`hardware_fma`
-    holds (one ``torch.addcmul``) or on devices of ``HOST_READ_DEVICES`` (as follows).
+def fma32_fast(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, workspace: torch.Tensor | None = None,
+               tuning: Tuning = DEFAULT) -> torch.Tensor:
+    """:func:`fma32` (same arguments, same bits up to NaN payloads), cheaper where :func:`fused_addcmul`
+    holds (one ``torch.addcmul``) or where :func:`reads_host` does (as follows).
 
     ``r = a·b + c`` is rounded once to float64 (the product is exact), then to fp32. Both roundings are
     to nearest and every fp32 midpoint is a float64 number, so the second rounding gives the correctly
@@ -133,10 +147,10 @@ def fma32_fast(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, workspace: tor
     holds the temporaries (no allocation); the result is then a view of it, valid until its next use.
     """
     n = c.numel()
-    if n and hardware_fma(c.device):
+    if n and fused_addcmul(c.device, tuning):
         out = None if workspace is None else workspace[:n].view(torch.float32)[:n]
         return torch.addcmul(c, a, b, out=out)
-    if c.device.type not in HOST_READ_DEVICES or n == 0:
+    if not reads_host(c.device, tuning) or n == 0:
         return fma32(a, b, c)
     if workspace is None:
         workspace = torch.empty(3 * n, dtype=torch.float64, device=c.device)

@@ -20,7 +20,8 @@ import torch
 
 from .contract import CHUNK, WORDS_PER_CHUNK, num_chunks, num_offsets, num_words  # noqa: F401 (the format's sizes)
 
-_BLOCK_WORDS = 1 << 20  # words per block in the helpers below (32 Mi entries)
+BLOCK_WORDS = 1 << 20
+"""Words per block of :func:`pack` and :func:`unpack` by default (32 Mi entries)."""
 _BIT_WEIGHTS_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
@@ -43,13 +44,14 @@ def to_uint(words: torch.Tensor) -> torch.Tensor:
     return words.to(torch.int64) & 0xFFFFFFFF
 
 
-def pack(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a 1-D bool tensor of ``N`` entries into ``ceil(N / 32)`` int32 words."""
+def pack(bits: torch.Tensor, block_words: int = BLOCK_WORDS) -> torch.Tensor:
+    """Pack a 1-D bool tensor of ``N`` entries into ``ceil(N / 32)`` int32 words, ``block_words`` at a
+    time."""
     n = bits.numel()
     words = torch.empty(num_words(n), dtype=torch.int32, device=bits.device)
     weights = _bit_weights(bits.device)
-    for start in range(0, words.numel(), _BLOCK_WORDS):
-        stop = min(start + _BLOCK_WORDS, words.numel())
+    for start in range(0, words.numel(), block_words):
+        stop = min(start + block_words, words.numel())
         block = bits[start * 32: stop * 32]
         pad = (stop - start) * 32 - block.numel()
         if pad:
@@ -59,14 +61,14 @@ def pack(bits: torch.Tensor) -> torch.Tensor:
     return words
 
 
-def unpack(words: torch.Tensor, n: int) -> torch.Tensor:
-    """Unpack int32 words into a 1-D bool tensor of ``n`` entries."""
+def unpack(words: torch.Tensor, n: int, block_words: int = BLOCK_WORDS) -> torch.Tensor:
+    """Unpack int32 words into a 1-D bool tensor of ``n`` entries, ``block_words`` at a time."""
     if words.numel() != num_words(n):
         raise ValueError(f"mask: expected {num_words(n)} words for {n} entries, got {words.numel()}")
     weights = _bit_weights(words.device)
     out = torch.empty(n, dtype=torch.bool, device=words.device)
-    for start in range(0, words.numel(), _BLOCK_WORDS):
-        stop = min(start + _BLOCK_WORDS, words.numel())
+    for start in range(0, words.numel(), block_words):
+        stop = min(start + block_words, words.numel())
         block = (to_uint(words[start:stop]).unsqueeze(1) & weights) != 0
         out[start * 32: stop * 32] = block.view(-1)[: min(n, stop * 32) - start * 32]
     return out

@@ -14,13 +14,15 @@ from types import ModuleType
 import torch
 
 from . import bitmask
+from .tuning import DEFAULT, Tuning
 
 _LOOPS: dict[str, Callable[..., object]] = {}
 
 
 def _loop(name: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """Registers the list form of primitive ``name`` built from single calls: ``loop(backend, index,
-    *list_args)``, ``index`` the entries' positions in the caller's list (for error messages)."""
+    *list_args, tuning=...)``, ``index`` the entries' positions in the caller's list (for error
+    messages)."""
     def register(loop: Callable[..., object]) -> Callable[..., object]:
         _LOOPS[name] = loop
         return loop
@@ -36,13 +38,17 @@ def multi_name(name: str) -> str:
 def list_primitive(backend: ModuleType, name: str, index: Sequence[int] | None = None
                    ) -> Callable[..., object]:
     """``backend``'s list form of primitive ``name``: its own (``multi_name(name)``) or the loop over
-    its single primitive. ``index``: the positions of the list's entries in the caller's list, which
-    errors name (``offsets[j]``); by default ``0 … len - 1``."""
+    its single primitive; both take the list arguments and the keyword ``tuning``. ``index``: the
+    positions of the list's entries in the caller's list, which errors name (``offsets[j]``); by default
+    ``0 … len - 1``."""
     multi = getattr(backend, multi_name(name), None)
     if multi is not None:
         return multi
     loop = _LOOPS[name]
-    return lambda first, *rest: loop(backend, range(len(first)) if index is None else index, first, *rest)
+
+    def looped(first: list, *rest: object, tuning: Tuning = DEFAULT) -> object:
+        return loop(backend, range(len(first)) if index is None else index, first, *rest, tuning=tuning)
+    return looped
 
 
 def sum_in_order(totals: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -63,57 +69,60 @@ def _check_offsets_first(index: Sequence[int], Ws: list[torch.Tensor], masks: li
 
 
 @_loop("grad_sq_norm")
-def _grad_sq_norm(backend: ModuleType, index: Sequence[int], Gs: list, Ws: list) -> torch.Tensor:
-    return sum_in_order(backend.grad_sq_norm(g, w) for g, w in zip(Gs, Ws, strict=True))
+def _grad_sq_norm(backend: ModuleType, index: Sequence[int], Gs: list, Ws: list, *, tuning: Tuning
+                  ) -> torch.Tensor:
+    return sum_in_order(backend.grad_sq_norm(g, w, tuning=tuning) for g, w in zip(Gs, Ws, strict=True))
 
 
 @_loop("perturb_")
 def _perturb(backend: ModuleType, index: Sequence[int], Ws: list, Gs: list, masks: list, offs: list,
-             backups: list, scale: torch.Tensor, adaptive: bool) -> None:
+             backups: list, scale: torch.Tensor, adaptive: bool, *, tuning: Tuning) -> None:
     _check_offsets_first(index, Ws, masks, offs)
     for w, g, m, o, b in zip(Ws, Gs, masks, offs, backups, strict=True):
-        backend.perturb_(w, g, m, o, b, scale, adaptive)
+        backend.perturb_(w, g, m, o, b, scale, adaptive, tuning=tuning)
 
 
 @_loop("restore_")
-def _restore(backend: ModuleType, index: Sequence[int], Ws: list, masks: list, offs: list, backups: list
-             ) -> None:
+def _restore(backend: ModuleType, index: Sequence[int], Ws: list, masks: list, offs: list, backups: list, *,
+             tuning: Tuning) -> None:
     _check_offsets_first(index, Ws, masks, offs)
     for w, m, o, b in zip(Ws, masks, offs, backups, strict=True):
-        backend.restore_(w, m, o, b)
+        backend.restore_(w, m, o, b, tuning=tuning)
 
 
 @_loop("fisher_accumulate_")
-def _fisher_accumulate(backend: ModuleType, index: Sequence[int], Fs: list, Gs: list, alpha: float) -> None:
+def _fisher_accumulate(backend: ModuleType, index: Sequence[int], Fs: list, Gs: list, alpha: float, *,
+                       tuning: Tuning) -> None:
     for f, g in zip(Fs, Gs, strict=True):
-        backend.fisher_accumulate_(f, g, alpha)
+        backend.fisher_accumulate_(f, g, alpha, tuning=tuning)
 
 
 @_loop("axpby_")
-def _axpby(backend: ModuleType, index: Sequence[int], Xs: list, Ys: list, a: torch.Tensor, b: torch.Tensor
-           ) -> None:
+def _axpby(backend: ModuleType, index: Sequence[int], Xs: list, Ys: list, a: torch.Tensor, b: torch.Tensor, *,
+           tuning: Tuning) -> None:
     for x, y in zip(Xs, Ys, strict=True):
-        backend.axpby_(x, y, a, b)
+        backend.axpby_(x, y, a, b, tuning=tuning)
 
 
 @_loop("radix_histogram")
 def _radix_histogram(backend: ModuleType, index: Sequence[int], scores: list, prefix: torch.Tensor,
-                     shift: int, bits: int, largest: bool, filters: Sequence, filter_value: bool
-                     ) -> torch.Tensor:
+                     shift: int, bits: int, largest: bool, filters: Sequence, filter_value: bool, *,
+                     tuning: Tuning) -> torch.Tensor:
     """The sum of the single histograms."""
-    return torch.stack([backend.radix_histogram(s, prefix, shift, bits, largest, f, filter_value)
+    return torch.stack([backend.radix_histogram(s, prefix, shift, bits, largest, f, filter_value,
+                                                tuning=tuning)
                         for s, f in zip(scores, filters, strict=True)]).sum(dim=0)
 
 
 @_loop("threshold_mask")
 def _threshold_mask(backend: ModuleType, index: Sequence[int], scores: list, threshold: torch.Tensor,
-                    tie_quota: torch.Tensor, largest: bool, filters: Sequence, filter_value: bool
-                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                    tie_quota: torch.Tensor, largest: bool, filters: Sequence, filter_value: bool, *,
+                    tuning: Tuning) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The single primitive per segment: each segment's ties counted by a one-bit histogram at
     ``threshold`` (``hist[t & 1]`` = keys equal to ``t``) and taken from the quota of the next."""
     words = []
     for s, f in zip(scores, filters, strict=True):
-        words.append(backend.threshold_mask(s, threshold, tie_quota, largest, f, filter_value))
-        ties = backend.radix_histogram(s, threshold, 0, 1, largest, f, filter_value)
+        words.append(backend.threshold_mask(s, threshold, tie_quota, largest, f, filter_value, tuning=tuning))
+        ties = backend.radix_histogram(s, threshold, 0, 1, largest, f, filter_value, tuning=tuning)
         tie_quota = (tie_quota - ties.gather(0, threshold.view(1) & 1)[0]).clamp(min=0)
     return words, tie_quota

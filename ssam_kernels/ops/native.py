@@ -15,6 +15,7 @@ import re
 import torch
 
 from . import bitmask
+from .tuning import DEFAULT, Tuning
 
 try:
     from .. import _C
@@ -86,7 +87,9 @@ class CompiledOps:
     """The backend interface of :mod:`.reference` over the ops of one ``torch.library`` namespace: the
     extension's ``ssam_kernels`` (this module) or cuda_sim's ``ssam_cuda_sim`` (:mod:`.cuda_sim`), which
     share their schemas (``csrc/schemas.h``). ``direct``: eager list ops on plain CPU tensors first try
-    the extension's direct calls (``_C.*_cpu``), which skip ``torch.ops``' conversion of the lists."""
+    the extension's direct calls (``_C.*_cpu``), which skip ``torch.ops``' conversion of the lists.
+    Every method takes the backends' ``tuning`` keyword and has no use for it: the compiled kernels'
+    block sizes and launch shapes are set where they are compiled (``csrc/``)."""
 
     def __init__(self, namespace: str, direct: bool = False) -> None:
         self.namespace = namespace
@@ -101,14 +104,15 @@ class CompiledOps:
         registered op must be what it records); the C function checks the rest."""
         return self.direct and not torch.compiler.is_compiling()
 
-    def grad_sq_norm(self, G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+    def grad_sq_norm(self, G: torch.Tensor, W: torch.Tensor | None = None, *, tuning: Tuning = DEFAULT
+                     ) -> torch.Tensor:
         """``Σ g_i²`` (or ``Σ (g_i · w_i)²`` with ``W``) accumulated in float64 in a fixed order; a float64
         0-d tensor on ``G``'s device."""
         return self._ops.grad_sq_norm(G, W)
 
     def perturb_(self, W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None,
                  offsets: torch.Tensor | None, backup: torch.Tensor, scale: torch.Tensor,
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, *, tuning: Tuning = DEFAULT) -> None:
         """For every set bit ``i`` below N with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``;
         then, if ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i`` (adaptive: ``+
         scale·w_i²·g_i``) with one fp32 fused multiply-add (float64 W: in float64;
@@ -116,15 +120,17 @@ class CompiledOps:
         self._ops.perturb_(W, G, mask, _offsets(mask, offsets, W), backup, scale, adaptive)
 
     def restore_(self, W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-                 backup: torch.Tensor) -> None:
+                 backup: torch.Tensor, *, tuning: Tuning = DEFAULT) -> None:
         """``W[i] = backup[rank(i)]`` for every set bit ``i`` below N with ``rank(i) < len(backup)``."""
         self._ops.restore_(W, mask, _offsets(mask, offsets, W), backup)
 
-    def fisher_accumulate_(self, F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
+    def fisher_accumulate_(self, F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0,
+                           *, tuning: Tuning = DEFAULT) -> None:
         """``F += alpha · G²`` with ``F`` float32 (``G`` any float dtype), one fp32 fused multiply-add."""
         self._ops.fisher_accumulate_(F, G, alpha)
 
-    def grad_sq_norm_multi(self, G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+    def grad_sq_norm_multi(self, G: list[torch.Tensor], W: list[torch.Tensor | None],
+                           *, tuning: Tuning = DEFAULT) -> torch.Tensor:
         """The list form of :meth:`grad_sq_norm` (one device and dtype) in one call. CPU: one parallel
         pass, the per-tensor totals added in list order (bit-identical to adding the single results);
         CUDA: one launch over a table of the tensors, one partial per block of a one-wave grid added in a
@@ -137,7 +143,7 @@ class CompiledOps:
 
     def perturb_multi_(self, W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
                        offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
-                       adaptive: bool = False) -> None:
+                       adaptive: bool = False, *, tuning: Tuning = DEFAULT) -> None:
         """:meth:`perturb_` on every entry of the lists (one device and dtype) in one call; the
         registered op serves torch.compile, fake tensors, modes, CUDA, and the errors of bad arguments."""
         if self._try_direct() and _C.perturb_multi_cpu(W, G, mask, offsets, backup, scale, bool(adaptive)):
@@ -145,54 +151,57 @@ class CompiledOps:
         self._ops.perturb_multi_(W, G, mask, _offsets_list(mask, offsets, W), backup, scale, adaptive)
 
     def restore_multi_(self, W: list[torch.Tensor], mask: list[torch.Tensor | None],
-                       offsets: list[torch.Tensor | None], backup: list[torch.Tensor]) -> None:
+                       offsets: list[torch.Tensor | None], backup: list[torch.Tensor],
+                       *, tuning: Tuning = DEFAULT) -> None:
         """:meth:`restore_` on every entry of the lists (one device and dtype) in one call."""
         if self._try_direct() and _C.restore_multi_cpu(W, mask, offsets, backup):
             return
         self._ops.restore_multi_(W, mask, _offsets_list(mask, offsets, W), backup)
 
-    def fisher_accumulate_multi_(self, F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0
-                                 ) -> None:
+    def fisher_accumulate_multi_(self, F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0,
+                                 *, tuning: Tuning = DEFAULT) -> None:
         """:meth:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype) in one
         call."""
         self._ops.fisher_accumulate_multi_(F, G, alpha)
 
-    def axpby_(self, X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    def axpby_(self, X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               *, tuning: Tuning = DEFAULT) -> None:
         """``X = a·X + b·Y`` element-wise: ``fma(b, y, rn(a·x))`` in fp32 with ``a``, ``b`` rounded to fp32
         (float64 X: in float64, no FMA; ``csrc/ssam_math.h``: ``axpby``)."""
         self._ops.axpby_(X, Y, a, b)
 
-    def axpby_multi_(self, X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor
-                     ) -> None:
+    def axpby_multi_(self, X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
+                     *, tuning: Tuning = DEFAULT) -> None:
         """:meth:`axpby_` on every pair of the lists (one device and dtype) in one call (CPU: one parallel
         loop over all tensors; CUDA: one launch over a table of them)."""
         self._ops.axpby_multi_(X, Y, a, b)
 
     def radix_histogram(self, scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int,
-                        largest: bool, filter_words: torch.Tensor | None = None, filter_value: bool = True
-                        ) -> torch.Tensor:
+                        largest: bool, filter_words: torch.Tensor | None = None, filter_value: bool = True,
+                        *, tuning: Tuning = DEFAULT) -> torch.Tensor:
         """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
         ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys:
         ``reference.score_keys``)."""
         return self._ops.radix_histogram(scores, prefix, shift, bits, largest, filter_words, filter_value)
 
     def threshold_mask(self, scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor,
-                       largest: bool, filter_words: torch.Tensor | None = None, filter_value: bool = True
-                       ) -> torch.Tensor:
+                       largest: bool, filter_words: torch.Tensor | None = None, filter_value: bool = True,
+                       *, tuning: Tuning = DEFAULT) -> torch.Tensor:
         """Mask words selecting the eligible entries with key > ``threshold``, plus the first
         ``tie_quota`` eligible entries (index order) with key == ``threshold``."""
         return self._ops.threshold_mask(scores, threshold, tie_quota, largest, filter_words, filter_value)
 
     def radix_histogram_multi(self, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
-                              largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
-                              ) -> torch.Tensor:
+                              largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True,
+                              *, tuning: Tuning = DEFAULT) -> torch.Tensor:
         """The sum over the list (one device and dtype) of :meth:`radix_histogram` of each segment, in
         one call (CPU: one parallel loop over all segments; CUDA: one launch over a table of them)."""
         return self._ops.radix_histogram_multi(scores, prefix, shift, bits, largest, filters, filter_value)
 
     def threshold_mask_multi(self, scores: list[torch.Tensor], threshold: torch.Tensor,
                              tie_quota: torch.Tensor, largest: bool, filters: list[torch.Tensor | None],
-                             filter_value: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+                             filter_value: bool = True,
+                             *, tuning: Tuning = DEFAULT) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The mask words of each segment (eligible keys > ``threshold``, then the first ``tie_quota``
         eligible ties of the list in list order) and the quota left, ``max(tie_quota - ties, 0)``."""
         return self._ops.threshold_mask_multi(scores, threshold, tie_quota, largest, filters, filter_value)
@@ -200,12 +209,13 @@ class CompiledOps:
     def bucket_mask_multi(self, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
                           filters: list[torch.Tensor | None], filter_value: bool, words: list[torch.Tensor],
                           counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
-                          cursor: torch.Tensor) -> None:
+                          cursor: torch.Tensor, *, tuning: Tuning = DEFAULT) -> None:
         """The bucket path's mask pass (:class:`ssam_kernels.ops.select.BucketBackend`), in one launch."""
         self._ops.bucket_mask_multi(scores, prefix, shift, largest, filters, filter_value, words, counts,
                                     starts, candidates, cursor)
 
-    def hash_scores(self, n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
+    def hash_scores(self, n: int, seed: int, step: int, base: int, device: torch.device,
+                    *, tuning: Tuning = DEFAULT) -> torch.Tensor:
         """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
         (``reference.hash_scores``)."""
         out = torch.empty(n, dtype=torch.int32, device=device)

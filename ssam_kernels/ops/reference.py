@@ -6,8 +6,9 @@ selection ops (``select_topk``, ``dynamic_update``) are composed from :func:`rad
 :func:`threshold_mask` by the backend-independent driver in :mod:`ssam_kernels.ops.select`. A fast
 backend implements the same functions with the same meaning.
 
-Large inputs are processed in blocks of ``BLOCK`` entries so temporaries stay bounded and counts that
-cross 2^31 are carried in int64. The element-wise ops synchronise with the host on CUDA (boolean
+Large inputs are processed in blocks of ``tuning.reference_block`` entries (:class:`.tuning.Tuning`, the
+keyword every primitive takes) so temporaries stay bounded and counts that cross 2^31 are carried in
+int64. The element-wise ops synchronise with the host on CUDA (boolean
 indexing); the reference is the oracle there, not the fast path.
 """
 
@@ -17,35 +18,35 @@ import torch
 
 from . import _arith, bitmask
 from .contract import KEY_MASK, KEY_SIGN_BIT, NAN_KEY, hash_key, mix32
-
-BLOCK = 1 << 24
-"""Entries per block of the blocked loops (a multiple of 32; tests shrink it to exercise the loop)."""
-
+from .tuning import DEFAULT, Tuning
 
 # ----------------------------------------------------------------------------------------------------
 # Element-wise ops
 # ----------------------------------------------------------------------------------------------------
 
-def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None, *, tuning: Tuning = DEFAULT) -> torch.Tensor:
     """``Σ g_i²`` (or ``Σ (g_i · |w_i|)²`` with ``W``), accumulated in float64 in the fixed order of
-    :func:`._arith.sq_norm`; a float64 0-d tensor."""
+    :func:`._arith.sq_norm` (its own fixed blocks: the order is the result); a float64 0-d tensor."""
+    del tuning
     return _arith.sq_norm(G, W)
 
 
-def _touched(mask: torch.Tensor, offsets: torch.Tensor | None, n: int, capacity: int) -> torch.Tensor:
+def _touched(mask: torch.Tensor, offsets: torch.Tensor | None, n: int, capacity: int, tuning: Tuning
+             ) -> torch.Tensor:
     """The entries ``perturb_``/``restore_`` touch, as a bool tensor: set bits below ``n`` (bits past
     ``n`` are ignored) whose rank is below ``capacity`` (the backup's length). ``offsets``, when given,
     must match the mask (checked: the reference synchronises with the host anyway)."""
     if offsets is not None:
         bitmask.check_offsets(mask, offsets, n)
-    selected = bitmask.unpack(mask, n)
+    selected = bitmask.unpack(mask, n, tuning.mask_block_words)
     if int(selected.sum()) > capacity:  # a short backup: entries ranked past its end are left alone
         selected &= torch.cumsum(selected, dim=0, dtype=torch.int64) <= capacity
     return selected
 
 
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False, *, tuning: Tuning = DEFAULT
+             ) -> None:
     """For every set bit ``i`` with ``rank(i) < len(backup)``: ``backup[rank(i)] = W[i]``; then, if
     ``scale`` (rounded to fp32 unless ``W`` is float64) is finite and non-zero, ``W[i] = W[i] + scale·g_i``
     (adaptive: ``+ scale·w_i²·g_i``) with one fp32 fused multiply-add, or float64 operations for float64
@@ -56,37 +57,41 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
         backup.copy_(W)
         W.copy_(torch.where(active, _arith.perturbed(W, G, scale, adaptive), W))
         return
-    selected = _touched(mask, offsets, W.numel(), backup.numel())
+    selected = _touched(mask, offsets, W.numel(), backup.numel(), tuning)
     w = W[selected]
     backup[: w.numel()].copy_(w)
     W[selected] = torch.where(active, _arith.perturbed(w, G[selected], scale, adaptive), w)
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor) -> None:
+             backup: torch.Tensor, *, tuning: Tuning = DEFAULT) -> None:
     """``W[i] = backup[rank(i)]`` for every set bit ``i`` with ``rank(i) < len(backup)`` (bit-exact)."""
     if mask is None:
         W.copy_(backup)
         return
-    selected = _touched(mask, offsets, W.numel(), backup.numel())
+    selected = _touched(mask, offsets, W.numel(), backup.numel(), tuning)
     W[selected] = backup[: int(selected.sum())]
 
 
-def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
+def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *, tuning: Tuning = DEFAULT
+                       ) -> None:
     """``F += alpha · G²`` with ``F`` float32: ``fma(g, rn(alpha·g), f)`` in fp32 (``g`` and ``alpha``
     rounded to fp32 first, :func:`._arith.fisher_updated`)."""
-    for start in range(0, F.numel(), BLOCK):
-        f = F[start: start + BLOCK]
-        f.copy_(_arith.fisher_updated(f, G[start: start + BLOCK], alpha))
+    block = tuning.reference_block
+    for start in range(0, F.numel(), block):
+        f = F[start: start + block]
+        f.copy_(_arith.fisher_updated(f, G[start: start + block], alpha))
 
 
-def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, tuning: Tuning = DEFAULT
+           ) -> None:
     """``X = a·X + b·Y`` element-wise: ``fma(b, y, rn(a·x))`` in fp32 with ``a``, ``b`` rounded to fp32
     (float64 ``X``: ``rn(rn(a·x) + rn(b·y))`` in float64; :func:`._arith.axpby`)."""
     a, b = _arith.axpby_scales(a, b, X.dtype)
-    for start in range(0, X.numel(), BLOCK):
-        x = X[start: start + BLOCK]
-        x.copy_(_arith.axpby(x, Y[start: start + BLOCK], a, b))
+    block = tuning.reference_block
+    for start in range(0, X.numel(), block):
+        x = X[start: start + block]
+        x.copy_(_arith.axpby(x, Y[start: start + block], a, b))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,16 +120,17 @@ def score_keys(scores: torch.Tensor, largest: bool = True) -> torch.Tensor:
     return keys if largest else KEY_MASK - keys
 
 
-def _eligible(filter_words: torch.Tensor | None, filter_value: bool, start: int,
-              stop: int) -> torch.Tensor | None:
+def _eligible(filter_words: torch.Tensor | None, filter_value: bool, start: int, stop: int, tuning: Tuning
+              ) -> torch.Tensor | None:
     if filter_words is None:
         return None
-    bits = bitmask.unpack(filter_words[start // 32: (stop + 31) // 32], stop - start)
+    bits = bitmask.unpack(filter_words[start // 32: (stop + 31) // 32], stop - start, tuning.mask_block_words)
     return bits if filter_value else ~bits
 
 
 def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
-                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+                    filter_words: torch.Tensor | None = None, filter_value: bool = True, *,
+                    tuning: Tuning = DEFAULT) -> torch.Tensor:
     """Counts of the eligible entries whose key agrees with ``prefix`` above bit ``shift + bits``,
     by the key's digit ``(key >> shift) & (2^bits - 1)``; an int64 tensor of ``2^bits`` counts.
 
@@ -132,12 +138,12 @@ def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits
     ``prefix`` is an int64 0-d device tensor (no host synchronisation).
     """
     hist = torch.zeros(1 << bits, dtype=torch.int64, device=scores.device)
-    high = shift + bits
-    for start in range(0, scores.numel(), BLOCK):
-        stop = min(start + BLOCK, scores.numel())
+    high, block = shift + bits, tuning.reference_block
+    for start in range(0, scores.numel(), block):
+        stop = min(start + block, scores.numel())
         keys = score_keys(scores[start:stop], largest)
         counted = (keys >> high) == (prefix >> high)
-        eligible = _eligible(filter_words, filter_value, start, stop)
+        eligible = _eligible(filter_words, filter_value, start, stop, tuning)
         if eligible is not None:
             counted &= eligible
         hist.scatter_add_(0, (keys >> shift) & ((1 << bits) - 1), counted.to(torch.int64))
@@ -145,7 +151,8 @@ def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits
 
 
 def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
-                   filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+                   filter_words: torch.Tensor | None = None, filter_value: bool = True, *,
+                   tuning: Tuning = DEFAULT) -> torch.Tensor:
     """Mask words selecting the eligible entries with key > ``threshold``, plus the first ``tie_quota``
     eligible entries (in index order) with key == ``threshold``.
 
@@ -154,22 +161,24 @@ def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: tor
     n = scores.numel()
     words = torch.empty(bitmask.num_words(n), dtype=torch.int32, device=scores.device)
     ties_before = torch.zeros((), dtype=torch.int64, device=scores.device)
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
+    block = tuning.reference_block
+    for start in range(0, n, block):
+        stop = min(start + block, n)
         keys = score_keys(scores[start:stop], largest)
         greater, equal = keys > threshold, keys == threshold
-        eligible = _eligible(filter_words, filter_value, start, stop)
+        eligible = _eligible(filter_words, filter_value, start, stop, tuning)
         if eligible is not None:
             greater &= eligible
             equal &= eligible
         tie_rank = ties_before + torch.cumsum(equal, dim=0, dtype=torch.int32) - 1
         selected = greater | (equal & (tie_rank < tie_quota))
         ties_before = ties_before + equal.sum(dtype=torch.int64)
-        words[start // 32: (stop + 31) // 32] = bitmask.pack(selected)
+        words[start // 32: (stop + 31) // 32] = bitmask.pack(selected, tuning.mask_block_words)
     return words
 
 
-def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
+def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device, *, tuning: Tuning = DEFAULT
+                ) -> torch.Tensor:
     """The random-growth hash of entry positions ``j = base … base + n - 1``, as int32 bit patterns.
 
     ``h(seed, step, j) = mix32(lo32(j) ^ mix32(hi32(j) ^ hash_key(seed, step)))``, with ``mix32`` the
@@ -178,8 +187,9 @@ def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -
     """
     key = hash_key(seed, step)
     out = torch.empty(n, dtype=torch.int32, device=device)
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
+    block = tuning.reference_block
+    for start in range(0, n, block):
+        stop = min(start + block, n)
         j = torch.arange(base + start, base + stop, dtype=torch.int64, device=device)
         out[start:stop] = bitmask.to_int32(mix32((j & 0xFFFFFFFF) ^ mix32((j >> 32) ^ key)))
     return out

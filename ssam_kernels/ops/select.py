@@ -37,6 +37,7 @@ import torch
 
 from . import bitmask
 from .lists import list_primitive
+from .tuning import DEFAULT, Tuning
 
 PASSES: tuple[tuple[int, int], ...] = ((21, 11), (10, 11), (0, 10))
 """``(shift, bits)`` of the key digit examined in each pass: 11 + 11 + 10 = 32 bits."""
@@ -92,18 +93,17 @@ BUCKET_SHIFT = PASSES[1][0]
 """Key bits below the two-pass prefix: the bucket path resolves them on the candidates (10 bits, so a
 candidate's ``low << 53 | position`` fits an int64 for positions below ``2^53``)."""
 
-MIN_CAPACITY = 1 << 16
-CAPACITY_SHIFT = 8
 MAX_CAPACITY = 1 << 30
 """The bucket path runs when the prefix's bucket holds at most
-``min(max(MIN_CAPACITY, N >> CAPACITY_SHIFT), MAX_CAPACITY)`` entries (``N`` all entries of the
-selection): its candidate buffer (8 B per candidate) and their sort stay below ~0.1 byte per entry, and
-the kernels' int32 slot cursor cannot overflow. A larger bucket (degenerate scores: all equal, all-zero
-Fisher) takes the third histogram pass and ``threshold_mask`` instead."""
+``min(max(tuning.bucket_min_capacity, N >> tuning.bucket_capacity_shift), MAX_CAPACITY)`` entries (``N``
+all entries of the selection; by default ``2^16`` and ``8``): its candidate buffer (8 B per candidate)
+and their sort stay below ~0.1 byte per entry, and the kernels' int32 slot cursor cannot overflow. A
+larger bucket (degenerate scores: all equal, all-zero Fisher) takes the third histogram pass and
+``threshold_mask`` instead."""
 
 
-def _capacity(total: int) -> int:
-    return min(max(MIN_CAPACITY, total >> CAPACITY_SHIFT), MAX_CAPACITY)
+def _capacity(total: int, tuning: Tuning) -> int:
+    return min(max(tuning.bucket_min_capacity, total >> tuning.bucket_capacity_shift), MAX_CAPACITY)
 
 
 def _bucket_ready(scores: Sequence[torch.Tensor], backends: Sequence[ModuleType],
@@ -125,7 +125,7 @@ class BucketBackend(Protocol):
     def bucket_mask_multi(self, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
                           filters: Filters, filter_value: bool, words: list[torch.Tensor],
                           counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
-                          cursor: torch.Tensor) -> None:
+                          cursor: torch.Tensor, *, tuning: Tuning = DEFAULT) -> None:
         """Writes ``words[s]`` (eligible entries with ``key >> shift > prefix >> shift``), adds their
         count per 1024-entry chunk to ``counts[s]`` (int32) and appends each eligible entry with
         ``key >> shift == prefix >> shift`` to ``candidates`` (int64) at ``cursor`` (int32, one entry;
@@ -187,7 +187,8 @@ def _resolve(candidates: torch.Tensor, need: torch.Tensor, layout: _Layout, word
 
 
 def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
-                   filters: Filters | None = None, filter_value: bool = True, comm: Communicator | None = None
+                   filters: Filters | None = None, filter_value: bool = True,
+                   comm: Communicator | None = None, tuning: Tuning = DEFAULT
                    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """:func:`select`'s words, and the selected count of every 1024-entry chunk of the list (int32,
     chunks concatenated in list order) when the mask pass wrote them (the bucket path, or ``k = 0`` on
@@ -216,7 +217,7 @@ def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backen
             device = scores[index[0]].device
             histogram = list_primitive(backend, "radix_histogram")
             hist = histogram(pick(scores, index), prefix.to(device), shift, bits, largest,
-                             pick(filters, index), filter_value).to(home)
+                             pick(filters, index), filter_value, tuning=tuning).to(home)
             local = hist if local is None else local + hist
         total = local
         if comm is not None:
@@ -231,8 +232,9 @@ def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backen
             # The one host read of the selection: the bucket's size decides the path and sizes the
             # candidate buffer exactly (this rank's bucket: the bucket path runs on one rank only).
             bucket = int(local.gather(0, digit.view(1))[0])
-            if bucket <= _capacity(sum(sizes)):
-                return _bucket_pass(scores, prefix, need, bucket, largest, runs, pick, filters, filter_value)
+            if bucket <= _capacity(sum(sizes), tuning):
+                return _bucket_pass(scores, prefix, need, bucket, largest, runs, pick, filters, filter_value,
+                                    tuning)
     # `need` ties over all ranks in rank order: this rank's quota starts after the earlier ranks' ties
     # (its own are the last pass's bucket of the threshold's digit).
     quota = need
@@ -243,7 +245,7 @@ def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backen
         device = scores[index[0]].device
         threshold_mask = list_primitive(backend, "threshold_mask")
         run_words, quota = threshold_mask(pick(scores, index), prefix.to(device), quota.to(device), largest,
-                                          pick(filters, index), filter_value)
+                                          pick(filters, index), filter_value, tuning=tuning)
         for i, w in zip(index, run_words, strict=True):
             words[i] = w
     return words, None
@@ -251,7 +253,7 @@ def select_counted(scores: Sequence[torch.Tensor], k: int, largest: bool, backen
 
 def _bucket_pass(scores: Sequence[torch.Tensor], prefix: torch.Tensor, need: torch.Tensor, bucket: int,
                  largest: bool, runs: list[tuple[ModuleType, list[int]]], pick, filters: list,
-                 filter_value: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 filter_value: bool, tuning: Tuning) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The mask pass of the bucket path: every entry decided by the key bits at and above
     :data:`BUCKET_SHIFT` written, the ``bucket`` undecided ones collected as candidates, and the first
     ``need`` of them in selection order added (:func:`_resolve`)."""
@@ -265,14 +267,14 @@ def _bucket_pass(scores: Sequence[torch.Tensor], prefix: torch.Tensor, need: tor
     for backend, index in runs:
         backend.bucket_mask_multi(pick(scores, index), prefix, BUCKET_SHIFT, largest, pick(filters, index),
                                   filter_value, pick(word_views, index), pick(count_views, index),
-                                  pick(layout.entry_start, index), candidates, cursor)
+                                  pick(layout.entry_start, index), candidates, cursor, tuning=tuning)
     _resolve(candidates, need, layout, words, counts)
     return list(word_views), counts
 
 
 def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
            filters: Filters | None = None, filter_value: bool = True,
-           comm: Communicator | None = None) -> list[torch.Tensor]:
+           comm: Communicator | None = None, tuning: Tuning = DEFAULT) -> list[torch.Tensor]:
     """Mask words, one per segment, with exactly ``k`` eligible entries set in total (over all ranks).
 
     Selected: every eligible entry whose key is above the k-th largest eligible key ``t``, then
@@ -280,14 +282,15 @@ def select(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequ
     smallest scores instead (ties still earliest first). Eligible: ``filters`` is None, or the
     entry's bit in ``filters[s]`` equals ``filter_value``. The caller checks ``0 <= k <= eligible``.
     """
-    return select_counted(scores, k, largest, backends, filters, filter_value, comm)[0]
+    return select_counted(scores, k, largest, backends, filters, filter_value, comm, tuning)[0]
 
 
 def select_with_offsets(scores: Sequence[torch.Tensor], k: int, largest: bool, backends: Sequence[ModuleType],
-                        comm: Communicator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        comm: Communicator | None = None, tuning: Tuning = DEFAULT
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`select` without filters, with each mask's offsets: from the chunk counts of the mask pass
     when the bucket path ran (one scan), else by :func:`list_offsets`."""
-    words, counts = select_counted(scores, k, largest, backends, None, True, comm)
+    words, counts = select_counted(scores, k, largest, backends, None, True, comm, tuning)
     sizes = [s.numel() for s in scores]
     if counts is None:
         return list(zip(words, list_offsets(words, sizes), strict=True))

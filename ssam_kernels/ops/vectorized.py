@@ -5,7 +5,8 @@ gives the results of :mod:`.reference` bit for bit (perturbation, Fisher update 
 order by the same :mod:`._arith` formulas, masks identical) at a fraction of its cost. What differs from
 the reference is only how the work is laid out:
 
-- Every op walks its buffers in chunks of ``CHUNK_ENTRIES`` entries (a multiple of 1024): temporaries
+- Every op walks its buffers in chunks of ``tuning.chunk_entries`` entries (a multiple of 1024; the
+  :class:`.tuning.Tuning` every primitive takes): temporaries
   stay bounded whatever the size, and no op allocates a buffer-sized temporary. Per-chunk temporaries
   live in workspaces allocated once per call (allocating and freeing chunk-sized blocks in the loop
   cost page faults on CPU).
@@ -25,10 +26,10 @@ the reference is only how the work is laid out:
   so signed comparisons order them as the unsigned keys), histograms by ``bincount`` on CPU and
   ``index_add_`` elsewhere (``bincount`` synchronises on CUDA to size its output).
 - The selection list primitives (``radix_histogram_multi``, ``threshold_mask_multi``) walk a list of
-  segments as pieces of at most ``CHUNK_ENTRIES`` entries: a large segment in chunks of its own, runs of
-  small ones concatenated (their filter bits and mask words placed by one index tensor per piece), so
-  hundreds of small segments cost a few tensor ops per piece; the single-segment primitives are lists
-  of one.
+  segments as pieces of at most ``tuning.chunk_entries`` entries: a large segment in chunks of its own,
+  runs of small ones concatenated (their filter bits and mask words placed by one index tensor per
+  piece), so hundreds of small segments cost a few tensor ops per piece; the single-segment primitives
+  are lists of one.
 
 ``perturb_`` and ``restore_`` with a mask count each mask's set bits per 1024-entry block in one SWAR
 popcount pass, which on CPU also checks ``offsets`` (``ValueError``; their list forms check every entry
@@ -47,17 +48,15 @@ import torch
 from . import _arith, bitmask
 from .contract import KEY_SIGN_BIT, MIX32_MULTIPLIERS, MIX32_SHIFTS, NAN_KEY, hash_key, mix32
 from .reference import grad_sq_norm  # noqa: F401  (its fixed order is already written for speed)
-
-CHUNK_ENTRIES = 1 << 16
-"""Entries per chunk (a multiple of ``bitmask.CHUNK``): int32/float64 temporaries of 256-512 KiB."""
+from .tuning import DEFAULT, Tuning
 
 _INT_MIN = -(1 << 31)
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
              torch.float16: torch.int16}
 _CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
 BINCOUNT_DEVICES = ("cpu",)
-"""Device types whose histograms use ``torch.bincount`` (elsewhere ``index_add_``: on CUDA, ``bincount``
-reads its input's maximum on the host to size the output)."""
+"""Device types whose histograms use ``torch.bincount`` (elsewhere, or with ``tuning.bincount`` off,
+``index_add_``: on CUDA, ``bincount`` reads its input's maximum on the host to size the output)."""
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -66,14 +65,14 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     return None
 
 
-def _constant(name: str, device: torch.device) -> torch.Tensor:
-    """Small per-device constant tensors, built once."""
+def _constant(name: str, device: torch.device, size: int = 0) -> torch.Tensor:
+    """Small per-device constant tensors, built once (``"index"``: at least ``size`` entries)."""
     value = _CACHE.get((name, device))
-    if value is None or (name == "index" and value.numel() < CHUNK_ENTRIES):  # tests change CHUNK_ENTRIES
+    if value is None or value.numel() < size:
         if name == "lane_shift":  # unpack: bit b of a word moved to the sign bit
             value = 31 - torch.arange(32, dtype=torch.int32, device=device)
         elif name == "index":  # chunk-relative positions
-            value = torch.arange(CHUNK_ENTRIES, device=device)
+            value = torch.arange(size, device=device)
         elif name == "bit_value":  # pack: value of bits 0..30 (bit 31 is handled apart)
             value = torch.bitwise_left_shift(torch.ones(31, dtype=torch.int32, device=device),
                                              torch.arange(31, dtype=torch.int32, device=device))
@@ -81,8 +80,8 @@ def _constant(name: str, device: torch.device) -> torch.Tensor:
     return value
 
 
-def _chunks(n: int) -> range:
-    return range(0, n, CHUNK_ENTRIES)
+def _chunks(n: int, chunk: int) -> range:
+    return range(0, n, chunk)
 
 
 def _lanes(words: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -124,8 +123,9 @@ def _block_counts(words: torch.Tensor, n: int) -> torch.Tensor:
     return v.view(torch.uint8).view(blocks, 4 * bitmask.WORDS_PER_CHUNK).sum(dim=1, dtype=torch.int64)
 
 
-def _chunk_counts(words: torch.Tensor, n: int, offsets: torch.Tensor | None) -> list[int]:
-    """Set bits of each chunk of ``CHUNK_ENTRIES`` entries (bits past ``n`` not counted), on the host.
+def _chunk_counts(words: torch.Tensor, n: int, offsets: torch.Tensor | None, tuning: Tuning) -> list[int]:
+    """Set bits of each chunk of ``tuning.chunk_entries`` entries (bits past ``n`` not counted), on the
+    host.
 
     On devices whose tensors the host reads for free, ``offsets`` (when given) is checked against the
     mask in the same pass (``ValueError`` naming it, as ``bitmask.check_offsets``), before anything is
@@ -134,12 +134,12 @@ def _chunk_counts(words: torch.Tensor, n: int, offsets: torch.Tensor | None) -> 
     if n == 0:
         return []
     counts = _block_counts(words, n)
-    if offsets is not None and words.device.type in _arith.HOST_READ_DEVICES:
+    if offsets is not None and _arith.reads_host(words.device, tuning):
         expected = torch.cumsum(counts, 0)
         if offsets.numel() != counts.numel() + 1 or int(offsets[0]) != 0 or not torch.equal(
                 offsets[1:].to(torch.int64), expected):
             bitmask.check_offsets(words, offsets, n)  # raises, with the standard message
-    per_chunk = CHUNK_ENTRIES // bitmask.CHUNK
+    per_chunk = tuning.chunk_entries // bitmask.CHUNK
     pad = -counts.numel() % per_chunk
     if pad:
         counts = torch.cat([counts, counts.new_zeros(pad)])
@@ -155,26 +155,26 @@ class _Perturbation:
     the cheaper :func:`._arith.fma32_fast` (same bits) and a workspace for its temporaries.
 
     Where the scale is inactive (zero or not finite) ``W`` keeps its values: on a device whose tensors
-    the host reads for free (``_arith.HOST_READ_DEVICES``) that is decided once per call and nothing is
+    the host reads for free (:func:`._arith.reads_host`) that is decided once per call and nothing is
     computed; elsewhere the new bits are blended with the old ones on the device (no synchronisation).
     """
 
-    def __init__(self, W: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
-        self.scale, self.adaptive = _arith.perturb_scale(scale, W.dtype), adaptive
+    def __init__(self, W: torch.Tensor, scale: torch.Tensor, adaptive: bool, tuning: Tuning) -> None:
+        self.scale, self.adaptive, self.tuning = _arith.perturb_scale(scale, W.dtype), adaptive, tuning
         # Cheaper than a gather and a scatter: float64 arithmetic, or an fp32 FMA in one PyTorch op.
-        self.cheap = W.dtype == torch.float64 or _arith.hardware_fma(W.device)
+        self.cheap = W.dtype == torch.float64 or _arith.fused_addcmul(W.device, tuning)
         active = _arith.scale_active(self.scale)
-        host = W.device.type in _arith.HOST_READ_DEVICES
+        host = _arith.reads_host(W.device, tuning)
         self.skip = host and not bool(active)
         # -1 where the perturbation applies, else 0: the blend of the other devices.
         self.active = None if host else -active.to(_INT_VIEW[W.dtype])
-        self.workspace = _workspace(3 * min(CHUNK_ENTRIES, W.numel()), torch.float64, W.device)
+        self.workspace = _workspace(3 * min(tuning.chunk_entries, W.numel()), torch.float64, W.device)
 
     def bits(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Bit patterns of the perturbed values of ``w`` (gradient ``g``), a tensor valid until the next
         call; ``w``'s own bits where the scale is inactive."""
         def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return _arith.fma32_fast(a, b, c, self.workspace)
+            return _arith.fma32_fast(a, b, c, self.workspace, self.tuning)
 
         new = _arith.perturbed(w, g, self.scale, self.adaptive, fma).view(_INT_VIEW[w.dtype])
         if self.active is not None:
@@ -189,7 +189,7 @@ def _workspace(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.empty(n, dtype=dtype, device=device)
 
 
-def _masked_chunks(mask: torch.Tensor, counts: list[int], n: int, room: int
+def _masked_chunks(mask: torch.Tensor, counts: list[int], n: int, room: int, chunk: int
                    ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
     """``(start, stop, rank, count, lanes, slot)`` for each chunk with set bits of rank below ``room``.
 
@@ -199,17 +199,17 @@ def _masked_chunks(mask: torch.Tensor, counts: list[int], n: int, room: int
     ``[0, count]`` for handled entries and at most the chunk's count for the others. Both are views of
     one workspace, overwritten by the next chunk. ``counts``: :func:`_chunk_counts` of the mask.
     """
-    size = min(CHUNK_ENTRIES, n)
+    size = min(chunk, n)
     work = _workspace(2 * size + 32, torch.int32, mask.device)
     slot, lanes = work[:size], work[size:]
     shift = _constant("lane_shift", mask.device)
     rank = 0
-    for count, start in zip(counts, _chunks(n), strict=True):
+    for count, start in zip(counts, _chunks(n, chunk), strict=True):
         if rank >= room:
             return
         if count == 0:
             continue
-        stop = min(start + CHUNK_ENTRIES, n)
+        stop = min(start + chunk, n)
         words = mask[start // 32: (stop + 31) // 32]
         chunk_lanes = lanes[: 32 * words.numel()]
         torch.bitwise_left_shift(words.unsqueeze(1), shift, out=chunk_lanes.view(-1, 32))
@@ -223,7 +223,8 @@ def _masked_chunks(mask: torch.Tensor, counts: list[int], n: int, room: int
 
 
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False, *, tuning: Tuning = DEFAULT
+             ) -> None:
     """For every set bit ``i`` of rank below ``backup.numel()`` (every ``i`` when ``mask`` is None):
     ``backup[rank(i)] = W[i]``; then, if ``scale`` is finite and non-zero, ``W[i] = W[i] + scale·g_i``
     (adaptive: ``+ scale·w_i²·g_i``) as :func:`._arith.perturbed` computes it.
@@ -233,53 +234,53 @@ def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offset
     leaves their positions in order in slots ``1..count``. The backup slice is then the gather of ``W``
     there, the arithmetic runs on those entries only, and the new values are scattered back.
     """
-    counts = None if mask is None else _chunk_counts(mask, W.numel(), offsets)
-    _perturb(W, G, mask, counts, backup, scale, adaptive)
+    counts = None if mask is None else _chunk_counts(mask, W.numel(), offsets, tuning)
+    _perturb(W, G, mask, counts, backup, scale, adaptive, tuning)
 
 
 def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
                    offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
-                   adaptive: bool = False) -> None:
+                   adaptive: bool = False, *, tuning: Tuning = DEFAULT) -> None:
     """:func:`perturb_` of each entry of the lists (one device and dtype); every entry's offsets are
     checked (CPU) before any tensor is written."""
-    counts = _list_counts(W, mask, offsets)
+    counts = _list_counts(W, mask, offsets, tuning)
     for w, g, m, c, b in zip(W, G, mask, counts, backup, strict=True):
-        _perturb(w, g, m, c, b, scale, adaptive)
+        _perturb(w, g, m, c, b, scale, adaptive, tuning)
 
 
-def _list_counts(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None]
-                 ) -> list[list[int] | None]:
+def _list_counts(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
+                 tuning: Tuning) -> list[list[int] | None]:
     counts = []
     for j, (w, m, o) in enumerate(zip(W, mask, offsets, strict=True)):
         try:
-            counts.append(None if m is None else _chunk_counts(m, w.numel(), o))
+            counts.append(None if m is None else _chunk_counts(m, w.numel(), o, tuning))
         except ValueError as exc:  # name the entry, as the ops layer's own check does
             raise ValueError(str(exc).replace("offsets:", f"offsets[{j}]:", 1)) from None
     return counts
 
 
 def _perturb(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, counts: list[int] | None,
-             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool) -> None:
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool, tuning: Tuning) -> None:
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
-    n = W.numel()
-    perturbation = _Perturbation(W, scale, adaptive)
+    n, chunk = W.numel(), tuning.chunk_entries
+    perturbation = _Perturbation(W, scale, adaptive, tuning)
     if mask is None:
-        for start in _chunks(n):
-            stop = min(start + CHUNK_ENTRIES, n)
+        for start in _chunks(n, chunk):
+            stop = min(start + chunk, n)
             bits_b[start:stop].copy_(bits_w[start:stop])
             if not perturbation.skip:
                 bits_w[start:stop].copy_(perturbation.bits(backup[start:stop], G[start:stop]))
         return
-    size = min(CHUNK_ENTRIES, n)
+    size = min(chunk, n)
     target = _workspace(size, torch.int64, W.device)  # scatter_ takes int64 indices only
     if perturbation.cheap:
         old = _workspace(size + 1, int_dtype, W.device)  # slot 0: entries not handled (discarded)
     else:
         positions = _workspace(size + 1, torch.int64, W.device)  # slot 0 likewise
         gathered = _workspace(size, G.dtype, G.device)
-        index = _constant("index", W.device)
-    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, n, backup.numel()):
+        index = _constant("index", W.device, size)
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, n, backup.numel(), chunk):
         w = bits_w[start:stop]
         handled_slot = target[: stop - start].copy_(slot.bitwise_and_(lanes))  # 0 when not handled
         if perturbation.cheap:  # arithmetic on every entry of the chunk, blended in where handled
@@ -299,71 +300,76 @@ def _perturb(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, counts
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor) -> None:
+             backup: torch.Tensor, *, tuning: Tuning = DEFAULT) -> None:
     """``W[i] = backup[rank(i)]`` for every set bit ``i`` of rank below ``backup.numel()`` (bit-exact):
     per chunk, every entry reads its slot of the chunk's backup slice (``index_select``) and the handled
     ones keep it (``xor``/``and`` blend of the bit patterns)."""
-    _restore(W, mask, None if mask is None else _chunk_counts(mask, W.numel(), offsets), backup)
+    counts = None if mask is None else _chunk_counts(mask, W.numel(), offsets, tuning)
+    _restore(W, mask, counts, backup, tuning)
 
 
 def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
-                   backup: list[torch.Tensor]) -> None:
+                   backup: list[torch.Tensor], *, tuning: Tuning = DEFAULT) -> None:
     """:func:`restore_` of each entry of the lists (one device and dtype); every entry's offsets are
     checked (CPU) before any tensor is written."""
-    for w, m, c, b in zip(W, mask, _list_counts(W, mask, offsets), backup, strict=True):
-        _restore(w, m, c, b)
+    for w, m, c, b in zip(W, mask, _list_counts(W, mask, offsets, tuning), backup, strict=True):
+        _restore(w, m, c, b, tuning)
 
 
-def _restore(W: torch.Tensor, mask: torch.Tensor | None, counts: list[int] | None,
-             backup: torch.Tensor) -> None:
+def _restore(W: torch.Tensor, mask: torch.Tensor | None, counts: list[int] | None, backup: torch.Tensor,
+             tuning: Tuning) -> None:
     if mask is None:
         W.copy_(backup)
         return
     int_dtype = _INT_VIEW[W.dtype]
     bits_w, bits_b = W.view(int_dtype), backup.view(int_dtype)
-    size = min(CHUNK_ENTRIES, W.numel())
+    size = min(tuning.chunk_entries, W.numel())
     slots = _workspace(size + 1, int_dtype, W.device)  # slot 0: entries not handled (blended away)
     expanded = _workspace(size, int_dtype, W.device)
-    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, W.numel(), backup.numel()):
+    for start, stop, rank, count, lanes, slot in _masked_chunks(mask, counts, W.numel(), backup.numel(),
+                                                                tuning.chunk_entries):
         slots[1: count + 1].copy_(bits_b[rank: rank + count])
         new = torch.index_select(slots, 0, slot, out=expanded[: stop - start])
         w = bits_w[start:stop]
         w ^= new.bitwise_xor_(w).bitwise_and_(lanes.to(int_dtype))
 
 
-def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
+def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *, tuning: Tuning = DEFAULT
+                       ) -> None:
     """``F += alpha · G²`` with ``F`` float32, as :func:`._arith.fisher_updated` computes it."""
-    workspace = _workspace(3 * min(CHUNK_ENTRIES, F.numel()), torch.float64, F.device)
+    chunk = tuning.chunk_entries
+    workspace = _workspace(3 * min(chunk, F.numel()), torch.float64, F.device)
 
     def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return _arith.fma32_fast(a, b, c, workspace)
+        return _arith.fma32_fast(a, b, c, workspace, tuning)
 
-    for start in _chunks(F.numel()):
-        f = F[start: start + CHUNK_ENTRIES]
-        f.copy_(_arith.fisher_updated(f, G[start: start + CHUNK_ENTRIES], alpha, fma))
+    for start in _chunks(F.numel(), chunk):
+        f = F[start: start + chunk]
+        f.copy_(_arith.fisher_updated(f, G[start: start + chunk], alpha, fma))
 
 
-def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, tuning: Tuning = DEFAULT
+           ) -> None:
     """``X = a·X + b·Y`` element-wise, as :func:`._arith.axpby` computes it (``fma(b, y, rn(a·x))`` in
     fp32; float64 ``X`` in float64 without FMA), chunk by chunk with the cheaper
     :func:`._arith.fma32_fast` (same bits)."""
-    n = X.numel()
+    n, chunk = X.numel(), tuning.chunk_entries
     a, b = _arith.axpby_scales(a, b, X.dtype)
     if X.dtype == torch.float64:  # two rounded products and a rounded sum, written in place
-        product = _workspace(min(CHUNK_ENTRIES, n), torch.float64, X.device)
-        for start in _chunks(n):
-            x, y = X[start: start + CHUNK_ENTRIES], Y[start: start + CHUNK_ENTRIES]
+        product = _workspace(min(chunk, n), torch.float64, X.device)
+        for start in _chunks(n, chunk):
+            x, y = X[start: start + chunk], Y[start: start + chunk]
             p = torch.mul(y, b, out=product[: x.numel()])
             x.mul_(a).add_(p)
         return
-    workspace = _workspace(3 * min(CHUNK_ENTRIES, n), torch.float64, X.device)
+    workspace = _workspace(3 * min(chunk, n), torch.float64, X.device)
 
     def fma(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return _arith.fma32_fast(p, q, r, workspace)
+        return _arith.fma32_fast(p, q, r, workspace, tuning)
 
-    for start in _chunks(n):
-        x = X[start: start + CHUNK_ENTRIES]
-        x.copy_(_arith.axpby(x, Y[start: start + CHUNK_ENTRIES], a, b, fma))
+    for start in _chunks(n, chunk):
+        x = X[start: start + chunk]
+        x.copy_(_arith.axpby(x, Y[start: start + chunk], a, b, fma))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,20 +415,20 @@ class _Piece:
     word_counts: list[int]
 
 
-def _pieces(scores: list[torch.Tensor], filters: list[torch.Tensor | None]) -> Iterator[_Piece]:
-    """The list in entry order as pieces of at most ``CHUNK_ENTRIES`` entries: a segment of at least
+def _pieces(scores: list[torch.Tensor], filters: list[torch.Tensor | None], chunk: int) -> Iterator[_Piece]:
+    """The list in entry order as pieces of at most ``chunk`` entries: a segment of at least
     that many in chunks of its own, consecutive smaller ones concatenated into packs (so many small
     segments cost a few tensor ops per pack, not per segment)."""
     pack: list[int] = []
     packed = 0
     for i, s in enumerate(scores):
         n = s.numel()
-        if pack and (n >= CHUNK_ENTRIES or packed + n > CHUNK_ENTRIES):
+        if pack and (n >= chunk or packed + n > chunk):
             yield _pack_piece(pack, scores, filters)
             pack, packed = [], 0
-        if n >= CHUNK_ENTRIES:
-            for start in _chunks(n):
-                stop = min(start + CHUNK_ENTRIES, n)
+        if n >= chunk:
+            for start in _chunks(n, chunk):
+                stop = min(start + chunk, n)
                 lanes = _lanes(filters[i], start, stop) if filters[i] is not None else None
                 yield _Piece([i], start, stop, s[start:stop], lanes, None, [])
         else:
@@ -456,10 +462,10 @@ def _pack_piece(pack: list[int], scores: list[torch.Tensor], filters: list[torch
 
 
 def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
-                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
-                          ) -> torch.Tensor:
+                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True, *,
+                          tuning: Tuning = DEFAULT) -> torch.Tensor:
     """The sum over the list of :func:`radix_histogram` (one device and dtype), computed over pieces of
-    at most ``CHUNK_ENTRIES`` entries (small segments packed together)."""
+    at most ``tuning.chunk_entries`` entries (small segments packed together)."""
     device = scores[0].device
     bins, high = 1 << bits, shift + bits
     # Ignored entries are counted in bins + their digit (spread out: one shared bin would serialise the
@@ -467,7 +473,8 @@ def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shif
     hist = torch.zeros(2 * bins, dtype=torch.int64, device=device)
     # keys ^ prefix_s is the unsigned key ^ the prefix: 0 above bit `high` exactly when the prefix matches.
     prefix_s = _to_signed((prefix >> high) << high)
-    for piece in _pieces(scores, filters):
+    bincount = tuning.bincount and device.type in BINCOUNT_DEVICES
+    for piece in _pieces(scores, filters, tuning.chunk_entries):
         digit = (_signed_keys(piece.x, largest) ^ prefix_s) >> shift
         ignored = (digit >> bits).ne_(0) if high < 32 else None  # 0/1 lanes
         digit &= bins - 1
@@ -477,7 +484,7 @@ def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shif
             ignored = ineligible if ignored is None else ignored.bitwise_or_(ineligible)
         if ignored is not None:
             digit |= ignored.bitwise_left_shift_(bits)
-        if device.type in BINCOUNT_DEVICES:
+        if bincount:
             hist += torch.bincount(digit, minlength=2 * bins)
         else:
             hist.index_add_(0, digit, torch.ones((), dtype=torch.int64, device=device).expand(digit.numel()))
@@ -485,15 +492,17 @@ def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shif
 
 
 def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
-                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+                    filter_words: torch.Tensor | None = None, filter_value: bool = True, *,
+                    tuning: Tuning = DEFAULT) -> torch.Tensor:
     """Counts (int64, ``2^bits``) of the eligible entries whose key agrees with ``prefix`` above bit
     ``shift + bits``, by the digit ``(key >> shift) & (2^bits - 1)`` (keys: ``reference.score_keys``)."""
-    return radix_histogram_multi([scores], prefix, shift, bits, largest, [filter_words], filter_value)
+    return radix_histogram_multi([scores], prefix, shift, bits, largest, [filter_words], filter_value,
+                                 tuning=tuning)
 
 
 def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, tie_quota: torch.Tensor,
-                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
-                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True, *,
+                         tuning: Tuning = DEFAULT) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The mask words of each segment: eligible entries with key > ``threshold``, plus the first
     ``tie_quota`` eligible entries of the list (segments in order, then index) with key == ``threshold``;
     and the quota left, ``max(tie_quota - ties, 0)`` (``ops.select.ListBackend``)."""
@@ -502,7 +511,7 @@ def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, ti
     threshold_s = _to_signed(threshold)
     # Ties still to take before each piece; clamped so the int32 comparison below cannot wrap.
     remaining = tie_quota.clone()
-    for piece in _pieces(scores, filters):
+    for piece in _pieces(scores, filters, tuning.chunk_entries):
         keys = _signed_keys(piece.x, largest)
         greater, equal = keys > threshold_s, keys == threshold_s
         if piece.lanes is not None:
@@ -525,21 +534,24 @@ def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, ti
 
 
 def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
-                   filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+                   filter_words: torch.Tensor | None = None, filter_value: bool = True, *,
+                   tuning: Tuning = DEFAULT) -> torch.Tensor:
     """Mask words selecting the eligible entries with key > ``threshold``, plus the first ``tie_quota``
     eligible entries (index order) with key == ``threshold``."""
-    return threshold_mask_multi([scores], threshold, tie_quota, largest, [filter_words], filter_value)[0][0]
+    return threshold_mask_multi([scores], threshold, tie_quota, largest, [filter_words], filter_value,
+                                tuning=tuning)[0][0]
 
 
-def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
+def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device, *, tuning: Tuning = DEFAULT
+                ) -> torch.Tensor:
     """``h(seed, step, j)`` for ``j = base … base + n - 1`` as int32 bit patterns
     (``reference.hash_scores``: the same unsigned 32-bit arithmetic, here in int64 lanes)."""
     key = hash_key(seed, step)
     out = torch.empty(n, dtype=torch.int32, device=device)
     u32 = 0xFFFFFFFF
     (s0, s1, s2), (m0, m1) = MIX32_SHIFTS, MIX32_MULTIPLIERS
-    for start in _chunks(n):
-        stop = min(start + CHUNK_ENTRIES, n)
+    for start in _chunks(n, tuning.chunk_entries):
+        stop = min(start + tuning.chunk_entries, n)
         first, last = base + start, base + stop - 1
         j = torch.arange(first, last + 1, dtype=torch.int64, device=device)
         if first >> 32 == last >> 32:  # one high word in the chunk: its mix is a host constant

@@ -3,8 +3,8 @@
 Triton decides at decoration time whether ``@triton.jit`` compiles for a GPU or runs in its NumPy
 interpreter (``TRITON_INTERPRET=1``), so the mode is read once, when this package is imported. The
 interpreter pays per operation rather than per element, so its tiles are large; on a GPU the tiles
-are sized for bandwidth-bound streaming. Tests may shrink the fields of :data:`CONFIG` to exercise
-multi-program paths on small inputs.
+are sized for bandwidth-bound streaming. Each call takes its shapes from its ``tuning``
+(:func:`launch_config`): tests pass small ones to exercise multi-program paths on small inputs.
 """
 
 from __future__ import annotations
@@ -12,49 +12,34 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
+from ..tuning import TRITON_GPU, TRITON_INTERPRETER, TritonLaunch, Tuning
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 """Whether the kernels were decorated in interpreter mode (they then run on CPU tensors)."""
 
 
-@dataclass
-class Config:
-    """Tile sizes of the kernels (all powers of two)."""
-
-    chunks: int
-    """1024-entry mask chunks per program of ``perturb_`` / ``restore_``."""
-    block: int
-    """Entries per tile of the streaming kernels (norm, Fisher, radix passes, hash); a multiple of 32."""
-    tiles: int
-    """Tiles per program of ``grad_sq_norm`` and ``fisher_accumulate_`` (fewer, longer programs)."""
-    histogram_tiles: int
-    """Tiles (of ``block`` entries) per ``tl.histogram`` of the radix-histogram kernel: each call zeroes
-    its ``2^bits`` shared bins, counts with shared atomics and reads the bins back, so on a GPU one call
-    over 4 tiles (32 entries per thread) halves the shared-memory operations per entry."""
-    programs_per_sm: int
-    """Programs per streaming multiprocessor of the persistent radix-histogram kernel."""
-    interpret_programs: int
-    """Programs of the persistent radix-histogram kernel in interpreter mode."""
-    num_warps: int
+def launch_config(tuning: Tuning) -> TritonLaunch:
+    """The launch shapes of one call: ``tuning.triton``, else the mode's (:data:`.tuning.TRITON_GPU` on a
+    GPU, :data:`.tuning.TRITON_INTERPRETER` in the interpreter)."""
+    if tuning.triton is not None:
+        return tuning.triton
+    return TRITON_INTERPRETER if INTERPRET else TRITON_GPU
 
 
-GPU_CONFIG = Config(chunks=2, block=2048, tiles=8, histogram_tiles=2, programs_per_sm=4, interpret_programs=1,
-                    num_warps=8)
-"""The configuration on a GPU. ``chunks=2``: the masked ``perturb_`` handles 8 entries per thread, which
-keeps it at 64 registers (fp32, 4 blocks per SM; 102 with 4 chunks); the tests also run the ops with it
-in the interpreter."""
-INTERPRETER_CONFIG = Config(chunks=16, block=1 << 14, tiles=1, histogram_tiles=1, programs_per_sm=1,
-                            interpret_programs=2,
-                            num_warps=4)
+def as_ints(config: TritonLaunch) -> list[int]:
+    """``config`` as the ``int[]`` argument of the registered ops (their schemas take no objects)."""
+    return list(dataclasses.astuple(config))
 
-CONFIG = dataclasses.replace(INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG)
-"""The configuration of every launch (a copy: tests may change its fields)."""
+
+def from_ints(values: list[int]) -> TritonLaunch:
+    """The inverse of :func:`as_ints`."""
+    return TritonLaunch(*values)
 
 
 @cache
@@ -62,20 +47,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def persistent_programs(device: torch.device) -> int:
+def persistent_programs(device: torch.device, config: TritonLaunch) -> int:
     """How many programs a grid-stride (persistent) kernel launches on ``device``."""
     if device.type == "cuda" and not INTERPRET:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return CONFIG.programs_per_sm * _sm_count(index)
-    return CONFIG.interpret_programs
+        return config.programs_per_sm * _sm_count(index)
+    return config.interpret_programs
 
 
-def launch_options() -> dict[str, int | bool]:
+def launch_options(config: TritonLaunch) -> dict[str, int | bool]:
     """Compile options of every launch. ``enable_fp_fusion=False``: every fp operation but the explicit
     ``tl.fma`` of :mod:`._math` is rounded as written, as the reference rounds it (the float64 ``W``
     path, ASAM's fp32 products and Fisher's ``alpha·g`` must not be fused into an FMA); stating it also
     silences Triton 3.9's default-change warning."""
-    return {"num_warps": CONFIG.num_warps, "enable_fp_fusion": False}
+    return {"num_warps": config.num_warps, "enable_fp_fusion": False}
 
 
 ALIGN = 16
@@ -132,10 +117,11 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def launch(kernel: object, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
-    """``kernel[grid](*args, **kwargs)`` with :func:`launch_options`: the launch helper of the list
-    kernels (tests count launches by wrapping it)."""
-    kernel[grid](*args, **kwargs, **launch_options())
+def launch(kernel: object, grid: tuple[int, ...], config: TritonLaunch, *args: object, **kwargs: object
+           ) -> None:
+    """``kernel[grid](*args, **kwargs)`` with :func:`launch_options` of ``config``: every launch goes
+    through here (tests record the launches by wrapping it)."""
+    kernel[grid](*args, **kwargs, **launch_options(config))
 
 
 def launch_table(columns: list[tuple[int, ...]], sizes: list[int], tile: int, device: torch.device

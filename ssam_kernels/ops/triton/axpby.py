@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import DEFAULT, Tuning
 from . import _config
-from ._config import CONFIG, launch_table
+from ._config import launch_table
 from ._math import axpby, load_scale
 
 
@@ -47,26 +48,30 @@ _TAIL = tl.constexpr(_config.TAIL)
 
 
 @torch.library.custom_op("ssam_kernels::triton_axpby_multi_", mutates_args=("X",))
-def _axpby_multi_(X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> None:
+def _axpby_multi_(X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
+                  launch: list[int]) -> None:
+    config = _config.from_ints(launch)
     for aligned in (True, False):  # one launch, or two where some tensors start off 16-byte boundaries
         index = [j for j, x in enumerate(X) if x.numel() > 0 and _config.aligned(x, Y[j]) == aligned]
         if not index:
             continue
         columns = [(X[j].data_ptr(), Y[j].data_ptr(), X[j].numel()) for j in index]
         table, programs, entries_at = launch_table(columns, [X[j].numel() for j in index],
-                                                   CONFIG.block * CONFIG.tiles, X[index[0]].device)
+                                                   config.block * config.tiles, X[index[0]].device)
         with _config.on_device(X[index[0]]):
-            _config.launch(_axpby_kernel, (programs,), table, entries_at, X[index[0]], a, b, ALIGNED=aligned,
-                           BLOCK=CONFIG.block, TILES=CONFIG.tiles)
+            _config.launch(_axpby_kernel, (programs,), config, table, entries_at, X[index[0]], a, b,
+                           ALIGNED=aligned, BLOCK=config.block, TILES=config.tiles)
 
 
-def axpby_multi_(X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> None:
+def axpby_multi_(X: list[torch.Tensor], Y: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, *,
+                 tuning: Tuning = DEFAULT) -> None:
     """:func:`axpby_` on every pair of the lists (one device and dtype): one launch, two when some tensors
     do not start on 16-byte boundaries."""
-    _axpby_multi_(list(X), list(Y), a, b)
+    _axpby_multi_(list(X), list(Y), a, b, _config.as_ints(_config.launch_config(tuning)))
 
 
-def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def axpby_(X: torch.Tensor, Y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, tuning: Tuning = DEFAULT
+           ) -> None:
     """``X = a·X + b·Y`` element-wise: ``fma(b, y, rn(a·x))`` in fp32 with ``a``, ``b`` rounded to fp32,
     then rounded to ``X``'s dtype (float64 X: float64 operations, each rounded once)."""
-    _axpby_multi_([X], [Y], a, b)
+    axpby_multi_([X], [Y], a, b, tuning=tuning)

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from .._arith import fp32_value
+from ..tuning import DEFAULT, Tuning
 from . import _config
-from ._config import CONFIG, launch_table
+from ._config import launch_table
 from ._math import fisher_updated
 
 
@@ -48,7 +49,9 @@ _TAIL = tl.constexpr(_config.TAIL)
 
 
 @torch.library.custom_op("ssam_kernels::triton_fisher_accumulate_multi_", mutates_args=("F",))
-def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float) -> None:
+def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float, launch: list[int]
+                              ) -> None:
+    config = _config.from_ints(launch)
     for aligned in (True, False):  # one launch, or two where some tensors start off 16-byte boundaries
         index = [j for j, f in enumerate(F) if f.numel() > 0 and _config.aligned(f, G[j]) == aligned]
         if not index:
@@ -56,20 +59,22 @@ def _fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alph
         device = F[index[0]].device
         columns = [(F[j].data_ptr(), G[j].data_ptr(), F[j].numel()) for j in index]
         table, programs, entries_at = launch_table(columns, [F[j].numel() for j in index],
-                                                   CONFIG.block * CONFIG.tiles, device)
+                                                   config.block * config.tiles, device)
         alpha32 = torch.full((1,), fp32_value(alpha), dtype=torch.float32, device=device)
         with _config.on_device(F[index[0]]):
-            _config.launch(_fisher_kernel, (programs,), table, entries_at, G[index[0]], alpha32,
-                           ALIGNED=aligned, BLOCK=CONFIG.block, TILES=CONFIG.tiles)
+            _config.launch(_fisher_kernel, (programs,), config, table, entries_at, G[index[0]], alpha32,
+                           ALIGNED=aligned, BLOCK=config.block, TILES=config.tiles)
 
 
-def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0) -> None:
+def fisher_accumulate_multi_(F: list[torch.Tensor], G: list[torch.Tensor], alpha: float = 1.0, *,
+                             tuning: Tuning = DEFAULT) -> None:
     """:func:`fisher_accumulate_` on every pair of the lists (``G`` of one device and dtype): one launch,
     two when some tensors do not start on 16-byte boundaries."""
-    _fisher_accumulate_multi_(list(F), list(G), float(alpha))
+    _fisher_accumulate_multi_(list(F), list(G), float(alpha), _config.as_ints(_config.launch_config(tuning)))
 
 
-def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0) -> None:
+def fisher_accumulate_(F: torch.Tensor, G: torch.Tensor, alpha: float = 1.0, *, tuning: Tuning = DEFAULT
+                       ) -> None:
     """``F += alpha · G²`` element-wise with one fp32 fused multiply-add (``alpha`` rounded to fp32);
     ``F`` is a float32 accumulator."""
-    _fisher_accumulate_multi_([F], [G], float(alpha))
+    fisher_accumulate_multi_([F], [G], alpha, tuning=tuning)

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from ..contract import MIX32_MULTIPLIERS, MIX32_SHIFTS, hash_key
+from ..tuning import DEFAULT, Tuning
 from . import _config
-from ._config import CONFIG, cdiv, launch_options
+from ._config import cdiv, launch_config
 
 _S0, _S1, _S2 = (tl.constexpr(s) for s in MIX32_SHIFTS)
 _M0, _M1 = (tl.constexpr(m) for m in MIX32_MULTIPLIERS)
@@ -41,13 +42,15 @@ def _hash_kernel(out_ptr, N, base, key, BLOCK: tl.constexpr):
     tl.store(out_ptr + offset, h.to(tl.int32, bitcast=True), mask=offset < N)
 
 
-def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device) -> torch.Tensor:
+def hash_scores(n: int, seed: int, step: int, base: int, device: torch.device, *, tuning: Tuning = DEFAULT
+                ) -> torch.Tensor:
     """The hash of entry positions ``j = base … base + n - 1`` as int32 bit patterns (see module doc)."""
     out = torch.empty(n, dtype=torch.int32, device=device)
     if n == 0:
         return out
     key = hash_key(seed, step)
     key = key - (1 << 32) if key >= 1 << 31 else key  # the same 32 bits as a signed int32 argument
+    config = launch_config(tuning)
     with _config.on_device(out):
-        _hash_kernel[(cdiv(n, CONFIG.block),)](out, n, base, key, BLOCK=CONFIG.block, **launch_options())
+        _config.launch(_hash_kernel, (cdiv(n, config.block),), config, out, n, base, key, BLOCK=config.block)
     return out

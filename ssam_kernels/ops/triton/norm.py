@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import DEFAULT, Tuning
 from . import _config
-from ._config import CONFIG, launch_table
+from ._config import launch_table
 from ._convert import to_float64
 
 
@@ -54,8 +55,10 @@ _TAIL = tl.constexpr(_config.TAIL)
 
 
 @torch.library.custom_op("ssam_kernels::triton_grad_sq_norm_multi", mutates_args=())
-def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
-    tile = CONFIG.block * CONFIG.tiles
+def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None], launch: list[int]
+                        ) -> torch.Tensor:
+    config = _config.from_ints(launch)
+    tile = config.block * config.tiles
     partials = []
     # One launch for the plain entries, one for the ASAM ones, each split by alignment.
     for adaptive, aligned in ((False, True), (False, False), (True, True), (True, False)):
@@ -67,8 +70,8 @@ def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> 
         table, programs, entries_at = launch_table(columns, [G[j].numel() for j in index], tile, G[0].device)
         partial = torch.empty(programs, dtype=torch.float64, device=G[0].device)
         with _config.on_device(G[0]):
-            _config.launch(_sq_norm_kernel, (programs,), table, entries_at, G[index[0]], partial,
-                           ADAPTIVE=adaptive, ALIGNED=aligned, BLOCK=CONFIG.block, TILES=CONFIG.tiles)
+            _config.launch(_sq_norm_kernel, (programs,), config, table, entries_at, G[index[0]], partial,
+                           ADAPTIVE=adaptive, ALIGNED=aligned, BLOCK=config.block, TILES=config.tiles)
         partials.append(partial)
     if not partials:
         return torch.zeros((), dtype=torch.float64, device=G[0].device)
@@ -76,22 +79,23 @@ def _grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> 
 
 
 @_grad_sq_norm_multi.register_fake
-def _(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+def _(G: list[torch.Tensor], W: list[torch.Tensor | None], launch: list[int]) -> torch.Tensor:
     return G[0].new_empty((), dtype=torch.float64)
 
 
-def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None]) -> torch.Tensor:
+def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None], *, tuning: Tuning = DEFAULT
+                       ) -> torch.Tensor:
     """The list form of :func:`grad_sq_norm` (one device and dtype): one launch for the entries without
     ``W`` and one for those with it (each split by :func:`._config.aligned`), each program writing one
     float64 partial of one tensor's tile; the partials (plain ones first) summed by ``torch.sum``:
     deterministic, a function of the sizes (and of which tensors start 16-byte aligned) only."""
-    return _grad_sq_norm_multi(list(G), list(W))
+    return _grad_sq_norm_multi(list(G), list(W), _config.as_ints(_config.launch_config(tuning)))
 
 
-def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+def grad_sq_norm(G: torch.Tensor, W: torch.Tensor | None = None, *, tuning: Tuning = DEFAULT) -> torch.Tensor:
     """``Σ g_i²``, or ``Σ (g_i · |w_i|)²`` when ``W`` is given; a float64 0-d tensor on ``G``'s device.
 
     Squares are formed and summed in float64; deterministic (fixed partials, fixed reduction order).
     A list of one: the same tiles and partials as the list form.
     """
-    return _grad_sq_norm_multi([G], [W])
+    return grad_sq_norm_multi([G], [W], tuning=tuning)

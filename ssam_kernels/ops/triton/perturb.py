@@ -31,8 +31,9 @@ import triton.language as tl
 
 from ..bitmask import check_offsets, num_chunks
 from ..contract import WORDS_PER_CHUNK
+from ..tuning import DEFAULT, Tuning
 from . import _config
-from ._config import CONFIG, launch_table
+from ._config import launch_table
 from ._math import load_scale, perturbed
 
 _ALIGN = tl.constexpr(_config.ALIGN)
@@ -240,9 +241,11 @@ _COLUMNS = tl.constexpr(7)  # per tensor: w, g, mask, offsets, backup (addresses
 
 def _launch(kernel: triton.JITFunction, W: list[torch.Tensor], G: list[torch.Tensor],
             mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None], backup: list[torch.Tensor],
-            *args: object, **constexprs: object) -> None:
+            launch: list[int], *args: object, **constexprs: object) -> None:
     """One launch per kind of entry (masked, dense) and alignment (:func:`._config.aligned` of W, G and
     the backup: an ``ALIGNED`` launch declares all three 16-byte aligned) over the table of those entries."""
+    config = _config.from_ints(launch)
+
     def kind(j: int) -> tuple[bool, bool]:
         return mask[j] is not None, _config.aligned(W[j], G[j], backup[j])
 
@@ -257,56 +260,59 @@ def _launch(kernel: triton.JITFunction, W: list[torch.Tensor], G: list[torch.Ten
                     o.data_ptr() if masked else 0, backup[j].data_ptr(), W[j].numel(), backup[j].numel())
                    for j, m, o in zip(index, ms, os_, strict=True)]
         chunks = [num_chunks(w.numel()) for w in ws]
-        table, programs, entries_at = launch_table(columns, chunks, CONFIG.chunks, ws[0].device)
+        table, programs, entries_at = launch_table(columns, chunks, config.chunks, ws[0].device)
         with _config.on_device(ws[0]):
-            _config.launch(kernel, (programs,), table, entries_at, ws[0], os_[0] if masked else table, *args,
-                           HAS_MASK=masked, ALIGNED=aligned, CHUNKS=CONFIG.chunks,
+            _config.launch(kernel, (programs,), config, table, entries_at, ws[0], os_[0] if masked else table,
+                           *args, HAS_MASK=masked, ALIGNED=aligned, CHUNKS=config.chunks,
                            VEC=_config.vector_entries(ws[0]), **constexprs)
 
 
 @torch.library.custom_op("ssam_kernels::triton_perturb_multi_", mutates_args=("W", "backup"))
 def _perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
                     offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
-                    adaptive: bool) -> None:
-    _launch(_perturb_kernel, W, G, mask, offsets, backup, scale, ADAPTIVE=adaptive)
+                    adaptive: bool, launch: list[int]) -> None:
+    _launch(_perturb_kernel, W, G, mask, offsets, backup, launch, scale, ADAPTIVE=adaptive)
 
 
 @torch.library.custom_op("ssam_kernels::triton_restore_multi_", mutates_args=("W",))
 def _restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None],
-                    offsets: list[torch.Tensor | None], backup: list[torch.Tensor]) -> None:
-    _launch(_restore_kernel, W, W, mask, offsets, backup)
+                    offsets: list[torch.Tensor | None], backup: list[torch.Tensor], launch: list[int]
+                    ) -> None:
+    _launch(_restore_kernel, W, W, mask, offsets, backup, launch)
 
 
 def perturb_multi_(W: list[torch.Tensor], G: list[torch.Tensor], mask: list[torch.Tensor | None],
                    offsets: list[torch.Tensor | None], backup: list[torch.Tensor], scale: torch.Tensor,
-                   adaptive: bool = False) -> None:
+                   adaptive: bool = False, *, tuning: Tuning = DEFAULT) -> None:
     """:func:`perturb_` on every entry of the lists (one device and dtype): one launch per kind of entry
     (masked, dense) and alignment (:func:`_launch`), over a table of the tensors' addresses and tiles."""
     _check_offsets_on_cpu(W, mask, offsets)
-    _perturb_multi_(W, G, mask, offsets, backup, scale, bool(adaptive))
+    launch = _config.as_ints(_config.launch_config(tuning))
+    _perturb_multi_(W, G, mask, offsets, backup, scale, bool(adaptive), launch)
 
 
 def restore_multi_(W: list[torch.Tensor], mask: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
-                   backup: list[torch.Tensor]) -> None:
+                   backup: list[torch.Tensor], *, tuning: Tuning = DEFAULT) -> None:
     """:func:`restore_` on every entry of the lists (one device and dtype), as :func:`perturb_multi_`."""
     _check_offsets_on_cpu(W, mask, offsets)
-    _restore_multi_(W, mask, offsets, backup)
+    _restore_multi_(W, mask, offsets, backup, _config.as_ints(_config.launch_config(tuning)))
 
 
 def perturb_(W: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False) -> None:
+             backup: torch.Tensor, scale: torch.Tensor, adaptive: bool = False, *, tuning: Tuning = DEFAULT
+             ) -> None:
     """For every set bit ``i`` (every ``i`` when ``mask`` is None): ``backup[rank(i)] = W[i]``; then, if
     the 0-d device tensor ``scale`` (float32 or float64; rounded to fp32 unless W is float64) is finite
     and non-zero, ``W[i] = W[i] + scale·g_i``
     (``adaptive``: ``+ scale·w_i²·g_i``) with one fp32 fused multiply-add (float64 W: in float64).
     ``scale`` is read in the kernel (no host synchronisation). Bounds as in the module doc."""
-    perturb_multi_([W], [G], [mask], [offsets], [backup], scale, adaptive)
+    perturb_multi_([W], [G], [mask], [offsets], [backup], scale, adaptive, tuning=tuning)
 
 
 def restore_(W: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None,
-             backup: torch.Tensor) -> None:
+             backup: torch.Tensor, *, tuning: Tuning = DEFAULT) -> None:
     """``W[i] = backup[rank(i)]`` for every set bit ``i`` (every ``i`` when ``mask`` is None); bit-exact."""
-    restore_multi_([W], [mask], [offsets], [backup])
+    restore_multi_([W], [mask], [offsets], [backup], tuning=tuning)
 
 
 def _check_offsets_on_cpu(W: list[torch.Tensor], mask: list[torch.Tensor | None],

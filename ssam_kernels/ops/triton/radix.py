@@ -7,11 +7,11 @@ sign bit is set, else ``b | 2^31``; NaN gets key 0; int32 scores are their unsig
 ``filter_value``.
 
 Lists: every kernel runs over the launch table of a list of segments
-(:func:`._config.launch_table`: one ``(segment, tile)`` row per ``CONFIG.block``-entry tile, then each
+(:func:`._config.launch_table`: one ``(segment, tile)`` row per ``block``-entry tile, then each
 segment's addresses and size), so one launch covers any number of segments; the single-segment ops are
 lists of one.
 
-* ``radix_histogram_multi``: a persistent kernel over tiles of ``CONFIG.histogram_tiles · CONFIG.block``
+* ``radix_histogram_multi``: a persistent kernel over tiles of ``histogram_tiles · block``
   entries (one ``tl.histogram`` per tile); program ``p`` takes the table rows ``p``,
   ``p + programs``, ..., keeps a local ``2^bits``-bin histogram over their tiles and
   writes it to its own row of an int32 buffer, which ``torch.sum`` adds in int64. Integer sums, so the
@@ -37,8 +37,9 @@ import triton.language as tl
 
 from ..bitmask import num_words
 from ..contract import CHUNK, KEY_SIGN_BIT, NAN_KEY
+from ..tuning import DEFAULT, Tuning
 from . import _config
-from ._config import CONFIG, cdiv, launch_table, persistent_programs
+from ._config import cdiv, launch_config, launch_table, persistent_programs
 from ._convert import to_float32
 
 _CHUNK = tl.constexpr(CHUNK)
@@ -219,64 +220,69 @@ def _table(scores: list[torch.Tensor], filters: list[torch.Tensor | None], tile:
 
 
 def radix_histogram_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
-                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
-                          ) -> torch.Tensor:
+                          largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True, *,
+                          tuning: Tuning = DEFAULT) -> torch.Tensor:
     """The sum over the list (one device and dtype; ``filters`` all None or all tensors) of
     :func:`radix_histogram`: one launch of a persistent kernel over the tiles of every segment."""
-    device = scores[0].device
-    block = CONFIG.block * CONFIG.histogram_tiles
+    device, config = scores[0].device, launch_config(tuning)
+    block = config.block * config.histogram_tiles
     table, rows, entries_at = _table(scores, filters, block)
     if rows == 0:
         return torch.zeros(1 << bits, dtype=torch.int64, device=device)
-    programs = min(rows, persistent_programs(device))
+    programs = min(rows, persistent_programs(device, config))
     partial = torch.empty(programs, 1 << bits, dtype=torch.int32, device=device)
     with _config.on_device(scores[0]):
-        _config.launch(_histogram_kernel, (programs,), table, entries_at, rows, cdiv(rows, programs),
+        _config.launch(_histogram_kernel, (programs,), config, table, entries_at, rows, cdiv(rows, programs),
                        programs, scores[0], prefix, partial, SHIFT=shift, BITS=bits, BLOCK=block,
                        **_key_flags(scores[0], largest, filters, filter_value))
     return partial.sum(dim=0, dtype=torch.int64)
 
 
 def radix_histogram(scores: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int, largest: bool,
-                    filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+                    filter_words: torch.Tensor | None = None, filter_value: bool = True, *,
+                    tuning: Tuning = DEFAULT) -> torch.Tensor:
     """Counts of the eligible entries whose key agrees with ``prefix`` above bit ``shift + bits``, by
     the key's digit ``(key >> shift) & (2^bits - 1)``: an int64 tensor of ``2^bits`` counts.
 
     ``prefix`` is an int64 0-d tensor on ``scores``' device, read in the kernel.
     """
-    return radix_histogram_multi([scores], prefix, shift, bits, largest, [filter_words], filter_value)
+    return radix_histogram_multi([scores], prefix, shift, bits, largest, [filter_words], filter_value,
+                                 tuning=tuning)
 
 
 def threshold_mask_multi(scores: list[torch.Tensor], threshold: torch.Tensor, tie_quota: torch.Tensor,
-                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True
-                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                         largest: bool, filters: list[torch.Tensor | None], filter_value: bool = True, *,
+                         tuning: Tuning = DEFAULT) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The mask words of each segment (eligible keys > ``threshold``, then the first ``tie_quota`` eligible
     ties of the list in list order) and the quota left, ``max(tie_quota - ties, 0)``: two launches (tie
     counts per tile, then the words) over the tiles of every segment, with an int64 scan between."""
     device = scores[0].device
     words = [torch.empty(num_words(s.numel()), dtype=torch.int32, device=device) for s in scores]
-    table, rows, entries_at = _table(scores, filters, CONFIG.block, words)
+    config = launch_config(tuning)
+    table, rows, entries_at = _table(scores, filters, config.block, words)
     if rows == 0:
         return words, tie_quota.clamp(min=0)
     flags = _key_flags(scores[0], largest, filters, filter_value)
     counts = torch.empty(rows, dtype=torch.int32, device=device)
     with _config.on_device(scores[0]):
-        _config.launch(_tie_count_kernel, (rows,), table, entries_at, scores[0], threshold, counts,
-                       BLOCK=CONFIG.block, **flags)
+        _config.launch(_tie_count_kernel, (rows,), config, table, entries_at, scores[0], threshold, counts,
+                       BLOCK=config.block, **flags)
         ties_end = torch.cumsum(counts, dim=0, dtype=torch.int64)
-        _config.launch(_threshold_mask_kernel, (rows,), table, entries_at, scores[0], threshold, tie_quota,
-                       ties_end - counts, BLOCK=CONFIG.block, **flags)
+        _config.launch(_threshold_mask_kernel, (rows,), config, table, entries_at, scores[0], threshold,
+                       tie_quota, ties_end - counts, BLOCK=config.block, **flags)
     return words, (tie_quota - ties_end[-1]).clamp(min=0)
 
 
 def threshold_mask(scores: torch.Tensor, threshold: torch.Tensor, tie_quota: torch.Tensor, largest: bool,
-                   filter_words: torch.Tensor | None = None, filter_value: bool = True) -> torch.Tensor:
+                   filter_words: torch.Tensor | None = None, filter_value: bool = True, *,
+                   tuning: Tuning = DEFAULT) -> torch.Tensor:
     """Mask words selecting the eligible entries with key > ``threshold``, plus the first ``tie_quota``
     eligible entries (in index order) with key == ``threshold``.
 
     ``threshold`` and ``tie_quota`` are int64 0-d tensors on ``scores``' device, read in the kernels.
     """
-    return threshold_mask_multi([scores], threshold, tie_quota, largest, [filter_words], filter_value)[0][0]
+    return threshold_mask_multi([scores], threshold, tie_quota, largest, [filter_words], filter_value,
+                                tuning=tuning)[0][0]
 
 
 BUCKET_MASK_DEVICES = ("cpu", "cuda")
@@ -286,17 +292,18 @@ BUCKET_MASK_DEVICES = ("cpu", "cuda")
 def bucket_mask_multi(scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, largest: bool,
                       filters: list[torch.Tensor | None], filter_value: bool, words: list[torch.Tensor],
                       counts: list[torch.Tensor], starts: list[int], candidates: torch.Tensor,
-                      cursor: torch.Tensor) -> None:
+                      cursor: torch.Tensor, *, tuning: Tuning = DEFAULT) -> None:
     """The mask pass of a selection whose threshold is known above bit ``shift`` (``prefix``, int64 0-d):
     writes ``words[s]`` (the eligible entries with ``key >> shift > prefix >> shift``), adds their count
     per 1024-entry chunk to ``counts[s]`` (int32, zeroed by the caller) and appends the undecided
     eligible entries (``key >> shift == prefix >> shift``) to ``candidates`` (int64) at ``cursor`` (int32,
     one entry, counts every one; only slots below ``candidates.numel()`` are written) as
     ``(2^shift - 1 - (key & (2^shift - 1))) << 53 | (starts[s] + index)``. One launch over every tile."""
-    table, rows, entries_at = _table(scores, filters, CONFIG.block, words, counts, starts)
+    config = launch_config(tuning)
+    table, rows, entries_at = _table(scores, filters, config.block, words, counts, starts)
     if rows == 0:
         return
     with _config.on_device(scores[0]):
-        _config.launch(_bucket_mask_kernel, (rows,), table, entries_at, scores[0], prefix, candidates,
-                       candidates.numel(), cursor, SHIFT=shift, BLOCK=CONFIG.block,
-                       PART=min(CONFIG.block, CHUNK), **_key_flags(scores[0], largest, filters, filter_value))
+        _config.launch(_bucket_mask_kernel, (rows,), config, table, entries_at, scores[0], prefix, candidates,
+                       candidates.numel(), cursor, SHIFT=shift, BLOCK=config.block,
+                       PART=min(config.block, CHUNK), **_key_flags(scores[0], largest, filters, filter_value))
