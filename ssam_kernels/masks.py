@@ -91,9 +91,9 @@ class MaskContext:
 
     def random_mask(self, k: int, seed: int, counter: int) -> list[Mask]:
         """``k`` live entries at the largest hashes ``h(seed, counter, j)`` of the entries' positions."""
-        scores = [ops.hash_scores(s.numel, seed, counter, s.position, s.device, backend=self.backend,
-                                  tuning=self.tuning)
-                  for s in self.segments]
+        segments = self.segments
+        scores = ops.hash_scores([s.numel for s in segments], seed, counter, [s.position for s in segments],
+                                 [s.device for s in segments], backend=self.backend, tuning=self.tuning)
         return ops.select_topk(scores, k, backend=self.backend, comm=self.comm, tuning=self.tuning)
 
 

@@ -250,9 +250,10 @@ def test_triton_launches_per_step_independent_of_parameter_count(monkeypatch, sp
         return sorted(launches)
     few, many = per_step(10), per_step(60)
     assert few == many
-    # With a mask, building it (RandomMask: select_topk) adds the selection launches (also list launches):
-    # the bucket path's two histogram passes and its mask pass.
-    selection = 2 * ["_histogram_kernel"] + ["_bucket_mask_kernel"]
+    # With a mask, building it (RandomMask) adds one launch of the hash over all parameters (their
+    # positions follow each other) and the selection's list launches: the bucket path's two histogram
+    # passes and its mask pass.
+    selection = ["_hash_kernel"] + 2 * ["_histogram_kernel"] + ["_bucket_mask_kernel"]
     if not sparsity:
         selection = []
     assert few == sorted(2 * ["_sq_norm_kernel", "_perturb_kernel", "_restore_kernel"] + selection)

@@ -470,6 +470,16 @@ def test_hash_scores(backend, tuning, device, n, base):
               ops.hash_scores(n, seed, step, base, backend="reference"))
 
 
+def test_hash_scores_lists(backend, tuning, device):
+    """The list form: runs of consecutive positions (one call each), a gap, an empty segment and a run
+    that crosses 2^32, each tensor the single op's."""
+    sizes, bases = [33, 0, 1025, 7, 40, 5], [100, 133, 133, 1158, 2**32 - 20, 2**32 + 20]
+    got = ops.hash_scores(sizes, 0xC0FFEE, 9, bases, device, backend=backend, tuning=tuning)
+    assert len(got) == len(sizes)
+    for g, n, b in zip(got, sizes, bases, strict=True):
+        _same(g, ops.hash_scores(n, 0xC0FFEE, 9, b, backend="reference"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Selection
 # ------------------------------------------------------------------------------------------------

@@ -485,6 +485,14 @@ def test_positions_and_bases_are_checked_the_same_in_every_backend(backend):
             ops.dynamic_update(words, scores, 0, "random", 1, 2, positions=positions, backend=backend)
     with pytest.raises(ValueError, match=r"^base: "):
         ops.hash_scores(20, 1, 2, base=2**63 - 5, backend=backend)
+    for sizes, bases, device, error, named in (
+            ([20, 3], [0, 2**63 - 2], "cpu", ValueError, r"base\[1\]"),
+            ([20, -1], [0, 5], "cpu", ValueError, r"n\[1\]"),
+            ([20, 3], 0, "cpu", TypeError, "base"),
+            ([20, 3], [0], "cpu", TypeError, "base"),
+            ([20, 3], [0, 20], ["cpu"], TypeError, "device")):
+        with pytest.raises(error, match=f"^{named}: "):
+            ops.hash_scores(sizes, 1, 2, bases, device, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "vectorized", "native"])

@@ -730,18 +730,40 @@ def select_topk(scores: Sequence[torch.Tensor], k: int, *, backend: str | None =
     return select_with_offsets(scores, k, True, backends, comm, tuning)
 
 
-def hash_scores(n: int, seed: int, step: int, base: int = 0, device: torch.device | str = "cpu", *,
-                backend: str | None = None, tuning: Tuning | None = None) -> torch.Tensor:
+def hash_scores(n: int | Sequence[int], seed: int, step: int, base: int | Sequence[int] = 0,
+                device: torch.device | str | Sequence[torch.device | str] = "cpu", *,
+                backend: str | None = None, tuning: Tuning | None = None
+                ) -> torch.Tensor | list[torch.Tensor]:
     """The counter-based hash ``h(seed, step, j)`` of positions ``j = base … base + n - 1``, as int32
     bit patterns of unsigned 32-bit values (formula in ``reference.hash_scores``); identical in every
-    backend, so random masks built from it match across backends, layouts and resumes."""
+    backend, so random masks built from it match across backends, layouts and resumes.
+
+    Lists: ``n`` a list of sizes, ``base`` a list of as many first positions and ``device`` one device or
+    a list of as many; one tensor per size, each as the single op gives it. Segments whose positions
+    follow each other on one device are hashed in one call (one kernel launch on the fast backends), each
+    tensor a view of that call's."""
     tuning = _tuning(tuning)
-    n = _check_count("n", n)
+    if not isinstance(n, Sequence):
+        n = _check_count("n", n)
+        seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
+        base = _check_count("base", base, _MAX_POSITION - n)  # positions are int64 in every backend
+        device = torch.device(device)
+        module = resolve_backend(backend, device, torch.int32)
+        return module.hash_scores(n, seed, step, base, device, tuning=tuning)
+    sizes = [_check_count(f"n[{i}]", size) for i, size in enumerate(n)]
     seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
-    base = _check_count("base", base, _MAX_POSITION - n)  # positions are int64 in every backend
-    device = torch.device(device)
-    module = resolve_backend(backend, device, torch.int32)
-    return module.hash_scores(n, seed, step, base, device, tuning=tuning)
+    if isinstance(base, int) or not isinstance(base, Sequence) or len(base) != len(sizes):
+        raise TypeError(f"base: expected a list of {len(sizes)} ints (one per size), got {base!r}")
+    bases = [_check_count(f"base[{i}]", b, _MAX_POSITION - size)
+             for i, (b, size) in enumerate(zip(base, sizes, strict=True))]
+    if isinstance(device, (str, torch.device)):
+        devices = [torch.device(device)] * len(sizes)
+    elif isinstance(device, Sequence) and len(device) == len(sizes):
+        devices = [torch.device(d) for d in device]
+    else:
+        raise TypeError(f"device: expected a device or a list of {len(sizes)} devices, got {device!r}")
+    backends = [resolve_backend(backend, d, torch.int32) for d in devices]
+    return _hashes_in_runs(backends, sizes, bases, seed, step, devices, tuning)
 
 
 def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor], n_drop: int,
@@ -793,7 +815,8 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
             raise ValueError(f"positions: expected {len(sizes)} ints, got {len(positions)}")
         for i, (position, size) in enumerate(zip(positions, sizes, strict=True)):
             _check_count(f"positions[{i}]", position, _MAX_POSITION - size)
-        grow_scores = _grow_hashes(backends, sizes, list(positions), seed, step, drop_scores, tuning)
+        grow_scores = _hashes_in_runs(backends, sizes, list(positions), seed, step,
+                                      [s.device for s in drop_scores], tuning)
     else:
         grow_scores = _check_scores("grow", grow)
         if len(grow_scores) != len(drop_scores):
@@ -814,19 +837,19 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     return list(zip(new, chunk_offsets(per_chunk, batch.n_chunks), strict=True))
 
 
-def _grow_hashes(backends: list[ModuleType], sizes: list[int], positions: list[int], seed: int, step: int,
-                 like: list[torch.Tensor], tuning: Tuning) -> list[torch.Tensor]:
-    """``hash_scores`` of every segment (entries ``positions[s] …``): one call per run of consecutive
-    segments of one device whose positions follow each other (the whole list in one process), each
-    segment's hashes a view of its run's."""
+def _hashes_in_runs(backends: list[ModuleType], sizes: list[int], positions: list[int], seed: int, step: int,
+                    devices: list[torch.device], tuning: Tuning) -> list[torch.Tensor]:
+    """``hash_scores`` of every segment (entries ``positions[s] …``, on ``devices[s]``): one call per run
+    of consecutive segments of one device whose positions follow each other (the whole list in one
+    process), each segment's hashes a view of its run's."""
     out: list[torch.Tensor] = []
     start = 0
     for i in range(1, len(sizes) + 1):
-        if (i < len(sizes) and like[i].device == like[start].device
+        if (i < len(sizes) and devices[i] == devices[start] and backends[i] is backends[start]
                 and positions[i] == positions[i - 1] + sizes[i - 1]):
             continue
-        run = backends[start].hash_scores(sum(sizes[start:i]), seed, step, positions[start],
-                                          like[start].device, tuning=tuning)
+        run = backends[start].hash_scores(sum(sizes[start:i]), seed, step, positions[start], devices[start],
+                                          tuning=tuning)
         out.extend(run.split(sizes[start:i]))
         start = i
     return out
