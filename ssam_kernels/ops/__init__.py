@@ -19,6 +19,8 @@ goes to its backend's list primitive (``grad_sq_norm_multi``, ``perturb_multi_``
 one device and dtype) when it has one (native: one C++ call on CPU, one launch over a device table of the
 tensors on CUDA; Triton: the same, one launch per kind of entry and 16-byte alignment), else the single
 primitive is called for each tensor (:mod:`.lists`), so a backend needs only the single-tensor primitives.
+``hash_scores`` takes lists of sizes and first positions: a tensor per size, one call per run of
+positions that follow each other on one device.
 
 Memory safety: no input reads or writes outside the tensors given, on any backend or device. What is
 free to check is checked (sizes, dtypes, devices; on CPU tensors also that ``offsets`` match the mask);
