@@ -140,13 +140,7 @@ void axpby_multi_(at::TensorList X, at::TensorList Y, const at::Tensor& a, const
   const std::pair<ScaleView, ScaleView> scales = check_axpby_args(X, Y, a, b, true);
   if (X.empty()) return;
   std::vector<int64_t> rows(X.size() * kColumns, 0);
-  for (size_t j = 0; j < X.size(); ++j) {
-    int64_t* row = rows.data() + j * kColumns;
-    row[kColW] = address(X[j]);
-    row[kColG] = address(Y[j]);
-    row[kColN] = X[j].numel();
-    set_vec(row);
-  }
+  for (size_t j = 0; j < X.size(); ++j) set_streaming_row(rows, j, address(X[j]), address(Y[j]), X[j].numel());
   const gpu::DeviceGuard guard(X[0].device());
   at::Tensor keep;
   const ListTable table = upload_table(rows, X[0].device(), keep, "axpby_multi_");

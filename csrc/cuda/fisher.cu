@@ -27,11 +27,7 @@ void fisher_accumulate_multi_(at::TensorList F, at::TensorList G, double alpha) 
   for (size_t j = 0; j < F.size(); ++j) {
     check_fisher_shapes(F[j], G[j]);
     check_same_kind(G[j], G[0], "G", j);
-    int64_t* row = rows.data() + j * kColumns;
-    row[kColW] = address(F[j]);
-    row[kColG] = address(G[j]);
-    row[kColN] = F[j].numel();
-    set_vec(row);
+    set_streaming_row(rows, j, address(F[j]), address(G[j]), F[j].numel());
   }
   check_disjoint(fisher_spans(F, G, true));
   const gpu::DeviceGuard guard(F[0].device());

@@ -36,6 +36,16 @@ inline void set_vec(int64_t* row) {
   row[kColVec] = aligned16({pointer(row[kColW]), pointer(row[kColG]), pointer(row[kColBackup])});
 }
 
+// Row j of the table of a streaming list op (norm, Fisher, axpby): the addresses of its two tensors
+// (`second` 0 when there is none), its entries and kColVec.
+inline void set_streaming_row(std::vector<int64_t>& rows, size_t j, int64_t first, int64_t second, int64_t n) {
+  int64_t* row = rows.data() + j * kColumns;
+  row[kColW] = first;
+  row[kColG] = second;
+  row[kColN] = n;
+  set_vec(row);
+}
+
 // Builds the table of `rows` (kColumns values per tensor) on the host and copies it to `device`
 // asynchronously (pinned memory: the caching host allocator keeps it until the copy has run). `keep`
 // holds the device copy until the op's kernels have been enqueued. `op` names the op in errors.

@@ -46,11 +46,7 @@ at::Tensor grad_sq_norm_multi(at::TensorList G, const OptionalTensors& W) {
     const std::optional<at::Tensor> w = W.get(j);
     check_grad_sq_norm_args(G[j], w);
     check_same_kind(G[j], G[0], "G", j);
-    int64_t* row = rows.data() + j * kColumns;
-    row[kColW] = address(w);
-    row[kColG] = address(G[j]);
-    row[kColN] = G[j].numel();
-    set_vec(row);
+    set_streaming_row(rows, j, address(w), address(G[j]), G[j].numel());
   }
   const gpu::DeviceGuard guard(G[0].device());
   at::Tensor keep;
