@@ -34,7 +34,12 @@ def launch_config(tuning: Tuning) -> TritonLaunch:
 
 def as_ints(config: TritonLaunch) -> list[int]:
     """``config`` as the ``int[]`` argument of the registered ops (their schemas take no objects)."""
-    return list(dataclasses.astuple(config))
+    return list(_fields(config))
+
+
+@cache
+def _fields(config: TritonLaunch) -> tuple[int, ...]:
+    return dataclasses.astuple(config)  # once per configuration: astuple costs microseconds per call
 
 
 def from_ints(values: list[int]) -> TritonLaunch:
