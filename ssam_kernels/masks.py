@@ -312,5 +312,6 @@ def topk_mask(scores: Sequence[torch.Tensor], sparsity: float, *, backend: str |
     flat = [s ^ torch.iinfo(torch.int32).min if s.dtype == torch.int32 else s for s in flat]
     k = live_count(sum(s.numel() for s in flat), sparsity)
     selected = ops.select_topk(flat, k, backend=backend, tuning=tuning)
-    return [bitmask.unpack(words, s.numel()).view(s.shape)
+    block_words = ops.tuning.resolve(tuning).mask_block_words
+    return [bitmask.unpack(words, s.numel(), block_words).view(s.shape)
             for (words, _), s in zip(selected, scores, strict=True)]

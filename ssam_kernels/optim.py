@@ -122,7 +122,8 @@ class SSAM(torch.optim.Optimizer):
         backend: ``"auto" | "reference" | "vectorized" | "triton" | "native"`` (None:
             ``SSAM_KERNELS_BACKEND``).
         tuning: the block sizes and launch shapes of the PyTorch and Triton backends
-            (:class:`ssam_kernels.ops.Tuning`; None: the production ones). Never changes a result.
+            (:class:`ssam_kernels.ops.Tuning`; None: the production ones). Masks and perturbations keep
+            their bits, but on Triton the norm's last bits follow its tile shape.
         layout: ``"auto" | "flat" | "tensors"`` (see :mod:`ssam_kernels.layout`).
         distributed: ``"auto" | "none" | "replicated" | "sharded"``: how the ranks hold the model
             (DDP: replicated, FSDP2: sharded; see :mod:`ssam_kernels.distributed`).

@@ -69,7 +69,8 @@ GPU = "cuda" if torch.cuda.is_available() else None
 TRITON_DEVICE = GPU or "cpu"
 
 _VECTORIZED_TUNINGS = {
-    "vectorized-chunk1k-emulated-fma": Tuning(chunk_entries=1024, fused_fma=False, bincount=False),
+    "vectorized-chunk1k-emulated-fma": Tuning(chunk_entries=1024, fused_fma=False, bincount=False,
+                                              mask_list_words=10),
     "vectorized-device-path": Tuning(chunk_entries=1024, host_reads=False),
     "vectorized-device-path-emulated-fma": Tuning(host_reads=False, fused_fma=False),
 }

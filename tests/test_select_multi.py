@@ -258,12 +258,13 @@ def test_triton_launches_per_selection_independent_of_segment_count(monkeypatch)
     assert per_select(10) == per_select(200) == sorted(2 * ["_histogram_kernel"] + ["_bucket_mask_kernel"])
 
 
-def test_mask_list_bounded(monkeypatch):
-    """Past ``MAX_WORDS`` words (bounded temporaries) the masks are handled one by one, same results."""
+def test_mask_list_bounded():
+    """Past ``Tuning.mask_list_words`` words (bounded temporaries) the masks are handled one by one, same
+    results."""
     sizes = [100, 2000, 33]
     words = [bitmask.pack(torch.rand(n) < 0.5) for n in sizes]
-    assert select_module.MaskList.of(words, sizes) is not None
-    monkeypatch.setattr(select_module.MaskList, "MAX_WORDS", 10)
-    assert select_module.MaskList.of(words, sizes) is None
-    for w, n, o in zip(words, sizes, select_module.list_offsets(words, sizes), strict=True):
+    small = Tuning(mask_list_words=10)
+    assert select_module.MaskList.of(words, sizes, Tuning().mask_list_words) is not None
+    assert select_module.MaskList.of(words, sizes, small.mask_list_words) is None
+    for w, n, o in zip(words, sizes, select_module.list_offsets(words, sizes, small), strict=True):
         assert torch.equal(o, bitmask.offsets(w, n))

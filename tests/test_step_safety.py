@@ -489,8 +489,10 @@ def test_positions_and_bases_are_checked_the_same_in_every_backend(backend):
             ([20, 3], [0, 2**63 - 2], "cpu", ValueError, r"base\[1\]"),
             ([20, -1], [0, 5], "cpu", ValueError, r"n\[1\]"),
             ([20, 3], 0, "cpu", TypeError, "base"),
-            ([20, 3], [0], "cpu", TypeError, "base"),
-            ([20, 3], [0, 20], ["cpu"], TypeError, "device")):
+            ([20, 3], [0], "cpu", ValueError, "base"),
+            ([20, 3], [0, 20], ["cpu"], ValueError, "device"),
+            ([20, 3], [0, 20], ["cpu", "nowhere"], ValueError, r"device\[1\]"),
+            ([20, 3], [0, 20], ["cpu", 1.5], TypeError, r"device\[1\]")):
         with pytest.raises(error, match=f"^{named}: "):
             ops.hash_scores(sizes, 1, 2, bases, device, backend=backend)
 

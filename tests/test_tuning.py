@@ -1,6 +1,7 @@
 """``ops.Tuning``: its checks, and that the tuning of a call reaches every primitive the call runs, from
-the public ops and from the optimizer (that it never changes a result is tests/test_parity.py's work:
-every backend under small tunings against the reference)."""
+the public ops and from the optimizer. That it changes no bits (but those of Triton's norm, whose tile
+partials it orders) is tests/test_parity.py's work: every backend under small tunings against the
+reference."""
 
 from __future__ import annotations
 
@@ -111,6 +112,12 @@ def test_the_fisher_passes_tuning_reaches_its_accumulation(monkeypatch):
     sk.fisher_information(seeded_mlp(2), loss_fn, [batch(0, n=4)], num_samples=4, method="loop",
                           backend="reference", tuning=tuning)
     assert seen and all(name == "fisher_accumulate_" and t is tuning for name, t in seen)
+    seen.clear()  # SSAM-F: the optimizer's tuning reaches the Fisher pass of its mask
+    model = seeded_mlp(3)
+    mask = sk.FisherMask(model, loss_fn, [batch(1, n=4)], num_samples=4, method="loop")
+    opt = sk.SSAM(model.parameters(), torch.optim.SGD, lr=0.1, mask=mask, backend="reference", tuning=tuning)
+    train(model, opt, 1)
+    assert "fisher_accumulate_" in {name for name, _ in seen} and all(t is tuning for _, t in seen)
 
 
 @pytest.mark.skipif(ops._unavailable("triton", "cpu") is not None, reason="Triton's interpreter unavailable")
@@ -118,13 +125,14 @@ def test_every_triton_launch_takes_the_calls_shapes(monkeypatch):
     """Every Triton launch of every op runs with the call's ``TritonLaunch`` (and its tiles)."""
     from ssam_kernels.ops.triton import _config
 
-    small = TritonLaunch(chunks=1, block=64, tiles=2, histogram_tiles=1, programs_per_sm=1,
+    small = TritonLaunch(chunks=2, block=64, tiles=4, histogram_tiles=2, programs_per_sm=1,
                          interpret_programs=3, num_warps=4)
     launches: list[tuple[str, TritonLaunch, object]] = []
     launch = _config.launch
 
     def recorded(kernel, grid, config, *args, **kwargs):
         launches.append((kernel.__name__, config, kwargs.get("BLOCK", kwargs.get("CHUNKS"))))
+        assert kwargs.get("TILES", small.tiles) == small.tiles, kernel.__name__
         launch(kernel, grid, config, *args, **kwargs)
     monkeypatch.setattr(_config, "launch", recorded)
     tuning = Tuning(triton=small, bucket_min_capacity=1)

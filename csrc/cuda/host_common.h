@@ -37,7 +37,7 @@ inline void set_vec(int64_t* row) {
 }
 
 // Row j of the table of a streaming list op (norm, Fisher, axpby): the addresses of its two tensors
-// (`second` 0 when there is none), its entries and kColVec.
+// (0 for a tensor the entry does not have), its entries and kColVec.
 inline void set_streaming_row(std::vector<int64_t>& rows, size_t j, int64_t first, int64_t second, int64_t n) {
   int64_t* row = rows.data() + j * kColumns;
   row[kColW] = first;

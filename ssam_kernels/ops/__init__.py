@@ -35,7 +35,8 @@ Bit-identical across backends (``ops/_arith.py`` emulates the FMA for the PyTorc
 
 Tuning: every op takes ``tuning=`` (:class:`Tuning`, None for the production settings): the block and
 chunk sizes and launch shapes of the PyTorch and Triton backends, passed down to every primitive of the
-call. It never changes a result.
+call. The element-wise ops and the selection give the same bits under every tuning; Triton's norm sums
+its tiles' partials, so its last bits follow the tile shape (:mod:`.tuning`).
 """
 
 from __future__ import annotations
@@ -699,10 +700,6 @@ def _axpby_arguments(Xs: list, Ys: list, a: torch.Tensor, b: torch.Tensor
     return (("X", True, Xs), ("Y", False, Ys), ("a", False, a), ("b", False, b))
 
 
-def _with_offsets(words: list[torch.Tensor], sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(zip(words, list_offsets(words, sizes), strict=True))
-
-
 def _global_total(value: int, device: torch.device, comm: Communicator | None) -> int:
     if comm is None:
         return value
@@ -745,27 +742,43 @@ def hash_scores(n: int | Sequence[int], seed: int, step: int, base: int | Sequen
     follow each other on one device are hashed in one call (one kernel launch on the fast backends), each
     tensor a view of that call's."""
     tuning = _tuning(tuning)
-    if not isinstance(n, Sequence):
+    if not isinstance(n, Sequence) or isinstance(n, str):
         n = _check_count("n", n)
         seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
         base = _check_count("base", base, _MAX_POSITION - n)  # positions are int64 in every backend
-        device = torch.device(device)
+        device = _check_device("device", device)
         module = resolve_backend(backend, device, torch.int32)
         return module.hash_scores(n, seed, step, base, device, tuning=tuning)
     sizes = [_check_count(f"n[{i}]", size) for i, size in enumerate(n)]
     seed, step = _check_count("seed", seed, 0xFFFFFFFF), _check_count("step", step, 0xFFFFFFFF)
-    if isinstance(base, int) or not isinstance(base, Sequence) or len(base) != len(sizes):
-        raise TypeError(f"base: expected a list of {len(sizes)} ints (one per size), got {base!r}")
-    bases = [_check_count(f"base[{i}]", b, _MAX_POSITION - size)
-             for i, (b, size) in enumerate(zip(base, sizes, strict=True))]
+    bases = _per_size("base", base, len(sizes), "ints")
+    for i, (b, size) in enumerate(zip(bases, sizes, strict=True)):
+        _check_count(f"base[{i}]", b, _MAX_POSITION - size)
     if isinstance(device, (str, torch.device)):
-        devices = [torch.device(device)] * len(sizes)
-    elif isinstance(device, Sequence) and len(device) == len(sizes):
-        devices = [torch.device(d) for d in device]
+        devices = [_check_device("device", device)] * len(sizes)
     else:
-        raise TypeError(f"device: expected a device or a list of {len(sizes)} devices, got {device!r}")
-    backends = [resolve_backend(backend, d, torch.int32) for d in devices]
-    return _hashes_in_runs(backends, sizes, bases, seed, step, devices, tuning)
+        devices = [_check_device(f"device[{i}]", d)
+                   for i, d in enumerate(_per_size("device", device, len(sizes), "devices"))]
+    return _hashes_in_runs(backend, sizes, bases, seed, step, devices, tuning)
+
+
+def _per_size(name: str, value: object, length: int, what: str) -> list:
+    """``value`` as a list of ``length`` items, one per size of a list call."""
+    if isinstance(value, (str, torch.Tensor)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}: expected a list of {length} {what} (one per size), "
+                        f"got {type(value).__name__}")
+    if len(value) != length:
+        raise ValueError(f"{name}: expected {length} {what} (one per size), got {len(value)}")
+    return list(value)
+
+
+def _check_device(name: str, device: object) -> torch.device:
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name}: expected a torch.device or a str, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor], n_drop: int,
@@ -794,7 +807,7 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     home = drop_scores[0].device
     # Bits past N are not entries: neither live nor kept in the updated masks (the selection kernels
     # read no filter bit past N). Several masks on one device are counted and combined in a few ops.
-    batch = MaskList.of(masks, sizes)
+    batch = MaskList.of(masks, sizes, tuning.mask_list_words)
     if batch is not None:
         live_per_chunk = batch.per_chunk(masks)
         live_count = live_per_chunk.sum().view(1)
@@ -817,7 +830,7 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
             raise ValueError(f"positions: expected {len(sizes)} ints, got {len(positions)}")
         for i, (position, size) in enumerate(zip(positions, sizes, strict=True)):
             _check_count(f"positions[{i}]", position, _MAX_POSITION - size)
-        grow_scores = _hashes_in_runs(backends, sizes, list(positions), seed, step,
+        grow_scores = _hashes_in_runs(backend, sizes, list(positions), seed, step,
                                       [s.device for s in drop_scores], tuning)
     else:
         grow_scores = _check_scores("grow", grow)
@@ -829,7 +842,8 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
                                                 tuning)
     grown, grown_per_chunk = select_counted(grow_scores, n_drop, True, backends, masks, False, comm, tuning)
     if batch is None:
-        return _with_offsets([(m & ~d) | g for m, d, g in zip(masks, dropped, grown, strict=True)], sizes)
+        new = [(m & ~d) | g for m, d, g in zip(masks, dropped, grown, strict=True)]
+        return list(zip(new, list_offsets(new, sizes, tuning), strict=True))
     new = batch.split(batch.trimmed(masks) & ~batch.trimmed(dropped) | batch.trimmed(grown))
     if dropped_per_chunk is None or grown_per_chunk is None:
         return list(zip(new, batch.offsets(new), strict=True))
@@ -839,19 +853,21 @@ def dynamic_update(masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Te
     return list(zip(new, chunk_offsets(per_chunk, batch.n_chunks), strict=True))
 
 
-def _hashes_in_runs(backends: list[ModuleType], sizes: list[int], positions: list[int], seed: int, step: int,
+def _hashes_in_runs(backend: str | None, sizes: list[int], positions: list[int], seed: int, step: int,
                     devices: list[torch.device], tuning: Tuning) -> list[torch.Tensor]:
     """``hash_scores`` of every segment (entries ``positions[s] …``, on ``devices[s]``): one call per run
     of consecutive segments of one device whose positions follow each other (the whole list in one
-    process), each segment's hashes a view of its run's."""
+    process), each segment's hashes a view of its run's; each run on the backend that ``backend`` names
+    for its device."""
     out: list[torch.Tensor] = []
     start = 0
     for i in range(1, len(sizes) + 1):
-        if (i < len(sizes) and devices[i] == devices[start] and backends[i] is backends[start]
+        if (i < len(sizes) and devices[i] == devices[start]
                 and positions[i] == positions[i - 1] + sizes[i - 1]):
             continue
-        run = backends[start].hash_scores(sum(sizes[start:i]), seed, step, positions[start], devices[start],
-                                          tuning=tuning)
+        module = resolve_backend(backend, devices[start], torch.int32)
+        run = module.hash_scores(sum(sizes[start:i]), seed, step, positions[start], devices[start],
+                                 tuning=tuning)
         out.extend(run.split(sizes[start:i]))
         start = i
     return out

@@ -60,12 +60,13 @@ class ListBackend(Protocol):
     score dtype; ``filters`` all None or all tensors)."""
 
     def radix_histogram_multi(self, scores: list[torch.Tensor], prefix: torch.Tensor, shift: int, bits: int,
-                              largest: bool, filters: Filters, filter_value: bool) -> torch.Tensor:
+                              largest: bool, filters: Filters, filter_value: bool, *, tuning: Tuning = DEFAULT
+                              ) -> torch.Tensor:
         """The sum over the list of ``radix_histogram`` of each segment: int64, ``2^bits`` counts."""
 
     def threshold_mask_multi(self, scores: list[torch.Tensor], threshold: torch.Tensor,
-                             tie_quota: torch.Tensor, largest: bool, filters: Filters, filter_value: bool
-                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                             tie_quota: torch.Tensor, largest: bool, filters: Filters, filter_value: bool, *,
+                             tuning: Tuning = DEFAULT) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``threshold_mask`` of the list as one sequence in list order: the mask words of each segment,
         selecting the eligible entries with key > ``threshold`` and the first ``tie_quota`` eligible
         ties of the whole list (segments in order, then index); and ``max(tie_quota - ties, 0)`` with
@@ -293,7 +294,7 @@ def select_with_offsets(scores: Sequence[torch.Tensor], k: int, largest: bool, b
     words, counts = select_counted(scores, k, largest, backends, None, True, comm, tuning)
     sizes = [s.numel() for s in scores]
     if counts is None:
-        return list(zip(words, list_offsets(words, sizes), strict=True))
+        return list(zip(words, list_offsets(words, sizes, tuning), strict=True))
     return list(zip(words, chunk_offsets(counts, [bitmask.num_chunks(n) for n in sizes]), strict=True))
 
 
@@ -319,10 +320,6 @@ class MaskList:
     ops, not a few per mask: the words of all masks concatenated, with each word's bits below its mask's
     ``N`` (``valid``) and its 1024-entry chunk in the list. No host synchronisation."""
 
-    MAX_WORDS = 1 << 22
-    """Most words handled at once (128 Mi entries): the int64 temporaries, ~40 B per word, stay below
-    ~170 MB; a larger list is handled mask by mask, where the per-mask ops cost little next to its size."""
-
     def __init__(self, sizes: Sequence[int], device: torch.device) -> None:
         self.sizes, self.device = list(sizes), device
         layout = _Layout(sizes)
@@ -342,15 +339,15 @@ class MaskList:
         self.chunk = per_word(chunk_start) + local // bitmask.WORDS_PER_CHUNK
 
     @staticmethod
-    def of(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> MaskList | None:
+    def of(words: Sequence[torch.Tensor], sizes: Sequence[int], max_words: int) -> MaskList | None:
         """The list of ``words`` (checked against ``sizes``), or None when they are not several masks on
-        one device of at most ``MAX_WORDS`` words in all (then the per-mask functions of :mod:`.bitmask`
-        serve)."""
+        one device of at most ``max_words`` words in all (``Tuning.mask_list_words``; then the per-mask
+        functions of :mod:`.bitmask` serve, whose cost is small next to such a list's size)."""
         for w, n in zip(words, sizes, strict=True):
             if w.numel() != bitmask.num_words(n):
                 raise ValueError(f"mask: expected {bitmask.num_words(n)} words for {n} entries, "
                                  f"got {w.numel()}")
-        if (len(words) <= 1 or sum(w.numel() for w in words) > MaskList.MAX_WORDS
+        if (len(words) <= 1 or sum(w.numel() for w in words) > max_words
                 or any(w.device != words[0].device for w in words)):
             return None
         return MaskList(sizes, words[0].device)
@@ -374,10 +371,11 @@ class MaskList:
         return chunk_offsets(self.per_chunk(words), self.n_chunks)
 
 
-def list_offsets(words: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+def list_offsets(words: Sequence[torch.Tensor], sizes: Sequence[int], tuning: Tuning = DEFAULT
+                 ) -> list[torch.Tensor]:
     """``bitmask.offsets(words[s], sizes[s])`` of every mask of a list (:class:`MaskList`: a fixed number
     of tensor ops when the masks share a device, not a popcount per mask); int64."""
-    masks = MaskList.of(words, sizes)
+    masks = MaskList.of(words, sizes, tuning.mask_list_words)
     if masks is None:
         return [bitmask.offsets(w, n) for w, n in zip(words, sizes, strict=True)]
     return masks.offsets(words)

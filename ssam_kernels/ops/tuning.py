@@ -1,12 +1,17 @@
 """How the PyTorch and Triton backends cut up their work: block and chunk sizes, launch shapes, and which
 of two equivalent arithmetic paths a device takes.
 
-A :class:`Tuning` never changes a result: every setting gives the same bits (the parity suite runs the
-backends under small and production settings against the reference). It is passed per call, as
+The element-wise ops and the selection give the same bits under every :class:`Tuning` (the parity suite
+runs the backends under small and production settings against the reference). The one result it moves
+is the last bits of Triton's ``grad_sq_norm``, a ``torch.sum`` of one float64 partial per tile, whose
+order follows the tile shape (as the norm's order differs between backends and devices, within the
+float64 rounding of the reference's sum); through the norm, an optimizer step on Triton may then differ
+in the perturbation's last bits. It is passed per call, as
 ``tuning=`` on every op of :mod:`ssam_kernels.ops` and on the optimizers, and flows from there to every
 primitive; nothing here is read from or written to a global. The defaults are the production values.
 Small values exercise chunk boundaries and multi-program paths on small inputs (the tests' use); the
-compiled ``native`` and ``cuda_sim`` backends have their shapes compiled in and take no tuning.
+compiled ``native`` and ``cuda_sim`` backends have their shapes compiled in: they accept a tuning and have
+no use for it.
 """
 
 from __future__ import annotations
@@ -16,15 +21,20 @@ from dataclasses import dataclass
 
 from .contract import CHUNK
 
+_LARGEST = 1 << 30
+"""Bound of the sizes: per-block counts and positions stay far from int32 and int64 limits."""
+_TRITON_TILE = 1 << 20
+"""Triton's largest block of a tensor (``TRITON_MAX_TENSOR_NUMEL``)."""
 
-def _check_count(name: str, value: object, multiple: int = 1, power_of_two: bool = False) -> None:
-    """A positive int ``value``, a multiple of ``multiple`` (and a power of two)."""
+
+def _check_int(name: str, value: object, low: int, high: int, multiple: int = 1, power_of_two: bool = False
+               ) -> None:
+    """An int ``value`` in ``[low, high]``, a multiple of ``multiple`` (a power of two)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value <= 0 or value % multiple or (power_of_two and value & (value - 1)):
-        kind = "power of two" if power_of_two else "int" if multiple == 1 else f"multiple of {multiple}"
-        least = f" of at least {multiple}" if power_of_two and multiple > 1 else ""
-        raise ValueError(f"{name}: expected a positive {kind}{least}, got {value}")
+    if not low <= value <= high or value % multiple or (power_of_two and value & (value - 1)):
+        kind = "a power of two" if power_of_two else f"a multiple of {multiple}" if multiple > 1 else "an int"
+        raise ValueError(f"{name}: expected {kind} in [{low}, {high}], got {value}")
 
 
 @dataclass(frozen=True)
@@ -49,10 +59,15 @@ class TritonLaunch:
     num_warps: int
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            counts_programs = field.name in ("programs_per_sm", "interpret_programs")
-            _check_count(f"tuning.triton.{field.name}", getattr(self, field.name),
-                         32 if field.name == "block" else 1, power_of_two=not counts_programs)
+        name = "tuning.triton."
+        _check_int(name + "chunks", self.chunks, 1, _TRITON_TILE // CHUNK, power_of_two=True)
+        _check_int(name + "block", self.block, 32, _TRITON_TILE, power_of_two=True)
+        _check_int(name + "tiles", self.tiles, 1, _TRITON_TILE, power_of_two=True)
+        _check_int(name + "histogram_tiles", self.histogram_tiles, 1, _TRITON_TILE // self.block,
+                   power_of_two=True)  # one tl.histogram over histogram_tiles · block entries
+        _check_int(name + "programs_per_sm", self.programs_per_sm, 1, 1 << 10)
+        _check_int(name + "interpret_programs", self.interpret_programs, 1, 1 << 10)
+        _check_int(name + "num_warps", self.num_warps, 1, 32, power_of_two=True)
 
 
 TRITON_GPU = TritonLaunch(chunks=2, block=2048, tiles=8, histogram_tiles=2, programs_per_sm=4,
@@ -78,6 +93,10 @@ class Tuning:
     mask_block_words: int = 1 << 20
     """Mask words per block of :func:`.bitmask.pack` / :func:`.bitmask.unpack` as the backends call them
     (32 Mi entries)."""
+    mask_list_words: int = 1 << 22
+    """Most words the offsets and live counts of a list of masks handle in one set of tensor ops
+    (:class:`.select.MaskList`, 128 Mi entries: its int64 temporaries, ~40 B per word, stay below ~170 MB);
+    a larger list is handled mask by mask."""
     bucket_min_capacity: int = 1 << 16
     """The selection's bucket path runs when the prefix's bucket holds at most
     ``min(max(bucket_min_capacity, N >> bucket_capacity_shift), 2^30)`` entries (:mod:`.select`)."""
@@ -95,14 +114,12 @@ class Tuning:
     interpreter."""
 
     def __post_init__(self) -> None:
-        _check_count("tuning.reference_block", self.reference_block, 32)
-        _check_count("tuning.chunk_entries", self.chunk_entries, CHUNK)
-        _check_count("tuning.mask_block_words", self.mask_block_words)
-        _check_count("tuning.bucket_min_capacity", self.bucket_min_capacity)
-        if isinstance(self.bucket_capacity_shift, bool) or not isinstance(self.bucket_capacity_shift, int) \
-                or not 0 <= self.bucket_capacity_shift < 64:
-            raise ValueError(f"tuning.bucket_capacity_shift: expected an int in [0, 64), "
-                             f"got {self.bucket_capacity_shift!r}")
+        _check_int("tuning.reference_block", self.reference_block, 32, _LARGEST, multiple=32)
+        _check_int("tuning.chunk_entries", self.chunk_entries, CHUNK, _LARGEST, multiple=CHUNK)
+        _check_int("tuning.mask_block_words", self.mask_block_words, 1, _LARGEST)
+        _check_int("tuning.mask_list_words", self.mask_list_words, 1, _LARGEST)
+        _check_int("tuning.bucket_min_capacity", self.bucket_min_capacity, 1, _LARGEST)
+        _check_int("tuning.bucket_capacity_shift", self.bucket_capacity_shift, 0, 63)
         for name in ("fused_fma", "host_reads", "bincount"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"tuning.{name}: expected a bool, got {type(getattr(self, name)).__name__}")

@@ -44,7 +44,12 @@ def _fields(config: TritonLaunch) -> tuple[int, ...]:
 
 def from_ints(values: list[int]) -> TritonLaunch:
     """The inverse of :func:`as_ints`."""
-    return TritonLaunch(*values)
+    return _launch_of(tuple(values))
+
+
+@cache
+def _launch_of(values: tuple[int, ...]) -> TritonLaunch:
+    return TritonLaunch(*values)  # once per configuration: its checks cost microseconds
 
 
 @cache

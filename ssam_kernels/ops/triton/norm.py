@@ -88,7 +88,8 @@ def grad_sq_norm_multi(G: list[torch.Tensor], W: list[torch.Tensor | None], *, t
     """The list form of :func:`grad_sq_norm` (one device and dtype): one launch for the entries without
     ``W`` and one for those with it (each split by :func:`._config.aligned`), each program writing one
     float64 partial of one tensor's tile; the partials (plain ones first) summed by ``torch.sum``:
-    deterministic, a function of the sizes (and of which tensors start 16-byte aligned) only."""
+    deterministic, a function of the sizes, of which tensors start 16-byte aligned and of the tile shape
+    (``tuning.triton``) only."""
     return _grad_sq_norm_multi(list(G), list(W), _config.as_ints(_config.launch_config(tuning)))
 
 
