@@ -12,6 +12,8 @@ rank), sharded for FSDP2 (norm and mask selection across the shards). See docs/d
 
 from __future__ import annotations
 
+import argparse
+import gc
 import os
 
 import cli
@@ -59,10 +61,21 @@ def main(argv: list[str] | None = None) -> None:
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    run_rank(args, device)
+    # The model and the optimizer (freed when run_rank returns; FSDP2's hold reference cycles) keep the
+    # process group's work alive: collected here, not at interpreter exit, where gloo's threads freeing
+    # their last work items abort the process (seen in about 1 run in 10 on a loaded CPU).
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_rank(args: argparse.Namespace, device: torch.device) -> None:
+    """The training run of one rank (the process group initialised)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     dataset = load_dataset(args.dataset, device)
     inner = build_model(args.model, dataset.input_shape, dataset.classes).to(device)
@@ -113,8 +126,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"epoch {epoch + 1}: loss {loss.item():.4f}, test accuracy {accuracy:.4f}, "
                   f"live entries {int(live)} of {numel} (K = {opt.live_count} at sparsity {sparsity:g}; "
                   f"{opt.distributed}, {world} ranks)", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
