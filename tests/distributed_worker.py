@@ -7,6 +7,7 @@ the whole batch with a mean loss). Results (full weights, full masks) are saved 
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -187,4 +188,5 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
         torch.save(results, Path(out) / f"rank{rank}.pt")
         dist.barrier()
     finally:
+        gc.collect()  # the scenarios' FSDP2 models, before the group (python/train_distributed.py says why)
         dist.destroy_process_group()
