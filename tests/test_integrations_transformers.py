@@ -4,6 +4,7 @@ compared step for step with a hand-written SSAM loop on the same batches: the we
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 from pathlib import Path
@@ -311,6 +312,9 @@ def ddp_rank(out: str) -> None:
     trainer.train()
     rank = torch.distributed.get_rank()
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+    del trainer, opt, model
+    gc.collect()  # before the group goes: see python/train_distributed.py
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -318,15 +322,11 @@ def test_ddp_two_ranks_match_one_process(tmp_path: Path) -> None:
     """DDP on two CPU ranks (gloo): rank r takes batches r, r + 2, ..., so each micro-batch of the
     global step is the two ranks' batches together; the accumulation and the second pass (synchronised
     on the last micro-batch only) give what one process gives on those global micro-batches."""
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(port), __file__, str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               __file__, str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
                               [str(root), os.environ.get("PYTHONPATH", "")])})
